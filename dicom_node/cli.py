@@ -1,0 +1,67 @@
+"""The ``triage`` command: one console script, one thin module per subcommand.
+
+Each subcommand module exposes ``add_arguments(parser)`` and ``run(args) -> int``. Only
+``argparse`` work happens at parse time; every module imports its heavy stack (torch,
+pynetdicom, SQLAlchemy...) inside ``run``. Logging handlers are configured here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+from triage_core import __version__
+
+# subcommand -> (module, one-line help)
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "serve": ("dicom_node.cmd_serve", "run the DICOM node, scheduler, workers and HTTP API"),
+    "worker": ("dicom_node.cmd_worker", "run workers only (several machines, one PostgreSQL)"),
+    "worklist": ("dicom_node.cmd_worklist", "query the priority worklist"),
+    "predict": ("dicom_node.cmd_predict", "triage DICOM or PNG files from the command line"),
+    "train": ("training.cli_train", "train a model on NIH ChestX-ray14"),
+    "evaluate": ("training.cli_evaluate", "evaluate a checkpoint: metrics, predictions, plots"),
+    "compare": ("training.cli_compare", "train and compare both architectures on one split"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="triage",
+        description="cxr-triage: chest X-ray triage as a DICOM node.",
+    )
+    parser.add_argument("--version", action="version", version=f"cxr-triage {__version__}")
+    parser.add_argument(
+        "-v", "--verbose", action="count", default=0, help="more logging (-v info, -vv debug)"
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (module_name, help_text) in SUBCOMMANDS.items():
+        module = importlib.import_module(module_name)
+        sub_parser = sub.add_parser(name, help=help_text, description=help_text)
+        module.add_arguments(sub_parser)
+        sub_parser.set_defaults(_module=module_name)
+    return parser
+
+
+def configure_logging(verbosity: int) -> None:
+    level = logging.WARNING if verbosity <= 0 else logging.INFO if verbosity == 1 else logging.DEBUG
+    logging.basicConfig(
+        level=level,
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    configure_logging(args.verbose)
+    module = importlib.import_module(args._module)
+    result: int = module.run(args)
+    return result
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
