@@ -180,8 +180,17 @@ class ModelSpec:
         unknown = sorted(set(data) - known)
         if unknown:
             raise SpecMismatchError(unknown[0], "unknown field")
-        required = ("arch", "class_names", "task", "input_size", "mean", "std", "temperature",
-                    "thresholds", "preprocessing_version")
+        required = (
+            "arch",
+            "class_names",
+            "task",
+            "input_size",
+            "mean",
+            "std",
+            "temperature",
+            "thresholds",
+            "preprocessing_version",
+        )
         for name in required:
             if name not in data:
                 raise SpecMismatchError(name, "missing")

@@ -1,0 +1,379 @@
+"""Architecture registry, model factory and checkpoints.
+
+A checkpoint called ``NAME`` is two files (DESIGN.md section 7):
+
+* ``NAME.safetensors``: the weights (fp32 or fp16), loaded without pickle;
+* ``NAME.json``: the :class:`~triage_core.spec.ModelSpec` (architecture, classes, task, input size,
+  normalisation, calibration, thresholds, provenance).
+
+The safetensors header also records ``arch``, ``task``, ``num_classes`` and ``input_size`` as
+written; loading compares them with the JSON and with the tensors' shapes and refuses any mismatch
+with a :class:`~triage_core.errors.SpecMismatchError` that names the field.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from triage_core import __version__
+from triage_core.errors import CheckpointError, PretrainedWeightsError, SpecMismatchError
+from triage_core.spec import CLASS_NAMES, TASKS, ModelSpec
+
+if TYPE_CHECKING:
+    import torch
+
+logger = logging.getLogger(__name__)
+
+#: Registered architectures.
+ARCHITECTURES: tuple[str, ...] = ("resnet18", "efficientnet_b0")
+#: Default input side per architecture (the size each was designed for).
+DEFAULT_INPUT_SIZE: dict[str, int] = {"resnet18": 224, "efficientnet_b0": 224}
+#: Name of the checkpoint shipped with the package (inside ``triage_core/weights``).
+DEFAULT_CHECKPOINT_NAME = "cxr-triage-effb0-multilabel"
+
+
+def _check_arch(arch: str) -> None:
+    if arch not in ARCHITECTURES:
+        raise SpecMismatchError("arch", f"unknown architecture {arch!r}; known: {ARCHITECTURES}")
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Read a weights file without unpickling arbitrary objects."""
+    import torch
+
+    if not path.is_file():
+        raise PretrainedWeightsError(
+            f"pretrained weights file {path} does not exist. ImageNet weights cannot be "
+            "downloaded on an offline machine: download them elsewhere (torchvision "
+            "'resnet18-f37072fd.pth', or timm 'efficientnet_b0.ra_in1k' model.safetensors) and "
+            "pass the local file path"
+        )
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return dict(load_file(str(path)))
+        except (OSError, ValueError, RuntimeError) as exc:
+            raise PretrainedWeightsError(
+                f"{path}: not a readable safetensors file ({exc})"
+            ) from exc
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, ValueError, EOFError) as exc:
+        raise PretrainedWeightsError(
+            f"{path}: cannot be read as a state dict with weights_only=True ({exc})"
+        ) from exc
+    if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
+        obj = obj["state_dict"]
+    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise PretrainedWeightsError(f"{path}: expected a mapping of parameter names to tensors")
+    return {str(k).removeprefix("module."): v for k, v in obj.items()}
+
+
+def _load_backbone_weights(
+    model: torch.nn.Module, state: Mapping[str, torch.Tensor], head_prefix: str, path: Path
+) -> None:
+    """Load ImageNet weights into everything but the classification head."""
+    own = model.state_dict()
+    backbone = {k: v for k, v in state.items() if not k.startswith(head_prefix)}
+    missing = [k for k in own if not k.startswith(head_prefix) and k not in backbone]
+    unexpected = [k for k in backbone if k not in own]
+    if missing or unexpected:
+        raise PretrainedWeightsError(
+            f"{path}: does not match the architecture (missing {missing[:3]}, "
+            f"unexpected {unexpected[:3]})"
+        )
+    for key, value in backbone.items():
+        if own[key].shape != value.shape:
+            raise PretrainedWeightsError(
+                f"{path}: shape of {key} is {tuple(value.shape)}, expected {tuple(own[key].shape)}"
+            )
+    model.load_state_dict(backbone, strict=False)
+    logger.info("loaded ImageNet weights from %s (%d tensors)", path, len(backbone))
+
+
+def _resnet18(num_classes: int, pretrained: Path | None) -> torch.nn.Module:
+    import torch
+    from torchvision.models import resnet18
+
+    model = resnet18(weights=None)
+    if pretrained is not None:
+        _load_backbone_weights(model, _read_state_dict(pretrained), "fc.", pretrained)
+    model.fc = torch.nn.Linear(model.fc.in_features, num_classes)
+    return model
+
+
+def _efficientnet_b0(num_classes: int, pretrained: Path | None) -> torch.nn.Module:
+    import timm
+
+    model = timm.create_model("efficientnet_b0", pretrained=False, num_classes=num_classes)
+    if pretrained is not None:
+        _load_backbone_weights(model, _read_state_dict(pretrained), "classifier.", pretrained)
+    return model
+
+
+_FACTORIES: dict[str, Callable[[int, Path | None], torch.nn.Module]] = {
+    "resnet18": _resnet18,
+    "efficientnet_b0": _efficientnet_b0,
+}
+
+
+def create_model(
+    arch: str, num_classes: int = 3, pretrained: str | Path | bool | None = None
+) -> torch.nn.Module:
+    """Create a registered architecture with a ``num_classes`` head.
+
+    Parameters
+    ----------
+    arch : str
+        ``resnet18`` (torchvision) or ``efficientnet_b0`` (timm).
+    num_classes : int
+        Number of outputs (logits), in the order of ``ModelSpec.class_names``.
+    pretrained : str or Path, optional
+        Local ImageNet weights file (torchvision ``.pth`` or timm/torchvision ``.safetensors``
+        state dict). The classification head is always freshly initialised. ``None`` or
+        ``False`` means random initialisation.
+
+    Raises
+    ------
+    SpecMismatchError
+        Unknown architecture or invalid ``num_classes``.
+    PretrainedWeightsError
+        ``pretrained=True`` (hub downloads are not supported offline), or an unusable file.
+    """
+    _check_arch(arch)
+    if not isinstance(num_classes, int) or num_classes < 1:
+        raise SpecMismatchError("class_names", f"num_classes must be >= 1, got {num_classes!r}")
+    if pretrained is True:
+        raise PretrainedWeightsError(
+            "pretrained=True would download ImageNet weights from a hub, which is not possible "
+            "offline: pass the path of a local weights file instead (e.g. "
+            "--pretrained /path/to/resnet18-f37072fd.pth)"
+        )
+    path = None if pretrained in (None, False) else Path(str(pretrained))
+    return _FACTORIES[arch](num_classes, path)
+
+
+def default_spec(arch: str, task: str = "multilabel") -> ModelSpec:
+    """The ``ModelSpec`` of a freshly created model: default input size, ImageNet mean/std,
+    no calibration (temperature 1, thresholds 0.5, equal priority weights)."""
+    _check_arch(arch)
+    if task not in TASKS:
+        raise SpecMismatchError("task", f"expected one of {TASKS}, got {task!r}")
+    return ModelSpec(
+        arch=arch,
+        class_names=CLASS_NAMES,
+        task=task,
+        input_size=DEFAULT_INPUT_SIZE[arch],
+        name=f"{arch}-{task}",
+        version="0",
+        code_version=__version__,
+    )
+
+
+def cam_target_layers(model: torch.nn.Module, arch: str) -> list[torch.nn.Module]:
+    """The layer whose activations Grad-CAM weighs: the last convolutional stage."""
+    _check_arch(arch)
+    core = getattr(model, "module", model)  # unwrap DistributedDataParallel
+    if arch == "resnet18":
+        return [core.layer4[-1]]  # type: ignore[index]
+    return [core.bn2]  # conv_head + BN + SiLU: the last feature map of EfficientNet-B0
+
+
+def checkpoint_paths(path: str | Path) -> tuple[Path, Path]:
+    """``(weights, spec)`` file paths for a checkpoint name (suffix optional)."""
+    path = Path(path)
+    if path.suffix in (".safetensors", ".json"):
+        path = path.with_suffix("")
+    return path.with_name(path.name + ".safetensors"), path.with_name(path.name + ".json")
+
+
+def save_checkpoint(
+    model: torch.nn.Module,
+    spec: ModelSpec,
+    path: str | Path,
+    dtype: torch.dtype | None = None,
+) -> Path:
+    """Write ``NAME.safetensors`` + ``NAME.json``; returns the checkpoint name.
+
+    ``dtype`` (e.g. ``torch.float16``) casts floating-point tensors for a smaller file; loading
+    always returns an fp32 model.
+    """
+    from safetensors.torch import save_file
+
+    spec.validate()
+    core = getattr(model, "module", model)
+    weights_path, spec_path = checkpoint_paths(path)
+    weights_path.parent.mkdir(parents=True, exist_ok=True)
+    tensors: dict[str, torch.Tensor] = {}
+    for key, value in core.state_dict().items():
+        tensor = value.detach().to("cpu").contiguous().clone()
+        if dtype is not None and tensor.is_floating_point():
+            tensor = tensor.to(dtype)
+        tensors[key] = tensor
+    header = {
+        "arch": spec.arch,
+        "task": spec.task,
+        "num_classes": str(spec.num_classes),
+        "input_size": str(spec.input_size),
+        "format": "cxr-triage",
+    }
+    tmp = weights_path.with_name(weights_path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=header)
+    tmp.replace(weights_path)
+    tmp_json = spec_path.with_name(spec_path.name + ".tmp")
+    tmp_json.write_text(json.dumps(spec.to_dict(), indent=2, sort_keys=True) + "\n")
+    tmp_json.replace(spec_path)
+    logger.info("saved checkpoint %s (%s)", weights_path.with_suffix(""), spec.display_name)
+    return weights_path.with_suffix("")
+
+
+def read_spec(path: str | Path) -> ModelSpec:
+    """Read and validate only the ``ModelSpec`` of a checkpoint."""
+    _, spec_path = checkpoint_paths(path)
+    if not spec_path.is_file():
+        raise CheckpointError(f"checkpoint spec {spec_path} does not exist")
+    try:
+        data = json.loads(spec_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{spec_path}: not valid JSON ({exc})") from exc
+    try:
+        return ModelSpec.from_dict(data)
+    except TypeError as exc:  # wrong argument types slipping past from_dict
+        raise CheckpointError(f"{spec_path}: {exc}") from exc
+
+
+def load_checkpoint(
+    path: str | Path,
+    map_location: str = "cpu",
+    expected_class_names: Sequence[str] | None = CLASS_NAMES,
+    expected_input_size: int | None = None,
+) -> tuple[torch.nn.Module, ModelSpec]:
+    """Load a checkpoint, validating the spec against the weights and the expectations.
+
+    Parameters
+    ----------
+    path : str or Path
+        Checkpoint name ``NAME`` (``NAME.safetensors`` / ``NAME.json``).
+    map_location : str
+        Device to put the weights on.
+    expected_class_names : sequence of str, optional
+        Refuse a checkpoint whose classes differ (the service reports a fixed set of findings).
+        ``None`` accepts any class list.
+    expected_input_size : int, optional
+        Refuse a checkpoint with another input size.
+
+    Returns
+    -------
+    (torch.nn.Module, ModelSpec)
+        The model in eval mode, fp32, and its spec.
+
+    Raises
+    ------
+    CheckpointError, SpecMismatchError
+        Missing or unreadable files, or any inconsistency (the message names the field).
+    """
+    import torch
+    from safetensors import SafetensorError, safe_open
+
+    weights_path, _ = checkpoint_paths(path)
+    spec = read_spec(path)
+    if expected_class_names is not None and tuple(expected_class_names) != spec.class_names:
+        raise SpecMismatchError(
+            "class_names",
+            f"checkpoint has {list(spec.class_names)}, expected {list(expected_class_names)}",
+        )
+    if expected_input_size is not None and spec.input_size != expected_input_size:
+        raise SpecMismatchError(
+            "input_size", f"checkpoint has {spec.input_size}, expected {expected_input_size}"
+        )
+    _check_arch(spec.arch)
+    if not weights_path.is_file():
+        raise CheckpointError(f"checkpoint weights {weights_path} do not exist")
+    try:
+        with safe_open(str(weights_path), framework="pt", device="cpu") as handle:
+            header: dict[str, Any] = dict(handle.metadata() or {})
+            state = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+    except (OSError, SafetensorError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"{weights_path}: not a readable safetensors file ({exc})") from exc
+    recorded = {
+        "arch": spec.arch,
+        "task": spec.task,
+        "num_classes": str(spec.num_classes),
+        "input_size": str(spec.input_size),
+    }
+    field_of = {"num_classes": "class_names"}
+    for key, value in recorded.items():
+        if key in header and header[key] != value:
+            raise SpecMismatchError(
+                field_of.get(key, key),
+                f"the weights were saved with {key}={header[key]}, the spec says {value}",
+            )
+    model = create_model(spec.arch, spec.num_classes, pretrained=None)
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise SpecMismatchError(
+            "arch",
+            f"weights do not fit {spec.arch} (missing {missing[:3]}, unexpected {unexpected[:3]})",
+        )
+    for key, tensor in state.items():
+        if tuple(tensor.shape) != tuple(own[key].shape):
+            field = "class_names" if tensor.shape[:1] != own[key].shape[:1] else "arch"
+            raise SpecMismatchError(
+                field,
+                f"tensor {key} has shape {tuple(tensor.shape)}, {spec.arch} with "
+                f"{spec.num_classes} classes expects {tuple(own[key].shape)}",
+            )
+        if tensor.is_floating_point():
+            state[key] = tensor.to(torch.float32)
+    model.load_state_dict(state, strict=True)
+    model.to(map_location)
+    model.eval()
+    return model, spec
+
+
+def default_checkpoint_path() -> Path:
+    """The checkpoint shipped inside the package.
+
+    Raises
+    ------
+    CheckpointError
+        When this installation has no default model.
+    """
+    base = Path(__file__).resolve().parent / "weights" / DEFAULT_CHECKPOINT_NAME
+    weights, spec = checkpoint_paths(base)
+    if not (weights.is_file() and spec.is_file()):
+        raise CheckpointError(
+            f"no default model is shipped in this installation ({base}.safetensors/.json "
+            "missing): pass --model NAME, where NAME.safetensors and NAME.json come from "
+            "'triage train'"
+        )
+    return base
+
+
+def model_card_path(checkpoint: str | Path) -> Path | None:
+    """``MODEL_CARD.md`` beside a checkpoint, if there is one."""
+    card = checkpoint_paths(checkpoint)[0].parent / "MODEL_CARD.md"
+    return card if card.is_file() else None
+
+
+def weights_digest(checkpoint: str | Path) -> str:
+    """Short SHA-256 of the weights file: a version-independent identity for logs and SR."""
+    weights, _ = checkpoint_paths(checkpoint)
+    digest = hashlib.sha256()
+    with weights.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    """Number of trainable parameters."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
