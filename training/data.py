@@ -1,0 +1,654 @@
+"""NIH ChestX-ray14 labels, task filters, patient-wise splits and a cached torch Dataset.
+
+The label file is NIH's ``Data_Entry_2017.csv``: either the 2017 Kaggle copy (with a trailing
+empty column) or the 2020 revision (``Data_Entry_2017_v2020.csv``); both have the columns
+``Image Index, Finding Labels, Follow-up #, Patient ID, Patient Age, Patient Gender,
+View Position, ...`` and pipe-separated ``Finding Labels``.
+
+Two tasks (``triage_core.spec.TASKS``):
+
+* ``multiclass``: the seed study's protocol; only images whose labels contain exactly one of the
+  target classes are kept; the target is that class's index (softmax over the classes).
+* ``multilabel``: every image is kept; the target is a 0/1 vector over the classes, so images
+  with none of them ("No Finding" and other findings) are negatives for all (one sigmoid each).
+
+Splits are patient-wise (no patient in two splits): either 60/20/20 from a seed, or the official
+``train_val_list.txt`` / ``test_list.txt`` (validation then drawn patient-wise from train_val).
+
+Images are decoded and preprocessed once through ``triage_core.imaging`` (``load_image`` then
+``to_tensor``) and cached in memory; training-time augmentation works on the cached tensors.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import logging
+import os
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from triage_core.errors import TriageError
+from triage_core.spec import CLASS_NAMES, TASKS
+
+if TYPE_CHECKING:
+    import torch
+
+    from triage_core.spec import ModelSpec
+
+logger = logging.getLogger(__name__)
+
+#: Columns every NIH label file must have.
+REQUIRED_COLUMNS: tuple[str, ...] = ("Image Index", "Finding Labels", "Patient ID")
+#: File name suffixes treated as images when indexing an image folder.
+IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg")
+#: Default split fractions (train, validation, test).
+DEFAULT_FRACTIONS: tuple[float, float, float] = (0.6, 0.2, 0.2)
+SPLIT_NAMES: tuple[str, str, str] = ("train", "val", "test")
+_OFFICIAL_FOLDER = re.compile(r"^images(_\d+)?$")
+
+
+class DatasetError(TriageError):
+    """The label file, image folder or split definition cannot be used."""
+
+
+@dataclass(frozen=True, slots=True)
+class LabelRecord:
+    """One row of the NIH label file.
+
+    Attributes
+    ----------
+    image_index : str
+        File name of the image (``00000001_000.png``).
+    labels : tuple of str
+        The ``Finding Labels`` split on ``|`` (``("No Finding",)`` for normal images).
+    patient_id : str
+        NIH patient identifier (as written, leading zeros stripped).
+    follow_up : int
+        ``Follow-up #``; -1 when absent.
+    age : int or None
+        Patient age in years (``58`` or the older ``058Y`` style); ``None`` when unparsable.
+    sex : str
+        ``Patient Gender`` as written.
+    view : str
+        ``View Position`` (``PA``/``AP``).
+    """
+
+    image_index: str
+    labels: tuple[str, ...]
+    patient_id: str
+    follow_up: int = -1
+    age: int | None = None
+    sex: str = ""
+    view: str = ""
+
+
+def _parse_int(text: str) -> int | None:
+    match = re.match(r"\s*(\d+)", text)
+    return int(match.group(1)) if match else None
+
+
+def read_labels(path: str | Path) -> list[LabelRecord]:
+    """Parse an NIH ``Data_Entry_2017.csv`` (2017 or 2020 revision).
+
+    Parameters
+    ----------
+    path : str or Path
+        The CSV file.
+
+    Returns
+    -------
+    list of LabelRecord
+        In file order; duplicate ``Image Index`` rows are refused.
+
+    Raises
+    ------
+    DatasetError
+        Missing file, missing columns, an empty file or a malformed/duplicate row
+        (the message names the file and the line).
+    """
+    path = Path(path)
+    try:
+        handle = path.open(newline="", encoding="utf-8-sig")
+    except OSError as exc:
+        raise DatasetError(f"label file {path}: {exc.strerror or exc}") from exc
+    records: list[LabelRecord] = []
+    seen: set[str] = set()
+    with handle:
+        reader = csv.reader(handle)
+        try:
+            header = [h.strip() for h in next(reader)]
+        except StopIteration:
+            raise DatasetError(f"label file {path} is empty") from None
+        except (csv.Error, UnicodeDecodeError) as exc:
+            raise DatasetError(f"label file {path}: not a CSV file ({exc})") from exc
+        missing = [c for c in REQUIRED_COLUMNS if c not in header]
+        if missing:
+            raise DatasetError(
+                f"label file {path} lacks column(s) {missing}; expected the NIH "
+                f"Data_Entry_2017.csv header with {list(REQUIRED_COLUMNS)}"
+            )
+        col = {name: header.index(name) for name in header if name}
+        i_img, i_lab, i_pid = (col[c] for c in REQUIRED_COLUMNS)
+        i_fu = col.get("Follow-up #")
+        i_age = col.get("Patient Age")
+        i_sex = col.get("Patient Gender")
+        i_view = col.get("View Position")
+        need = max(i_img, i_lab, i_pid) + 1
+        try:
+            for line_no, row in enumerate(reader, start=2):
+                if not row or (len(row) == 1 and not row[0].strip()):
+                    continue
+                if len(row) < need:
+                    raise DatasetError(
+                        f"label file {path}, line {line_no}: {len(row)} fields, "
+                        f"expected at least {need}"
+                    )
+                name = row[i_img].strip()
+                if not name:
+                    raise DatasetError(f"label file {path}, line {line_no}: empty Image Index")
+                if name in seen:
+                    raise DatasetError(
+                        f"label file {path}, line {line_no}: duplicate Image Index {name}"
+                    )
+                seen.add(name)
+                labels = tuple(s.strip() for s in row[i_lab].split("|") if s.strip())
+                pid = row[i_pid].strip().lstrip("0") or "0"
+                follow_up = -1
+                if i_fu is not None and i_fu < len(row):
+                    parsed = _parse_int(row[i_fu])
+                    follow_up = -1 if parsed is None else parsed
+                records.append(
+                    LabelRecord(
+                        image_index=name,
+                        labels=labels,
+                        patient_id=pid,
+                        follow_up=follow_up,
+                        age=_parse_int(row[i_age])
+                        if i_age is not None and i_age < len(row)
+                        else None,
+                        sex=row[i_sex].strip() if i_sex is not None and i_sex < len(row) else "",
+                        view=row[i_view].strip()
+                        if i_view is not None and i_view < len(row)
+                        else "",
+                    )
+                )
+        except (csv.Error, UnicodeDecodeError) as exc:
+            raise DatasetError(f"label file {path}: malformed CSV ({exc})") from exc
+    if not records:
+        raise DatasetError(f"label file {path} has a header but no rows")
+    logger.info("read %d label rows from %s", len(records), path)
+    return records
+
+
+def index_images(root: str | Path) -> dict[str, Path]:
+    """Map image file name -> path for the images under ``root``.
+
+    Looks at files directly in ``root`` (a flat folder) and in the official NIH layout
+    ``root/images_001/images/*.png`` ... (and ``root/images/``). The first path found for a
+    name wins; duplicates are logged.
+
+    Raises
+    ------
+    DatasetError
+        ``root`` is not a folder.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetError(f"image folder {root} does not exist or is not a folder")
+    found: dict[str, Path] = {}
+    duplicates = 0
+    folders = [root]
+    with os.scandir(root) as entries:
+        subdirs = sorted(e.name for e in entries if e.is_dir() and _OFFICIAL_FOLDER.match(e.name))
+    for sub in subdirs:
+        inner = root / sub / "images"
+        folders.append(inner if inner.is_dir() else root / sub)
+    for folder in folders:
+        with os.scandir(folder) as entries:
+            for entry in sorted(entries, key=lambda e: e.name):
+                if not entry.name.lower().endswith(IMAGE_SUFFIXES) or not entry.is_file():
+                    continue
+                if entry.name in found:
+                    duplicates += 1
+                    continue
+                found[entry.name] = Path(entry.path)
+    if duplicates:
+        logger.warning(
+            "%d duplicate image names under %s; the first copy is used", duplicates, root
+        )
+    logger.info("indexed %d images under %s", len(found), root)
+    return found
+
+
+def attach_images(
+    records: Sequence[LabelRecord], images: Mapping[str, Path]
+) -> tuple[list[LabelRecord], list[Path]]:
+    """Keep the records whose image exists; returns them and their paths (same order).
+
+    Raises
+    ------
+    DatasetError
+        None of the records has an image.
+    """
+    kept: list[LabelRecord] = []
+    paths: list[Path] = []
+    for record in records:
+        path = images.get(record.image_index)
+        if path is not None:
+            kept.append(record)
+            paths.append(path)
+    if not kept:
+        raise DatasetError(
+            f"none of the {len(records)} labelled images was found among {len(images)} image "
+            "files: check --images and --labels"
+        )
+    if len(kept) < len(records):
+        logger.info("%d of %d labelled images found", len(kept), len(records))
+    return kept, paths
+
+
+@dataclass(frozen=True)
+class TaskData:
+    """Records of one task with their targets.
+
+    ``targets`` is ``int64 (N,)`` class indices for ``multiclass`` and ``float32 (N, C)``
+    0/1 vectors for ``multilabel``.
+    """
+
+    task: str
+    class_names: tuple[str, ...]
+    records: tuple[LabelRecord, ...]
+    targets: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def multi_hot(self) -> np.ndarray:
+        """Targets as a ``(N, C)`` 0/1 matrix for either task."""
+        if self.task == "multilabel":
+            return self.targets
+        out = np.zeros((len(self.records), len(self.class_names)), dtype=np.float32)
+        out[np.arange(len(self.records)), self.targets] = 1.0
+        return out
+
+    def class_counts(self) -> dict[str, int]:
+        """Positives per class (a multi-label image counts in every class it carries)."""
+        counts = self.multi_hot().sum(axis=0).astype(int)
+        out = {name: int(c) for name, c in zip(self.class_names, counts, strict=True)}
+        if self.task == "multilabel":
+            out["none"] = int((self.multi_hot().sum(axis=1) == 0).sum())
+        return out
+
+    def subset(self, indices: Sequence[int] | np.ndarray) -> TaskData:
+        idx = np.asarray(indices, dtype=np.int64)
+        return TaskData(
+            self.task,
+            self.class_names,
+            tuple(self.records[i] for i in idx),
+            self.targets[idx],
+        )
+
+
+def select_task(
+    records: Iterable[LabelRecord], task: str, class_names: Sequence[str] = CLASS_NAMES
+) -> TaskData:
+    """Apply a task's filter and build its targets (see the module docstring).
+
+    Raises
+    ------
+    DatasetError
+        Unknown task, or no record left after the filter.
+    """
+    if task not in TASKS:
+        raise DatasetError(f"unknown task {task!r}; expected one of {TASKS}")
+    names = tuple(class_names)
+    position = {name: i for i, name in enumerate(names)}
+    kept: list[LabelRecord] = []
+    rows: list[Any] = []
+    for record in records:
+        hits = sorted({position[label] for label in record.labels if label in position})
+        if task == "multiclass":
+            if len(hits) != 1:
+                continue
+            rows.append(hits[0])
+        else:
+            vec = np.zeros(len(names), dtype=np.float32)
+            vec[hits] = 1.0
+            rows.append(vec)
+        kept.append(record)
+    if not kept:
+        raise DatasetError(f"no image left for task {task!r} (classes {list(names)})")
+    if task == "multiclass":
+        targets = np.asarray(rows, dtype=np.int64)
+    else:
+        targets = np.stack(rows).astype(np.float32)
+    return TaskData(task, names, tuple(kept), targets)
+
+
+@dataclass(frozen=True)
+class Split:
+    """Indices into a :class:`TaskData` for train, validation and test."""
+
+    train: np.ndarray
+    val: np.ndarray
+    test: np.ndarray
+    method: str = "seeded"
+    seed: int = 0
+    info: Mapping[str, Any] = field(default_factory=dict)
+
+    def parts(self) -> dict[str, np.ndarray]:
+        return {"train": self.train, "val": self.val, "test": self.test}
+
+    def sizes(self) -> dict[str, int]:
+        return {name: int(len(idx)) for name, idx in self.parts().items()}
+
+
+def _group_by_patient(
+    records: Sequence[LabelRecord], indices: Iterable[int]
+) -> dict[str, list[int]]:
+    groups: dict[str, list[int]] = {}
+    for i in indices:
+        groups.setdefault(records[i].patient_id, []).append(int(i))
+    return groups
+
+
+def _assign_patients(
+    records: Sequence[LabelRecord],
+    indices: Sequence[int],
+    fractions: Sequence[float],
+    seed: int,
+) -> list[np.ndarray]:
+    """Shuffle patients with ``seed`` and fill the parts in order up to their image quota."""
+    groups = _group_by_patient(records, indices)
+    patients = sorted(groups)
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(patients))
+    total = sum(len(v) for v in groups.values())
+    bounds = np.cumsum(fractions) / float(sum(fractions)) * total
+    parts: list[list[int]] = [[] for _ in fractions]
+    filled = 0
+    part = 0
+    for k in order:
+        while part < len(fractions) - 1 and filled >= bounds[part] - 1e-9:
+            part += 1
+        members = groups[patients[k]]
+        parts[part].extend(members)
+        filled += len(members)
+    return [np.asarray(sorted(p), dtype=np.int64) for p in parts]
+
+
+def patient_split(
+    data: TaskData,
+    seed: int = 0,
+    fractions: Sequence[float] = DEFAULT_FRACTIONS,
+) -> Split:
+    """Patient-wise split of ``data`` into train/val/test (default 60/20/20) from ``seed``.
+
+    Patients are shuffled with ``numpy.random.default_rng(seed)`` and whole patients are put
+    into train until it holds its share of the images, then validation, then test, so no patient
+    is in two splits and the result depends only on the records and the seed.
+
+    Raises
+    ------
+    DatasetError
+        Bad fractions, or too few patients for three non-empty splits.
+    """
+    if len(fractions) != 3 or min(fractions) <= 0:
+        raise DatasetError(f"split fractions must be three positive numbers, got {fractions}")
+    n_patients = len({r.patient_id for r in data.records})
+    if n_patients < 3:
+        raise DatasetError(f"a patient-wise split needs at least 3 patients, got {n_patients}")
+    train, val, test = _assign_patients(data.records, range(len(data)), fractions, seed)
+    if not len(val) or not len(test):
+        raise DatasetError(f"split of {len(data)} images left an empty validation or test set")
+    return Split(
+        train,
+        val,
+        test,
+        method="seeded",
+        seed=seed,
+        info={"fractions": [float(f) for f in fractions]},
+    )
+
+
+def read_name_list(path: str | Path) -> set[str]:
+    """Read an official list file (one image name per line)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DatasetError(f"split list {path}: {exc}") from exc
+    names = {line.strip() for line in text.splitlines() if line.strip()}
+    if not names:
+        raise DatasetError(f"split list {path} is empty")
+    return names
+
+
+def official_split(
+    data: TaskData,
+    train_val_list: str | Path,
+    test_list: str | Path,
+    seed: int = 0,
+    val_fraction: float = 0.2,
+) -> Split:
+    """Split by NIH's ``train_val_list.txt`` / ``test_list.txt``.
+
+    Test is every image named in ``test_list``; validation is ``val_fraction`` of the
+    train_val images, drawn patient-wise with ``seed``; images in neither list are left out.
+
+    Raises
+    ------
+    DatasetError
+        A patient is in both lists, or a part would be empty.
+    """
+    if not 0 < val_fraction < 1:
+        raise DatasetError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    trainval_names = read_name_list(train_val_list)
+    test_names = read_name_list(test_list)
+    both = trainval_names & test_names
+    if both:
+        raise DatasetError(f"{len(both)} images are in both split lists, e.g. {sorted(both)[0]}")
+    tv_idx = [i for i, r in enumerate(data.records) if r.image_index in trainval_names]
+    test_idx = [i for i, r in enumerate(data.records) if r.image_index in test_names]
+    shared = {data.records[i].patient_id for i in tv_idx} & {
+        data.records[i].patient_id for i in test_idx
+    }
+    if shared:
+        raise DatasetError(
+            f"{len(shared)} patients have images in both train_val and test lists, "
+            f"e.g. patient {sorted(shared)[0]}"
+        )
+    if not tv_idx or not test_idx:
+        raise DatasetError(
+            f"the split lists match {len(tv_idx)} train_val and {len(test_idx)} test images "
+            "of this data"
+        )
+    train, val = _assign_patients(data.records, tv_idx, (1 - val_fraction, val_fraction), seed)
+    if not len(val) or not len(train):
+        raise DatasetError("too few train_val patients for a validation split")
+    left_out = len(data) - len(tv_idx) - len(test_idx)
+    return Split(
+        train,
+        val,
+        np.asarray(sorted(test_idx), dtype=np.int64),
+        method="official",
+        seed=seed,
+        info={"val_fraction": val_fraction, "left_out": left_out},
+    )
+
+
+def split_summary(data: TaskData, split: Split) -> dict[str, dict[str, int]]:
+    """Images, patients and class counts per split."""
+    out: dict[str, dict[str, int]] = {}
+    for name, idx in split.parts().items():
+        part = data.subset(idx)
+        row = {"images": len(part), "patients": len({r.patient_id for r in part.records})}
+        row.update(part.class_counts())
+        out[name] = row
+    return out
+
+
+def format_split_summary(summary: Mapping[str, Mapping[str, int]]) -> str:
+    """A small fixed-width table of :func:`split_summary` (printed by ``triage train``)."""
+    columns: list[str] = []
+    for row in summary.values():
+        for key in row:
+            if key not in columns:
+                columns.append(key)
+    widths = [max(len(c), 6) for c in columns]
+    lines = ["split  " + "  ".join(c.rjust(w) for c, w in zip(columns, widths, strict=True))]
+    for name, row in summary.items():
+        cells = [str(row.get(c, "")).rjust(w) for c, w in zip(columns, widths, strict=True)]
+        lines.append(f"{name:<5}  " + "  ".join(cells))
+    return "\n".join(lines)
+
+
+def check_patient_disjoint(data: TaskData, split: Split) -> None:
+    """Raise :class:`DatasetError` if any patient appears in two splits."""
+    owners: dict[str, str] = {}
+    for name, idx in split.parts().items():
+        for i in idx:
+            pid = data.records[int(i)].patient_id
+            if owners.setdefault(pid, name) != name:
+                raise DatasetError(f"patient {pid} is in both {owners[pid]} and {name}")
+
+
+def split_fingerprint(data: TaskData, split: Split) -> str:
+    """Short hash of the image names per split (recorded in checkpoints to identify a split)."""
+    digest = hashlib.sha256()
+    for name, idx in split.parts().items():
+        digest.update(name.encode())
+        for i in idx:
+            digest.update(data.records[int(i)].image_index.encode() + b"\n")
+    return digest.hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------------------------
+# Cached tensors and augmentation
+
+
+@dataclass(frozen=True)
+class Augment:
+    """Train-time augmentation parameters (applied on the cached, letterboxed tensor).
+
+    Small affine (rotation, scale, translation), brightness and contrast; horizontal flip only
+    when asked (a chest X-ray is not left-right symmetric).
+    """
+
+    degrees: float = 7.0
+    scale: tuple[float, float] = (0.92, 1.08)
+    translate: float = 0.04
+    brightness: float = 0.1
+    contrast: float = 0.15
+    hflip: bool = False
+
+
+def load_tensors(paths: Sequence[Path], spec: ModelSpec, *, progress: bool = False) -> torch.Tensor:
+    """Decode and preprocess images once: ``(N, 3, S, S)`` float16, spec-normalised.
+
+    Uses :func:`triage_core.imaging.load_image` and :func:`triage_core.imaging.to_tensor`,
+    exactly the service's preprocessing.
+    """
+    import torch
+
+    from triage_core.imaging import load_image, to_tensor
+
+    size = spec.input_size
+    out = torch.empty((len(paths), 3, size, size), dtype=torch.float16)
+    iterator: Iterable[tuple[int, Path]] = enumerate(paths)
+    if progress:
+        from tqdm import tqdm
+
+        iterator = tqdm(iterator, total=len(paths), desc=f"decode {size}px", unit="img")
+    for i, path in iterator:
+        out[i] = to_tensor(load_image(path), spec).to(torch.float16)
+    return out
+
+
+class CachedImageDataset:
+    """A map-style torch Dataset over cached tensors, with optional seeded augmentation.
+
+    Parameters
+    ----------
+    images : torch.Tensor
+        ``(N, 3, S, S)`` spec-normalised tensors (see :func:`load_tensors`).
+    targets : numpy.ndarray
+        Task targets (see :class:`TaskData`).
+    spec : ModelSpec
+        For the normalisation (augmentation works in [0, 1] intensity).
+    augment : Augment, optional
+        Train-time augmentation; ``None`` for evaluation.
+    seed : int
+        Augmentation is a function of ``(seed, epoch, index)`` only, so it is identical whatever
+        the number of DataLoader workers or processes. Call :meth:`set_epoch` every epoch.
+    """
+
+    def __init__(
+        self,
+        images: torch.Tensor,
+        targets: np.ndarray,
+        spec: ModelSpec,
+        augment: Augment | None = None,
+        seed: int = 0,
+    ) -> None:
+        import torch
+
+        if len(images) != len(targets):
+            raise DatasetError(f"{len(images)} images but {len(targets)} targets")
+        self.images = images
+        self.targets = torch.as_tensor(targets)
+        self.augment = augment
+        self.seed = int(seed)
+        self.epoch = 0
+        self._mean = torch.tensor(spec.mean, dtype=torch.float32).view(3, 1, 1)
+        self._std = torch.tensor(spec.std, dtype=torch.float32).view(3, 1, 1)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        import torch
+
+        x = self.images[index].to(torch.float32)
+        if self.augment is not None:
+            x = self._augment(x, index)
+        return x, self.targets[index]
+
+    def _augment(self, x: torch.Tensor, index: int) -> torch.Tensor:
+        import math
+
+        import torch
+        import torch.nn.functional as F
+
+        aug = self.augment
+        assert aug is not None
+        gen = torch.Generator().manual_seed(
+            (self.seed * 1_000_003 + self.epoch * 7_919 + int(index)) % (2**63 - 1)
+        )
+        u = torch.rand(7, generator=gen).tolist()
+        angle = math.radians((2 * u[0] - 1) * aug.degrees)
+        scale = aug.scale[0] + u[1] * (aug.scale[1] - aug.scale[0])
+        tx = (2 * u[2] - 1) * aug.translate * 2  # affine_grid units: the image spans [-1, 1]
+        ty = (2 * u[3] - 1) * aug.translate * 2
+        flip = -1.0 if (aug.hflip and u[4] < 0.5) else 1.0
+        cos, sin = math.cos(angle) / scale, math.sin(angle) / scale
+        theta = torch.tensor([[cos * flip, -sin, tx], [sin * flip, cos, ty]], dtype=torch.float32)
+        raw = x * self._std + self._mean  # back to [0, 1] intensity
+        grid = F.affine_grid(theta[None], [1, *raw.shape], align_corners=False)
+        raw = F.grid_sample(
+            raw[None], grid, mode="bilinear", padding_mode="zeros", align_corners=False
+        )[0]
+        contrast = 1 + (2 * u[5] - 1) * aug.contrast
+        brightness = (2 * u[6] - 1) * aug.brightness
+        centre = raw.mean()
+        raw = ((raw - centre) * contrast + centre + brightness).clamp_(0.0, 1.0)
+        return (raw - self._mean) / self._std
