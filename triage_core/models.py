@@ -18,7 +18,7 @@ import json
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from triage_core import __version__
 from triage_core.errors import CheckpointError, PretrainedWeightsError, SpecMismatchError
@@ -181,8 +181,8 @@ def cam_target_layers(model: torch.nn.Module, arch: str) -> list[torch.nn.Module
     _check_arch(arch)
     core = getattr(model, "module", model)  # unwrap DistributedDataParallel
     if arch == "resnet18":
-        return [core.layer4[-1]]  # type: ignore[index]
-    return [core.bn2]  # conv_head + BN + SiLU: the last feature map of EfficientNet-B0
+        return [cast("torch.nn.Module", core.layer4[-1])]  # type: ignore[index]
+    return [cast("torch.nn.Module", core.bn2)]  # conv_head + BN + SiLU: the last feature map of EfficientNet-B0
 
 
 def checkpoint_paths(path: str | Path) -> tuple[Path, Path]:

@@ -1,0 +1,152 @@
+"""Model registry and checkpoint round trips (random weights: plumbing only)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from triage_core.errors import CheckpointError, PretrainedWeightsError, SpecMismatchError
+from triage_core.models import (
+    ARCHITECTURES,
+    cam_target_layers,
+    checkpoint_paths,
+    create_model,
+    default_spec,
+    load_checkpoint,
+    save_checkpoint,
+)
+from triage_core.spec import CLASS_NAMES, ModelSpec
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_checkpoint_round_trip_gives_identical_outputs(arch: str, tmp_path: Path) -> None:
+    torch.manual_seed(1)
+    model = create_model(arch).eval()
+    spec = default_spec(arch).replace(input_size=64, temperature=1.7, thresholds=[0.2, 0.3, 0.4])
+    save_checkpoint(model, spec, tmp_path / "ck")
+    loaded, loaded_spec = load_checkpoint(tmp_path / "ck")
+    assert loaded_spec == spec
+    assert not loaded.training
+    x = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        assert torch.equal(model(x), loaded(x))
+    assert model(x).shape == (2, len(CLASS_NAMES))
+    # the same checkpoint by either file name
+    _, again = load_checkpoint(tmp_path / "ck.json")
+    assert again == spec
+
+
+def test_fp16_checkpoint_is_smaller_and_close(tmp_path: Path) -> None:
+    torch.manual_seed(2)
+    model = create_model("efficientnet_b0").eval()
+    spec = default_spec("efficientnet_b0").replace(input_size=64)
+    save_checkpoint(model, spec, tmp_path / "fp32")
+    save_checkpoint(model, spec, tmp_path / "fp16", dtype=torch.float16)
+    size32 = checkpoint_paths(tmp_path / "fp32")[0].stat().st_size
+    size16 = checkpoint_paths(tmp_path / "fp16")[0].stat().st_size
+    assert size16 < 0.6 * size32
+    loaded, _ = load_checkpoint(tmp_path / "fp16")
+    assert next(loaded.parameters()).dtype == torch.float32
+    x = torch.randn(1, 3, 64, 64)
+    with torch.inference_mode():
+        assert torch.allclose(model(x).sigmoid(), loaded(x).sigmoid(), atol=1e-2)
+
+
+def _tamper(tmp_path: Path, **changes: object) -> Path:
+    torch.manual_seed(3)
+    model = create_model("resnet18")
+    save_checkpoint(model, default_spec("resnet18"), tmp_path / "ck")
+    spec_path = checkpoint_paths(tmp_path / "ck")[1]
+    data = json.loads(spec_path.read_text())
+    data.update(changes)
+    spec_path.write_text(json.dumps(data))
+    return tmp_path / "ck"
+
+
+def test_wrong_class_list_is_refused(tmp_path: Path) -> None:
+    path = _tamper(tmp_path, class_names=["Atelectasis", "Effusion", "Pneumonia"])
+    with pytest.raises(SpecMismatchError, match="class_names") as info:
+        load_checkpoint(path)
+    assert info.value.field == "class_names"
+    path = _tamper(
+        tmp_path,
+        class_names=["Atelectasis", "Effusion"],
+        thresholds=[0.5, 0.5],
+        priority_weights=[1, 1],
+    )
+    with pytest.raises(SpecMismatchError) as info:
+        load_checkpoint(path, expected_class_names=None)
+    assert info.value.field == "class_names"
+
+
+def test_wrong_input_size_is_refused(tmp_path: Path) -> None:
+    path = _tamper(tmp_path, input_size=320)
+    with pytest.raises(SpecMismatchError, match="input_size") as info:
+        load_checkpoint(path)
+    assert info.value.field == "input_size"
+    path = _tamper(tmp_path, input_size="224")
+    with pytest.raises(SpecMismatchError) as info:
+        load_checkpoint(path)
+    assert info.value.field == "input_size"
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("task", "regression"),
+        ("temperature", -1.0),
+        ("thresholds", [0.5, 0.5]),
+        ("mean", [0.5, 0.5]),
+        ("arch", "vit"),
+        ("preprocessing_version", 99),
+        ("surprise", 1),
+    ],
+)
+def test_every_field_is_validated(tmp_path: Path, field: str, value: object) -> None:
+    path = _tamper(tmp_path, **{field: value})
+    with pytest.raises(SpecMismatchError) as info:
+        load_checkpoint(path)
+    assert info.value.field == field
+
+
+def test_missing_and_corrupt_files(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(tmp_path / "nothing")
+    path = _tamper(tmp_path)
+    weights = checkpoint_paths(path)[0]
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match="safetensors"):
+        load_checkpoint(path)
+
+
+def test_pretrained_needs_a_local_file(tmp_path: Path) -> None:
+    with pytest.raises(PretrainedWeightsError, match="local weights file"):
+        create_model("resnet18", pretrained=True)
+    with pytest.raises(PretrainedWeightsError, match="does not exist"):
+        create_model("efficientnet_b0", pretrained=tmp_path / "imagenet.pth")
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_pretrained_local_file_loads_backbone(arch: str, tmp_path: Path) -> None:
+    torch.manual_seed(4)
+    source = create_model(arch, num_classes=1000)
+    weights = tmp_path / "imagenet.pth"
+    torch.save(source.state_dict(), weights)
+    model = create_model(arch, num_classes=3, pretrained=weights)
+    first = next(iter(model.state_dict()))
+    assert torch.equal(model.state_dict()[first], source.state_dict()[first])
+    assert model(torch.randn(1, 3, 64, 64)).shape == (1, 3)
+
+
+def test_spec_validation_and_target_layers() -> None:
+    spec = default_spec("efficientnet_b0", task="multiclass")
+    assert spec.task == "multiclass" and spec.temperature == 1.0
+    assert ModelSpec.from_dict(spec.to_dict()) == spec
+    with pytest.raises(SpecMismatchError):
+        default_spec("efficientnet_b0", task="other")
+    for arch in ARCHITECTURES:
+        layers = cam_target_layers(create_model(arch), arch)
+        assert len(layers) == 1 and isinstance(layers[0], torch.nn.Module)
