@@ -1,0 +1,57 @@
+# cxr-triage developer and CI entry points (the README's Quick start uses `make serve` and `make test`).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+APT_PACKAGES := dcmtk dicom3tools postgresql
+PACKAGES := dicom_node triage_core training
+STORAGE ?= ./triage-data
+
+.PHONY: help system-deps venv install lint typecheck imports test test-all bench serve clean
+
+help:
+	@echo "make serve   install and start the DICOM node on embedded defaults (SQLite, default model)"
+	@echo "make test    install (Debian packages too) and run lint, types, import contracts, tests"
+	@echo "make bench   run every benchmark in benchmarks/"
+
+# Debian packages the tests use: DCMTK (independent DICOM peer), dicom3tools (dciodvfy),
+# the PostgreSQL server binaries (throwaway test clusters). Skipped when already present.
+system-deps:
+	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; \
+	fi
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+venv: $(BIN)/python
+
+install: venv
+	$(BIN)/pip install -q -e '.[dev]'
+
+lint: install
+	$(BIN)/ruff check $(PACKAGES) tests benchmarks
+	$(BIN)/ruff format --check $(PACKAGES) tests benchmarks
+
+typecheck: install
+	$(BIN)/mypy
+
+imports: install
+	$(BIN)/lint-imports
+
+test: system-deps install lint typecheck imports
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -m "not slow" -q
+
+test-all: system-deps install lint typecheck imports
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+
+bench: install
+	@for b in benchmarks/bench_*.py; do echo "== $$b"; $(BIN)/python $$b --quick || exit 1; done
+
+serve: install
+	$(BIN)/triage -v serve --storage $(STORAGE)
+
+clean:
+	rm -rf build *.egg-info .pytest_cache .mypy_cache .ruff_cache
