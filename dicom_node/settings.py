@@ -1,0 +1,404 @@
+"""Typed settings of the DICOM node: TOML file < ``TRIAGE_*`` environment < command-line flags.
+
+:class:`NodeSettings` is built once, in the CLI entry point (``triage serve`` / ``triage worker``),
+with :func:`load_settings`, and then passed down as a typed object. Nothing here is built at import
+time. Values are validated when the object is built (types, ranges, ``AE@HOST:PORT`` syntax); the
+checks that touch the outside world (storage writable, model files present, database reachable,
+port bindable) are in :func:`check_runtime`, which the service runs once at start. Every problem
+is raised as :class:`~triage_core.errors.ConfigError` with a message naming the setting.
+
+Example TOML (top-level keys, the same names as the fields below)::
+
+    ae_title = "CXR_TRIAGE"
+    port = 11112
+    storage = "/var/lib/cxr-triage"
+    destinations = ["PACS@10.0.0.5:104"]
+    allow_ae = ["MODALITY1", "PACS@10.0.0.5"]
+
+Environment variables use the ``TRIAGE_`` prefix (``TRIAGE_PORT=11112``); list values are either
+comma-separated (``TRIAGE_DESTINATIONS=PACS@host:104,VIEWER@host2:11112``) or a JSON list.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import socket
+import tomllib
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    InitSettingsSource,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+from triage_core.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+_AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5 AE VR: no backslash, no controls
+
+
+def _check_ae_title(value: str, what: str) -> str:
+    value = value.strip()
+    if not value or not _AE_RE.match(value):
+        raise ValueError(
+            f"{what} {value!r} is not a valid AE title (1-16 printable characters, no backslash)"
+        )
+    return value
+
+
+class Destination(BaseModel):
+    """A C-STORE destination for the SR and SC results, written ``AE@HOST:PORT``."""
+
+    model_config = ConfigDict(frozen=True)
+
+    ae_title: str
+    host: str
+    port: int = Field(ge=1, le=65535)
+
+    @classmethod
+    def parse(cls, text: str) -> Destination:
+        """Parse ``AE@HOST:PORT`` (IPv6 hosts in brackets: ``AE@[::1]:104``)."""
+        match = re.fullmatch(r"\s*([^@]+)@(\[[^\]]+\]|[^:@]+):(\d+)\s*", text)
+        if not match:
+            raise ValueError(f"destination {text!r} must be written AE@HOST:PORT")
+        ae, host, port = match.groups()
+        return cls(ae_title=ae, host=host.strip("[]"), port=int(port))
+
+    @field_validator("ae_title")
+    @classmethod
+    def _ae(cls, value: str) -> str:
+        return _check_ae_title(value, "destination AE title")
+
+    def __str__(self) -> str:
+        return f"{self.ae_title}@{self.host}:{self.port}"
+
+
+class AllowedPeer(BaseModel):
+    """An entry of the calling-AE allow-list: ``AE`` or ``AE@HOST`` (host optional)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    ae_title: str
+    host: str | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> AllowedPeer:
+        ae, sep, host = text.strip().partition("@")
+        if sep and not host:
+            raise ValueError(f"allowed AE {text!r}: empty host after '@'")
+        return cls(ae_title=ae, host=host.strip("[]") or None)
+
+    @field_validator("ae_title")
+    @classmethod
+    def _ae(cls, value: str) -> str:
+        return _check_ae_title(value, "allowed AE title")
+
+    def matches(self, ae_title: str, host: str) -> bool:
+        """Whether a requestor with ``ae_title`` connecting from ``host`` is this peer."""
+        return ae_title.strip() == self.ae_title and (
+            self.host is None or _same_host(self.host, host)
+        )
+
+    def __str__(self) -> str:
+        return self.ae_title if self.host is None else f"{self.ae_title}@{self.host}"
+
+
+def _same_host(configured: str, peer_ip: str) -> bool:
+    if configured == peer_ip:
+        return True
+    try:
+        infos = socket.getaddrinfo(configured, None)
+    except OSError:
+        return False
+    return any(info[4][0] == peer_ip for info in infos)
+
+
+def _split_list(value: Any) -> Any:
+    """Accept a list, a JSON list or a comma-separated string (environment variables)."""
+    if isinstance(value, str):
+        text = value.strip()
+        if not text:
+            return []
+        if text.startswith("["):
+            try:
+                return json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"not a JSON list: {exc}") from exc
+        return [part for part in (p.strip() for p in text.split(",")) if part]
+    return value
+
+
+class NodeSettings(BaseSettings):
+    """All settings of ``triage serve`` and ``triage worker``.
+
+    Build it with :func:`load_settings` (TOML < environment < flags); constructing it directly
+    reads only the environment and the keyword arguments.
+    """
+
+    model_config = SettingsConfigDict(
+        env_prefix="TRIAGE_", extra="forbid", validate_default=True, frozen=True
+    )
+
+    ae_title: str = Field("CXR_TRIAGE", description="our AE title")
+    port: int = Field(11112, ge=1, le=65535, description="DICOM listening port")
+    bind_address: str = Field("0.0.0.0", description="address the DICOM port listens on")
+    storage: Path = Field(Path("triage-storage"), description="spool, outbox, quarantine, SQLite")
+    db: str | None = Field(None, description="SQLAlchemy URL; default SQLite under storage")
+    model: Path | None = Field(None, description="checkpoint NAME (NAME.safetensors + NAME.json)")
+    destinations: Annotated[list[Destination], NoDecode] = Field(default_factory=list)
+    allow_ae: Annotated[list[AllowedPeer], NoDecode] = Field(default_factory=list)
+    stable_age: float = Field(5.0, ge=0.0, le=86400.0, description="seconds without new images")
+    workers: int = Field(1, ge=0, le=64, description="inference worker threads")
+    http_host: str = Field("127.0.0.1")
+    http_port: int = Field(8080, ge=0, le=65535, description="HTTP API port; 0 disables")
+    max_associations: int = Field(16, ge=1, le=1000)
+    max_pdu_size: int = Field(
+        1 << 20, ge=0, description="maximum PDU we receive (bytes, 0 = unlimited)"
+    )
+    network_timeout: float = Field(60.0, gt=0.0, description="DICOM network timeout (s)")
+    log_phi: bool = Field(False, description="log patient identifiers (default: UIDs only)")
+    lease_seconds: float = Field(300.0, gt=0.0, description="processing lease of a worker")
+    max_attempts: int = Field(3, ge=1, le=100, description="processing attempts before failed")
+    delivery_max_attempts: int = Field(10, ge=1, le=1000)
+    delivery_backoff: float = Field(2.0, gt=0.0, description="first retry delay (s), doubles")
+    delivery_backoff_max: float = Field(600.0, gt=0.0)
+    scheduler_interval: float = Field(0.2, gt=0.0, le=60.0, description="poll period (s)")
+    retention_days: float | None = Field(None, gt=0.0, description="purge spool after N days")
+    device: str = Field("cpu", description="torch device for inference")
+    threads: int | None = Field(None, ge=1, le=256, description="torch CPU threads")
+    batch_size: int = Field(16, ge=1, le=1024)
+    with_cam: bool = Field(True, description="send the Grad-CAM Secondary Capture")
+
+    @field_validator("ae_title")
+    @classmethod
+    def _ae(cls, value: str) -> str:
+        return _check_ae_title(value, "ae_title")
+
+    @field_validator("destinations", mode="before")
+    @classmethod
+    def _destinations(cls, value: Any) -> Any:
+        value = _split_list(value)
+        if isinstance(value, list):
+            return [Destination.parse(v) if isinstance(v, str) else v for v in value]
+        return value
+
+    @field_validator("allow_ae", mode="before")
+    @classmethod
+    def _allow(cls, value: Any) -> Any:
+        value = _split_list(value)
+        if isinstance(value, list):
+            return [AllowedPeer.parse(v) if isinstance(v, str) else v for v in value]
+        return value
+
+    @field_validator("db")
+    @classmethod
+    def _db(cls, value: str | None) -> str | None:
+        if value is not None and "://" not in value:
+            raise ValueError(
+                f"db {value!r} is not a SQLAlchemy URL (e.g. sqlite:///path/triage.db or "
+                "postgresql+psycopg://user@host:5432/name)"
+            )
+        return value or None
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Flags (init) win over the environment; TOML values come in via load_settings.
+        return init_settings, env_settings
+
+    # ------------------------------------------------------------------ derived paths
+    @property
+    def database_url(self) -> str:
+        """The SQLAlchemy URL in use (SQLite under the storage folder by default)."""
+        if self.db:
+            return self.db
+        return f"sqlite:///{(self.storage / 'triage.db').resolve()}"
+
+    @property
+    def spool_dir(self) -> Path:
+        return self.storage / "spool"
+
+    @property
+    def outbox_dir(self) -> Path:
+        return self.storage / "outbox"
+
+    @property
+    def quarantine_dir(self) -> Path:
+        return self.storage / "quarantine"
+
+    def redacted_url(self) -> str:
+        """The database URL with any password masked, for logs."""
+        return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", self.database_url)
+
+
+def _format_validation_error(exc: ValidationError, source: str) -> str:
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "<root>"
+        msg = str(err["msg"]).removeprefix("Value error, ")
+        parts.append(f"{loc}: {msg}")
+    return f"invalid settings ({source}): " + "; ".join(parts)
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    """Read a settings TOML file; a ``[triage]`` table is accepted as well as top-level keys."""
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError as exc:
+        raise ConfigError(f"config file {path} does not exist") from exc
+    except OSError as exc:
+        raise ConfigError(f"config file {path} cannot be read: {exc}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
+    if isinstance(data.get("triage"), dict):
+        data = data["triage"]
+    return data
+
+
+def load_settings(
+    config: Path | str | None = None, overrides: Mapping[str, Any] | None = None
+) -> NodeSettings:
+    """Build :class:`NodeSettings` with the precedence TOML < ``TRIAGE_*`` env < ``overrides``.
+
+    Parameters
+    ----------
+    config : path, optional
+        TOML file (top-level keys or a ``[triage]`` table).
+    overrides : mapping, optional
+        Values given on the command line; ``None`` values are ignored (flag not given).
+
+    Raises
+    ------
+    ConfigError
+        Unreadable TOML, unknown keys, or any invalid value; the message names the setting.
+    """
+    toml_data = read_toml(Path(config)) if config is not None else {}
+    flags = {k: v for k, v in (overrides or {}).items() if v is not None}
+
+    class _Layered(NodeSettings):
+        @classmethod
+        def settings_customise_sources(
+            cls,
+            settings_cls: type[BaseSettings],
+            init_settings: PydanticBaseSettingsSource,
+            env_settings: PydanticBaseSettingsSource,
+            dotenv_settings: PydanticBaseSettingsSource,
+            file_secret_settings: PydanticBaseSettingsSource,
+        ) -> tuple[PydanticBaseSettingsSource, ...]:
+            return init_settings, env_settings, InitSettingsSource(settings_cls, toml_data)
+
+    source = "flags, TRIAGE_* environment" + (f", {config}" if config is not None else "")
+    try:
+        layered = _Layered(**flags)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc, source)) from exc
+    except ValueError as exc:  # pydantic-settings' SettingsError on undecodable env values
+        raise ConfigError(f"invalid settings ({source}): {exc}") from exc
+    return layered
+
+
+def check_storage(storage: Path) -> None:
+    """Create the storage layout and prove it is writable (raises ConfigError)."""
+    try:
+        for sub in ("spool", "outbox", "quarantine"):
+            (storage / sub).mkdir(parents=True, exist_ok=True)
+        probe = storage / f".write-test-{uuid.uuid4().hex}"
+        with open(probe, "wb") as fh:
+            fh.write(b"ok")
+            fh.flush()
+            os.fsync(fh.fileno())
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(f"storage folder {storage} is not writable: {exc}") from exc
+
+
+def check_model(model: Path | None) -> Path:
+    """Resolve the checkpoint path (``NAME`` of ``NAME.safetensors`` + ``NAME.json``)."""
+    if model is None:
+        from triage_core.errors import CheckpointError
+        from triage_core.models import default_checkpoint_path
+
+        try:
+            return default_checkpoint_path()
+        except CheckpointError as exc:
+            raise ConfigError(f"no --model given and no default checkpoint: {exc}") from exc
+    base = model
+    if base.suffix in (".safetensors", ".json"):
+        base = base.with_suffix("")
+    missing = [
+        str(p)
+        for p in (base.with_suffix(".safetensors"), base.with_suffix(".json"))
+        if not p.is_file()
+    ]
+    if missing:
+        raise ConfigError(f"model checkpoint {model}: missing file(s) {', '.join(missing)}")
+    return base
+
+
+def check_database(url: str) -> None:
+    """Connect once to the database (raises ConfigError naming the URL without password)."""
+    import sqlalchemy
+    from sqlalchemy.exc import SQLAlchemyError
+
+    shown = re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", url)
+    try:
+        engine = sqlalchemy.create_engine(url)
+    except (SQLAlchemyError, ValueError, ImportError) as exc:
+        raise ConfigError(f"database URL {shown} is not usable: {exc}") from exc
+    try:
+        with engine.connect() as conn:
+            conn.execute(sqlalchemy.text("SELECT 1"))
+    except SQLAlchemyError as exc:
+        raise ConfigError(
+            f"database {shown} is unreachable: {exc.__class__.__name__}: {str(exc).splitlines()[0]}"
+        ) from exc
+    finally:
+        engine.dispose()
+
+
+def check_port(host: str, port: int, what: str) -> None:
+    """Bind-test a TCP port (raises ConfigError when it is in use or not allowed)."""
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, port))
+    except OSError as exc:
+        raise ConfigError(f"{what} {host}:{port} cannot be used: {exc}") from exc
+
+
+def check_runtime(
+    settings: NodeSettings, *, need_scp: bool = True, need_model: bool = True
+) -> Path | None:
+    """Check everything that touches the outside world; returns the resolved checkpoint path.
+
+    Raises
+    ------
+    ConfigError
+        Unwritable storage, missing model files, unreachable database, or a port in use.
+    """
+    check_storage(settings.storage)
+    model_path = check_model(settings.model) if need_model else None
+    check_database(settings.database_url)
+    if need_scp:
+        check_port(settings.bind_address, settings.port, "DICOM port")
+        if settings.http_port:
+            check_port(settings.http_host, settings.http_port, "HTTP port")
+    return model_path
