@@ -10,6 +10,7 @@ import pydicom
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+pytest_plugins = ["pg_fixture"]
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("CXR_TRIAGE_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))

@@ -1,0 +1,506 @@
+"""The SQL worklist on the embedded SQLite backend: lifecycle, leases, deliveries, queries."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from triage_core.errors import InvalidUIDError, WorklistError
+from triage_core.spec import Finding, ImageResult, StudyResult
+from triage_core.worklist import (
+    DELIVERY_STATUSES,
+    STUDY_STATUSES,
+    InstanceRecord,
+    Worklist,
+    backoff_seconds,
+    hash_identifier,
+    is_valid_uid,
+)
+
+ROOT = "1.2.826.0.1.3680043.8.498"
+
+
+def study(n: int) -> str:
+    return f"{ROOT}.1.{n}"
+
+
+def sop(n: int, k: int = 1) -> str:
+    return f"{ROOT}.2.{n}.{k}"
+
+
+@pytest.fixture()
+def wl(tmp_path: Path) -> Iterator[Worklist]:
+    worklist = Worklist(Worklist.sqlite_url(tmp_path / "storage"), max_attempts=2)
+    worklist.create_all()
+    yield worklist
+    worklist.dispose()
+
+
+def result_for(
+    study_uid: str,
+    score: float,
+    level: str = "routine",
+    status: str = "done",
+    reason: str = "",
+    source: str = "",
+) -> StudyResult:
+    findings: tuple[Finding, ...] = (
+        Finding("Atelectasis", 0.1, 0.5, False, source),
+        Finding("Effusion", score / 100.0, 0.5, score >= 50, source),
+    )
+    images = (
+        ImageResult(source or sop(0), True, "", {"Atelectasis": 0.1, "Effusion": score / 100.0}),
+    )
+    if status == "not_eligible":
+        findings = ()
+        images = (ImageResult(source or sop(0), False, reason),)
+    return StudyResult(
+        study_uid=study_uid,
+        status=status,
+        reason=reason,
+        findings=findings,
+        priority_score=score,
+        priority_level=level,
+        images=images,
+        model_name="random-test-model",
+        model_version="0",
+        timings={"preprocess": 0.01, "inference": 0.02},
+    )
+
+
+def run_to_done(wl: Worklist, n: int, score: float, level: str, t: float) -> None:
+    wl.record_instance(study(n), sop(n), f"/spool/{n}.dcm", now=t)
+    assert wl.queue_stable_studies(5, now=t + 5) == [study(n)]
+    claimed = wl.claim_study("w", 60, now=t + 6)
+    assert claimed is not None and claimed.study_uid == study(n)
+    wl.complete_study(study(n), "w", result_for(study(n), score, level, source=sop(n)), now=t + 7)
+
+
+def test_sqlite_url_and_pragmas(tmp_path: Path, wl: Worklist) -> None:
+    url = Worklist.sqlite_url(tmp_path / "storage")
+    assert url.endswith("/storage/worklist.sqlite3") and url.startswith("sqlite+pysqlite:///")
+    db_file = tmp_path / "storage" / "worklist.sqlite3"
+    assert db_file.is_file()
+    with wl.engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+        assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 2  # FULL
+        assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
+        assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == 30000
+    wl.create_all()  # idempotent
+    raw = sqlite3.connect(db_file)
+    tables = {r[0] for r in raw.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    raw.close()
+    assert {"studies", "instances", "results", "image_results", "deliveries"} <= tables
+    wl.ping()
+
+
+def test_constructor_refuses_bad_settings(tmp_path: Path) -> None:
+    with pytest.raises(WorklistError, match="unsupported database"):
+        Worklist("mysql://localhost/x")
+    with pytest.raises(WorklistError, match="in-memory"):
+        Worklist("sqlite://")
+    with pytest.raises(WorklistError, match="sqlite_synchronous"):
+        Worklist(Worklist.sqlite_url(tmp_path), sqlite_synchronous="SOMETIMES")
+    with pytest.raises(WorklistError, match="max_attempts"):
+        Worklist(Worklist.sqlite_url(tmp_path), max_attempts=0)
+
+
+def test_unreachable_database_is_a_worklist_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("x")
+    worklist = Worklist(f"sqlite+pysqlite:///{blocker}/sub/worklist.sqlite3")
+    with pytest.raises(WorklistError):
+        worklist.ping()
+
+
+def test_uid_grammar_helpers() -> None:
+    assert is_valid_uid("1.2.840.10008.5.1.4.1.1.1")
+    assert is_valid_uid("0.0")
+    for bad in ("", "1..2", "1.02", "../etc", "1.2.a", "1." + "1" * 70, None, "1.2.", ".1"):
+        assert not is_valid_uid(bad), bad
+    assert hash_identifier("") == ""
+    assert hash_identifier("ACC1", "s") != hash_identifier("ACC1", "t")
+    assert len(hash_identifier("ACC1")) == 16 and "ACC1" not in hash_identifier("ACC1")
+
+
+def test_record_instance_is_idempotent(wl: Worklist) -> None:
+    assert wl.record_instance(study(1), sop(1), "/spool/a.dcm", now=10.0) is True
+    assert wl.record_instance(study(1), sop(1), "/spool/a.dcm", now=11.0) is False
+    assert wl.record_instance(study(1), sop(1, 2), "/spool/b.dcm", now=12.0) is True
+    detail = wl.study_detail(study(1))
+    assert detail is not None
+    assert [img["sop_uid"] for img in detail["images"]] == [sop(1), sop(1, 2)]
+    assert detail["num_instances"] == 2
+    assert wl.counts_by_status()["receiving"] == 1
+    with pytest.raises(InvalidUIDError):
+        wl.record_instance("../../etc", sop(1, 3), "/spool/c.dcm")
+    with pytest.raises(InvalidUIDError):
+        wl.record_instance(study(1), "1.2.03", "/spool/c.dcm")
+
+
+def test_record_instances_batch(wl: Worklist) -> None:
+    batch = [
+        InstanceRecord(study(1), sop(1, 1), "/s/1", accession_hash="abc"),
+        InstanceRecord(study(1), sop(1, 2), "/s/2"),
+        InstanceRecord(study(2), sop(2, 1), "/s/3", series_uid=f"{ROOT}.3.2"),
+        InstanceRecord(study(1), sop(1, 1), "/s/1"),
+    ]
+    assert wl.record_instances(batch, now=5.0) == [True, True, True, False]
+    assert wl.record_instances([InstanceRecord(study(1), sop(1, 2), "/s/2")]) == [False]
+    assert wl.counts_by_status()["receiving"] == 2
+    detail = wl.study_detail(study(1))
+    assert detail is not None and detail["accession_hash"] == "abc"
+    assert detail["num_instances"] == 2
+    assert wl.record_instances([]) == []
+
+
+def test_lifecycle_fifo_and_results(wl: Worklist) -> None:
+    wl.record_instance(study(2), sop(2), "/spool/2.dcm", now=100.0)
+    wl.record_instance(study(1), sop(1), "/spool/1.dcm", now=101.0)
+    wl.record_instance(study(1), sop(1, 2), "/spool/1b.dcm", now=104.0)
+    # study 1 got its last instance at 104: not stable for 10 s at 110
+    assert wl.queue_stable_studies(10, now=110.0) == [study(2)]
+    assert wl.queue_stable_studies(10, now=114.0) == [study(1)]
+    assert wl.queue_stable_studies(10, now=200.0) == []
+    counts = wl.counts_by_status()
+    assert counts["queued"] == 2 and set(counts) == set(STUDY_STATUSES)
+    first = wl.claim_study("worker-a", 30, now=120.0)
+    second = wl.claim_study("worker-b", 30, now=120.0)
+    assert first is not None and second is not None
+    assert (first.study_uid, second.study_uid) == (study(2), study(1))  # FIFO by first arrival
+    assert second.instances == ((sop(1), Path("/spool/1.dcm")), (sop(1, 2), Path("/spool/1b.dcm")))
+    assert first.attempts == 1 and first.lease_expires_at == 150.0
+    assert wl.claim_study("worker-c", 30, now=121.0) is None
+    assert wl.counts_by_status()["processing"] == 2
+
+    status = wl.complete_study(
+        study(1), "worker-b", result_for(study(1), 72.5, "urgent", source=sop(1)), now=130.0
+    )
+    assert status == "done"
+    not_eligible = result_for(study(2), 0.0, status="not_eligible", reason="lateral view")
+    assert wl.complete_study(study(2), "worker-a", not_eligible, now=131.0) == "not_eligible"
+
+    detail = wl.study_detail(study(1))
+    assert detail is not None
+    assert detail["status"] == "done" and detail["priority_score"] == 72.5
+    assert detail["priority_level"] == "urgent" and detail["model_name"] == "random-test-model"
+    assert detail["findings"]["Effusion"] == {
+        "probability": 0.725,
+        "present": True,
+        "threshold": 0.5,
+        "source_uid": sop(1),
+    }
+    assert detail["findings"]["Atelectasis"]["present"] is False
+    assert detail["timings"] == {"preprocess": 0.01, "inference": 0.02}
+    assert detail["lease_owner"] is None and detail["attempts"] == 1
+    images = {img["sop_uid"]: img for img in detail["images"]}
+    assert images[sop(1)]["eligible"] is True
+    assert images[sop(1)]["probabilities"]["Effusion"] == pytest.approx(0.725)
+    assert images[sop(1, 2)]["eligible"] is None  # no per-image result stored for it
+    other = wl.study_detail(study(2))
+    assert other is not None and other["status"] == "not_eligible"
+    assert other["reason"] == "lateral view" and other["findings"] == {}
+    assert wl.study_detail(study(99)) is None
+
+
+def test_complete_refuses_inconsistent_results(wl: Worklist) -> None:
+    wl.record_instance(study(1), sop(1), "/s", now=0.0)
+    wl.queue_stable_studies(0, now=1.0)
+    assert wl.claim_study("w", 10, now=1.0) is not None
+    with pytest.raises(WorklistError, match="not"):
+        wl.complete_study(study(1), "w", result_for(study(2), 10.0), now=2.0)
+    bad_status = StudyResult(study_uid=study(1), status="processing")
+    with pytest.raises(WorklistError, match="status"):
+        wl.complete_study(study(1), "w", bad_status, now=2.0)
+    with pytest.raises(WorklistError, match="no longer holds"):
+        wl.complete_study(study(1), "intruder", result_for(study(1), 10.0), now=2.0)
+    assert wl.complete_study(study(1), "w", result_for(study(1), 10.0), now=2.0) == "done"
+    with pytest.raises(WorklistError, match="no longer holds"):
+        wl.complete_study(study(1), "w", result_for(study(1), 10.0), now=3.0)
+
+
+@pytest.mark.parametrize("final", ["done", "not_eligible"])
+def test_new_instance_requeues_finished_study(wl: Worklist, final: str) -> None:
+    wl.record_instance(study(1), sop(1), "/s/1", now=0.0)
+    wl.queue_stable_studies(1, now=2.0)
+    assert wl.claim_study("w", 10, now=3.0) is not None
+    wl.complete_study(study(1), "w", result_for(study(1), 30.0, status=final, reason="x"), now=4.0)
+    assert wl.record_instance(study(1), sop(1), "/s/1", now=5.0) is False  # repeat: no change
+    assert wl.counts_by_status()[final] == 1
+    assert wl.record_instance(study(1), sop(1, 2), "/s/2", now=6.0) is True
+    detail = wl.study_detail(study(1))
+    assert detail is not None and detail["status"] == "receiving" and detail["attempts"] == 0
+    assert wl.queue_stable_studies(1, now=6.5) == []
+    assert wl.queue_stable_studies(1, now=7.0) == [study(1)]
+    claimed = wl.claim_study("w2", 10, now=8.0)
+    assert claimed is not None and len(claimed.instances) == 2
+
+
+def test_instance_during_processing_reruns_study(wl: Worklist) -> None:
+    wl.record_instance(study(1), sop(1), "/s/1", now=0.0)
+    wl.queue_stable_studies(1, now=2.0)
+    claimed = wl.claim_study("w", 10, now=3.0)
+    assert claimed is not None and len(claimed.instances) == 1
+    wl.record_instance(study(1), sop(1, 2), "/s/2", now=4.0)
+    assert wl.counts_by_status()["processing"] == 1  # the worker keeps its lease
+    assert wl.complete_study(study(1), "w", result_for(study(1), 40.0), now=5.0) == "receiving"
+    detail = wl.study_detail(study(1))
+    assert detail is not None and detail["priority_score"] == 40.0  # earlier result kept
+    assert wl.queue_stable_studies(1, now=5.5) == [study(1)]
+    again = wl.claim_study("w", 10, now=6.0)
+    assert again is not None and len(again.instances) == 2
+    assert wl.complete_study(study(1), "w", result_for(study(1), 50.0), now=7.0) == "done"
+
+
+def test_lease_expiry_requeues_then_fails(wl: Worklist) -> None:
+    # max_attempts=2 (fixture)
+    wl.record_instance(study(1), sop(1), "/s/1", now=0.0)
+    wl.queue_stable_studies(0, now=0.0)
+    first = wl.claim_study("w1", 10, now=1.0)
+    assert first is not None and first.attempts == 1
+    assert wl.recover_expired_leases(now=10.0).requeued == ()  # expires at 11
+    assert wl.renew_lease(study(1), "w1", 10, now=10.0) == 20.0
+    recovered = wl.recover_expired_leases(now=20.5)
+    assert recovered.requeued == (study(1),) and recovered.failed == ()
+    assert wl.counts_by_status()["queued"] == 1
+    with pytest.raises(WorklistError, match="no longer holds"):
+        wl.renew_lease(study(1), "w1", 10, now=21.0)
+    with pytest.raises(WorklistError, match="no longer holds"):
+        wl.complete_study(study(1), "w1", result_for(study(1), 10.0), now=21.0)
+    second = wl.claim_study("w2", 10, now=22.0)
+    assert second is not None and second.attempts == 2
+    recovered = wl.recover_expired_leases(now=40.0)
+    assert recovered.failed == (study(1),) and recovered.requeued == ()
+    detail = wl.study_detail(study(1))
+    assert detail is not None and detail["status"] == "failed"
+    assert "expired after 2 attempts" in detail["error"]
+    assert wl.claim_study("w3", 10, now=41.0) is None
+    with pytest.raises(WorklistError, match="unknown study"):
+        wl.renew_lease(study(5), "w1", 10)
+
+
+def test_fail_study_with_and_without_retry(wl: Worklist) -> None:
+    for n in (1, 2):
+        wl.record_instance(study(n), sop(n), f"/s/{n}", now=float(n))
+    wl.queue_stable_studies(0, now=3.0)
+    a = wl.claim_study("w", 10, now=4.0)
+    assert a is not None and a.study_uid == study(1)
+    assert wl.fail_study(study(1), "w", "CUDA out of memory", retry=True, now=5.0) == "queued"
+    b = wl.claim_study("w", 10, now=6.0)
+    assert b is not None and b.study_uid == study(1) and b.attempts == 2
+    # no claims left (max_attempts=2): failed even with retry
+    assert wl.fail_study(study(1), "w", "again", retry=True, now=7.0) == "failed"
+    c = wl.claim_study("w", 10, now=8.0)
+    assert c is not None and c.study_uid == study(2)
+    assert wl.fail_study(study(2), "w", "unreadable", now=9.0) == "failed"
+    with pytest.raises(WorklistError):
+        wl.fail_study(study(2), "w", "twice", now=10.0)
+    failed = wl.list_worklist(status="failed", now=11.0)
+    assert {r["study_uid"]: r["error"] for r in failed} == {
+        study(1): "again",
+        study(2): "unreadable",
+    }
+    # new data gives a failed study a fresh start
+    wl.record_instance(study(2), sop(2, 2), "/s/2b", now=12.0)
+    detail = wl.study_detail(study(2))
+    assert detail is not None and detail["status"] == "receiving" and detail["attempts"] == 0
+
+
+def test_backoff_seconds() -> None:
+    assert [backoff_seconds(n, 10, 100) for n in (0, 1, 2, 3, 4, 5, 1000)] == [
+        10,
+        10,
+        20,
+        40,
+        80,
+        100,
+        100,
+    ]
+    with pytest.raises(ValueError):
+        backoff_seconds(1, 0, 10)
+    with pytest.raises(ValueError):
+        backoff_seconds(1, 20, 10)
+
+
+def test_deliveries_backoff_and_failure(tmp_path: Path) -> None:
+    wl = Worklist(
+        Worklist.sqlite_url(tmp_path),
+        max_delivery_attempts=3,
+        delivery_backoff_base=10,
+        delivery_backoff_cap=15,
+    )
+    wl.create_all()
+    wl.record_instance(study(1), sop(1), "/s/1", now=0.0)
+    sr, sc = f"{ROOT}.9.1", f"{ROOT}.9.2"
+    d1 = wl.add_delivery(study(1), sr, "/out/sr.dcm", "PACS@127.0.0.1:11112", now=100.0)
+    d2 = wl.add_delivery(study(1), sc, "/out/sc.dcm", "PACS@127.0.0.1:11112", now=101.0)
+    assert wl.add_delivery(study(1), sr, "/out/sr.dcm", "PACS@127.0.0.1:11112") == d1
+    d3 = wl.add_delivery(study(1), sr, "/out/sr.dcm", "VIEWER@10.0.0.2:104", now=102.0)
+    assert len({d1, d2, d3}) == 3
+    assert [d.id for d in wl.due_deliveries(now=100.5)] == [d1]
+    due = wl.due_deliveries(now=200.0)
+    assert [d.id for d in due] == [d1, d2, d3]
+    assert due[0].path == Path("/out/sr.dcm") and due[0].status == "pending"
+
+    wl.mark_delivery_sent(d2, now=200.0)
+    assert wl.mark_delivery_failed(d1, "association rejected", now=200.0) == "pending"
+    assert [d.id for d in wl.due_deliveries(now=209.9)] == [d3]  # d1 waits base=10 s
+    assert [d.id for d in wl.due_deliveries(now=210.0)] == [d3, d1]  # by next attempt
+    assert wl.mark_delivery_failed(d1, "timeout", now=210.0) == "pending"
+    assert [d.id for d in wl.due_deliveries(now=224.9)] == [d3]  # 2nd backoff capped at 15
+    row = wl.due_deliveries(now=225.0)[-1]
+    assert row.id == d1 and row.attempts == 2 and row.last_error == "timeout"
+    assert wl.mark_delivery_failed(d1, "refused", now=225.0) == "failed"  # 3rd = max
+    assert wl.mark_delivery_failed(d3, "bad AE", permanent=True, now=225.0) == "failed"
+    assert wl.due_deliveries(now=10_000.0) == []
+    assert wl.delivery_counts_by_status() == {"pending": 0, "sent": 1, "failed": 2}
+    assert set(wl.delivery_counts_by_status()) == set(DELIVERY_STATUSES)
+    detail = wl.study_detail(study(1))
+    assert detail is not None
+    by_id = {d["id"]: d for d in detail["deliveries"]}
+    assert by_id[d1]["status"] == "failed" and by_id[d1]["attempts"] == 3
+    assert by_id[d2]["status"] == "sent" and by_id[d2]["sent_at"] is not None
+    assert "path" not in by_id[d1]
+    with pytest.raises(WorklistError, match="unknown delivery"):
+        wl.mark_delivery_sent(9999)
+    with pytest.raises(WorklistError, match="unknown delivery"):
+        wl.mark_delivery_failed(9999, "x")
+    wl.dispose()
+
+
+def test_explicit_retry_delay_and_claimed_deliveries(wl: Worklist) -> None:
+    wl.record_instance(study(1), sop(1), "/s/1", now=0.0)
+    d1 = wl.add_delivery(study(1), f"{ROOT}.9.1", "/o/1", "A@h:1", now=0.0)
+    d2 = wl.add_delivery(study(1), f"{ROOT}.9.2", "/o/2", "A@h:1", now=0.0)
+    claimed = wl.claim_due_deliveries(60, now=1.0, limit=1)
+    assert [d.id for d in claimed] == [d1]
+    assert [d.id for d in wl.claim_due_deliveries(60, now=2.0)] == [d2]
+    assert wl.claim_due_deliveries(60, now=3.0) == []  # both reserved
+    assert [d.id for d in wl.due_deliveries(now=61.0)] == [d1]  # reservation lapsed
+    assert wl.mark_delivery_failed(d1, "busy", retry_in_seconds=5, now=61.0) == "pending"
+    wl.mark_delivery_sent(d2, now=61.5)
+    assert wl.due_deliveries(now=65.9) == []
+    assert [d.id for d in wl.due_deliveries(now=66.0)] == [d1]
+
+
+def test_worklist_ordering_and_filters(wl: Worklist) -> None:
+    run_to_done(wl, 1, 30.0, "routine", t=0.0)
+    run_to_done(wl, 2, 90.0, "critical", t=100.0)
+    run_to_done(wl, 3, 60.0, "urgent", t=200.0)
+    run_to_done(wl, 4, 60.0, "urgent", t=300.0)
+    wl.record_instance(study(5), sop(5), "/s/5", now=400.0)  # still receiving, unscored
+    rows = wl.list_worklist(now=500.0)
+    assert [r["study_uid"] for r in rows] == [study(n) for n in (2, 3, 4, 1, 5)]
+    assert rows[0]["effective_priority"] == 90.0 and rows[-1]["effective_priority"] is None
+    assert rows[0]["findings"]["Effusion"] == {"probability": 0.9, "present": True}
+    assert rows[0]["received_at"] == "1970-01-01T00:01:40Z"
+    assert set(rows[0]) >= {
+        "study_uid",
+        "status",
+        "reason",
+        "priority_score",
+        "effective_priority",
+        "priority_level",
+        "findings",
+        "received_at",
+        "updated_at",
+        "accession_hash",
+    }
+    assert [r["study_uid"] for r in wl.list_worklist(limit=2, now=500.0)] == [study(2), study(3)]
+    assert [r["study_uid"] for r in wl.list_worklist(status="receiving")] == [study(5)]
+    assert len(wl.list_worklist(status=["done", "receiving"])) == 5
+    high = wl.list_worklist(min_priority=60, now=500.0)
+    assert [r["study_uid"] for r in high] == [study(2), study(3), study(4)]
+    urgent = wl.list_worklist(min_priority="urgent", now=500.0)
+    assert [r["study_uid"] for r in urgent] == [study(2), study(3), study(4)]
+    assert [r["study_uid"] for r in wl.list_worklist(min_priority="critical")] == [study(2)]
+    with pytest.raises(WorklistError, match="unknown status"):
+        wl.list_worklist(status="archived")
+    with pytest.raises(WorklistError, match="priority level"):
+        wl.list_worklist(min_priority="stat")
+    with pytest.raises(WorklistError, match="limit"):
+        wl.list_worklist(limit=0)
+
+    # Aging: one point per 10 s waited since arrival. Study 1 (score 30, waited 500 s -> 80)
+    # now outranks studies 3 and 4 (60 + 30, 60 + 20 = 90 and 80; 4 arrived later).
+    def aging(score: float, waited: float) -> float:
+        return score + waited / 10.0
+
+    aged = wl.list_worklist(aging=aging, now=500.0)
+    assert [r["study_uid"] for r in aged] == [study(n) for n in (2, 3, 1, 4, 5)]
+    assert [r["effective_priority"] for r in aged] == [130.0, 90.0, 80.0, 80.0, None]
+    assert [r["study_uid"] for r in wl.list_worklist(aging=aging, now=500.0, limit=3)] == [
+        study(2),
+        study(3),
+        study(1),
+    ]
+    filtered = wl.list_worklist(aging=aging, min_priority=85, now=500.0)
+    assert [r["study_uid"] for r in filtered] == [study(2), study(3)]
+    detail = wl.study_detail(study(1), aging=aging, now=500.0)
+    assert detail is not None and detail["effective_priority"] == 80.0
+
+
+def test_worklist_ordering_with_the_real_aging_rule(wl: Worklist) -> None:
+    priority = pytest.importorskip("triage_core.priority")
+    rule = priority.AgingRule()
+    run_to_done(wl, 1, 50.0, "urgent", t=0.0)
+    run_to_done(wl, 2, 50.0, "urgent", t=1000.0)
+    now = 5000.0
+    rows = wl.list_worklist(aging=rule, now=now)
+    expected = [
+        priority.effective_priority(50.0, now - 0.0, rule=rule),
+        priority.effective_priority(50.0, now - 1000.0, rule=rule),
+    ]
+    assert [r["effective_priority"] for r in rows] == pytest.approx(expected)
+    # equal scores: the older study is never behind the newer one
+    assert rows[0]["study_uid"] == study(1)
+
+
+def test_purge_returns_files_to_delete(wl: Worklist) -> None:
+    run_to_done(wl, 1, 10.0, "routine", t=0.0)
+    run_to_done(wl, 2, 10.0, "routine", t=0.0)
+    wl.record_instance(study(3), sop(3), "/spool/3.dcm", now=0.0)  # still receiving: kept
+    wl.add_delivery(study(1), f"{ROOT}.9.1", "/outbox/1.dcm", "A@h:1", now=8.0)
+    wl.add_delivery(study(2), f"{ROOT}.9.2", "/outbox/2.dcm", "A@h:1", now=8.0)
+    wl.mark_delivery_sent(wl.due_deliveries(now=9.0)[0].id, now=9.0)  # study 1's
+    assert wl.purge(3600, now=100.0) == []  # too recent
+    paths = wl.purge(3600, now=10_000.0)
+    assert sorted(paths) == [Path("/outbox/1.dcm"), Path("/spool/1.dcm")]
+    assert wl.study_detail(study(1)) is None
+    assert wl.study_detail(study(2)) is not None  # a pending delivery keeps it
+    assert wl.study_detail(study(3)) is not None
+    assert wl.record_instance(study(1), sop(1), "/spool/1.dcm", now=10_001.0) is True
+
+
+def test_concurrent_claims_with_threads(wl: Worklist) -> None:
+    for n in range(20):
+        wl.record_instance(study(n), sop(n), f"/s/{n}", now=float(n))
+    assert len(wl.queue_stable_studies(0, now=100.0)) == 20
+    claims: list[str] = []
+    errors: list[BaseException] = []
+    lock = threading.Lock()
+    barrier = threading.Barrier(4)
+
+    def worker(name: str) -> None:
+        try:
+            barrier.wait()
+            while (claimed := wl.claim_study(name, 60)) is not None:
+                with lock:
+                    claims.append(claimed.study_uid)
+                wl.complete_study(claimed.study_uid, name, result_for(claimed.study_uid, 5.0))
+        except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(f"t{i}",)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert not errors
+    assert Counter(claims) == Counter(study(n) for n in range(20))
+    assert wl.counts_by_status()["done"] == 20
