@@ -1,0 +1,219 @@
+"""One study through the whole triage chain, as plain functions (used by the node's workers).
+
+:func:`triage_study` chains the stages, each with an explicit contract:
+
+1. **read**: ``imaging.read_dataset`` for every instance; an unreadable file becomes an
+   :class:`~triage_core.spec.ImageResult` with ``error`` (never an exception);
+2. **select**: ``imaging.check_eligibility``; a non-eligible image keeps its ``reason``;
+3. **preprocess**: ``imaging.load_image`` + ``imaging.to_tensor`` for the eligible ones (a pixel
+   decoding failure is again an ``error`` on that image);
+4. **infer**: one batched :meth:`Predictor.predict_tensors` call: calibrated probabilities;
+5. **aggregate + score**: ``inference.aggregate_study`` (per finding, the maximum over the
+   eligible images, remembering the image) and ``priority.score_study``;
+6. **explain**: Grad-CAM, for the top finding's class, on the image that gave the top finding,
+   as an RGB overlay at that image's resolution.
+
+Per-stage wall times (seconds) are in ``StudyResult.timings`` (``read``, ``preprocess``,
+``inference``, ``cam``, ``total``). A study without any usable eligible image is returned with
+``status="not_eligible"`` and the reasons (and read errors) joined in ``reason``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+from pydicom.dataset import Dataset
+
+from triage_core.errors import ImageReadError, TriageError
+from triage_core.spec import Finding, ImageResult, StudyResult
+
+if TYPE_CHECKING:
+    from triage_core.inference import Predictor
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class StudyOutput:
+    """What :func:`triage_study` hands to the output builders and the worklist.
+
+    Attributes
+    ----------
+    result : StudyResult
+        Findings, priority, per-image results, model identity and timings.
+    cam_overlay : numpy.ndarray or None
+        uint8 ``H x W x 3`` RGB Grad-CAM overlay at the source image's resolution (``None``
+        without eligible images, with ``with_cam=False``, or when Grad-CAM failed).
+    cam_source_uid : str
+        SOP Instance UID of the image the overlay was made on ("" without overlay).
+    cam_finding : Finding or None
+        The explained finding (the study's top finding; check ``present`` before sending).
+    datasets : dict of str to pydicom.Dataset
+        The source data sets that could be read, by SOP Instance UID.
+    """
+
+    result: StudyResult
+    cam_overlay: np.ndarray | None = None
+    cam_source_uid: str = ""
+    cam_finding: Finding | None = None
+    datasets: dict[str, Dataset] = field(default_factory=dict)
+
+
+def _join_reasons(images: Sequence[ImageResult]) -> str:
+    counts = Counter(
+        f"unreadable ({im.error})" if im.error else (im.reason or "no usable image")
+        for im in images
+    )
+    parts = [text if n == 1 else f"{text} x{n}" for text, n in counts.items()]
+    return "; ".join(parts) or "no instances"
+
+
+def triage_study(
+    study_uid: str,
+    instances: Sequence[tuple[str, Path]],
+    predictor: Predictor,
+    *,
+    with_cam: bool = True,
+) -> StudyOutput:
+    """Triage one study.
+
+    Parameters
+    ----------
+    study_uid : str
+        Study Instance UID (copied into the result).
+    instances : sequence of (str, Path)
+        ``(SOP Instance UID, file path)`` of every instance received for the study.
+    predictor : Predictor
+        The loaded model.
+    with_cam : bool
+        Compute the Grad-CAM overlay of the top finding.
+
+    Returns
+    -------
+    StudyOutput
+        Never raises for bad input files: they are recorded per image.
+    """
+    from triage_core.imaging import check_eligibility, load_image, read_dataset, to_tensor
+    from triage_core.inference import aggregate_study
+    from triage_core.priority import score_study
+
+    spec = predictor.spec
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+
+    # 1-2. read and select
+    results: dict[str, ImageResult] = {}
+    datasets: dict[str, Dataset] = {}
+    eligible: list[str] = []
+    for uid, path in instances:
+        if uid in results:
+            logger.warning("study %s: instance %s listed twice; using the first", study_uid, uid)
+            continue
+        try:
+            ds = read_dataset(path)
+        except ImageReadError as exc:
+            logger.warning("study %s: instance %s unreadable: %s", study_uid, uid, exc.cause)
+            results[uid] = ImageResult(uid=uid, eligible=False, reason="unreadable", error=str(exc))
+            continue
+        datasets[uid] = ds
+        ok, reason = check_eligibility(ds)
+        results[uid] = ImageResult(uid=uid, eligible=ok, reason=reason)
+        if ok:
+            eligible.append(uid)
+    timings["read"] = time.perf_counter() - started
+
+    # 3. preprocess
+    mark = time.perf_counter()
+    images: dict[str, np.ndarray] = {}
+    tensors = []
+    for uid in eligible:
+        try:
+            image = load_image(datasets[uid])
+            tensor = to_tensor(image, spec)
+        except ImageReadError as exc:
+            logger.warning("study %s: instance %s not decodable: %s", study_uid, uid, exc.cause)
+            results[uid] = ImageResult(
+                uid=uid, eligible=False, reason="pixel data not decodable", error=str(exc)
+            )
+            continue
+        images[uid] = image
+        tensors.append(tensor)
+    timings["preprocess"] = time.perf_counter() - mark
+
+    # 4. infer
+    mark = time.perf_counter()
+    used = list(images)
+    if used:
+        import torch
+
+        probs = predictor.predict_tensors(torch.stack(tensors))
+        for uid, row in zip(used, probs, strict=True):
+            results[uid] = ImageResult(
+                uid=uid,
+                eligible=True,
+                probabilities={
+                    name: float(p) for name, p in zip(spec.class_names, row, strict=True)
+                },
+            )
+    timings["inference"] = time.perf_counter() - mark
+
+    # 5. aggregate and score
+    ordered = tuple(results.values())  # instance order, duplicates dropped
+    findings = aggregate_study(ordered, spec)
+    score, level = score_study(findings, spec)
+
+    # 6. explain
+    mark = time.perf_counter()
+    overlay: np.ndarray | None = None
+    cam_uid = ""
+    cam_finding: Finding | None = None
+    if with_cam and findings:
+        top = max(findings, key=lambda f: f.probability)
+        try:
+            cam = predictor.explainer().explain(
+                images[top.source_uid], spec.class_names.index(top.name)
+            )
+        except TriageError as exc:
+            logger.error("study %s: Grad-CAM failed: %s", study_uid, exc)
+        else:
+            overlay, cam_uid, cam_finding = cam.overlay, top.source_uid, top
+    timings["cam"] = time.perf_counter() - mark
+    timings["total"] = time.perf_counter() - started
+
+    status = "done" if findings else "not_eligible"
+    result = StudyResult(
+        study_uid=study_uid,
+        status=status,
+        reason="" if findings else _join_reasons(ordered),
+        findings=findings,
+        priority_score=score,
+        priority_level=level,
+        images=ordered,
+        model_name=spec.name or spec.arch,
+        model_version=spec.version,
+        timings=timings,
+    )
+    logger.info(
+        "study %s: %s, priority %.1f (%s), %d/%d images used, %.2f s",
+        study_uid,
+        status,
+        score,
+        level,
+        len(used),
+        len(instances),
+        timings["total"],
+    )
+    return StudyOutput(
+        result=result,
+        cam_overlay=overlay,
+        cam_source_uid=cam_uid,
+        cam_finding=cam_finding,
+        datasets=datasets,
+    )
