@@ -655,8 +655,10 @@ class Worklist:
                         received_at=ts,
                     )
                     .on_conflict_do_nothing(index_elements=["sop_uid"])
+                    .returning(instances.c.sop_uid)
                 )
-                is_new = inserted.rowcount == 1
+                # RETURNING, not rowcount: drivers need not report rowcount for INSERT
+                is_new = inserted.first() is not None
                 out.append(is_new)
                 if not is_new:
                     logger.debug("instance %s already recorded", rec.sop_uid)
