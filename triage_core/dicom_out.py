@@ -55,6 +55,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -62,7 +63,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.sr.coding import Code
-from pydicom.uid import generate_uid
 
 from triage_core import __version__ as CODE_VERSION
 from triage_core.errors import DicomOutputError
@@ -163,9 +163,9 @@ def default_device_uid(spec: ModelSpec) -> str:
     str
         A ``2.25.`` UID derived from the model identity.
     """
-    return str(
-        generate_uid(prefix=None, entropy_srcs=[MANUFACTURER, spec.arch, spec.name, spec.version])
-    )
+    # A name-based (version 5) UUID in the 2.25 UID root (PS3.5 B.2): reproducible, unique.
+    key = "\x1f".join((MANUFACTURER, spec.arch, spec.name, spec.version))
+    return f"2.25.{uuid.uuid5(uuid.NAMESPACE_URL, key).int}"
 
 
 def _software_versions(spec: ModelSpec) -> list[str]:

@@ -1,0 +1,512 @@
+"""SR and SC builders, checked on REAL source headers from ../shared/data/dicom.
+
+The findings are hand-made (plumbing: no model, no clinical claim). Every output is written,
+validated with dicom3tools' ``dciodvfy`` (exit 0, no "Error" line), parsed with DCMTK's
+``dsrdump`` where it is an SR, and read back with pydicom and highdicom.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.dataset import Dataset
+from pydicom.uid import SecondaryCaptureImageStorage
+
+from triage_core.dicom_out import (
+    build_sc,
+    build_sr,
+    burn_in_caption,
+    default_device_uid,
+    finding_code,
+    findings_from_sr,
+    priority_from_sr,
+)
+from triage_core.errors import DicomOutputError, TriageError
+from triage_core.spec import Finding, ModelSpec, StudyResult
+
+RG1 = "RG1_UNCR.dcm"
+RG1_J2KR = "RG1_J2KR.dcm"
+SIIM = "1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819.dcm"
+COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
+DEVICE_UID = "2.25.123456789012345678901234567890"
+
+# Source headers carry single-component person names; highdicom warns about them (harmless).
+pytestmark = pytest.mark.filterwarnings("ignore:The string .* is unlikely to represent:UserWarning")
+
+
+@pytest.fixture(scope="module")
+def spec() -> ModelSpec:
+    return ModelSpec(
+        arch="resnet18",
+        input_size=64,
+        name="plumbing-test",
+        version="7",
+        thresholds=(0.5, 0.4, 0.6),
+    )
+
+
+@pytest.fixture(scope="module")
+def header(dicom_dir: Path) -> Callable[[str], Dataset]:
+    def read(name: str) -> Dataset:
+        return pydicom.dcmread(dicom_dir / name, stop_before_pixels=True)
+
+    return read
+
+
+def _findings(spec: ModelSpec, source_uid: str) -> tuple[Finding, ...]:
+    probabilities = (0.8123456789, 0.2, 0.6)  # chosen by hand; 0.6 sits exactly on its threshold
+    return tuple(
+        Finding(name, p, t, p >= t, source_uid)
+        for name, p, t in zip(spec.class_names, probabilities, spec.thresholds, strict=True)
+    )
+
+
+def _result(study_uid: str, findings: tuple[Finding, ...], **changes: object) -> StudyResult:
+    result = StudyResult(
+        study_uid=study_uid,
+        status="done",
+        findings=findings,
+        priority_score=72.5,
+        priority_level="urgent",
+        model_name="plumbing-test",
+        model_version="7",
+    )
+    return dataclasses.replace(result, **changes)  # type: ignore[arg-type]
+
+
+def _save(ds: Dataset, path: Path) -> Path:
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def _dciodvfy(path: Path) -> str:
+    tool = shutil.which("dciodvfy")
+    if tool is None:
+        pytest.skip("dciodvfy (dicom3tools) is not installed")
+    proc = subprocess.run([tool, str(path)], capture_output=True, text=True, timeout=120)
+    output = proc.stdout + proc.stderr
+    errors = [line for line in output.splitlines() if line.startswith("Error")]
+    assert proc.returncode == 0, output
+    assert errors == [], output
+    return output
+
+
+def _overlay_from(dicom_dir: Path, name: str, step: int) -> np.ndarray:
+    """A plumbing overlay: the real image, subsampled, in gray with a synthetic red blob."""
+    pixels = pydicom.dcmread(dicom_dir / name).pixel_array[::step, ::step].astype(np.float32)
+    gray = (255 * (pixels - pixels.min()) / max(float(np.ptp(pixels)), 1.0)).astype(np.uint8)
+    rgb = np.repeat(gray[:, :, None], 3, axis=2)
+    h, w = gray.shape
+    rgb[h // 3 : h // 2, w // 4 : w // 2, 0] = 255
+    return np.ascontiguousarray(rgb)
+
+
+# ---------------------------------------------------------------------------------------------
+# Structured Report
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", [RG1, SIIM])
+def test_sr_round_trip_on_real_source(
+    name: str, header: Callable[[str], Dataset], spec: ModelSpec, tmp_path: Path
+) -> None:
+    import highdicom as hd
+
+    source = header(name)
+    findings = _findings(spec, source.SOPInstanceUID)
+    result = _result(source.StudyInstanceUID, findings)
+    sr = build_sr(result, [source], spec, device_uid=DEVICE_UID)
+    path = _save(sr, tmp_path / "sr.dcm")
+    _dciodvfy(path)
+
+    back = pydicom.dcmread(path)
+    assert back.SOPClassUID == COMPREHENSIVE_3D_SR
+    assert back.Modality == "SR"
+    assert back.StudyInstanceUID == source.StudyInstanceUID
+    assert back.SeriesInstanceUID != source.SeriesInstanceUID
+    assert back.SOPInstanceUID != source.SOPInstanceUID
+    assert back.PatientID == source.PatientID
+    assert back.PatientName == source.PatientName
+    assert back.VerificationFlag == "UNVERIFIED"
+    assert back.CompletionFlag == "COMPLETE"
+    assert int(back.SeriesNumber) == 9901
+    assert "NOT FOR DIAGNOSTIC USE" in back.SeriesDescription
+    assert back.ContentTemplateSequence[0].TemplateIdentifier == "1500"
+
+    evidence = back.CurrentRequestedProcedureEvidenceSequence[0]
+    assert evidence.StudyInstanceUID == source.StudyInstanceUID
+    referenced = evidence.ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
+    assert referenced.ReferencedSOPInstanceUID == source.SOPInstanceUID
+    assert referenced.ReferencedSOPClassUID == source.SOPClassUID
+
+    algorithm = [
+        item
+        for item in back.ContributingEquipmentSequence
+        if item.PurposeOfReferenceCodeSequence[0].CodeMeaning == "Processing Algorithm"
+    ]
+    assert len(algorithm) == 1
+    assert algorithm[0].PurposeOfReferenceCodeSequence[0].CodingSchemeDesignator == "99IHE"
+    assert algorithm[0].Manufacturer == "cxr-triage"
+    assert algorithm[0].ManufacturerModelName == "plumbing-test"
+    assert algorithm[0].DeviceUID == DEVICE_UID
+    assert "model 7" in list(algorithm[0].SoftwareVersions)
+
+    assert findings_from_sr(back) == {
+        f.name: (pytest.approx(f.probability, abs=1e-9), f.present) for f in findings
+    }
+    assert findings_from_sr(path)["Infiltration"] == (pytest.approx(0.6), True)
+    assert priority_from_sr(back) == (pytest.approx(72.5), "urgent")
+
+    # highdicom reads it as a TID 1500 report with one group per finding plus the priority.
+    parsed = hd.sr.srread(path)
+    assert isinstance(parsed, hd.sr.Comprehensive3DSR)
+    report = hd.sr.MeasurementReport.from_sequence(parsed.content)
+    groups = report.get_image_measurement_groups()
+    assert [g.tracking_identifier for g in groups] == [*spec.class_names, "Study priority"]
+    tracking_uids = {str(g.tracking_uid) for g in groups}
+    assert len(tracking_uids) == len(groups)
+    atelectasis = groups[0]
+    finding_type = atelectasis.finding_type
+    assert finding_type is not None and finding_type.value == "46621007"
+    assert [img.referenced_sop_instance_uid for img in atelectasis.source_images] == [
+        source.SOPInstanceUID
+    ]
+    assert any(uid == source.SOPInstanceUID for (_, _, uid, _) in parsed.get_evidence()), (
+        parsed.get_evidence()
+    )
+
+
+def test_sr_parses_with_dsrdump(
+    header: Callable[[str], Dataset], spec: ModelSpec, tmp_path: Path
+) -> None:
+    tool = Path("/usr/bin/dsrdump")
+    if not tool.exists():
+        pytest.skip("DCMTK dsrdump is not installed")
+    source = header(RG1)
+    sr = build_sr(
+        _result(source.StudyInstanceUID, _findings(spec, source.SOPInstanceUID)), [source], spec
+    )
+    path = _save(sr, tmp_path / "sr.dcm")
+    proc = subprocess.run([str(tool), str(path)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    text = proc.stdout
+    assert "Imaging Measurement Report" in text
+    assert "Verification Flag   : UNVERIFIED" in text
+    assert '(46621007,SCT,"Atelectasis")' in text
+    assert '(52101004,SCT,"Present")' in text and '(272519000,SCT,"Absent")' in text
+    assert '(URGENT,99CXRTRIAGE,"urgent")' in text
+
+
+def test_sr_for_two_image_study_references_both(
+    header: Callable[[str], Dataset], spec: ModelSpec, tmp_path: Path
+) -> None:
+    first, second = header(RG1), header(RG1_J2KR)
+    assert first.StudyInstanceUID == second.StudyInstanceUID
+    findings = (
+        Finding("Atelectasis", 0.9, 0.5, True, second.SOPInstanceUID),
+        Finding("Effusion", 0.1, 0.4, False, first.SOPInstanceUID),
+    )
+    result = _result(
+        first.StudyInstanceUID, findings, priority_score=95.0, priority_level="critical"
+    )
+    path = _save(build_sr(result, [first, second], spec), tmp_path / "sr.dcm")
+    _dciodvfy(path)
+    back = pydicom.dcmread(path)
+    refs = {
+        item.ReferencedSOPInstanceUID
+        for study in back.CurrentRequestedProcedureEvidenceSequence
+        for series in study.ReferencedSeriesSequence
+        for item in series.ReferencedSOPSequence
+    }
+    assert refs == {first.SOPInstanceUID, second.SOPInstanceUID}
+    assert findings_from_sr(back) == {"Atelectasis": (0.9, True), "Effusion": (0.1, False)}
+    assert priority_from_sr(back) == (95.0, "critical")
+
+
+def test_sr_from_full_dataset_has_no_pixels_and_drops_invalid_source_values(
+    dicom_dir: Path, spec: ModelSpec, tmp_path: Path
+) -> None:
+    # The SIIM file has Patient's Age "62" (no unit: invalid AS); it must not reach our SR.
+    source = pydicom.dcmread(dicom_dir / SIIM)
+    assert "PixelData" in source
+    sr = build_sr(_result(source.StudyInstanceUID, _findings(spec, "")), [source], spec)
+    assert "PixelData" not in sr
+    assert "PatientAge" not in sr
+    path = _save(sr, tmp_path / "sr.dcm")  # strict writing validation (conftest) passes
+    _dciodvfy(path)
+    assert pydicom.dcmread(path).PatientSex == source.PatientSex
+
+
+def test_sr_private_code_for_unknown_class(
+    header: Callable[[str], Dataset], tmp_path: Path
+) -> None:
+    spec = ModelSpec(
+        arch="efficientnet_b0",
+        class_names=("Pneumothorax", "No Finding"),
+        thresholds=(0.3, 0.5),
+        priority_weights=(1.0, 0.0),
+        version="1",
+    )
+    assert finding_code("No Finding").scheme_designator == "99CXRTRIAGE"
+    assert finding_code("No Finding").value == "NOFINDING"
+    source = header(SIIM)
+    findings = (Finding("Pneumothorax", 0.31, 0.3, True), Finding("No Finding", 0.2, 0.5, False))
+    path = _save(
+        build_sr(_result(source.StudyInstanceUID, findings), [source], spec), tmp_path / "sr.dcm"
+    )
+    _dciodvfy(path)
+    assert findings_from_sr(path) == {"Pneumothorax": (0.31, True), "No Finding": (0.2, False)}
+
+
+def test_default_device_uid_is_stable_per_model_version(spec: ModelSpec) -> None:
+    uid = default_device_uid(spec)
+    assert uid == default_device_uid(spec.replace())
+    assert uid != default_device_uid(spec.replace(version="8"))
+    assert pydicom.uid.UID(uid).is_valid
+
+
+# ---------------------------------------------------------------------------------------------
+# Secondary Capture
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", [SIIM, RG1])
+def test_sc_round_trip_on_real_source(
+    name: str,
+    header: Callable[[str], Dataset],
+    dicom_dir: Path,
+    spec: ModelSpec,
+    tmp_path: Path,
+) -> None:
+    import highdicom as hd
+
+    source = header(name)
+    overlay = _overlay_from(dicom_dir, name, step=2 if name == SIIM else 4)  # <= 512 px
+    finding = _findings(spec, source.SOPInstanceUID)[0]
+    sc = build_sc(overlay, source, finding, spec, series_number=42, instance_number=3)
+    path = _save(sc, tmp_path / "sc.dcm")
+    _dciodvfy(path)
+
+    back = pydicom.dcmread(path)
+    assert back.SOPClassUID == SecondaryCaptureImageStorage
+    assert back.StudyInstanceUID == source.StudyInstanceUID
+    assert back.SeriesInstanceUID != source.SeriesInstanceUID
+    assert back.PatientID == source.PatientID
+    assert (int(back.SeriesNumber), int(back.InstanceNumber)) == (42, 3)
+    assert back.PhotometricInterpretation == "RGB"
+    assert back.SamplesPerPixel == 3
+    assert (back.Rows, back.Columns) == overlay.shape[:2]
+    assert back.BodyPartExamined == "CHEST"
+    assert back.BurnedInAnnotation == "YES"
+    assert "DERIVED" in back.ImageType
+    assert "Atelectasis" in back.ImageComments and "0.81" in back.ImageComments
+    assert "NOT FOR DIAGNOSTIC USE" in back.ImageComments
+    assert "Grad-CAM" in back.DerivationDescription
+    assert back.SourceImageSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
+    assert back.SourceImageSequence[0].ReferencedSOPClassUID == source.SOPClassUID
+    assert any(
+        item.PurposeOfReferenceCodeSequence[0].CodeMeaning == "Processing Algorithm"
+        for item in back.ContributingEquipmentSequence
+    )
+
+    pixels = back.pixel_array
+    assert pixels.dtype == np.uint8 and pixels.shape == overlay.shape
+    changed_rows = np.flatnonzero(np.any(pixels != overlay, axis=(1, 2)))
+    assert changed_rows.size > 0, "no caption was burned in"
+    assert changed_rows.max() < overlay.shape[0] // 10, changed_rows.max()
+    np.testing.assert_array_equal(
+        pixels[changed_rows.max() + 1 :], overlay[changed_rows.max() + 1 :]
+    )
+
+    image = hd.imread(path)
+    assert image.get_frame(1).shape == overlay.shape
+
+
+def test_sc_keeps_lossy_flag_and_valid_orientation(
+    header: Callable[[str], Dataset], dicom_dir: Path, spec: ModelSpec, tmp_path: Path
+) -> None:
+    siim = header(SIIM)  # JPEG baseline source: LossyImageCompression 01, empty orientation
+    sc = build_sc(_overlay_from(dicom_dir, SIIM, 4), siim, _findings(spec, "")[1], spec)
+    assert sc.LossyImageCompression == "01"
+    assert sc.PatientOrientation == ""
+    rg1 = header(RG1)  # uncompressed, orientation L\F
+    overlay = np.zeros((96, 80, 3), np.uint8)
+    sc = build_sc(overlay, rg1, _findings(spec, rg1.SOPInstanceUID)[2], spec)
+    assert "LossyImageCompression" not in sc
+    assert list(sc.PatientOrientation) == ["L", "F"]
+    _dciodvfy(_save(sc, tmp_path / "sc.dcm"))
+
+
+def test_sc_at_full_source_resolution(
+    header: Callable[[str], Dataset], spec: ModelSpec, tmp_path: Path
+) -> None:
+    source = header(RG1)
+    rows, cols = int(source.Rows), int(source.Columns)
+    overlay = np.zeros((rows, cols, 3), np.uint8)
+    overlay[..., 0] = np.linspace(0, 255, cols, dtype=np.uint8)[None, :]
+    overlay[..., 2] = np.linspace(255, 0, rows, dtype=np.uint8)[:, None]
+    path = _save(build_sc(overlay, source, _findings(spec, "")[0], spec), tmp_path / "sc.dcm")
+    _dciodvfy(path)
+    back = pydicom.dcmread(path)
+    assert (back.Rows, back.Columns) == (1955, 1841)
+    np.testing.assert_array_equal(back.pixel_array[200:], overlay[200:])
+
+
+def test_small_overlay_is_stored_without_caption(
+    header: Callable[[str], Dataset], spec: ModelSpec, tmp_path: Path
+) -> None:
+    overlay = np.random.default_rng(0).integers(0, 256, (32, 40, 3), dtype=np.uint8)
+    path = _save(build_sc(overlay, header(SIIM), _findings(spec, "")[0], spec), tmp_path / "sc.dcm")
+    back = pydicom.dcmread(path)
+    assert back.BurnedInAnnotation == "NO"
+    np.testing.assert_array_equal(back.pixel_array, overlay)
+    assert "Atelectasis" in back.ImageComments
+
+
+def test_burn_in_caption_falls_back_to_shorter_text() -> None:
+    image = np.full((128, 128, 3), 77, np.uint8)
+    captioned, burned = burn_in_caption(image, ["x" * 500, "short"])
+    assert burned
+    assert np.any(captioned[:12] != 77) and np.all(captioned[20:] == 77)
+    assert np.all(image == 77), "the input must not be modified"
+    _, burned = burn_in_caption(image, ["x" * 500])
+    assert not burned
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad inputs
+# ---------------------------------------------------------------------------------------------
+
+
+def test_sr_bad_inputs_raise_precise_errors(
+    header: Callable[[str], Dataset], spec: ModelSpec
+) -> None:
+    rg1, siim = header(RG1), header(SIIM)
+    findings = _findings(spec, rg1.SOPInstanceUID)
+    good = _result(rg1.StudyInstanceUID, findings)
+    cases: list[tuple[StudyResult, list[Dataset], dict[str, object], str]] = [
+        (
+            dataclasses.replace(good, status="not_eligible", reason="lateral view"),
+            [rg1],
+            {},
+            "not eligible .*lateral view",
+        ),
+        (dataclasses.replace(good, status="failed"), [rg1], {}, "status 'failed'"),
+        (dataclasses.replace(good, findings=()), [rg1], {}, "'done' but has no findings"),
+        (good, [rg1, siim], {}, "differs from the result's study"),
+        (good, [], {}, "at least one source"),
+        (good, [rg1, rg1], {}, "duplicate SOPInstanceUID"),
+        (good, [rg1], {"device_uid": "1.2.abc"}, "device_uid '1.2.abc' is not a valid UID"),
+        (good, [rg1], {"series_number": -1}, "series_number"),
+        (dataclasses.replace(good, priority_level="whenever"), [rg1], {}, "priority_level"),
+        (
+            dataclasses.replace(good, priority_score=150.0),
+            [rg1],
+            {},
+            r"priority_score .*\[0, 100\]",
+        ),
+        (dataclasses.replace(good, priority_score=float("nan")), [rg1], {}, "priority_score"),
+        (dataclasses.replace(good, study_uid="1.2.03"), [rg1], {}, "not a valid UID"),
+        (
+            dataclasses.replace(good, findings=(Finding("Nodule", 0.9, 0.5, True),)),
+            [rg1],
+            {},
+            "'Nodule' is not one of the model's classes",
+        ),
+        (
+            dataclasses.replace(good, findings=(Finding("Effusion", 1.2, 0.5, True),)),
+            [rg1],
+            {},
+            r"Effusion probability: expected a value in \[0, 1\]",
+        ),
+        (
+            dataclasses.replace(good, findings=(Finding("Effusion", float("nan"), 0.5, False),)),
+            [rg1],
+            {},
+            "Effusion probability",
+        ),
+        (
+            dataclasses.replace(good, findings=(Finding("Effusion", 0.7, 0.5, False),)),
+            [rg1],
+            {},
+            "present=False but probability 0.7",
+        ),
+        (
+            dataclasses.replace(good, findings=(findings[0], findings[0])),
+            [rg1],
+            {},
+            "duplicate findings",
+        ),
+        (
+            dataclasses.replace(good, findings=(Finding("Effusion", 0.7, 0.5, True, "1.2.3.4"),)),
+            [rg1],
+            {},
+            "'1.2.3.4', which is not among the sources",
+        ),
+    ]
+    for result, sources, kwargs, message in cases:
+        with pytest.raises(DicomOutputError, match=message):
+            build_sr(result, sources, spec, **kwargs)  # type: ignore[arg-type]
+
+    no_uid = header(RG1)
+    del no_uid.SOPInstanceUID
+    with pytest.raises(DicomOutputError, match=r"sources\[0\]: required attribute SOPInstanceUID"):
+        build_sr(good, [no_uid], spec)
+    with pytest.raises(DicomOutputError, match="expected a sequence of pydicom Datasets"):
+        build_sr(good, rg1, spec)  # type: ignore[arg-type]
+    with pytest.raises(DicomOutputError, match="expected a pydicom Dataset, got str"):
+        build_sr(good, ["RG1_UNCR.dcm"], spec)  # type: ignore[list-item]
+    unknown_class = header(RG1)
+    unknown_class.SOPClassUID = "1.2.3.4.5"
+    with pytest.raises(DicomOutputError, match="SR could not be built"):
+        build_sr(good, [unknown_class], spec)
+    assert issubclass(DicomOutputError, TriageError)
+
+
+def test_sc_bad_inputs_raise_precise_errors(
+    header: Callable[[str], Dataset], spec: ModelSpec
+) -> None:
+    source = header(SIIM)
+    finding = _findings(spec, source.SOPInstanceUID)[0]
+    rgb = np.zeros((64, 64, 3), np.uint8)
+    cases: list[tuple[object, str]] = [
+        (rgb.astype(np.float32), "expected dtype uint8 .*got float32"),
+        (rgb[..., 0], r"expected shape \(H, W, 3\), got \(64, 64\)"),
+        (np.zeros((64, 64, 4), np.uint8), r"got \(64, 64, 4\)"),
+        (np.zeros((4, 64, 3), np.uint8), r"4x64 pixels"),
+        (rgb.tolist(), "expected a numpy array, got list"),
+    ]
+    for overlay, message in cases:
+        with pytest.raises(DicomOutputError, match=message):
+            build_sc(overlay, source, finding, spec)  # type: ignore[arg-type]
+
+    other = dataclasses.replace(finding, source_uid="1.2.3.4")
+    with pytest.raises(DicomOutputError, match="comes from image 1.2.3.4"):
+        build_sc(rgb, source, other, spec)
+    with pytest.raises(DicomOutputError, match="not one of the model's classes"):
+        build_sc(rgb, source, dataclasses.replace(finding, name="Mass"), spec)
+    no_study = header(SIIM)
+    del no_study.StudyInstanceUID
+    with pytest.raises(DicomOutputError, match="source: required attribute StudyInstanceUID"):
+        build_sc(rgb, no_study, finding, spec)
+    with pytest.raises(DicomOutputError, match="instance_number"):
+        build_sc(rgb, source, finding, spec, instance_number=True)  # type: ignore[arg-type]
+
+
+def test_reading_back_something_else_is_refused(
+    header: Callable[[str], Dataset], spec: ModelSpec, tmp_path: Path
+) -> None:
+    image = header(SIIM)
+    with pytest.raises(DicomOutputError, match="not a Structured Report"):
+        findings_from_sr(image)
+    with pytest.raises(DicomOutputError, match="not a Structured Report"):
+        priority_from_sr(image)
+    with pytest.raises(DicomOutputError, match="cannot read SR"):
+        findings_from_sr(tmp_path / "missing.dcm")
