@@ -495,15 +495,22 @@ def split_summary(data: TaskData, split: Split) -> dict[str, dict[str, int]]:
 
 
 def format_split_summary(summary: Mapping[str, Mapping[str, int]]) -> str:
-    """A small fixed-width table of :func:`split_summary` (printed by ``triage train``)."""
-    columns: list[str] = []
+    """A small fixed-width table of :func:`split_summary` (printed by ``triage train``).
+
+    Rows in train/val/test order, columns images and patients first, then the classes.
+    """
+    columns: list[str] = ["images", "patients"]
     for row in summary.values():
         for key in row:
-            if key not in columns:
+            if key not in columns and key != "none":
                 columns.append(key)
+    if any("none" in row for row in summary.values()):
+        columns.append("none")
+    names = [n for n in SPLIT_NAMES if n in summary] + [n for n in summary if n not in SPLIT_NAMES]
     widths = [max(len(c), 6) for c in columns]
     lines = ["split  " + "  ".join(c.rjust(w) for c, w in zip(columns, widths, strict=True))]
-    for name, row in summary.items():
+    for name in names:
+        row = summary[name]
         cells = [str(row.get(c, "")).rjust(w) for c, w in zip(columns, widths, strict=True)]
         lines.append(f"{name:<5}  " + "  ".join(cells))
     return "\n".join(lines)
