@@ -62,6 +62,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
 from pydicom.sr.coding import Code
 
 from triage_core import __version__ as CODE_VERSION
@@ -112,6 +113,38 @@ _UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 _CS_RE = re.compile(r"^[A-Z0-9 _]{1,16}$")
 _ORIENTATION_RE = re.compile(r"^[APRLHF]{1,3}$")
 _MIN_CAPTION_SIDE = 64
+_TEXT_VRS = frozenset(
+    (
+        "AE",
+        "AS",
+        "CS",
+        "DA",
+        "DS",
+        "DT",
+        "IS",
+        "LO",
+        "LT",
+        "PN",
+        "SH",
+        "ST",
+        "TM",
+        "UC",
+        "UI",
+        "UR",
+        "UT",
+    )
+)
+_TYPE2_COPIED = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "AccessionNumber",
+    "StudyID",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+)
 
 
 # --------------------------------------------------------------------------------------------
@@ -215,21 +248,28 @@ def _sanitized_reference(ds: Dataset, what: str) -> Dataset:
     Values that break their VR (e.g. a Patient's Age ``62`` without unit, seen in real files)
     are dropped instead of being copied into our objects; everything that is copied is valid.
     """
+    from pydicom import config
     from pydicom.valuerep import validate_value
 
     copy = Dataset()
     for element in ds:
         if element.tag.group == 0x7FE0 or element.tag.is_private:
             continue
-        if element.VR in ("SQ", "OB", "OW", "OF", "OD", "OL", "OV", "UN"):
-            copy.add(element)
-            continue
-        try:
-            validate_value(element.VR, element.value, validation_mode=2)  # 2 = RAISE
-        except (ValueError, TypeError) as exc:
-            logger.debug("%s: dropping invalid %s (%s)", what, element.keyword or element.tag, exc)
-            continue
+        if element.VR in _TEXT_VRS and element.value is not None:
+            values = element.value if isinstance(element.value, MultiValue) else [element.value]
+            try:
+                for value in values:
+                    validate_value(element.VR, str(value), validation_mode=config.RAISE)
+            except (ValueError, TypeError) as exc:
+                logger.debug(
+                    "%s: dropping invalid %s (%s)", what, element.keyword or element.tag, exc
+                )
+                continue
         copy.add(element)
+    # highdicom reads these Type 2 attributes unconditionally; absent or invalid -> empty.
+    for keyword in _TYPE2_COPIED:
+        if keyword not in copy:
+            setattr(copy, keyword, "")
     if hasattr(ds, "file_meta"):
         copy.file_meta = ds.file_meta
     return copy
@@ -685,7 +725,9 @@ def build_sc(
             manufacturer=MANUFACTURER,
             # Placeholder for highdicom's check; replaced below by the source's value or empty.
             patient_orientation=("L", "F"),
-            laterality=reference.get("Laterality") or None,
+            laterality=reference.get("Laterality")
+            if reference.get("Laterality") in ("R", "L")
+            else None,
             transfer_syntax_uid=ExplicitVRLittleEndian,
             contributing_equipment=[_algorithm_equipment(spec, device_uid)],
             series_description=SC_SERIES_DESCRIPTION,

@@ -38,7 +38,11 @@ COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
 DEVICE_UID = "2.25.123456789012345678901234567890"
 
 # Source headers carry single-component person names; highdicom warns about them (harmless).
-pytestmark = pytest.mark.filterwarnings("ignore:The string .* is unlikely to represent:UserWarning")
+# and some real (or deliberately broken) headers hold invalid values pydicom warns about on read.
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:The string .* is unlikely to represent:UserWarning"),
+    pytest.mark.filterwarnings("ignore:Invalid value for VR:UserWarning"),
+]
 
 
 @pytest.fixture(scope="module")
@@ -242,6 +246,53 @@ def test_sr_from_full_dataset_has_no_pixels_and_drops_invalid_source_values(
     path = _save(sr, tmp_path / "sr.dcm")  # strict writing validation (conftest) passes
     _dciodvfy(path)
     assert pydicom.dcmread(path).PatientSex == source.PatientSex
+
+
+def test_sr_and_sc_from_sparse_legacy_header(
+    header: Callable[[str], Dataset], dicom_dir: Path, spec: ModelSpec, tmp_path: Path
+) -> None:
+    """A source without the Type 2 patient/study attributes still gives valid objects."""
+    source = header(RG1)
+    for keyword in (
+        "PatientName",
+        "PatientBirthDate",
+        "PatientSex",
+        "StudyID",
+        "StudyDate",
+        "StudyTime",
+        "AccessionNumber",
+        "ReferringPhysicianName",
+        "BodyPartExamined",
+        "Laterality",
+        "PatientOrientation",
+    ):
+        if keyword in source:
+            delattr(source, keyword)
+    source.PatientSex = "male"  # invalid CS: dropped, written empty
+    findings = _findings(spec, source.SOPInstanceUID)
+    sr_path = _save(
+        build_sr(_result(source.StudyInstanceUID, findings), [source], spec), tmp_path / "sr.dcm"
+    )
+    _dciodvfy(sr_path)
+    back = pydicom.dcmread(sr_path)
+    assert back.PatientSex == "" and back.StudyID == "" and back.PatientID == "9RG1"
+    overlay = np.zeros((80, 96, 3), np.uint8)
+    sc_path = _save(build_sc(overlay, source, findings[0], spec), tmp_path / "sc.dcm")
+    _dciodvfy(sc_path)
+    sc = pydicom.dcmread(sc_path)
+    assert sc.BodyPartExamined == "CHEST" and sc.PatientOrientation == ""
+
+
+def test_real_file_with_invalid_uid_is_refused(
+    header: Callable[[str], Dataset], spec: ModelSpec
+) -> None:
+    # fo-dicom's dental CR has SOP Instance UID component "01" (leading zero): not a UID.
+    source = header("CR-ModalitySequenceLUT.dcm")
+    result = _result(source.StudyInstanceUID, _findings(spec, ""))
+    with pytest.raises(DicomOutputError, match="SOPInstanceUID .* is not a valid UID"):
+        build_sr(result, [source], spec)
+    with pytest.raises(DicomOutputError, match="SOPInstanceUID .* is not a valid UID"):
+        build_sc(np.zeros((64, 64, 3), np.uint8), source, _findings(spec, "")[0], spec)
 
 
 def test_sr_private_code_for_unknown_class(
