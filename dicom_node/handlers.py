@@ -15,8 +15,8 @@ The C-STORE path (:func:`handle_store`):
 3. every UID is checked against the DICOM UID grammar before it is used in a path;
 4. the file goes to ``STORAGE/spool/<study>/<series>/<sop>.dcm`` through a temporary file,
    ``fsync`` and ``rename`` (and an ``fsync`` of the folder), then the instance row is committed,
-   and only then is 0x0000 returned. A repeated SOP Instance UID replaces the file atomically and
-   is recorded once. A full disk (or any other storage failure) answers 0xA700.
+   and only then is 0x0000 returned. A repeated SOP Instance UID keeps the first copy and is
+   recorded once. A full disk (or any other storage failure) answers 0xA700.
 """
 
 from __future__ import annotations
@@ -502,7 +502,12 @@ def handle_store(event: Event, ctx: StoreContext) -> int:
     if not _is_inside(path.parent, ctx.spool):  # belt and braces: grammar already excludes it
         return reject(STATUS_CANNOT_UNDERSTAND, "path would leave the spool folder", [data])
     try:
-        size = write_durable(path, [_PREAMBLE, meta, data], ctx.storage, ctx.fsync)
+        if path.is_file():
+            # A repeat keeps the first copy (renamed in whole, so complete); it is recorded
+            # again below in case the first attempt failed after the rename.
+            size = path.stat().st_size
+        else:
+            size = write_durable(path, [_PREAMBLE, meta, data], ctx.storage, ctx.fsync)
     except OSError as exc:
         ctx.count("failed")
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):

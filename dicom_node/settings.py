@@ -229,7 +229,9 @@ class NodeSettings(BaseSettings):
         """The SQLAlchemy URL in use (SQLite under the storage folder by default)."""
         if self.db:
             return self.db
-        return f"sqlite:///{(self.storage / 'triage.db').resolve()}"
+        from triage_core.worklist import Worklist
+
+        return Worklist.sqlite_url(self.storage.resolve())
 
     @property
     def spool_dir(self) -> Path:

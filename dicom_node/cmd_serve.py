@@ -1,0 +1,140 @@
+"""``triage serve``: the DICOM node, scheduler, workers and HTTP API in one process.
+
+Settings come from ``--config`` (TOML) < ``TRIAGE_*`` environment < flags. Invalid settings
+(bad port, missing model, unreachable database, unwritable storage) print one clear line and
+exit with status 2. SIGTERM / SIGINT stop the service gracefully.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+#: Exit status for invalid settings (argparse's convention for usage errors).
+EXIT_CONFIG = 2
+
+
+def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags shared by ``serve`` and ``worker`` (all default to ``None``: not given)."""
+    parser.add_argument("--config", type=Path, help="TOML settings file (lowest precedence)")
+    parser.add_argument("--storage", type=Path, help="storage folder (spool, outbox, SQLite)")
+    parser.add_argument("--db", help="SQLAlchemy database URL (default: SQLite under --storage)")
+    parser.add_argument("--model", type=Path, help="checkpoint NAME (NAME.safetensors + .json)")
+    parser.add_argument(
+        "--destination",
+        action="append",
+        dest="destinations",
+        metavar="AE@HOST:PORT",
+        help="send SR and SC here (repeatable)",
+    )
+    parser.add_argument("--workers", type=int, help="inference worker threads")
+    parser.add_argument("--device", help="torch device (cpu, cuda, cuda:0)")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (process-wide)")
+    parser.add_argument("--lease-seconds", type=float, help="processing lease (s)")
+    parser.add_argument("--max-attempts", type=int, help="processing attempts before failed")
+    parser.add_argument(
+        "--log-phi",
+        action="store_const",
+        const=True,
+        default=None,
+        help="log patient identifiers in clear (default: UIDs and hashes only)",
+    )
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_common_arguments(parser)
+    parser.add_argument("--ae-title", help="our AE title (default CXR_TRIAGE)")
+    parser.add_argument("--port", type=int, help="DICOM port (default 11112)")
+    parser.add_argument("--bind-address", help="DICOM listening address (default 0.0.0.0)")
+    parser.add_argument(
+        "--allow-ae",
+        action="append",
+        metavar="AE[@HOST]",
+        help="calling AE allowed to associate (repeatable; none given = everyone)",
+    )
+    parser.add_argument("--stable-age", type=float, help="seconds without new instances (5)")
+    parser.add_argument("--http-port", type=int, help="HTTP API port (0 disables; 8080)")
+    parser.add_argument("--http-host", help="HTTP API address (default 127.0.0.1)")
+    parser.add_argument("--max-associations", type=int, help="concurrent associations (16)")
+
+
+_FLAG_FIELDS = (
+    "storage",
+    "db",
+    "model",
+    "destinations",
+    "workers",
+    "device",
+    "threads",
+    "lease_seconds",
+    "max_attempts",
+    "log_phi",
+    "ae_title",
+    "port",
+    "bind_address",
+    "allow_ae",
+    "stable_age",
+    "http_port",
+    "http_host",
+    "max_associations",
+)
+
+
+def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The flags that were given, as settings field values."""
+    return {
+        name: getattr(args, name) for name in _FLAG_FIELDS if getattr(args, name, None) is not None
+    }
+
+
+def quiet_default_logging(verbosity: int) -> None:
+    """Without ``-v`` the CLI logs warnings only; a service logs its stages at INFO anyway."""
+    if verbosity <= 0:
+        for name in ("dicom_node", "triage_core"):
+            logging.getLogger(name).setLevel(logging.INFO)
+
+
+def run_service(args: argparse.Namespace, role: str) -> int:
+    """Load settings, check them, start :class:`NodeService` and wait for a signal."""
+    from dicom_node.service import NodeService
+    from dicom_node.settings import check_runtime, load_settings
+    from triage_core.errors import ConfigError, TriageError
+
+    quiet_default_logging(getattr(args, "verbose", 0))
+    try:
+        settings = load_settings(args.config, overrides_from_args(args))
+        model_path = check_runtime(
+            settings, need_scp=role == "serve", need_model=settings.workers > 0
+        )
+    except ConfigError as exc:
+        print(f"triage {role}: error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    service = NodeService(settings, model_path, role=role)
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        logger.info("signal %d: stopping", signum)
+        service.request_stop()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        service.start()
+    except (TriageError, OSError) as exc:
+        print(f"triage {role}: error: cannot start: {exc}", file=sys.stderr)
+        service.stop()
+        return EXIT_CONFIG if isinstance(exc, ConfigError | OSError) else 1
+    try:
+        service.wait()
+    finally:
+        service.stop()
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    return run_service(args, "serve")

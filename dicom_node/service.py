@@ -1,0 +1,604 @@
+"""The running service: C-STORE SCP, scheduler jobs, inference workers, deliveries, HTTP API.
+
+:class:`NodeService` wires the parts together for ``triage serve`` (everything) and
+``triage worker`` (workers, deliveries and the multi-process-safe jobs, no DICOM port, no HTTP):
+
+* the C-STORE SCP (:mod:`dicom_node.scp`) spools instances and records them in the worklist;
+* APScheduler 3 jobs (``BackgroundScheduler``): stable-study detection (``stable_age``),
+  expired-lease recovery (back to ``queued``; ``failed`` after ``max_attempts``), delivery
+  retries with exponential backoff, optional retention purge;
+* worker threads claim a study (lease, renewed while it is processed), run
+  :func:`triage_core.pipeline.triage_study`, build the SR and the Grad-CAM SC with
+  :mod:`triage_core.dicom_out`, write them under ``STORAGE/outbox/<study>/``, add one delivery
+  row per object and destination, and complete the study;
+* deliveries are sent by C-STORE (:mod:`dicom_node.scu`), one association per destination and
+  pass; a failed send is retried with backoff;
+* the HTTP API (:func:`dicom_node.api.create_app`) runs under uvicorn in a thread.
+
+Every study stage is logged once, with its duration, by UID (never patient identifiers).
+Each worker thread has its own :class:`~triage_core.inference.Predictor` (the model is loaded
+once per thread; Grad-CAM hooks make one model unsafe to share between threads).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from dicom_node.handlers import HeaderInfo, StoreContext, write_durable
+from dicom_node.settings import Destination, NodeSettings
+from triage_core.errors import DeliveryError, TriageError, WorklistError
+
+if TYPE_CHECKING:
+    import pydicom
+
+    from triage_core.inference import Predictor
+    from triage_core.spec import ModelSpec
+    from triage_core.worklist import ClaimedStudy, DeliveryRow, Worklist
+
+logger = logging.getLogger(__name__)
+
+#: C-STORE statuses after which sending the same object again is pointless.
+_PERMANENT_REFUSALS = (0xA900, 0xC000)
+
+
+@dataclass(frozen=True)
+class ProcessOutcome:
+    """What one worker pass over a claimed study did (for tests and benchmarks)."""
+
+    study_uid: str
+    status: str
+    outputs: tuple[Path, ...] = ()
+    seconds: float = 0.0
+
+
+def open_worklist(settings: NodeSettings) -> Worklist:
+    """The worklist of ``settings`` (schema created if needed)."""
+    from triage_core.worklist import Worklist
+
+    worklist = Worklist(
+        settings.database_url,
+        max_attempts=settings.max_attempts,
+        max_delivery_attempts=settings.delivery_max_attempts,
+        delivery_backoff_base=settings.delivery_backoff,
+        delivery_backoff_cap=max(settings.delivery_backoff_max, settings.delivery_backoff),
+    )
+    worklist.create_all()
+    return worklist
+
+
+def make_recorder(worklist: Worklist) -> Any:
+    """The ``record`` callable of :class:`StoreContext` over :meth:`Worklist.record_instance`."""
+    from triage_core.worklist import hash_identifier
+
+    def record(info: HeaderInfo, path: Path, size: int, calling_ae: str) -> bool:
+        return worklist.record_instance(
+            info.study_uid,
+            info.sop_instance_uid,
+            path,
+            series_uid=info.series_uid,
+            sop_class_uid=info.sop_class_uid,
+            accession_hash=hash_identifier(info.accession_number),
+        )
+
+    return record
+
+
+def describe_model(spec: ModelSpec, path: Path | None) -> str:
+    """A one-paragraph model card for the start-up log."""
+    parts = [
+        f"model {spec.display_name} ({spec.arch}, {spec.task}, {spec.input_size} px)",
+        f"checkpoint {path}" if path else "",
+        "classes "
+        + ", ".join(
+            f"{n} (threshold {t:.3f}, weight {w:g})"
+            for n, t, w in zip(
+                spec.class_names, spec.thresholds, spec.priority_weights, strict=True
+            )
+        ),
+        f"temperature {spec.temperature:g}",
+    ]
+    if spec.training:
+        summary = {k: spec.training[k] for k in list(spec.training)[:6]}
+        parts.append(f"training {summary}")
+    if spec.metrics:
+        summary = {k: spec.metrics[k] for k in list(spec.metrics)[:6]}
+        parts.append(f"metrics {summary}")
+    if spec.code_version:
+        parts.append(f"code {spec.code_version}")
+    return "; ".join(p for p in parts if p)
+
+
+def _dataset_bytes(ds: pydicom.Dataset) -> bytes:
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+class NodeService:
+    """The service of ``triage serve`` (``role="serve"``) or ``triage worker`` (``"worker"``).
+
+    Parameters
+    ----------
+    settings : NodeSettings
+        Validated settings (see :func:`dicom_node.settings.check_runtime`).
+    model_path : Path, optional
+        Resolved checkpoint (``NAME``); ``None`` uses the default checkpoint.
+    role : str
+        ``serve``: SCP + scheduler + workers + HTTP API; ``worker``: workers, deliveries and
+        the scheduler jobs that are safe with several processes.
+    """
+
+    def __init__(
+        self, settings: NodeSettings, model_path: Path | None = None, role: str = "serve"
+    ) -> None:
+        if role not in ("serve", "worker"):
+            raise ValueError(f"role must be 'serve' or 'worker', got {role!r}")
+        self.settings = settings
+        self.model_path = model_path
+        self.role = role
+        self.node_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        self.worklist: Worklist | None = None
+        self.store: StoreContext | None = None
+        self.scp: Any = None
+        self.scheduler: Any = None
+        self.http_server: Any = None
+        self.spec: ModelSpec | None = None
+        self._threads: list[threading.Thread] = []
+        self._stop = threading.Event()
+        self._work = threading.Event()
+        self._predictor: Predictor | None = None
+        self._received_logged: dict[str, float] = {}
+        self.processed = 0
+
+    # ------------------------------------------------------------------ life cycle
+    def start(self) -> None:
+        """Start every part; the DICOM port opens last, so a C-ECHO answer means ready."""
+        settings = self.settings
+        self.worklist = open_worklist(settings)
+        logger.info("worklist %s", settings.redacted_url())
+        if settings.workers > 0:
+            self._load_models()
+        self._start_scheduler()
+        for index in range(settings.workers):
+            thread = threading.Thread(
+                target=self._worker_loop, args=(index,), name=f"triage-worker-{index}", daemon=True
+            )
+            thread.start()
+            self._threads.append(thread)
+        if self.role == "serve":
+            self._start_http()
+            from dicom_node.scp import start_scp
+
+            self.store = StoreContext(
+                storage=settings.storage,
+                record=make_recorder(self.worklist),
+                log_phi=settings.log_phi,
+            )
+            self.scp = start_scp(settings, self.store)
+        logger.info(
+            "%s %s started: %d worker(s), destinations: %s",
+            self.role,
+            self.node_id,
+            settings.workers,
+            ", ".join(str(d) for d in settings.destinations) or "none",
+        )
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop accepting, let workers finish their study, stop the jobs and the API."""
+        self._stop.set()
+        self._work.set()
+        if self.scp is not None:
+            self.scp.shutdown()
+            self.scp = None
+        if self.scheduler is not None:
+            self.scheduler.shutdown(wait=True)
+            self.scheduler = None
+        deadline = time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        self._threads = [t for t in self._threads if t.is_alive()]
+        if self.http_server is not None:
+            self.http_server.should_exit = True
+        if self.worklist is not None:
+            self.worklist.dispose()
+        logger.info("%s %s stopped", self.role, self.node_id)
+
+    def wait(self) -> None:
+        """Block until :meth:`request_stop` is called."""
+        while not self._stop.wait(0.5):
+            pass
+
+    def request_stop(self) -> None:
+        self._stop.set()
+        self._work.set()
+
+    @property
+    def scp_port(self) -> int:
+        return int(self.scp.server_address[1]) if self.scp is not None else 0
+
+    # ------------------------------------------------------------------ model
+    def _load_models(self) -> None:
+        """Load the model once for the process; worker threads share the Predictor.
+
+        ``Predictor`` serialises forward passes with its own lock and PyTorch already uses every
+        core for one batch, so several copies would only cost memory; the threads still overlap
+        reading and decoding images with another study's inference.
+        """
+        from triage_core.inference import Predictor
+
+        settings = self.settings
+        started = time.perf_counter()
+        predictor = Predictor(
+            self.model_path,
+            device=settings.device,
+            threads=settings.threads,
+            batch_size=settings.batch_size,
+        )
+        self._predictor = predictor
+        self.spec = predictor.spec
+        logger.info(
+            "%s (loaded in %.1f s, device %s, mode %s)",
+            describe_model(self.spec, self.model_path),
+            time.perf_counter() - started,
+            settings.device,
+            getattr(predictor, "mode", "?"),
+        )
+
+    # ------------------------------------------------------------------ scheduler
+    def _start_scheduler(self) -> None:
+        from apscheduler.schedulers.background import BackgroundScheduler
+
+        settings = self.settings
+        scheduler = BackgroundScheduler(
+            timezone=UTC,
+            job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 30},
+        )
+        interval = settings.scheduler_interval
+        if self.role == "serve":
+            scheduler.add_job(
+                self.queue_stable, "interval", seconds=interval, id="stable", name="stable studies"
+            )
+        scheduler.add_job(
+            self.recover_leases,
+            "interval",
+            seconds=max(interval, min(5.0, settings.lease_seconds / 4)),
+            id="leases",
+            name="expired leases",
+        )
+        scheduler.add_job(
+            self.deliver_due,
+            "interval",
+            seconds=max(interval, 1.0),
+            id="deliver",
+            name="deliveries",
+        )
+        if settings.retention_days and self.role == "serve":
+            scheduler.add_job(self.purge, "interval", hours=1, id="purge", name="retention purge")
+        scheduler.start()
+        self.scheduler = scheduler
+
+    def _wake_delivery(self) -> None:
+        scheduler = self.scheduler
+        if scheduler is None:
+            return
+        try:
+            scheduler.modify_job("deliver", next_run_time=datetime.now(UTC))
+        except LookupError:  # JobLookupError: scheduler shutting down
+            logger.debug("delivery job not found (stopping)")
+
+    def queue_stable(self) -> list[str]:
+        """Job: queue studies without new instances for ``stable_age`` seconds."""
+        assert self.worklist is not None
+        try:
+            queued = self.worklist.queue_stable_studies(self.settings.stable_age)
+        except WorklistError as exc:
+            logger.error("stable-study detection failed: %s", exc)
+            return []
+        if queued:
+            for study_uid in queued:
+                logger.info(
+                    "study %s stage=queued (stable for %.1f s)", study_uid, self.settings.stable_age
+                )
+            self._work.set()
+        return queued
+
+    def recover_leases(self) -> None:
+        """Job: studies whose worker vanished go back to ``queued`` (or ``failed``)."""
+        assert self.worklist is not None
+        try:
+            recovered = self.worklist.recover_expired_leases()
+        except WorklistError as exc:
+            logger.error("lease recovery failed: %s", exc)
+            return
+        for study_uid in recovered.requeued:
+            logger.warning("study %s stage=requeued (lease expired)", study_uid)
+        for study_uid in recovered.failed:
+            logger.error(
+                "study %s stage=failed (lease expired %d times)",
+                study_uid,
+                self.settings.max_attempts,
+            )
+        if recovered.requeued:
+            self._work.set()
+
+    def purge(self) -> None:
+        """Job: delete finished studies older than ``retention_days`` (rows, spool, outbox)."""
+        assert self.worklist is not None and self.settings.retention_days
+        try:
+            paths = self.worklist.purge(self.settings.retention_days * 86400.0)
+        except WorklistError as exc:
+            logger.error("retention purge failed: %s", exc)
+            return
+        root = self.settings.storage.resolve()
+        removed = 0
+        for path in paths:
+            path = Path(path)
+            try:
+                path.resolve().relative_to(root)
+            except ValueError:
+                logger.error("retention purge: %s is outside the storage folder, kept", path)
+                continue
+            try:
+                if path.is_dir():
+                    import shutil
+
+                    shutil.rmtree(path)
+                else:
+                    path.unlink(missing_ok=True)
+                removed += 1
+            except OSError as exc:
+                logger.warning("retention purge: cannot delete %s: %s", path, exc)
+        if removed:
+            logger.info("retention purge removed %d path(s)", removed)
+
+    # ------------------------------------------------------------------ workers
+    def _worker_loop(self, index: int) -> None:
+        assert self.worklist is not None
+        worker_id = f"{self.node_id}/w{index}"
+        predictor = self._predictor
+        assert predictor is not None
+        while not self._stop.is_set():
+            try:
+                claimed = self.worklist.claim_study(worker_id, self.settings.lease_seconds)
+            except WorklistError as exc:
+                logger.error("%s: claim failed: %s", worker_id, exc)
+                self._stop.wait(1.0)
+                continue
+            if claimed is None:
+                self._work.wait(self.settings.scheduler_interval)
+                self._work.clear()
+                continue
+            self.process_claimed(claimed, predictor)
+
+    @contextmanager
+    def _lease_keeper(self, study_uid: str, worker_id: str) -> Iterator[None]:
+        """Renew the lease every third of its length while the block runs."""
+        assert self.worklist is not None
+        worklist = self.worklist
+        done = threading.Event()
+        period = max(0.5, self.settings.lease_seconds / 3)
+
+        def renew() -> None:
+            while not done.wait(period):
+                try:
+                    worklist.renew_lease(study_uid, worker_id, self.settings.lease_seconds)
+                except WorklistError as exc:
+                    logger.warning("study %s: lease renewal failed: %s", study_uid, exc)
+                    return
+
+        thread = threading.Thread(target=renew, name=f"lease-{study_uid[-8:]}", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            done.set()
+            thread.join()
+
+    def process_claimed(self, claimed: ClaimedStudy, predictor: Predictor) -> ProcessOutcome:
+        """Triage one claimed study, write outputs, add deliveries and complete it."""
+        assert self.worklist is not None
+        worklist = self.worklist
+        study_uid = claimed.study_uid
+        started = time.perf_counter()
+        logger.info(
+            "study %s stage=processing (%d instance(s), attempt %d, %s)",
+            study_uid,
+            len(claimed.instances),
+            claimed.attempts,
+            claimed.worker_id,
+        )
+        try:
+            with self._lease_keeper(study_uid, claimed.worker_id):
+                outcome = self._triage_and_write(claimed, predictor)
+        except TriageError as exc:
+            # A deterministic problem with this study's data: retrying would fail again.
+            return self._fail(claimed, f"{exc.__class__.__name__}: {exc}", False, started)
+        except Exception as exc:  # noqa: BLE001 - record and retry; the worker must keep going
+            logger.exception("study %s: unexpected error", study_uid)
+            return self._fail(claimed, f"{exc.__class__.__name__}: {exc}", True, started)
+        status, result, outputs = outcome
+        try:
+            for sop_uid, path in outputs:
+                for destination in self.settings.destinations:
+                    worklist.add_delivery(study_uid, sop_uid, path, str(destination))
+            final = worklist.complete_study(study_uid, claimed.worker_id, result)
+        except WorklistError as exc:
+            logger.error("study %s: could not record the result: %s", study_uid, exc)
+            return ProcessOutcome(study_uid, "lost-lease", (), time.perf_counter() - started)
+        seconds = time.perf_counter() - started
+        timings = " ".join(f"{k}={v * 1e3:.0f}ms" for k, v in result.timings.items())
+        top = result.top_finding
+        logger.info(
+            "study %s stage=%s in %.2f s: priority %s (%.1f)%s%s %s",
+            study_uid,
+            final,
+            seconds,
+            result.priority_level,
+            result.priority_score,
+            f", top {top.name} {top.probability:.3f}" if top else "",
+            f", reason: {result.reason}" if result.reason else "",
+            timings,
+        )
+        self.processed += 1
+        if outputs and self.settings.destinations:
+            self._wake_delivery()
+        return ProcessOutcome(study_uid, final, tuple(p for _, p in outputs), seconds)
+
+    def _fail(
+        self, claimed: ClaimedStudy, error: str, retry: bool, started: float
+    ) -> ProcessOutcome:
+        assert self.worklist is not None
+        try:
+            status = self.worklist.fail_study(
+                claimed.study_uid, claimed.worker_id, error, retry=retry
+            )
+        except WorklistError as exc:
+            logger.error("study %s: could not record the failure: %s", claimed.study_uid, exc)
+            status = "lost-lease"
+        logger.error("study %s stage=%s: %s", claimed.study_uid, status, error)
+        return ProcessOutcome(claimed.study_uid, status, (), time.perf_counter() - started)
+
+    def _triage_and_write(
+        self, claimed: ClaimedStudy, predictor: Predictor
+    ) -> tuple[str, Any, list[tuple[str, Path]]]:
+        from triage_core.pipeline import triage_study
+
+        study_uid = claimed.study_uid
+        out = triage_study(
+            study_uid, list(claimed.instances), predictor, with_cam=self.settings.with_cam
+        )
+        result = out.result
+        outputs: list[tuple[str, Path]] = []
+        if result.status != "done":
+            return result.status, result, outputs
+        from triage_core.dicom_out import build_sc, build_sr
+
+        t0 = time.perf_counter()
+        spec = predictor.spec
+        sources = list(out.datasets.values())
+        objects = [build_sr(result, sources, spec)]
+        if out.cam_overlay is not None and out.cam_finding is not None:
+            source = out.datasets.get(out.cam_source_uid)
+            if source is not None:
+                objects.append(build_sc(out.cam_overlay, source, out.cam_finding, spec))
+        outbox = self.settings.outbox_dir / study_uid
+        root = self.settings.storage.resolve()
+        for ds in objects:
+            sop_uid = str(ds.SOPInstanceUID)
+            path = outbox / f"{sop_uid}.dcm"
+            write_durable(path, [_dataset_bytes(ds)], root)
+            outputs.append((sop_uid, path))
+        logger.info(
+            "study %s stage=outputs %d object(s) in %.0f ms",
+            study_uid,
+            len(outputs),
+            (time.perf_counter() - t0) * 1e3,
+        )
+        return result.status, result, outputs
+
+    # ------------------------------------------------------------------ deliveries
+    def deliver_due(self) -> int:
+        """Job: send due deliveries, one association per destination; returns objects sent."""
+        from dicom_node.scu import send_files
+
+        assert self.worklist is not None
+        worklist = self.worklist
+        try:
+            rows = worklist.claim_due_deliveries(
+                lease_seconds=max(60.0, self.settings.network_timeout * 2), limit=200
+            )
+        except WorklistError as exc:
+            logger.error("delivery pass failed: %s", exc)
+            return 0
+        by_destination: dict[str, list[DeliveryRow]] = defaultdict(list)
+        for row in rows:
+            by_destination[row.destination].append(row)
+        sent = 0
+        for destination_text, group in by_destination.items():
+            started = time.perf_counter()
+            try:
+                destination = Destination.parse(destination_text)
+                results = send_files(
+                    destination,
+                    [row.path for row in group],
+                    calling_ae=self.settings.ae_title,
+                    timeout=self.settings.network_timeout,
+                    max_pdu_size=self.settings.max_pdu_size,
+                )
+            except (DeliveryError, ValueError) as exc:
+                for row in group:
+                    self._mark_failed(row, str(exc), permanent=False)
+                continue
+            for row, res in zip(group, results, strict=True):
+                if res.ok:
+                    try:
+                        worklist.mark_delivery_sent(row.id)
+                    except WorklistError as exc:
+                        logger.error("delivery %d sent but not recorded: %s", row.id, exc)
+                        continue
+                    sent += 1
+                else:
+                    permanent = res.status is not None and any(
+                        (res.status & 0xFF00) == code or (res.status & 0xF000) == code
+                        for code in _PERMANENT_REFUSALS
+                    )
+                    self._mark_failed(row, res.message, permanent=permanent)
+            for study_uid in sorted({row.study_uid for row in group}):
+                logger.info(
+                    "study %s stage=delivered to %s (%d/%d object(s) ok) in %.0f ms",
+                    study_uid,
+                    destination_text,
+                    sum(
+                        1
+                        for r, x in zip(group, results, strict=True)
+                        if x.ok and r.study_uid == study_uid
+                    ),
+                    sum(1 for r in group if r.study_uid == study_uid),
+                    (time.perf_counter() - started) * 1e3,
+                )
+        return sent
+
+    def _mark_failed(self, row: DeliveryRow, error: str, permanent: bool) -> None:
+        assert self.worklist is not None
+        try:
+            self.worklist.mark_delivery_failed(row.id, error, permanent=permanent)
+        except WorklistError as exc:
+            logger.error("delivery %d: failure not recorded: %s", row.id, exc)
+
+    # ------------------------------------------------------------------ HTTP API
+    def _start_http(self) -> None:
+        settings = self.settings
+        if not settings.http_port:
+            logger.info("HTTP API disabled (http_port = 0)")
+            return
+        import uvicorn
+
+        from dicom_node.api import create_app
+
+        app = create_app(self.worklist)
+        config = uvicorn.Config(
+            app,
+            host=settings.http_host,
+            port=settings.http_port,
+            log_level="warning",
+            access_log=False,
+            lifespan="off",
+        )
+        server = uvicorn.Server(config)
+        thread = threading.Thread(target=server.run, name="http-api", daemon=True)
+        thread.start()
+        self.http_server = server
+        logger.info("HTTP API on http://%s:%d", settings.http_host, settings.http_port)

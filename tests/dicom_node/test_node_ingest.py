@@ -1,0 +1,284 @@
+"""C-STORE SCP over real loopback associations (DCMTK storescu/echoscu and pynetdicom): durable
+raw ingest, every shared transfer syntax, allow-list, refusals that quarantine and keep serving."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pydicom
+import pytest
+from test_node_support import (
+    echo,
+    free_port,
+    needs_dcmtk,
+    send_raw,
+    storescu,
+    synthetic_cr,
+)
+
+from dicom_node.handlers import StoreContext, is_valid_uid, scan_dataset
+from dicom_node.scp import start_scp
+from dicom_node.service import make_recorder, open_worklist
+from dicom_node.settings import load_settings
+from triage_core.errors import ImageReadError, TruncatedFileError
+
+
+@dataclass
+class Node:
+    port: int
+    storage: Path
+    worklist: object
+    store: StoreContext
+
+
+@pytest.fixture
+def node(tmp_path: Path) -> Iterator[Node]:
+    storage = tmp_path / "storage"
+    settings = load_settings(
+        None,
+        {
+            "port": free_port(),
+            "bind_address": "127.0.0.1",
+            "storage": storage,
+            "allow_ae": ["STORESCU", "ECHOSCU", "RAWSCU", "HOSTED@127.0.0.1"],
+        },
+    )
+    worklist = open_worklist(settings)
+    store = StoreContext(storage=storage, record=make_recorder(worklist))
+    server = start_scp(settings, store)
+    try:
+        yield Node(settings.port, storage, worklist, store)
+    finally:
+        server.shutdown()
+        worklist.dispose()
+
+
+def _dataset_bytes(path: Path) -> bytes:
+    """The encoded data set of a file, without preamble and file meta."""
+    raw = path.read_bytes()
+    fp = io.BytesIO(raw)
+    pydicom.filereader.read_preamble(fp, False)
+    pydicom.filereader._read_file_meta_info(fp)
+    return raw[fp.tell() :]
+
+
+def _spooled(storage: Path) -> dict[str, Path]:
+    return {p.stem: p for p in (storage / "spool").rglob("*.dcm")}
+
+
+def _all_files(root: Path) -> set[Path]:
+    return {p for p in root.rglob("*") if p.is_file()}
+
+
+@needs_dcmtk
+def test_every_shared_transfer_syntax_is_stored_byte_for_byte(node: Node, dicom_dir: Path) -> None:
+    files = sorted(dicom_dir.glob("*.dcm"))
+    assert len(files) >= 10
+    first_sent: dict[str, Path] = {}
+    refused: list[Path] = []
+    for path in files:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        proc = storescu(node.port, [path])
+        assert proc.returncode == 0, f"{path.name}: {proc.stderr}"
+        if not is_valid_uid(str(ds.SOPInstanceUID)):
+            # CR-ModalitySequenceLUT.dcm's UID "999.999.01.23.45.6789" has a leading zero:
+            # refused (0xC210) and quarantined, never used as a path
+            refused.append(path)
+            continue
+        first_sent.setdefault(str(ds.SOPInstanceUID), path)
+    assert [p.name for p in refused] == ["CR-ModalitySequenceLUT.dcm"]
+    spooled = _spooled(node.storage)
+    assert set(spooled) == set(first_sent)
+    for sop_uid, path in first_sent.items():
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        stored = spooled[sop_uid]
+        # study/series/sop layout; same transfer syntax, same elements, same pixel bytes
+        # (storescu itself may rewrite header details, so whole bytes are compared below with
+        # a raw pynetdicom sender)
+        assert stored.parent.name == str(ds.SeriesInstanceUID)
+        assert stored.parent.parent.name == str(ds.StudyInstanceUID)
+        back = pydicom.dcmread(stored)
+        orig = pydicom.dcmread(path)
+        assert back.file_meta.TransferSyntaxUID == orig.file_meta.TransferSyntaxUID
+        assert back.PixelData == orig.PixelData, path.name
+        for padding in (back, orig):  # storescu drops Data Set Trailing Padding
+            if (0xFFFC, 0xFFFC) in padding:
+                del padding[0xFFFC, 0xFFFC]
+        assert back == orig, path.name
+    studies = {
+        str(pydicom.dcmread(p, stop_before_pixels=True).StudyInstanceUID)
+        for p in first_sent.values()
+    }
+    counts = node.worklist.counts_by_status()  # type: ignore[attr-defined]
+    assert counts["receiving"] == len(studies)
+    # Fake_MONOHR1.dcm repeats the SIIM file's SOP Instance UID: kept once (the first copy)
+    assert node.store.stats.get("stored") == len(first_sent)
+    assert node.store.stats.get("duplicate") == len(files) - len(refused) - len(first_sent)
+    assert node.store.stats.get("rejected") == len(refused)
+    assert len(list((node.storage / "quarantine").glob("*.dcm"))) == len(refused)
+    # no temporary file is left behind
+    assert not list(node.storage.rglob("*.tmp"))
+
+
+def test_received_bytes_are_written_as_received(node: Node, tmp_path: Path) -> None:
+    good = synthetic_cr(tmp_path / "good.dcm")
+    ds = pydicom.dcmread(good)
+    payload = _dataset_bytes(good)
+    status = send_raw(
+        node.port,
+        str(ds.SOPClassUID),
+        str(ds.SOPInstanceUID),
+        "1.2.840.10008.1.2.1",
+        payload,
+        tmp_path,
+    )
+    assert status == 0x0000
+    stored = _spooled(node.storage)[str(ds.SOPInstanceUID)]
+    assert _dataset_bytes(stored) == payload
+
+
+@needs_dcmtk
+def test_repeated_instance_is_idempotent(node: Node, tmp_path: Path) -> None:
+    path = synthetic_cr(tmp_path / "a.dcm")
+    assert storescu(node.port, [path]).returncode == 0
+    assert storescu(node.port, [path]).returncode == 0
+    assert node.store.stats == {"stored": 1, "duplicate": 1}
+    assert len(_spooled(node.storage)) == 1
+    row = node.worklist.list_worklist()  # type: ignore[attr-defined]
+    assert len(row) == 1 and row[0]["num_instances"] == 1
+
+
+@needs_dcmtk
+def test_echo_and_allow_list(node: Node) -> None:
+    assert echo(node.port, aet="ECHOSCU")
+    assert not echo(node.port, aet="INTRUDER")
+    assert echo(node.port, aet="HOSTED")  # AE@HOST entry, connecting from that host
+    # still serving after a rejection
+    assert echo(node.port, aet="ECHOSCU")
+
+
+def test_host_restricted_entry_rejects_other_hosts(tmp_path: Path) -> None:
+    settings = load_settings(None, {"allow_ae": ["PACS@10.255.255.1", "ANY"]})
+    from dicom_node.handlers import AccessPolicy
+
+    policy = AccessPolicy(tuple(settings.allow_ae))
+    assert policy.admits("PACS", "10.255.255.1")
+    assert not policy.admits("PACS", "127.0.0.1")
+    assert policy.admits("ANY", "127.0.0.1")
+    assert AccessPolicy(()).admits("WHOEVER", "1.2.3.4")
+
+
+@needs_dcmtk
+def test_malformed_truncated_and_hostile_uid_are_refused(node: Node, tmp_path: Path) -> None:
+    good = synthetic_cr(tmp_path / "good.dcm")
+    ds = pydicom.dcmread(good)
+    payload = _dataset_bytes(good)
+    sop_class, sop_uid = str(ds.SOPClassUID), str(ds.SOPInstanceUID)
+    ts = "1.2.840.10008.1.2.1"
+    outside_before = _all_files(tmp_path) - _all_files(node.storage)
+
+    # truncated: the stream ends inside the pixel data
+    status = send_raw(node.port, sop_class, sop_uid, ts, payload[: len(payload) - 1000], tmp_path)
+    assert status == 0xC210
+    # malformed: garbage after a valid start
+    status = send_raw(node.port, sop_class, sop_uid, ts, payload[:64] + b"\xff" * 64, tmp_path)
+    assert status == 0xC210
+    # hostile SOP Instance UID in the request and the data set
+    hostile = payload.replace(sop_uid.encode(), b"../../x".ljust(len(sop_uid), b"\x00"))
+    status = send_raw(node.port, sop_class, "../../x", ts, hostile, tmp_path)
+    assert status is not None and status != 0x0000
+    # hostile Study Instance UID only
+    study = str(ds.StudyInstanceUID).encode()
+    hostile_study = payload.replace(study, b"../../y".ljust(len(study), b"\x00"))
+    status = send_raw(node.port, sop_class, sop_uid, ts, hostile_study, tmp_path)
+    assert status == 0xC210
+
+    # nothing was spooled or recorded; the rejects are quarantined with a reason
+    assert _spooled(node.storage) == {}
+    assert node.worklist.list_worklist() == []  # type: ignore[attr-defined]
+    quarantined = sorted((node.storage / "quarantine").glob("*.dcm"))
+    assert len(quarantined) >= 3
+    reasons = " ".join(p.read_text() for p in (node.storage / "quarantine").glob("*.txt"))
+    assert "UID grammar" in reasons and "ends" in reasons
+    # nothing written outside the storage folder (the sender's temp files aside)
+    assert not (node.storage.parent / "x").exists() and not (node.storage.parent / "y").exists()
+    new_outside = {
+        p for p in _all_files(tmp_path) - _all_files(node.storage) if not p.name.startswith("raw-")
+    }
+    assert new_outside == outside_before
+    # and the next association still succeeds
+    assert storescu(node.port, [good]).returncode == 0
+    assert sop_uid in _spooled(node.storage)
+
+
+def test_disk_full_answers_out_of_resources(tmp_path: Path) -> None:
+    """A write failure (here: the spool replaced by a file) gives 0xA700, not an exception."""
+    from types import SimpleNamespace
+
+    from dicom_node.handlers import handle_store
+
+    good = synthetic_cr(tmp_path / "good.dcm")
+    ds = pydicom.dcmread(good)
+    payload = _dataset_bytes(good)
+    recorded: list[str] = []
+    ctx = StoreContext(
+        storage=tmp_path / "storage",
+        record=lambda info, path, size, ae: recorded.append(info.sop_instance_uid) or True,
+    )
+    study_dir = ctx.spool / str(ds.StudyInstanceUID)
+    study_dir.write_bytes(b"not a folder")  # mkdir of the series folder now fails
+    from pydicom.dataset import FileMetaDataset
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    meta.TransferSyntaxUID = "1.2.840.10008.1.2.1"
+    request = SimpleNamespace(
+        AffectedSOPInstanceUID=ds.SOPInstanceUID, AffectedSOPClassUID=ds.SOPClassUID
+    )
+    event = SimpleNamespace(
+        request=request,
+        context=SimpleNamespace(transfer_syntax="1.2.840.10008.1.2.1"),
+        encoded_dataset=lambda include_meta=False: payload,
+        file_meta=meta,
+        assoc=SimpleNamespace(requestor=SimpleNamespace(ae_title="T")),
+    )
+    assert handle_store(event, ctx) == 0xA700  # type: ignore[arg-type]
+    assert recorded == []
+    assert not list(ctx.storage.rglob("*.tmp"))
+
+
+def test_scan_dataset_finds_uids_and_detects_truncation(dicom_dir: Path) -> None:
+    for path in sorted(dicom_dir.glob("*.dcm")):
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        ts = str(ds.file_meta.TransferSyntaxUID)
+        data = _dataset_bytes(path)
+        info = scan_dataset(data, ts)
+        assert info.sop_instance_uid == ds.SOPInstanceUID
+        assert info.study_uid == ds.StudyInstanceUID
+        assert info.series_uid == ds.SeriesInstanceUID
+        for cut in (len(data) - 1, len(data) // 2, 600):
+            with pytest.raises(ImageReadError):
+                scan_dataset(data[:cut], ts)
+    with pytest.raises(TruncatedFileError):
+        scan_dataset(b"\x08\x00", "1.2.840.10008.1.2.1")
+
+
+@pytest.mark.parametrize(
+    ("uid", "ok"),
+    [
+        ("1.2.840.10008.1.2", True),
+        ("0.1", True),
+        ("1.02", False),
+        ("../../x", False),
+        ("1..2", False),
+        ("1.2.", False),
+        ("1" * 65, False),
+        ("", False),
+    ],
+)
+def test_uid_grammar(uid: str, ok: bool) -> None:
+    assert is_valid_uid(uid) is ok
