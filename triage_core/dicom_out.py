@@ -538,7 +538,14 @@ def build_sr(
             procedure_reported=CHEST_IMAGING,
             imaging_measurements=groups,
         )
-        evidence = [_sanitized_reference(ds, f"sources[{i}]") for i, ds in enumerate(source_list)]
+        # highdicom copies patient/study data from the first evidence item: make that the image
+        # behind the top finding (an eligible radiograph), not whatever was received first.
+        top = result.top_finding
+        first = by_uid.get(top.source_uid) if top is not None else None
+        ordered = ([first] if first is not None else []) + [
+            ds for ds in source_list if ds is not first
+        ]
+        evidence = [_sanitized_reference(ds, f"source {ds.SOPInstanceUID}") for ds in ordered]
         sr = hd.sr.Comprehensive3DSR(
             evidence=evidence,
             content=report[0],

@@ -234,6 +234,26 @@ def test_sr_for_two_image_study_references_both(
     assert priority_from_sr(back) == (95.0, "critical")
 
 
+def test_sr_copies_patient_data_from_the_top_findings_image(
+    header: Callable[[str], Dataset], spec: ModelSpec, tmp_path: Path
+) -> None:
+    # First received: an instance of a SOP class highdicom does not know (private storage).
+    odd = header(RG1_J2KR)
+    odd.SOPClassUID = "1.2.826.0.1.3680043.8.498.1"
+    odd.PatientName = "Other^Name"
+    image = header(RG1)
+    findings = (Finding("Effusion", 0.7, 0.4, True, image.SOPInstanceUID),)
+    sr = build_sr(_result(image.StudyInstanceUID, findings), [odd, image], spec)
+    assert sr.PatientName == image.PatientName
+    refs = {
+        item.ReferencedSOPInstanceUID
+        for series in sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence
+        for item in series.ReferencedSOPSequence
+    }
+    assert refs == {odd.SOPInstanceUID, image.SOPInstanceUID}
+    _dciodvfy(_save(sr, tmp_path / "sr.dcm"))
+
+
 def test_sr_from_full_dataset_has_no_pixels_and_drops_invalid_source_values(
     dicom_dir: Path, spec: ModelSpec, tmp_path: Path
 ) -> None:
