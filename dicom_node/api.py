@@ -1,0 +1,284 @@
+"""Read-only HTTP JSON API over the worklist (FastAPI), plus health and Prometheus metrics.
+
+Build the application with :func:`create_app` from the process-wide
+:class:`~triage_core.worklist.Worklist` and :class:`~dicom_node.metrics.Metrics`; the serve
+command runs it with uvicorn on 127.0.0.1. Nothing is built at import time; import this module
+only where the HTTP API is served (FastAPI takes about 0.3 s to import).
+
+Endpoints
+---------
+``GET /api/worklist?status=&min_priority=&limit=``
+    ``{"count": N, "items": [row, ...]}``, rows ordered by effective priority (score plus aging,
+    highest first, unscored studies last) then arrival. ``status`` is one lifecycle status or a
+    comma-separated list; ``min_priority`` a number (effective priority) or a level name
+    (``routine``, ``urgent``, ``critical``); ``limit`` 1 to 1000 (default 50).
+``GET /api/studies/{study_uid}``
+    One study with findings, per-image results, deliveries and timings; 404 (JSON) when unknown,
+    422 (JSON) when the UID breaks the DICOM UID grammar.
+``GET /healthz``
+    ``{"status": "ok"}`` when the database answers, else 503 ``{"status": "error", ...}``.
+``GET /metrics``
+    Prometheus text exposition (see :mod:`dicom_node.metrics`).
+``GET /openapi.json``, ``GET /docs``
+    The OpenAPI document and its browser view, as FastAPI provides them.
+
+Database errors answer 503 with a JSON ``detail``; no endpoint writes.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+from fastapi import FastAPI, Path, Query, Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, Field
+
+if TYPE_CHECKING:
+    from dicom_node.metrics import Metrics
+    from triage_core.worklist import Worklist
+
+logger = logging.getLogger(__name__)
+
+#: Pass as ``aging`` to :func:`create_app` to use ``triage_core.priority.AgingRule()``.
+DEFAULT_AGING = "default"
+MAX_LIMIT = 1000
+
+
+class FindingSummary(BaseModel):
+    """A study-level finding as shown in the worklist."""
+
+    probability: float = Field(description="calibrated probability, 0 to 1")
+    present: bool = Field(description="probability at or above the checkpoint's threshold")
+
+
+class FindingDetail(FindingSummary):
+    """A study-level finding with its operating threshold and source image."""
+
+    threshold: float
+    source_uid: str = Field(description="SOP Instance UID of the image that gave the maximum")
+
+
+class WorklistRow(BaseModel):
+    """One study in the worklist."""
+
+    study_uid: str
+    status: str = Field(description="receiving, queued, processing, done, not_eligible, failed")
+    reason: str = Field(description="why the study is not eligible, if so")
+    error: str = Field(description="last processing error, if any")
+    priority_score: float | None = Field(description="0-100, null before inference")
+    effective_priority: float | None = Field(description="score plus aging")
+    priority_level: str | None = Field(description="routine, urgent or critical")
+    findings: dict[str, FindingSummary]
+    model_name: str
+    model_version: str
+    num_instances: int
+    received_at: str | None = Field(description="first instance, ISO 8601 UTC")
+    updated_at: str | None
+    accession_hash: str = Field(description="salted hash of the accession number, never the number")
+
+
+class WorklistPage(BaseModel):
+    """A page of the worklist."""
+
+    count: int
+    items: list[WorklistRow]
+
+
+class ImageRow(BaseModel):
+    """One received instance and, once processed, its per-image result."""
+
+    sop_uid: str
+    series_uid: str
+    sop_class_uid: str
+    received_at: str | None
+    eligible: bool | None = Field(description="null until the study is processed")
+    reason: str
+    probabilities: dict[str, float]
+    error: str
+
+
+class DeliveryStatus(BaseModel):
+    """One result object sent (or to send) to one destination."""
+
+    id: int
+    sop_uid: str
+    destination: str
+    status: str = Field(description="pending, sent or failed")
+    attempts: int
+    next_attempt_at: str | None
+    last_error: str
+    sent_at: str | None
+
+
+class StudyDetail(WorklistRow):
+    """Everything known about one study."""
+
+    findings: dict[str, FindingDetail]  # type: ignore[assignment]
+    images: list[ImageRow]
+    deliveries: list[DeliveryStatus]
+    timings: dict[str, float] = Field(description="seconds per pipeline stage")
+    attempts: int
+    lease_owner: str | None
+    lease_expires_at: str | None
+    queued_at: str | None
+    completed_at: str | None
+
+
+class ErrorBody(BaseModel):
+    """An error answer."""
+
+    detail: str
+
+
+def _resolve_aging(aging: Any) -> Any:
+    if isinstance(aging, str) and aging == DEFAULT_AGING:
+        from triage_core.priority import AgingRule
+
+        return AgingRule()
+    return aging
+
+
+def create_app(
+    worklist: Worklist,
+    metrics: Metrics | None = None,
+    *,
+    aging: Any = DEFAULT_AGING,
+    title: str = "cxr-triage",
+) -> FastAPI:
+    """Build the read-only FastAPI application.
+
+    Parameters
+    ----------
+    worklist : Worklist
+        The process-wide worklist (one engine, shared by every request).
+    metrics : Metrics, optional
+        The node's metrics; a fresh object reading DB gauges from ``worklist`` when omitted.
+        A given object without a worklist gets ``worklist`` attached.
+    aging : AgingRule, callable or None
+        How waiting raises the effective priority (``DEFAULT_AGING``: ``AgingRule()``; ``None``:
+        no aging).
+    title : str
+        Title of the OpenAPI document.
+
+    Returns
+    -------
+    FastAPI
+        The application; serve it with uvicorn.
+    """
+    from dicom_node.metrics import Metrics
+    from triage_core import __version__
+    from triage_core.errors import WorklistError
+    from triage_core.spec import PRIORITY_LEVELS
+    from triage_core.worklist import STUDY_STATUSES, is_valid_uid
+
+    if metrics is None:
+        metrics = Metrics(worklist)
+    elif not metrics.has_worklist:
+        metrics.attach_worklist(worklist)
+    rule = _resolve_aging(aging)
+    node_metrics = metrics
+
+    app = FastAPI(
+        title=title,
+        version=__version__,
+        description="Read-only priority worklist of the cxr-triage DICOM node. "
+        "Results are decision support, not a diagnosis.",
+    )
+
+    @app.exception_handler(WorklistError)
+    async def _worklist_error(_request: Request, exc: WorklistError) -> JSONResponse:
+        logger.error("worklist error while answering HTTP: %s", exc)
+        return JSONResponse(status_code=503, content={"detail": "worklist database unavailable"})
+
+    @app.get(
+        "/api/worklist",
+        response_model=WorklistPage,
+        responses={422: {"model": ErrorBody}, 503: {"model": ErrorBody}},
+        summary="Studies ordered by effective priority, then arrival",
+    )
+    def get_worklist(
+        status: str | None = Query(
+            None, description=f"one of {', '.join(STUDY_STATUSES)} (comma-separated for several)"
+        ),
+        min_priority: str | None = Query(
+            None,
+            description="minimum effective priority (number) or level "
+            f"({', '.join(PRIORITY_LEVELS)})",
+        ),
+        limit: int = Query(50, ge=1, le=MAX_LIMIT),
+    ) -> Any:
+        statuses: list[str] | None = None
+        if status is not None:
+            statuses = [s.strip() for s in status.split(",") if s.strip()]
+            bad = [s for s in statuses if s not in STUDY_STATUSES]
+            if bad or not statuses:
+                return JSONResponse(
+                    status_code=422,
+                    content={
+                        "detail": f"unknown status {status!r}; use {', '.join(STUDY_STATUSES)}"
+                    },
+                )
+        threshold: float | str | None = None
+        if min_priority is not None:
+            if min_priority in PRIORITY_LEVELS:
+                threshold = min_priority
+            else:
+                try:
+                    threshold = float(min_priority)
+                except ValueError:
+                    threshold = None
+                if threshold is None or threshold != threshold:  # not a number, or NaN
+                    return JSONResponse(
+                        status_code=422,
+                        content={
+                            "detail": f"min_priority {min_priority!r} is neither a number nor "
+                            f"one of {', '.join(PRIORITY_LEVELS)}"
+                        },
+                    )
+        rows = worklist.list_worklist(
+            status=statuses, min_priority=threshold, limit=limit, aging=rule
+        )
+        return {"count": len(rows), "items": rows}
+
+    @app.get(
+        "/api/studies/{study_uid}",
+        response_model=StudyDetail,
+        responses={404: {"model": ErrorBody}, 422: {"model": ErrorBody}, 503: {"model": ErrorBody}},
+        summary="One study: findings, per-image results, deliveries, timings",
+    )
+    def get_study(
+        study_uid: str = Path(description="Study Instance UID"),
+    ) -> Any:
+        if not is_valid_uid(study_uid):
+            return JSONResponse(
+                status_code=422,
+                content={"detail": f"{study_uid!r} is not a valid DICOM UID"},
+            )
+        detail = worklist.study_detail(study_uid, aging=rule)
+        if detail is None:
+            return JSONResponse(status_code=404, content={"detail": f"study {study_uid} not found"})
+        return detail
+
+    @app.get("/healthz", summary="Liveness and database check")
+    def healthz() -> JSONResponse:
+        try:
+            worklist.ping()
+        except WorklistError as exc:
+            logger.warning("health check failed: %s", exc)
+            return JSONResponse(
+                status_code=503, content={"status": "error", "database": "unreachable"}
+            )
+        return JSONResponse(content={"status": "ok", "database": "ok"})
+
+    @app.get(
+        "/metrics",
+        summary="Prometheus metrics",
+        response_class=Response,
+        responses={200: {"content": {"text/plain": {}}}},
+    )
+    def get_metrics() -> Response:
+        body, content_type = node_metrics.render()
+        return Response(content=body, media_type=content_type)
+
+    return app
