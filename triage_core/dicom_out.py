@@ -113,27 +113,7 @@ _UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 _CS_RE = re.compile(r"^[A-Z0-9 _]{1,16}$")
 _ORIENTATION_RE = re.compile(r"^[APRLHF]{1,3}$")
 _MIN_CAPTION_SIDE = 64
-_TEXT_VRS = frozenset(
-    (
-        "AE",
-        "AS",
-        "CS",
-        "DA",
-        "DS",
-        "DT",
-        "IS",
-        "LO",
-        "LT",
-        "PN",
-        "SH",
-        "ST",
-        "TM",
-        "UC",
-        "UI",
-        "UR",
-        "UT",
-    )
-)
+_TEXT_VRS = frozenset("AE AS CS DA DS DT IS LO LT PN SH ST TM UC UI UR UT".split())
 _TYPE2_COPIED = (
     "PatientName",
     "PatientID",

@@ -8,8 +8,11 @@ validated with dicom3tools' ``dciodvfy`` (exit 0, no "Error" line), parsed with 
 from __future__ import annotations
 
 import dataclasses
+import os
 import shutil
+import socket
 import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -449,6 +452,53 @@ def test_burn_in_caption_falls_back_to_shorter_text() -> None:
     assert np.all(image == 77), "the input must not be modified"
     _, burned = burn_in_caption(image, ["x" * 500])
     assert not burned
+
+
+def test_dcmtk_storescp_accepts_both_objects(
+    header: Callable[[str], Dataset], spec: ModelSpec, tmp_path: Path
+) -> None:
+    """A real DCMTK C-STORE over loopback: a PACS-like SCP takes the SR and the SC."""
+    storescp, storescu = Path("/usr/bin/storescp"), Path("/usr/bin/storescu")
+    if not (storescp.exists() and storescu.exists()):
+        pytest.skip("DCMTK storescp/storescu are not installed")
+    source = header(SIIM)
+    findings = _findings(spec, source.SOPInstanceUID)
+    sr = build_sr(_result(source.StudyInstanceUID, findings), [source], spec)
+    sc = build_sc(np.zeros((128, 128, 3), np.uint8), source, findings[0], spec)
+    files = [_save(sr, tmp_path / "sr.dcm"), _save(sc, tmp_path / "sc.dcm")]
+    received = tmp_path / "received"
+    received.mkdir()
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "TCP_NODELAY": "1"}
+    server = subprocess.Popen(
+        [str(storescp), "-aet", "PACS", "-od", str(received), str(port)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        for _ in range(100):  # wait until the SCP listens
+            with socket.socket() as client:
+                if client.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            time.sleep(0.05)
+        # -R: propose the files' own SOP classes. DCMTK 3.6.7's default proposal list lacks
+        # Comprehensive 3D SR ("No presentation context for: (SR3)"); the SCP accepts it.
+        sent = subprocess.run(
+            [str(storescu), "-R", "-aec", "PACS", "127.0.0.1", str(port), *map(str, files)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert sent.returncode == 0, sent.stdout + sent.stderr
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+    stored = {pydicom.dcmread(p).SOPInstanceUID for p in received.iterdir()}
+    assert stored == {sr.SOPInstanceUID, sc.SOPInstanceUID}
 
 
 # ---------------------------------------------------------------------------------------------
