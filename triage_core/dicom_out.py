@@ -313,7 +313,7 @@ def _check_sources(sources: Sequence[Dataset], study_uid: str) -> list[Dataset]:
         _require_attrs(
             ds,
             what,
-            ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID", "Modality"),
+            ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID"),
         )
         if ds.StudyInstanceUID != study_uid:
             raise DicomOutputError(
@@ -444,6 +444,11 @@ def build_sr(
                         f"finding {finding.name} comes from image {finding.source_uid!r}, "
                         "which is not among the sources"
                     )
+                _require_attrs(
+                    by_uid[finding.source_uid],
+                    f"source image of {finding.name}",
+                    ("Modality", "Rows", "Columns"),
+                )
                 source_images.append(
                     hd.sr.SourceImageForMeasurementGroup.from_source_image(
                         by_uid[finding.source_uid]

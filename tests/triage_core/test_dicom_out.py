@@ -306,6 +306,19 @@ def test_sr_and_sc_from_sparse_legacy_header(
     assert sc.BodyPartExamined == "CHEST" and sc.PatientOrientation == ""
 
 
+def test_modality_is_needed_only_for_images_behind_a_finding(
+    header: Callable[[str], Dataset], spec: ModelSpec, tmp_path: Path
+) -> None:
+    image, odd = header(RG1), header(RG1_J2KR)
+    del odd.Modality  # a malformed instance of the study that no finding comes from
+    findings = (Finding("Effusion", 0.7, 0.4, True, image.SOPInstanceUID),)
+    sr = build_sr(_result(image.StudyInstanceUID, findings), [image, odd], spec)
+    _dciodvfy(_save(sr, tmp_path / "sr.dcm"))
+    findings = (Finding("Effusion", 0.7, 0.4, True, odd.SOPInstanceUID),)
+    with pytest.raises(DicomOutputError, match="source image of Effusion: required attribute Mod"):
+        build_sr(_result(image.StudyInstanceUID, findings), [image, odd], spec)
+
+
 def test_real_file_with_invalid_uid_is_refused(
     header: Callable[[str], Dataset], spec: ModelSpec
 ) -> None:
