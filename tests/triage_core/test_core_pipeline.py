@@ -1,0 +1,118 @@
+"""triage_study on real DICOM files (random 64 px model: plumbing only, not clinical results)."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from triage_core.inference import Predictor
+from triage_core.pipeline import triage_study
+
+CHEST = "RG1_J2KI.dcm"
+CHEST_SIIM = "1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819.dcm"
+HIP = "RG2_JPLY_fixed.dcm"
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def predictor(tiny_checkpoint: Path) -> Predictor:
+    return Predictor(tiny_checkpoint, batch_size=4)
+
+
+def _truncated(dicom_dir: Path, tmp_path: Path) -> Path:
+    data = (dicom_dir / "RG1_UNCR.dcm").read_bytes()
+    path = tmp_path / "truncated.dcm"
+    path.write_bytes(data[: len(data) // 2])
+    return path
+
+
+def test_mixed_study(dicom_dir: Path, tmp_path: Path, predictor: Predictor) -> None:
+    text = tmp_path / "notes.txt"
+    text.write_text("not an image\n")
+    instances = [
+        ("1.2.3.1", dicom_dir / CHEST),
+        ("1.2.3.2", dicom_dir / HIP),
+        ("1.2.3.3", _truncated(dicom_dir, tmp_path)),
+        ("1.2.3.4", dicom_dir / CHEST_SIIM),
+        ("1.2.3.5", text),
+    ]
+    out = triage_study("1.2.3", instances, predictor)
+    result = out.result
+    assert result.status == "done"
+    assert result.study_uid == "1.2.3"
+    assert [im.uid for im in result.images] == [uid for uid, _ in instances]
+    images = {im.uid: im for im in result.images}
+    assert images["1.2.3.1"].eligible and set(images["1.2.3.1"].probabilities) == set(
+        predictor.spec.class_names
+    )
+    assert not images["1.2.3.2"].eligible and images["1.2.3.2"].reason == "body part HIP"
+    assert images["1.2.3.3"].error and "truncated.dcm" in images["1.2.3.3"].error
+    assert images["1.2.3.5"].error and not images["1.2.3.5"].eligible
+    # findings come from eligible images and remember which one
+    assert [f.name for f in result.findings] == list(predictor.spec.class_names)
+    for finding in result.findings:
+        assert finding.source_uid in {"1.2.3.1", "1.2.3.4"}
+        assert finding.probability == pytest.approx(
+            images[finding.source_uid].probabilities[finding.name]
+        )
+    assert 0.0 <= result.priority_score <= 100.0
+    assert result.priority_level in ("routine", "urgent", "critical")
+    assert result.model_name == "random-test-model" and result.model_version == "0"
+    assert set(result.timings) == {"read", "preprocess", "inference", "cam", "total"}
+    assert all(v >= 0 for v in result.timings.values())
+    # Grad-CAM of the top finding, on its own image, at that image's resolution
+    top = result.top_finding
+    assert top is not None and out.cam_finding == top
+    assert out.cam_source_uid == top.source_uid
+    source = out.datasets[out.cam_source_uid]
+    assert out.cam_overlay is not None
+    assert out.cam_overlay.shape == (source.Rows, source.Columns, 3)
+    assert out.cam_overlay.dtype.name == "uint8"
+    assert set(out.datasets) == {"1.2.3.1", "1.2.3.2", "1.2.3.4"}
+
+
+def test_study_without_eligible_images(
+    dicom_dir: Path, tmp_path: Path, predictor: Predictor
+) -> None:
+    instances = [
+        ("1.5.1", dicom_dir / HIP),
+        ("1.5.2", dicom_dir / "RG2_JLSL.dcm"),
+        ("1.5.3", _truncated(dicom_dir, tmp_path)),
+    ]
+    out = triage_study("1.5", instances, predictor)
+    assert out.result.status == "not_eligible"
+    assert "body part HIP x2" in out.result.reason
+    assert "unreadable" in out.result.reason
+    assert out.result.findings == ()
+    assert out.result.priority_score == 0.0 and out.result.priority_level == "routine"
+    assert out.cam_overlay is None and out.cam_finding is None and out.cam_source_uid == ""
+
+
+def test_without_cam_and_with_duplicates(
+    dicom_dir: Path, tmp_path: Path, predictor: Predictor
+) -> None:
+    copy = tmp_path / "copy.dcm"
+    shutil.copy(dicom_dir / CHEST_SIIM, copy)
+    instances = [("2.1", dicom_dir / CHEST_SIIM), ("2.1", copy)]
+    out = triage_study("2", instances, predictor, with_cam=False)
+    assert out.result.status == "done"
+    assert len(out.result.images) == 1
+    assert out.cam_overlay is None
+    assert all(f.source_uid == "2.1" for f in out.result.findings)
+
+
+def test_empty_study(predictor: Predictor) -> None:
+    out = triage_study("3", [], predictor)
+    assert out.result.status == "not_eligible"
+    assert out.result.reason == "no instances"
