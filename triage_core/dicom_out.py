@@ -222,30 +222,60 @@ def _coding_schemes() -> list[Any]:
     ]
 
 
+def _invalid_text(element: Any) -> str | None:
+    """Why a text element's value breaks its VR, or ``None`` when it is valid (or not text)."""
+    from pydicom import config
+    from pydicom.valuerep import validate_value
+
+    if element.VR not in _TEXT_VRS or element.value is None:
+        return None
+    values = element.value if isinstance(element.value, MultiValue) else [element.value]
+    try:
+        for value in values:
+            validate_value(element.VR, str(value), validation_mode=config.RAISE)
+    except (ValueError, TypeError) as exc:
+        return str(exc)
+    return None
+
+
+def _sequence_is_valid(element: Any) -> bool:
+    for item in element.value or []:
+        for nested in item:
+            if nested.VR == "SQ" and not _sequence_is_valid(nested):
+                return False
+            if _invalid_text(nested) is not None:
+                return False
+    return True
+
+
+def _valid_elements(ds: Dataset, what: str) -> Dataset:
+    """A copy of ``ds`` without pixel data, private tags and values that break their VR.
+
+    An invalid value at the top level drops that attribute; one inside a sequence drops the
+    whole sequence (removing a single nested attribute could leave an invalid item behind).
+    """
+    copy = Dataset()
+    for element in ds:
+        if element.tag.group == 0x7FE0 or element.tag.is_private:
+            continue
+        if element.VR == "SQ":
+            if not _sequence_is_valid(element):
+                logger.debug("%s: dropping %s (invalid values inside)", what, element.keyword)
+                continue
+        elif (reason := _invalid_text(element)) is not None:
+            logger.debug("%s: dropping invalid %s (%s)", what, element.keyword, reason)
+            continue
+        copy.add(element)
+    return copy
+
+
 def _sanitized_reference(ds: Dataset, what: str) -> Dataset:
     """A header-only copy of ``ds`` for highdicom to copy patient/study data from.
 
     Values that break their VR (e.g. a Patient's Age ``62`` without unit, seen in real files)
     are dropped instead of being copied into our objects; everything that is copied is valid.
     """
-    from pydicom import config
-    from pydicom.valuerep import validate_value
-
-    copy = Dataset()
-    for element in ds:
-        if element.tag.group == 0x7FE0 or element.tag.is_private:
-            continue
-        if element.VR in _TEXT_VRS and element.value is not None:
-            values = element.value if isinstance(element.value, MultiValue) else [element.value]
-            try:
-                for value in values:
-                    validate_value(element.VR, str(value), validation_mode=config.RAISE)
-            except (ValueError, TypeError) as exc:
-                logger.debug(
-                    "%s: dropping invalid %s (%s)", what, element.keyword or element.tag, exc
-                )
-                continue
-        copy.add(element)
+    copy = _valid_elements(ds, what)
     # highdicom reads these Type 2 attributes unconditionally; absent or invalid -> empty.
     for keyword in _TYPE2_COPIED:
         if keyword not in copy:

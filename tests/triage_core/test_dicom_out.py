@@ -292,6 +292,10 @@ def test_sr_and_sc_from_sparse_legacy_header(
         if keyword in source:
             delattr(source, keyword)
     source.PatientSex = "male"  # invalid CS: dropped, written empty
+    other_id = Dataset()
+    other_id.PatientID = "OTHER-1"
+    other_id.TypeOfPatientID = "not a CS value"  # invalid inside a sequence: sequence dropped
+    source.OtherPatientIDsSequence = [other_id]
     findings = _findings(spec, source.SOPInstanceUID)
     sr_path = _save(
         build_sr(_result(source.StudyInstanceUID, findings), [source], spec), tmp_path / "sr.dcm"
@@ -299,6 +303,7 @@ def test_sr_and_sc_from_sparse_legacy_header(
     _dciodvfy(sr_path)
     back = pydicom.dcmread(sr_path)
     assert back.PatientSex == "" and back.StudyID == "" and back.PatientID == "9RG1"
+    assert "OtherPatientIDsSequence" not in back
     overlay = np.zeros((80, 96, 3), np.uint8)
     sc_path = _save(build_sc(overlay, source, findings[0], spec), tmp_path / "sc.dcm")
     _dciodvfy(sc_path)
