@@ -1,0 +1,167 @@
+"""``triage predict`` on real DICOM files, broken inputs and PNGs (random 64 px model)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from dicom_node import cmd_predict
+
+CHEST = [
+    "RG1_J2KI.dcm",
+    "1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819.dcm",
+    "Fake_MONOHR1.dcm",
+]
+HIP = ["RG2_JPLY_fixed.dcm", "RG2_JLSL.dcm"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def _run(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="triage predict")
+    cmd_predict.add_arguments(parser)
+    return cmd_predict.run(parser.parse_args(argv))
+
+
+@pytest.fixture
+def broken(dicom_dir: Path, tmp_path: Path) -> list[Path]:
+    data = (dicom_dir / "RG1_UNCR.dcm").read_bytes()
+    truncated = tmp_path / "truncated.dcm"
+    truncated.write_bytes(data[: len(data) // 3])
+    text = tmp_path / "notes.txt"
+    text.write_text("this is not an image\n")
+    return [truncated, text]
+
+
+def test_mixed_inputs_json_lines(
+    dicom_dir: Path,
+    tiny_checkpoint: Path,
+    broken: list[Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    inputs = [dicom_dir / CHEST[0], dicom_dir / HIP[0], broken[0], dicom_dir / CHEST[1]]
+    inputs += [broken[1], dicom_dir / CHEST[2]]
+    cam_dir = tmp_path / "cams"
+    rc = _run(["--model", str(tiny_checkpoint), "--cam-dir", str(cam_dir), *map(str, inputs)])
+    assert rc == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == len(inputs)
+    records = [json.loads(line) for line in lines]
+    assert [r["path"] for r in records] == [str(p) for p in inputs]
+    classes = ["Atelectasis", "Effusion", "Infiltration"]
+    for record in records:
+        assert record["model"] == {"name": "random-test-model", "version": "0"}
+        for key in ("eligible", "reason", "probabilities", "findings"):
+            assert key in record
+        assert "priority_score" in record and "priority_level" in record
+    eligible = [records[i] for i in (0, 3, 5)]
+    for record in eligible:
+        assert record["eligible"] is True and "error" not in record
+        assert list(record["probabilities"]) == classes
+        assert all(0.0 < p < 1.0 for p in record["probabilities"].values())
+        present = [c for c in classes if record["probabilities"][c] >= 0.5]
+        assert record["findings"] == present
+        assert 0.0 <= record["priority_score"] <= 100.0
+        assert record["priority_level"] in ("routine", "urgent", "critical")
+        # one overlay PNG per eligible input, at the source resolution
+        cam = Path(record["cam"])
+        assert cam.parent == cam_dir and cam.suffix == ".png"
+        with Image.open(cam) as png:
+            assert png.mode == "RGB"
+            size = png.size
+        rows, cols = (1955, 1841) if "RG1" in record["path"] else (1024, 1024)
+        assert size == (cols, rows)
+    hip = records[1]
+    assert hip["eligible"] is False and hip["reason"] == "body part HIP"
+    assert hip["probabilities"] == {} and hip["findings"] == [] and "error" not in hip
+    assert hip["priority_score"] is None
+    for record in (records[2], records[4]):
+        assert record["eligible"] is False
+        assert record["error"] and Path(record["path"]).name in record["error"]
+        assert "cam" not in record
+    assert len(list(cam_dir.iterdir())) == 3
+
+
+def test_table_format(
+    dicom_dir: Path, tiny_checkpoint: Path, broken: list[Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    inputs = [dicom_dir / CHEST[1], dicom_dir / HIP[1], broken[1]]
+    rc = _run(["--model", str(tiny_checkpoint), "--format", "table", *map(str, inputs)])
+    assert rc == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("PATH") and "PRIORITY" in out[0]
+    assert " ok " in out[1] and "Atelectasis" in out[1]
+    assert "not eligible" in out[2] and "body part HIP" in out[2]
+    assert "error" in out[3]
+    assert out[-1].startswith("model: random-test-model v0")
+
+
+def test_png_input_and_directory(
+    cxr14_dir: Path, tiny_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = tmp_path / "pngs"
+    folder.mkdir()
+    for png in sorted((cxr14_dir / "256").glob("*.png"))[:2]:
+        (folder / png.name).symlink_to(png)
+    rc = _run(["--model", str(tiny_checkpoint), "--batch-size", "1", str(folder)])
+    assert rc == 0
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(records) == 2
+    assert all(r["eligible"] and len(r["probabilities"]) == 3 for r in records)
+
+
+def test_exit_1_when_nothing_readable(
+    tiny_checkpoint: Path, broken: list[Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    rc = _run(["--model", str(tiny_checkpoint), *map(str, broken)])
+    assert rc == 1
+    captured = capsys.readouterr()
+    assert len(captured.out.splitlines()) == 2
+    assert "no input could be read" in captured.err
+
+
+def test_exit_2_on_model_problems(
+    dicom_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rc = _run(["--model", str(tmp_path / "missing"), str(dicom_dir / CHEST[1])])
+    assert rc == 2
+    assert "missing" in capsys.readouterr().err
+    from triage_core.errors import CheckpointError
+    from triage_core.models import default_checkpoint_path
+
+    try:
+        default_checkpoint_path()
+    except CheckpointError:
+        rc = _run([str(dicom_dir / CHEST[1])])
+        assert rc == 2
+        assert "--model" in capsys.readouterr().err
+    else:
+        pytest.skip("a default model is shipped: the no-model message cannot be shown")
+
+
+def test_through_the_triage_command(
+    dicom_dir: Path, tiny_checkpoint: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from dicom_node import cli
+
+    try:
+        parser = cli.build_parser()
+    except ImportError as exc:
+        pytest.skip(f"another subcommand is not importable yet: {exc}")
+    args = parser.parse_args(["predict", "--model", str(tiny_checkpoint), str(dicom_dir / HIP[0])])
+    assert args._module == "dicom_node.cmd_predict"
+    assert cli.main(["predict", "--model", str(tiny_checkpoint), str(dicom_dir / HIP[0])]) == 0
+    assert json.loads(capsys.readouterr().out)["reason"] == "body part HIP"
