@@ -847,7 +847,8 @@ def findings_from_sr(ds: Dataset | str | Path) -> dict[str, tuple[float, bool]]:
     Returns
     -------
     dict
-        ``{class name: (probability, present)}`` in the SR's order.
+        ``{class name: (probability, present)}`` in the SR's order. Probabilities are exact:
+        each NUM item carries the FD Floating Point Value next to the 16-character DS.
 
     Raises
     ------

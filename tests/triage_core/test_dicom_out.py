@@ -169,6 +169,12 @@ def test_sr_round_trip_on_real_source(
         f.name: (pytest.approx(f.probability, abs=1e-9), f.present) for f in findings
     }
     assert findings_from_sr(path)["Infiltration"] == (pytest.approx(0.6), True)
+    exact = 0.12345678901234568  # more digits than a DS holds: read back from the FD value
+    precise = (Finding("Effusion", exact, 0.4, False, source.SOPInstanceUID),)
+    precise_sr = build_sr(_result(source.StudyInstanceUID, precise), [source], spec)
+    assert findings_from_sr(_save(precise_sr, tmp_path / "precise.dcm")) == {
+        "Effusion": (exact, False)
+    }
     assert priority_from_sr(back) == (pytest.approx(72.5), "urgent")
 
     # highdicom reads it as a TID 1500 report with one group per finding plus the priority.
