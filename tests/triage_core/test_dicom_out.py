@@ -40,8 +40,8 @@ SIIM = "1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819.dcm"
 COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
 DEVICE_UID = "2.25.123456789012345678901234567890"
 
-# Source headers carry single-component person names; highdicom warns about them (harmless).
-# and some real (or deliberately broken) headers hold invalid values pydicom warns about on read.
+# Source headers carry single-component person names, which highdicom warns about, and some
+# real (or deliberately broken) headers hold invalid values pydicom warns about on read: harmless.
 pytestmark = [
     pytest.mark.filterwarnings("ignore:The string .* is unlikely to represent:UserWarning"),
     pytest.mark.filterwarnings("ignore:Invalid value for VR:UserWarning"),
