@@ -98,6 +98,10 @@ def quiet_default_logging(verbosity: int) -> None:
     if verbosity <= 0:
         for name in ("dicom_node", "triage_core"):
             logging.getLogger(name).setLevel(logging.INFO)
+    if verbosity <= 1:
+        # "job skipped: maximum number of running instances reached" is expected when a
+        # poll overlaps a slow one; it is not worth a warning line every 0.2 s.
+        logging.getLogger("apscheduler").setLevel(logging.ERROR)
 
 
 def run_service(args: argparse.Namespace, role: str) -> int:

@@ -44,6 +44,7 @@ if TYPE_CHECKING:
     from pynetdicom.dimse_primitives import C_STORE
     from pynetdicom.events import Event
 
+    from dicom_node.metrics import Metrics
     from dicom_node.settings import AllowedPeer
 
 logger = logging.getLogger(__name__)
@@ -345,6 +346,7 @@ class StoreContext:
     record: Callable[[HeaderInfo, Path, int, str], bool]
     log_phi: bool = False
     fsync: bool = True
+    metrics: Metrics | None = None
     stats: dict[str, int] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -355,9 +357,15 @@ class StoreContext:
         self.spool.mkdir(parents=True, exist_ok=True)
         self.quarantine.mkdir(parents=True, exist_ok=True)
 
-    def count(self, key: str) -> None:
+    def count(self, key: str, reason: str = "") -> None:
+        """Count an outcome (``stored``, ``duplicate``, ``rejected``, ``failed``)."""
         with self._lock:
             self.stats[key] = self.stats.get(key, 0) + 1
+        if self.metrics is not None:
+            if key == "stored":
+                self.metrics.instances_received.inc()
+            elif key in ("rejected", "failed"):
+                self.metrics.instances_rejected.labels(reason=reason or key).inc()
 
     def describe(self, info: HeaderInfo) -> str:
         if self.log_phi:
@@ -466,8 +474,8 @@ def handle_store(event: Event, ctx: StoreContext) -> int:
     transfer_syntax = str(event.context.transfer_syntax)
     data = event.encoded_dataset(include_meta=False)
 
-    def reject(status: int, reason: str, chunks: Sequence[bytes | memoryview]) -> int:
-        ctx.count("rejected")
+    def reject(status: int, reason: str, chunks: Sequence[bytes | memoryview], label: str) -> int:
+        ctx.count("rejected", label)
         where = quarantine(ctx, chunks, reason, calling)
         logger.warning(
             "C-STORE from %s refused with 0x%04X: %s (quarantined as %s)",
@@ -485,14 +493,17 @@ def handle_store(event: Event, ctx: StoreContext) -> int:
         check_uid(info.study_uid, "Study Instance UID")
         check_uid(info.series_uid, "Series Instance UID")
         check_uid(info.sop_instance_uid, "SOP Instance UID")
-    except (ImageReadError, InvalidUIDError) as exc:
-        return reject(STATUS_CANNOT_UNDERSTAND, str(exc), [data])
+    except InvalidUIDError as exc:
+        return reject(STATUS_CANNOT_UNDERSTAND, str(exc), [data], "invalid_uid")
+    except ImageReadError as exc:
+        return reject(STATUS_CANNOT_UNDERSTAND, str(exc), [data], "undecodable")
     if info.sop_instance_uid != req_sop or (info.sop_class_uid and info.sop_class_uid != req_class):
         return reject(
             STATUS_DATASET_MISMATCH,
             f"data set UIDs ({info.sop_class_uid}, {info.sop_instance_uid}) differ from the "
             f"request ({req_class}, {req_sop})",
             [data],
+            "dataset_mismatch",
         )
 
     from pynetdicom.dsutils import encode_file_meta  # cheap: pynetdicom is loaded already
@@ -500,7 +511,9 @@ def handle_store(event: Event, ctx: StoreContext) -> int:
     meta = encode_file_meta(event.file_meta)
     path = ctx.spool / info.study_uid / info.series_uid / f"{info.sop_instance_uid}.dcm"
     if not _is_inside(path.parent, ctx.spool):  # belt and braces: grammar already excludes it
-        return reject(STATUS_CANNOT_UNDERSTAND, "path would leave the spool folder", [data])
+        return reject(
+            STATUS_CANNOT_UNDERSTAND, "path would leave the spool folder", [data], "invalid_uid"
+        )
     try:
         if path.is_file():
             # A repeat keeps the first copy (renamed in whole, so complete); it is recorded
@@ -509,8 +522,9 @@ def handle_store(event: Event, ctx: StoreContext) -> int:
         else:
             size = write_durable(path, [_PREAMBLE, meta, data], ctx.storage, ctx.fsync)
     except OSError as exc:
-        ctx.count("failed")
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+        ctx.count("failed", "disk_full" if full else "storage_error")
+        if full:
             logger.error("C-STORE from %s: disk full writing %s: %s", calling, path.name, exc)
         else:
             logger.error("C-STORE from %s: cannot write %s: %s", calling, path.name, exc)
@@ -519,7 +533,7 @@ def handle_store(event: Event, ctx: StoreContext) -> int:
     try:
         new = ctx.record(info, path, size, calling)
     except TriageError as exc:
-        ctx.count("failed")
+        ctx.count("failed", "database")
         logger.error("C-STORE from %s: instance %s not recorded: %s", calling, req_sop, exc)
         return STATUS_OUT_OF_RESOURCES
     ctx.count("stored" if new else "duplicate")

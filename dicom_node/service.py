@@ -44,6 +44,7 @@ from triage_core.errors import DeliveryError, TriageError, WorklistError
 if TYPE_CHECKING:
     import pydicom
 
+    from dicom_node.metrics import Metrics
     from triage_core.inference import Predictor
     from triage_core.spec import ModelSpec
     from triage_core.worklist import ClaimedStudy, DeliveryRow, Worklist
@@ -152,6 +153,7 @@ class NodeService:
         self.node_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.worklist: Worklist | None = None
         self.store: StoreContext | None = None
+        self.metrics: Metrics | None = None
         self.scp: Any = None
         self.scheduler: Any = None
         self.http_server: Any = None
@@ -168,6 +170,9 @@ class NodeService:
         """Start every part; the DICOM port opens last, so a C-ECHO answer means ready."""
         settings = self.settings
         self.worklist = open_worklist(settings)
+        from dicom_node.metrics import Metrics
+
+        self.metrics = Metrics(self.worklist)
         logger.info("worklist %s", settings.redacted_url())
         if settings.workers > 0:
             self._load_models()
@@ -186,6 +191,7 @@ class NodeService:
                 storage=settings.storage,
                 record=make_recorder(self.worklist),
                 log_phi=settings.log_phi,
+                metrics=self.metrics,
             )
             self.scp = start_scp(settings, self.store)
         logger.info(
@@ -249,6 +255,7 @@ class NodeService:
         )
         self._predictor = predictor
         self.spec = predictor.spec
+        self._warm_up(predictor)
         logger.info(
             "%s (loaded in %.1f s, device %s, mode %s)",
             describe_model(self.spec, self.model_path),
@@ -256,6 +263,23 @@ class NodeService:
             settings.device,
             getattr(predictor, "mode", "?"),
         )
+
+    def _warm_up(self, predictor: Predictor) -> None:
+        """Pay one-time costs before the port opens: first forward, Grad-CAM import and hooks,
+        the DICOM output stack. The first study then takes as long as the next ones."""
+        import numpy as np
+
+        started = time.perf_counter()
+        predictor.warmup()
+        if self.settings.with_cam:
+            size = predictor.spec.input_size
+            image = np.random.default_rng(0).random((size, size)).astype(np.float32)
+            predictor.explainer().explain(image, 0)
+        import highdicom  # noqa: F401 - imported for its import time only
+
+        from triage_core import dicom_out, pipeline  # noqa: F401
+
+        logger.info("warm-up done in %.1f s", time.perf_counter() - started)
 
     # ------------------------------------------------------------------ scheduler
     def _start_scheduler(self) -> None:
@@ -453,6 +477,9 @@ class NodeService:
             timings,
         )
         self.processed += 1
+        if self.metrics is not None:
+            self.metrics.studies_processed.labels(status=final).inc()
+            self.metrics.inference_seconds.observe(seconds)
         if outputs and self.settings.destinations:
             self._wake_delivery()
         return ProcessOutcome(study_uid, final, tuple(p for _, p in outputs), seconds)
@@ -469,6 +496,8 @@ class NodeService:
             logger.error("study %s: could not record the failure: %s", claimed.study_uid, exc)
             status = "lost-lease"
         logger.error("study %s stage=%s: %s", claimed.study_uid, status, error)
+        if self.metrics is not None and status == "failed":
+            self.metrics.studies_processed.labels(status="failed").inc()
         return ProcessOutcome(claimed.study_uid, status, (), time.perf_counter() - started)
 
     def _triage_and_write(
@@ -550,6 +579,8 @@ class NodeService:
                         logger.error("delivery %d sent but not recorded: %s", row.id, exc)
                         continue
                     sent += 1
+                    if self.metrics is not None:
+                        self.metrics.deliveries_sent.inc()
                 else:
                     permanent = res.status is not None and any(
                         (res.status & 0xFF00) == code or (res.status & 0xF000) == code
@@ -573,6 +604,8 @@ class NodeService:
 
     def _mark_failed(self, row: DeliveryRow, error: str, permanent: bool) -> None:
         assert self.worklist is not None
+        if self.metrics is not None:
+            self.metrics.deliveries_failed.inc()
         try:
             self.worklist.mark_delivery_failed(row.id, error, permanent=permanent)
         except WorklistError as exc:
@@ -588,7 +621,8 @@ class NodeService:
 
         from dicom_node.api import create_app
 
-        app = create_app(self.worklist)
+        assert self.worklist is not None
+        app = create_app(self.worklist, self.metrics)
         config = uvicorn.Config(
             app,
             host=settings.http_host,

@@ -224,10 +224,12 @@ def test_disk_full_answers_out_of_resources(tmp_path: Path) -> None:
     ds = pydicom.dcmread(good)
     payload = _dataset_bytes(good)
     recorded: list[str] = []
-    ctx = StoreContext(
-        storage=tmp_path / "storage",
-        record=lambda info, path, size, ae: recorded.append(info.sop_instance_uid) or True,
-    )
+
+    def record(info: object, path: Path, size: int, ae: str) -> bool:
+        recorded.append(str(path))
+        return True
+
+    ctx = StoreContext(storage=tmp_path / "storage", record=record)
     study_dir = ctx.spool / str(ds.StudyInstanceUID)
     study_dir.write_bytes(b"not a folder")  # mkdir of the series folder now fails
     from pydicom.dataset import FileMetaDataset
@@ -235,7 +237,7 @@ def test_disk_full_answers_out_of_resources(tmp_path: Path) -> None:
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = ds.SOPClassUID
     meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    meta.TransferSyntaxUID = "1.2.840.10008.1.2.1"
+    meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
     request = SimpleNamespace(
         AffectedSOPInstanceUID=ds.SOPInstanceUID, AffectedSOPClassUID=ds.SOPClassUID
     )

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import signal
 import socket
@@ -105,6 +106,35 @@ def wait_port(port: int, timeout: float) -> bool:
     return False
 
 
+_LAUNCHER = """
+import argparse, importlib, sys
+from dicom_node import cli
+parser = argparse.ArgumentParser(prog="triage")
+parser.add_argument("-v", "--verbose", action="count", default=0)
+sub = parser.add_subparsers(dest="command", required=True)
+for name in ("serve", "worker"):
+    module = cli.SUBCOMMANDS[name][0]
+    sp = sub.add_parser(name)
+    importlib.import_module(module).add_arguments(sp)
+    sp.set_defaults(_module=module)
+args = parser.parse_args()
+cli.configure_logging(args.verbose)
+sys.exit(importlib.import_module(args._module).run(args))
+"""
+
+
+@functools.lru_cache(maxsize=1)
+def triage_command() -> tuple[str, ...]:
+    """``.venv/bin/triage``, or (while other subcommands of the CLI are still missing in this
+    working tree) the same dispatcher restricted to ``serve`` and ``worker``."""
+    probe = subprocess.run(
+        [str(TRIAGE), "--version"], capture_output=True, text=True, timeout=120, check=False
+    )
+    if probe.returncode == 0:
+        return (str(TRIAGE),)
+    return (sys.executable, "-c", _LAUNCHER)
+
+
 class ServeProcess:
     """A real ``triage serve`` (or ``triage worker``) subprocess; log in ``log_path``."""
 
@@ -117,7 +147,7 @@ class ServeProcess:
     def start(self) -> ServeProcess:
         log = open(self.log_path, "ab")  # noqa: SIM115 - closed by the subprocess lifetime
         self.proc = subprocess.Popen(
-            [str(TRIAGE), *self.args], stdout=log, stderr=subprocess.STDOUT, env=self.env
+            [*triage_command(), *self.args], stdout=log, stderr=subprocess.STDOUT, env=self.env
         )
         log.close()
         return self
@@ -192,7 +222,7 @@ def synthetic_cr(
     rng = np.random.default_rng(seed)
     pixels = (rng.random((size, size)) * 4095).astype(np.uint16)
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1"
+    meta.MediaStorageSOPClassUID = pydicom.uid.UID("1.2.840.10008.5.1.4.1.1.1")
     sop_uid = generate_uid()
     meta.MediaStorageSOPInstanceUID = sop_uid
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
