@@ -33,9 +33,11 @@ Scheduling and workers
   ``queued`` study (FIFO by first arrival), now ``processing`` with a lease; ``attempts`` + 1.
   ``FOR UPDATE SKIP LOCKED`` on PostgreSQL, ``BEGIN IMMEDIATE`` on SQLite.
 - ``renew_lease(study_uid, worker_id, lease_seconds, now=None) -> float`` (new expiry).
-- ``complete_study(study_uid, worker_id, result: StudyResult, now=None) -> str``: stores
-  findings, priority, model, timings and per-image results; status ``done`` / ``not_eligible``
-  (or ``receiving`` when instances arrived meanwhile); returns the new status.
+- ``complete_study(study_uid, worker_id, result: StudyResult, now=None, *, deliveries=())
+  -> str``: stores findings, priority, model, timings and per-image results, and registers the
+  ``(sop_uid, path, destination)`` deliveries in the same transaction; status ``done`` /
+  ``not_eligible`` (or ``receiving``, attempts reset, when instances arrived meanwhile);
+  returns the new status.
 - ``fail_study(study_uid, worker_id, error, *, retry=False, now=None) -> str``: ``failed``, or
   back to ``queued`` when ``retry`` and attempts remain.
 - ``recover_expired_leases(now=None) -> Recovered``: expired ``processing`` studies go back to
@@ -362,12 +364,6 @@ def _build_metadata() -> tuple[MetaData, dict[str, Table]]:
     return md, tables
 
 
-def _level_rank(level: str | None) -> int:
-    if level in PRIORITY_LEVELS:
-        return PRIORITY_LEVELS.index(level)
-    return -1
-
-
 AgingFunction = Callable[[float, float], float]
 
 
@@ -622,9 +618,15 @@ class Worklist:
         ts = time.time() if now is None else float(now)
         studies = self._tables["studies"]
         instances = self._tables["instances"]
-        out: list[bool] = []
+        out = [False] * len(records)
+        # Rows are locked in one global order (study, then SOP UID) so that two concurrent
+        # batches on PostgreSQL cannot deadlock on each other's study rows.
+        order = sorted(
+            range(len(records)), key=lambda k: (records[k].study_uid, records[k].sop_uid)
+        )
         with self._write() as conn:
-            for rec in records:
+            for index in order:
+                rec = records[index]
                 conn.execute(
                     self._insert(studies)
                     .values(
@@ -659,7 +661,7 @@ class Worklist:
                 )
                 # RETURNING, not rowcount: drivers need not report rowcount for INSERT
                 is_new = inserted.first() is not None
-                out.append(is_new)
+                out[index] = is_new
                 if not is_new:
                     logger.debug("instance %s already recorded", rec.sop_uid)
                     continue
@@ -825,12 +827,31 @@ class Worklist:
         return expires
 
     def complete_study(
-        self, study_uid: str, worker_id: str, result: StudyResult, now: float | None = None
+        self,
+        study_uid: str,
+        worker_id: str,
+        result: StudyResult,
+        now: float | None = None,
+        *,
+        deliveries: Sequence[tuple[str, str | Path, str]] = (),
     ) -> str:
         """Store a study's result and finish it.
 
         Findings (probability, present, threshold, source image), priority score and level,
         model name and version, timings and per-image results replace any earlier result.
+
+        Parameters
+        ----------
+        study_uid, worker_id : str
+            The study and the worker holding its lease.
+        result : StudyResult
+            What the pipeline found (``status`` ``done`` or ``not_eligible``).
+        now : float, optional
+            Current time (epoch seconds).
+        deliveries : sequence of (sop_uid, path, destination)
+            Output objects to send, registered in the SAME transaction (as :meth:`add_delivery`
+            would, idempotent on ``(sop_uid, destination)``): either the result and its
+            deliveries are stored, or neither is (e.g. when the lease was lost meanwhile).
 
         Returns
         -------
@@ -854,6 +875,16 @@ class Worklist:
         score = float(result.priority_score)
         if not math.isfinite(score):
             raise WorklistError(f"priority score must be finite, got {score!r}")
+        names = [f.name for f in result.findings]
+        if len(set(names)) != len(names):
+            raise WorklistError(f"result repeats a finding: {names}")
+        uids = [img.uid for img in result.images]
+        if len(set(uids)) != len(uids):
+            raise WorklistError("result repeats an image UID")
+        for sop_uid, _path, destination in deliveries:
+            _check_uid("SOP Instance UID", sop_uid)
+            if not destination:
+                raise WorklistError("delivery destination must not be empty")
         finding_rows = []
         for f in result.findings:
             if not math.isfinite(float(f.probability)):
@@ -892,11 +923,14 @@ class Worklist:
                 conn.execute(self._tables["results"].insert(), finding_rows)
             if image_rows:
                 conn.execute(self._tables["image_results"].insert(), image_rows)
+            for sop_uid, path, destination in deliveries:
+                self._insert_delivery(conn, study_uid, sop_uid, path, destination, ts)
             conn.execute(
                 update(studies)
                 .where(studies.c.study_uid == study_uid)
                 .values(
                     status=new_status,
+                    attempts=0 if held.rerun else held.attempts,
                     reason=result.reason,
                     error="",
                     priority_score=score,
@@ -964,6 +998,7 @@ class Worklist:
                 .where(studies.c.study_uid == study_uid)
                 .values(
                     status=status,
+                    attempts=0 if held.rerun else held.attempts,
                     error=str(error),
                     lease_owner=None,
                     lease_expires_at=None,
@@ -1022,35 +1057,48 @@ class Worklist:
 
         Idempotent on ``(sop_uid, destination)``: a repeat returns the existing id.
         """
-        from sqlalchemy import select
 
         _check_uid("SOP Instance UID", sop_uid)
         if not destination:
             raise WorklistError("destination must not be empty")
         ts = time.time() if now is None else float(now)
-        deliveries = self._tables["deliveries"]
         with self._write() as conn:
-            conn.execute(
-                self._insert(deliveries)
-                .values(
-                    study_uid=study_uid,
-                    sop_uid=sop_uid,
-                    path=str(path),
-                    destination=destination,
-                    status="pending",
-                    attempts=0,
-                    next_attempt_at=ts,
-                    last_error="",
-                    created_at=ts,
-                    updated_at=ts,
-                )
-                .on_conflict_do_nothing(index_elements=["sop_uid", "destination"])
+            delivery_id = self._insert_delivery(conn, study_uid, sop_uid, path, destination, ts)
+        return int(delivery_id)
+
+    def _insert_delivery(
+        self,
+        conn: Connection,
+        study_uid: str,
+        sop_uid: str,
+        path: str | Path,
+        destination: str,
+        ts: float,
+    ) -> int:
+        from sqlalchemy import select
+
+        deliveries = self._tables["deliveries"]
+        conn.execute(
+            self._insert(deliveries)
+            .values(
+                study_uid=study_uid,
+                sop_uid=sop_uid,
+                path=str(path),
+                destination=destination,
+                status="pending",
+                attempts=0,
+                next_attempt_at=ts,
+                last_error="",
+                created_at=ts,
+                updated_at=ts,
             )
-            delivery_id = conn.execute(
-                select(deliveries.c.id).where(
-                    deliveries.c.sop_uid == sop_uid, deliveries.c.destination == destination
-                )
-            ).scalar_one()
+            .on_conflict_do_nothing(index_elements=["sop_uid", "destination"])
+        )
+        delivery_id = conn.execute(
+            select(deliveries.c.id).where(
+                deliveries.c.sop_uid == sop_uid, deliveries.c.destination == destination
+            )
+        ).scalar_one()
         return int(delivery_id)
 
     @staticmethod

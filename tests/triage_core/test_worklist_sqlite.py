@@ -504,3 +504,55 @@ def test_concurrent_claims_with_threads(wl: Worklist) -> None:
     assert not errors
     assert Counter(claims) == Counter(study(n) for n in range(20))
     assert wl.counts_by_status()["done"] == 20
+
+
+def test_complete_study_registers_deliveries_atomically(wl: Worklist) -> None:
+    sr, sc = f"{ROOT}.9.1", f"{ROOT}.9.2"
+    outputs = [(sr, "/out/sr.dcm", "PACS@h:104"), (sc, "/out/sc.dcm", "PACS@h:104")]
+    wl.record_instance(study(1), sop(1), "/s/1", now=0.0)
+    wl.queue_stable_studies(0, now=0.0)
+    assert wl.claim_study("w1", 10, now=1.0) is not None
+    wl.recover_expired_leases(now=20.0)  # w1 lost its lease
+    with pytest.raises(WorklistError, match="no longer holds"):
+        wl.complete_study(study(1), "w1", result_for(study(1), 60.0), now=21.0, deliveries=outputs)
+    assert wl.due_deliveries(now=100.0) == []  # neither result nor deliveries stored
+    assert wl.claim_study("w2", 10, now=22.0) is not None
+    status = wl.complete_study(
+        study(1), "w2", result_for(study(1), 60.0), now=23.0, deliveries=outputs
+    )
+    assert status == "done"
+    due = wl.due_deliveries(now=23.0)
+    assert [(d.sop_uid, d.path, d.destination) for d in due] == [
+        (sr, Path("/out/sr.dcm"), "PACS@h:104"),
+        (sc, Path("/out/sc.dcm"), "PACS@h:104"),
+    ]
+    with pytest.raises(InvalidUIDError):
+        wl.complete_study(
+            study(1), "w2", result_for(study(1), 1.0), deliveries=[("bad uid", "/x", "A@h:1")]
+        )
+
+
+def test_complete_study_refuses_repeated_findings(wl: Worklist) -> None:
+    wl.record_instance(study(1), sop(1), "/s/1", now=0.0)
+    wl.queue_stable_studies(0, now=0.0)
+    assert wl.claim_study("w", 10, now=1.0) is not None
+    finding = Finding("Effusion", 0.5, 0.5, True)
+    twice = StudyResult(study(1), "done", findings=(finding, finding), priority_score=50.0)
+    with pytest.raises(WorklistError, match="repeats a finding"):
+        wl.complete_study(study(1), "w", twice, now=2.0)
+    image = ImageResult(sop(1), True)
+    images = StudyResult(study(1), "done", images=(image, image))
+    with pytest.raises(WorklistError, match="repeats an image"):
+        wl.complete_study(study(1), "w", images, now=2.0)
+    assert wl.counts_by_status()["processing"] == 1  # nothing changed
+
+
+def test_rerun_resets_attempts(wl: Worklist) -> None:
+    # max_attempts=2: without the reset, the second claim would be the last one
+    wl.record_instance(study(1), sop(1), "/s/1", now=0.0)
+    wl.queue_stable_studies(0, now=0.0)
+    assert wl.claim_study("w", 10, now=1.0) is not None
+    wl.record_instance(study(1), sop(1, 2), "/s/2", now=2.0)
+    assert wl.fail_study(study(1), "w", "oops", now=3.0) == "receiving"
+    detail = wl.study_detail(study(1))
+    assert detail is not None and detail["attempts"] == 0 and detail["error"] == "oops"
