@@ -78,7 +78,8 @@ Queries (JSON-ready dicts; timestamps are ISO 8601 UTC strings)
   ``not_eligible``, ``failed``, no pending delivery) last updated before the cut-off and returns
   the spool and outbox paths the caller should delete.
 
-Helpers: ``STUDY_STATUSES``, ``DELIVERY_STATUSES``, ``InstanceRecord``, ``ClaimedStudy``,
+Helpers: ``SCHEMA_VERSION`` (kept in table ``worklist_meta``; ``create_all`` refuses another
+version), ``STUDY_STATUSES``, ``DELIVERY_STATUSES``, ``InstanceRecord``, ``ClaimedStudy``,
 ``DeliveryRow``, ``Recovered``, ``is_valid_uid``, ``hash_identifier``.
 
 Time is stored as float seconds since the epoch (UTC); every method takes an optional ``now``
@@ -131,6 +132,9 @@ _FINISHED_STATUSES: tuple[str, ...] = ("done", "not_eligible", "failed")
 
 _UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 _SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")
+#: Version of the table layout, stored in ``worklist_meta``; bump with every schema change.
+SCHEMA_VERSION = 1
+_PG_SCHEMA_LOCK = 0x43585254  # advisory lock key serialising create_all across processes
 
 
 def is_valid_uid(uid: object) -> bool:
@@ -354,7 +358,14 @@ def _build_metadata() -> tuple[MetaData, dict[str, Table]]:
         Index("ix_deliveries_status_next", "status", "next_attempt_at"),
         Index("ix_deliveries_study", "study_uid"),
     )
+    meta = Table(
+        "worklist_meta",
+        md,
+        Column("key", String(64), primary_key=True),
+        Column("value", Text, nullable=False),
+    )
     tables = {
+        "worklist_meta": meta,
         "studies": studies,
         "instances": instances,
         "results": results,
@@ -505,12 +516,30 @@ class Worklist:
 
         if self.dialect == "sqlite" and self._url.database:
             Path(self._url.database).parent.mkdir(parents=True, exist_ok=True)
+        from sqlalchemy import select, text
+
+        meta = self._tables["worklist_meta"]
         try:
             with self._engine.connect().execution_options(sqlite_begin="IMMEDIATE") as conn:
                 with conn.begin():
+                    if self.dialect == "postgresql":
+                        # several serve/worker processes may start at once
+                        conn.execute(text(f"SELECT pg_advisory_xact_lock({_PG_SCHEMA_LOCK})"))
                     self._metadata.create_all(conn)
+                    found = conn.execute(
+                        select(meta.c.value).where(meta.c.key == "schema_version")
+                    ).scalar()
+                    if found is None:
+                        conn.execute(
+                            meta.insert().values(key="schema_version", value=str(SCHEMA_VERSION))
+                        )
         except SQLAlchemyError as exc:
             raise WorklistError(f"cannot create the worklist tables: {exc}") from exc
+        if found is not None and found != str(SCHEMA_VERSION):
+            raise WorklistError(
+                f"the worklist database has schema version {found}, this code uses "
+                f"{SCHEMA_VERSION}: use a new database (or --db) or the matching cxr-triage"
+            )
 
     def ping(self) -> None:
         """Run ``SELECT 1``; raise :class:`WorklistError` when the database is unreachable."""

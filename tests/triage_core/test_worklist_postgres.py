@@ -168,3 +168,30 @@ def test_postgres_skip_locked_lets_a_second_claimer_pass(pg: Worklist) -> None:
             claimed = pg.claim_study("other", 10, now=2.0)
             assert time.monotonic() - started < 5.0  # did not wait for the lock
             assert claimed is not None and claimed.study_uid == study(2)
+
+
+def _create_schema(url: str, out: multiprocessing.Queue) -> None:
+    worklist = Worklist(url)
+    try:
+        worklist.create_all()
+        out.put("")
+    except WorklistError as exc:
+        out.put(str(exc))
+    finally:
+        worklist.dispose()
+
+
+def test_postgres_concurrent_create_all(postgres_database: str) -> None:
+    """Several processes starting at once against one new database all succeed."""
+    ctx = multiprocessing.get_context("fork")
+    out: multiprocessing.Queue = ctx.Queue()
+    procs = [ctx.Process(target=_create_schema, args=(postgres_database, out)) for _ in range(4)]
+    for proc in procs:
+        proc.start()
+    errors = [out.get(timeout=120) for _ in procs]
+    for proc in procs:
+        proc.join(timeout=30)
+    assert errors == ["", "", "", ""]
+    worklist = Worklist(postgres_database)
+    assert worklist.counts_by_status()["queued"] == 0
+    worklist.dispose()

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import sqlite3
 import threading
+import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,6 +16,7 @@ from triage_core.errors import InvalidUIDError, WorklistError
 from triage_core.spec import Finding, ImageResult, StudyResult
 from triage_core.worklist import (
     DELIVERY_STATUSES,
+    SCHEMA_VERSION,
     STUDY_STATUSES,
     InstanceRecord,
     Worklist,
@@ -556,3 +559,64 @@ def test_rerun_resets_attempts(wl: Worklist) -> None:
     assert wl.fail_study(study(1), "w", "oops", now=3.0) == "receiving"
     detail = wl.study_detail(study(1))
     assert detail is not None and detail["attempts"] == 0 and detail["error"] == "oops"
+
+
+def test_committed_instance_is_visible_to_another_connection(tmp_path: Path, wl: Worklist) -> None:
+    """record_instance returns only after its commit: a separate connection sees the row."""
+    assert wl.record_instance(study(1), sop(1), "/s/1")
+    raw = sqlite3.connect(tmp_path / "storage" / "worklist.sqlite3")
+    try:
+        rows = raw.execute("SELECT sop_uid, study_uid, path FROM instances").fetchall()
+    finally:
+        raw.close()
+    assert rows == [(sop(1), study(1), "/s/1")]
+
+
+def test_schema_version_is_checked(tmp_path: Path, wl: Worklist) -> None:
+    raw = sqlite3.connect(tmp_path / "storage" / "worklist.sqlite3")
+    try:
+        assert raw.execute("SELECT value FROM worklist_meta").fetchall() == [(str(SCHEMA_VERSION),)]
+        raw.execute("UPDATE worklist_meta SET value = '999'")
+        raw.commit()
+    finally:
+        raw.close()
+    with pytest.raises(WorklistError, match="schema version 999"):
+        wl.create_all()
+
+
+def _sqlite_claimer(url: str, name: str, start: float, out: multiprocessing.Queue) -> None:
+    worklist = Worklist(url)
+    uids: list[str] = []
+    try:
+        while time.time() < start:
+            time.sleep(0.005)
+        while (claimed := worklist.claim_study(name, 60)) is not None:
+            uids.append(claimed.study_uid)
+            worklist.complete_study(claimed.study_uid, name, result_for(claimed.study_uid, 1.0))
+        out.put((uids, ""))
+    except WorklistError as exc:
+        out.put((uids, str(exc)))
+    finally:
+        worklist.dispose()
+
+
+def test_concurrent_claims_from_processes(tmp_path: Path) -> None:
+    url = Worklist.sqlite_url(tmp_path)
+    wl = Worklist(url)
+    wl.create_all()
+    wl.record_instances([InstanceRecord(study(n), sop(n), f"/s/{n}") for n in range(20)], now=0.0)
+    assert len(wl.queue_stable_studies(0, now=1.0)) == 20
+    ctx = multiprocessing.get_context("fork")
+    out: multiprocessing.Queue = ctx.Queue()
+    start = time.time() + 1.0
+    procs = [ctx.Process(target=_sqlite_claimer, args=(url, f"p{i}", start, out)) for i in range(3)]
+    for proc in procs:
+        proc.start()
+    results = [out.get(timeout=120) for _ in procs]
+    for proc in procs:
+        proc.join(timeout=30)
+    assert [err for _, err in results] == ["", "", ""]
+    claims = Counter(uid for uids, _ in results for uid in uids)
+    assert claims == Counter(study(n) for n in range(20))
+    assert wl.counts_by_status()["done"] == 20
+    wl.dispose()
