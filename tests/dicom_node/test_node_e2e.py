@@ -11,6 +11,7 @@ import subprocess
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -139,7 +140,7 @@ def test_chest_studies_in_every_syntax_get_sr_and_sc(
         studies = {str(pydicom.dcmread(p, stop_before_pixels=True).StudyInstanceUID) for p in files}
         assert len(studies) == 2  # RG1 x3 share one study; the SIIM files share another
         for uid in studies:
-            row = wait_for(lambda u=uid: node.finished(u), 120, f"study {uid}", node.proc.log)
+            row = wait_for(partial(node.finished, uid), 120, f"study {uid}", node.proc.log)
             assert row["status"] == "done", row
         # 2 objects (SR + SC) per study
         wait_for(lambda: len(list(out.glob("*"))) >= 4, 60, "4 objects at storescp", node.proc.log)
