@@ -180,7 +180,7 @@ def write_predictions(
             writer.writerow(
                 [record.image_index, record.patient_id, "|".join(record.labels)]
                 + [int(v) for v in y]
-                + [f"{float(v):.6f}" for v in p]
+                + [f"{float(v):.9g}" for v in p]
             )
 
 

@@ -353,13 +353,15 @@ def _save_state(path: Path, state: dict[str, Any]) -> None:
 def load_training_state(path: Path) -> dict[str, Any]:
     """Read a ``last.pt`` written by :func:`train` (tensors and plain types only, no pickle
     of arbitrary objects: ``torch.load(weights_only=True)``)."""
+    import pickle
+
     import torch
 
     if not path.is_file():
         raise TrainingError(f"resume state {path} does not exist")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, ValueError, EOFError) as exc:
+    except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as exc:
         raise TrainingError(f"{path}: not a readable training state ({exc})") from exc
     if not isinstance(state, dict) or state.get("format") != "cxr-triage-train-state":
         raise TrainingError(f"{path}: not a cxr-triage training state")
