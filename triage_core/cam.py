@@ -119,12 +119,14 @@ def overlay_heatmap(
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
     heat = np.clip(heatmap, 0.0, 1.0).astype(np.float32, copy=False)
-    gray = np.clip(image, 0.0, 1.0).astype(np.float32, copy=False)
-    colour = cv2.applyColorMap(np.rint(heat * 255).astype(np.uint8), cv2.COLORMAP_JET)
-    colour = colour[..., ::-1].astype(np.float32) / np.float32(255.0)  # BGR -> RGB
-    weight = (np.float32(alpha) * heat)[..., None]
-    blended = gray[..., None] * (np.float32(1.0) - weight) + colour * weight
-    return np.rint(np.clip(blended, 0.0, 1.0) * 255).astype(np.uint8)
+    heat8 = np.rint(heat * np.float32(255.0)).astype(np.uint8)
+    colour = cv2.cvtColor(cv2.applyColorMap(heat8, cv2.COLORMAP_JET), cv2.COLOR_BGR2RGB)
+    gray8 = np.rint(np.clip(image, 0.0, 1.0) * np.float32(255.0)).astype(np.uint8)
+    gray = cv2.cvtColor(gray8, cv2.COLOR_GRAY2RGB)
+    weight = (np.float32(alpha) * heat).astype(np.float32, copy=False)
+    # per-pixel weighted sum, in C++: gray * (1 - w) + colour * w
+    blended: np.ndarray = cv2.blendLinear(gray, colour, np.float32(1.0) - weight, weight)
+    return blended
 
 
 class CamExplainer:
@@ -218,7 +220,11 @@ class CamExplainer:
         return np.clip(result, 0.0, 1.0)
 
     def explain(
-        self, image: np.ndarray, class_index: int, alpha: float = DEFAULT_ALPHA
+        self,
+        image: np.ndarray,
+        class_index: int,
+        alpha: float = DEFAULT_ALPHA,
+        tensor: torch.Tensor | None = None,
     ) -> CamResult:
         """Grad-CAM of one class on a display-ready image, at the image's resolution.
 
@@ -230,6 +236,8 @@ class CamExplainer:
             Index into ``spec.class_names``.
         alpha : float
             Maximum opacity of the heatmap in the overlay.
+        tensor : torch.Tensor, optional
+            ``imaging.to_tensor(image, spec)`` when the caller already has it.
 
         Returns
         -------
@@ -240,7 +248,9 @@ class CamExplainer:
 
         if image.ndim != 2:
             raise ExplanationError(f"expected a 2-D gray image, got shape {image.shape}")
-        square = self.square_map(to_tensor(image, self.spec), class_index)
+        if tensor is None:
+            tensor = to_tensor(image, self.spec)
+        square = self.square_map(tensor, class_index)
         heatmap = to_source(square, image.shape[0], image.shape[1])
         return CamResult(
             class_index=class_index,

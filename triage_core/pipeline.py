@@ -178,7 +178,9 @@ def triage_study(
         top = max(findings, key=lambda f: f.probability)
         try:
             cam = predictor.explainer().explain(
-                images[top.source_uid], spec.class_names.index(top.name)
+                images[top.source_uid],
+                spec.class_names.index(top.name),
+                tensor=tensors[used.index(top.source_uid)],
             )
         except TriageError as exc:
             logger.error("study %s: Grad-CAM failed: %s", study_uid, exc)

@@ -1,0 +1,424 @@
+"""Benchmark of the triage core: preprocessing, inference paths, Predictor, Grad-CAM.
+
+Run from the repository root::
+
+    .venv/bin/python benchmarks/bench_core.py            # full run (~5-10 min on 2 cores)
+    .venv/bin/python benchmarks/bench_core.py --quick    # fewer repetitions
+    .venv/bin/python benchmarks/bench_core.py --no-compile   # skip torch.compile (~20 s/shape)
+
+ONNX Runtime rows are measured only when ``onnxruntime`` and ``onnx`` are importable (they are
+not project dependencies; e.g. ``pip install --target /tmp/ort onnxruntime onnx protobuf
+flatbuffers ml_dtypes`` and ``PYTHONPATH=/tmp/ort``).
+
+Every ratio compares numbers measured in the same run, on the same tensors. Models have random
+weights unless ``triage_core/weights`` ships a trained checkpoint (then that one is used for its
+architecture): probability drift on random weights (probabilities near 0.5) is only indicative.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+logger = logging.getLogger("bench_core")
+
+TOLERANCE = 0.01
+
+
+def _median_seconds(fn: Callable[[], object], reps: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _interleaved(fns: dict[str, Callable[[], object]], reps: int) -> dict[str, float]:
+    """Median seconds per call, alternating the candidates so load changes hit all alike."""
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def bench_preprocessing(data: Path, size: int, reps: int) -> list[dict[str, Any]]:
+    from triage_core.errors import ImageReadError
+    from triage_core.imaging import load_image, to_tensor
+    from triage_core.models import default_spec
+
+    spec = default_spec("efficientnet_b0").replace(input_size=size)
+    rows = []
+    files = sorted((data / "dicom").glob("*.dcm"))
+    for path in files:
+        try:
+            image = load_image(path)
+        except ImageReadError as exc:
+            rows.append({"file": path.name, "error": str(exc)})
+            continue
+        seconds = _median_seconds(lambda p=path: to_tensor(load_image(p), spec), reps, warmup=0)
+        rows.append(
+            {
+                "file": path.name,
+                "shape": f"{image.shape[0]}x{image.shape[1]}",
+                "ms": seconds * 1e3,
+            }
+        )
+    return rows
+
+
+def _inputs(data: Path | None, size: int, n: int) -> Any:
+    import torch
+
+    from triage_core.imaging import load_image, to_tensor
+    from triage_core.models import default_spec
+
+    spec = default_spec("resnet18").replace(input_size=size)
+    pngs = sorted((data / "cxr14" / "256").glob("*.png"))[:n] if data is not None else []
+    if len(pngs) == n:
+        return torch.stack([to_tensor(load_image(p), spec) for p in pngs]), "real NIH PNGs"
+    gen = torch.Generator().manual_seed(0)
+    return torch.randn(n, 3, size, size, generator=gen), "random tensors"
+
+
+def _model_and_spec(arch: str, size: int) -> tuple[Any, Any, str]:
+    import torch
+
+    from triage_core.errors import CheckpointError
+    from triage_core.models import create_model, default_checkpoint_path, default_spec
+    from triage_core.models import load_checkpoint as load
+
+    try:
+        path = default_checkpoint_path()
+        model, spec = load(path)
+        if spec.arch == arch:
+            return model, spec, f"trained checkpoint {path.name}"
+    except CheckpointError:
+        pass
+    torch.manual_seed(0)
+    model = create_model(arch).eval()
+    return model, default_spec(arch).replace(input_size=size), "random weights"
+
+
+def _onnx_runner(model: Any, size: int, threads: int) -> Callable[[Any], Any] | None:
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return None
+    import torch
+
+    path = Path(tempfile.mkdtemp()) / "model.onnx"
+    torch.onnx.export(
+        model,
+        (torch.zeros(1, 3, size, size),),
+        str(path),
+        input_names=["input"],
+        output_names=["logits"],
+        dynamic_axes={"input": {0: "n"}, "logits": {0: "n"}},
+        dynamo=False,
+    )
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+    def run(x: Any) -> Any:
+        return torch.from_numpy(session.run(None, {"input": x.numpy()})[0])
+
+    return run
+
+
+def bench_paths(
+    arch: str,
+    x16: Any,
+    size: int,
+    reps1: int,
+    reps16: int,
+    with_compile: bool,
+    threads: int,
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """ms/image per path at batch 1 and 16, and max |p - p_eager| over the 16 images."""
+    import contextlib
+
+    import torch
+
+    from triage_core.inference import calibrate
+
+    model, spec, origin = _model_and_spec(arch, size)
+    x16 = x16.contiguous()
+    x1 = x16[:1].contiguous()
+    cl = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    x16_cl = x16.contiguous(memory_format=torch.channels_last)
+    x1_cl = x1.contiguous(memory_format=torch.channels_last)
+
+    def bf16() -> Any:
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+
+    none = contextlib.nullcontext
+
+    paths: dict[str, tuple[Any, Any, Any, Callable[[], Any]]] = {
+        "eager fp32": (model, x1, x16, none),
+        "channels_last": (cl, x1_cl, x16_cl, none),
+        "channels_last + bf16": (cl, x1_cl, x16_cl, bf16),
+    }
+    compile_seconds: dict[str, float] = {}
+    if with_compile:
+        for name, ctx in (("compile + channels_last", none), ("compile + cl + bf16", bf16)):
+            start = time.perf_counter()
+            compiled = torch.compile(copy.deepcopy(cl), dynamic=False, options={"freezing": True})
+            with torch.inference_mode(), ctx():
+                compiled(x1_cl)
+                compiled(x16_cl)
+            compile_seconds[name] = time.perf_counter() - start
+            paths[name] = (compiled, x1_cl, x16_cl, ctx)
+
+    def runner(module: Any, x: Any, ctx: Callable[[], Any]) -> Callable[[], Any]:
+        def call() -> Any:
+            with torch.inference_mode(), ctx():
+                return module(x).float()
+
+        return call
+
+    with torch.inference_mode():
+        reference = calibrate(model(x16), spec)
+    rows = []
+    bare: dict[str, Callable[[], Any]] = {}
+    for name, (module, in1, in16, ctx) in paths.items():
+        t1 = _median_seconds(runner(module, in1, ctx), reps1, warmup=2)
+        t16 = _median_seconds(runner(module, in16, ctx), reps16, warmup=1)
+        probs = calibrate(runner(module, in16, ctx)(), spec)
+        bare[name] = runner(module, in16, ctx)
+        rows.append(
+            {
+                "arch": arch,
+                "path": name,
+                "ms_b1": t1 * 1e3,
+                "ms_b16": t16 * 1e3 / 16,
+                "max_dprob": float(np.abs(probs - reference).max()),
+                "compile_s": compile_seconds.get(name),
+            }
+        )
+    onnx = _onnx_runner(model, size, threads)
+    if onnx is not None:
+        t1 = _median_seconds(lambda: onnx(x1), reps1, warmup=2)
+        t16 = _median_seconds(lambda: onnx(x16), reps16, warmup=1)
+        probs = calibrate(onnx(x16), spec)
+        rows.append(
+            {
+                "arch": arch,
+                "path": "ONNX Runtime fp32",
+                "ms_b1": t1 * 1e3,
+                "ms_b16": t16 * 1e3 / 16,
+                "max_dprob": float(np.abs(probs - reference).max()),
+                "compile_s": None,
+            }
+        )
+    context = {"model": model, "spec": spec, "origin": origin, "bare": bare, "x16": x16}
+    return rows, context
+
+
+MODE_OF_PATH = {
+    "eager fp32": "eager",
+    "channels_last": "channels_last",
+    "channels_last + bf16": "bf16",
+    "compile + channels_last": "compile",
+    "compile + cl + bf16": "compile_bf16",
+}
+
+
+def bench_predictor(context: dict[str, Any], path: str, reps: int) -> dict[str, Any]:
+    """Predictor (mode of ``path``) images/s against the bare path, same 16 tensors."""
+    from triage_core.inference import Predictor
+
+    mode = MODE_OF_PATH[path]
+    predictor = Predictor(
+        model=copy.deepcopy(context["model"]), spec=context["spec"], mode=mode, batch_size=16
+    )
+    if mode.startswith("compile"):
+        predictor.warmup()
+    x16 = context["x16"]
+    medians = _interleaved(
+        {"bare": context["bare"][path], "predictor": lambda: predictor.predict_tensors(x16)},
+        reps,
+    )
+    return {
+        "path": path,
+        "mode": predictor.mode,
+        "bare_img_s": 16 / medians["bare"],
+        "predictor_img_s": 16 / medians["predictor"],
+        "ratio": medians["bare"] / medians["predictor"],
+    }
+
+
+def bench_cam(context: dict[str, Any], reps: int, data: Path | None) -> dict[str, Any]:
+    import torch
+
+    from triage_core.cam import CamExplainer
+
+    model, spec = context["model"], context["spec"]
+    explainer = CamExplainer(model, spec)
+    x1 = context["x16"][:1].contiguous()
+
+    def forward() -> Any:
+        with torch.inference_mode():
+            return model(x1)
+
+    medians = _interleaved(
+        {"forward": forward, "cam": lambda: explainer.square_map(x1[0], 0)}, reps
+    )
+    out: dict[str, Any] = {
+        "arch": spec.arch,
+        "forward_ms": medians["forward"] * 1e3,
+        "cam_ms": medians["cam"] * 1e3,
+        "ratio": medians["cam"] / medians["forward"],
+    }
+    chest = data / "dicom" / "RG1_J2KI.dcm" if data is not None else None
+    if chest is not None and chest.is_file():
+        from triage_core.imaging import load_image
+
+        image = load_image(chest)
+        out["explain_full_res_ms"] = 1e3 * _median_seconds(
+            lambda: explainer.explain(image, 0), max(1, reps // 4), warmup=1
+        )
+        out["full_res_shape"] = f"{image.shape[0]}x{image.shape[1]}"
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer repetitions")
+    parser.add_argument("--no-compile", action="store_true", help="skip torch.compile paths")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    parser.add_argument("--size", type=int, default=224, help="model input size")
+    parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    threads = torch.get_num_threads()
+    data = args.data if args.data.is_dir() else None
+    reps1, reps16, reps_pre = (8, 3, 1) if args.quick else (30, 8, 3)
+    print(f"# bench_core: torch {torch.__version__}, {threads} threads, input {args.size}px")
+    results: dict[str, Any] = {"threads": threads, "size": args.size}
+
+    # 1. preprocessing
+    if data is not None:
+        rows = bench_preprocessing(data, args.size, reps_pre)
+        results["preprocessing"] = rows
+        print("\n## load_image + to_tensor per shared DICOM file\n")
+        print("| file | rows x cols | ms |\n|---|---|---|")
+        for row in rows:
+            if "error" in row:
+                print(f"| {row['file']} | - | error: {row['error']} |")
+            else:
+                print(f"| {row['file']} | {row['shape']} | {row['ms']:.0f} |")
+    else:
+        print("\n(shared data absent: preprocessing not measured, random input tensors)")
+
+    # 2. inference paths
+    x16, source = _inputs(data, args.size, 16)
+    all_rows: list[dict[str, Any]] = []
+    contexts = {}
+    for arch in ("resnet18", "efficientnet_b0"):
+        rows, context = bench_paths(
+            arch, x16, args.size, reps1, reps16, not args.no_compile, threads
+        )
+        all_rows.extend(rows)
+        contexts[arch] = context
+    results["paths"] = all_rows
+    print(f"\n## CPU inference paths ({source}; ms per image; drift vs eager fp32)\n")
+    print("| arch | path | batch 1 | batch 16 | x eager (b16) | max abs dprob | compile s |")
+    print("|---|---|---|---|---|---|---|")
+    for row in all_rows:
+        eager = next(r for r in all_rows if r["arch"] == row["arch"] and r["path"] == "eager fp32")
+        compile_s = f"{row['compile_s']:.0f}" if row["compile_s"] else "-"
+        print(
+            f"| {row['arch']} | {row['path']} | {row['ms_b1']:.1f} | {row['ms_b16']:.1f} | "
+            f"{eager['ms_b16'] / row['ms_b16']:.2f} | {row['max_dprob']:.4f} | {compile_s} |"
+        )
+    if not any(r["path"].startswith("ONNX") for r in all_rows):
+        print("\nONNX Runtime: not measured (onnxruntime/onnx not importable).")
+    if args.no_compile:
+        print("torch.compile: not measured (--no-compile).")
+    for arch in contexts:
+        origin = contexts[arch]["origin"]
+        ok = [
+            r
+            for r in all_rows
+            if r["arch"] == arch and r["max_dprob"] <= TOLERANCE and r["path"] in MODE_OF_PATH
+        ]
+        fastest = min(ok, key=lambda r: r["ms_b16"])
+        no_compile = min(
+            (r for r in ok if not r["path"].startswith("compile")), key=lambda r: r["ms_b16"]
+        )
+        print(
+            f"\n{arch} ({origin}): fastest path within {TOLERANCE}: {fastest['path']}; "
+            f"fastest without a compile step: {no_compile['path']}"
+        )
+        contexts[arch]["fastest"] = fastest["path"]
+        contexts[arch]["fastest_no_compile"] = no_compile["path"]
+
+    # 3. Predictor overhead
+    print("\n## Predictor against the bare path (batch 16, same tensors; target >= 0.95)\n")
+    print("| arch | path | Predictor mode | bare img/s | Predictor img/s | ratio |")
+    print("|---|---|---|---|---|---|")
+    results["predictor"] = []
+    for arch, context in contexts.items():
+        for path in dict.fromkeys([context["fastest"], context["fastest_no_compile"]]):
+            row = bench_predictor(context, path, reps16 * 2)
+            row["arch"] = arch
+            results["predictor"].append(row)
+            print(
+                f"| {arch} | {path} | {row['mode']} | {row['bare_img_s']:.1f} | "
+                f"{row['predictor_img_s']:.1f} | {row['ratio']:.2f} |"
+            )
+
+    # 4. Grad-CAM
+    print("\n## Grad-CAM, one class, one image (target <= 3x one eager fp32 forward)\n")
+    print("| arch | eager forward ms | Grad-CAM ms | ratio | explain() at source res |")
+    print("|---|---|---|---|---|")
+    results["cam"] = []
+    for context in contexts.values():
+        row = bench_cam(context, reps1, data)
+        results["cam"].append(row)
+        full = (
+            f"{row['explain_full_res_ms']:.0f} ms ({row['full_res_shape']})"
+            if "explain_full_res_ms" in row
+            else "-"
+        )
+        print(
+            f"| {row['arch']} | {row['forward_ms']:.1f} | {row['cam_ms']:.1f} | "
+            f"{row['ratio']:.2f} | {full} |"
+        )
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2, default=str) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
