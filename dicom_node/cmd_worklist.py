@@ -101,6 +101,9 @@ def run(args: argparse.Namespace) -> int:
     """Print the worklist; see the module docstring for the exit status."""
     from pathlib import Path
 
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
     from dicom_node.settings import load_settings
     from triage_core.errors import ConfigError, WorklistError
     from triage_core.worklist import Worklist, is_valid_uid
@@ -126,8 +129,14 @@ def run(args: argparse.Namespace) -> int:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
     url = settings.database_url
-    if not settings.db:
-        db_file = Path(url.split("///", 1)[1])
+    try:
+        parsed = make_url(url)
+    except ArgumentError as exc:
+        print(f"{prog}: error: invalid database URL: {exc}", file=sys.stderr)
+        return 2
+    if parsed.get_backend_name() == "sqlite" and parsed.database:
+        # opening a missing SQLite file would create an empty one: refuse instead
+        db_file = Path(parsed.database)
         if not db_file.is_file():
             print(
                 f"{prog}: error: no worklist at {db_file} (run `triage serve --storage "

@@ -144,6 +144,9 @@ def test_clear_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
     code, out, err = run_cli(["--storage", str(missing)], capsys)
     assert code == 1 and out == "" and "no worklist at" in err
     assert not missing.exists()  # a read-only command creates nothing
+    missing_db = tmp_path / "elsewhere" / "wl.sqlite3"
+    code, _, err = run_cli(["--db", f"sqlite:///{missing_db}"], capsys)
+    assert code == 1 and "no worklist at" in err and not missing_db.parent.exists()
     bad_toml = tmp_path / "bad.toml"
     bad_toml.write_text("storage = [unclosed")
     code, _, err = run_cli(["--config", str(bad_toml)], capsys)
