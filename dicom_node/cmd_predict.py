@@ -112,6 +112,10 @@ def _load(path: Path) -> tuple[dict[str, Any], np.ndarray | None]:
         return {**record, "eligible": True}, load_image(ds)
     except ImageReadError as exc:
         return {**record, "reason": "unreadable", "error": str(exc)}, None
+    except (ValueError, TypeError, AttributeError, KeyError, IndexError, OverflowError) as exc:
+        # a malformed value that slipped past imaging's checks: report it, go on with the rest
+        logger.warning("%s: malformed input: %s", path, exc)
+        return {**record, "reason": "malformed", "error": f"{path}: {exc}"}, None
 
 
 def _predict(

@@ -200,8 +200,9 @@ class CamExplainer:
             raise ExplanationError(
                 f"expected a (3, {size}, {size}) tensor, got {tuple(tensor.shape)}"
             )
-        batch = batch.to(self.device, torch.float32)
         with self._lock, torch.inference_mode(False), torch.enable_grad():
+            # a normal (not inference-mode) copy, so autograd may record from it
+            batch = batch.to(self.device, torch.float32).clone()
             try:
                 with GradCAM(model=self.model, target_layers=self.target_layers) as cam:
                     try:

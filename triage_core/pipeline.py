@@ -39,6 +39,18 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+#: What pydicom/numpy raise on malformed values that slip past ``imaging``'s own checks; such an
+#: instance is recorded as an error instead of failing the whole study.
+_MALFORMED: tuple[type[Exception], ...] = (
+    ValueError,
+    TypeError,
+    AttributeError,
+    KeyError,
+    IndexError,
+    OverflowError,
+)
+_UNDECODABLE: tuple[type[Exception], ...] = (ImageReadError, *_MALFORMED)
+
 
 @dataclass
 class StudyOutput:
@@ -123,7 +135,14 @@ def triage_study(
             results[uid] = ImageResult(uid=uid, eligible=False, reason="unreadable", error=str(exc))
             continue
         datasets[uid] = ds
-        ok, reason = check_eligibility(ds)
+        try:
+            ok, reason = check_eligibility(ds)
+        except _MALFORMED as exc:  # a header value pydicom cannot convert
+            logger.warning("study %s: instance %s has a malformed header: %s", study_uid, uid, exc)
+            results[uid] = ImageResult(
+                uid=uid, eligible=False, reason="malformed header", error=f"{path}: {exc}"
+            )
+            continue
         results[uid] = ImageResult(uid=uid, eligible=ok, reason=reason)
         if ok:
             eligible.append(uid)
@@ -137,8 +156,8 @@ def triage_study(
         try:
             image = load_image(datasets[uid])
             tensor = to_tensor(image, spec)
-        except ImageReadError as exc:
-            logger.warning("study %s: instance %s not decodable: %s", study_uid, uid, exc.cause)
+        except _UNDECODABLE as exc:
+            logger.warning("study %s: instance %s not decodable: %s", study_uid, uid, exc)
             results[uid] = ImageResult(
                 uid=uid, eligible=False, reason="pixel data not decodable", error=str(exc)
             )
