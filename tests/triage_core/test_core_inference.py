@@ -197,3 +197,10 @@ def test_compile_serves_eager_until_ready() -> None:
     thread.join(timeout=600)
     assert predictor.compiled_ready
     np.testing.assert_allclose(predictor.predict_tensors(x), reference, atol=1e-3)
+
+
+def test_warmup_without_compile_is_a_plain_forward() -> None:
+    predictor = Predictor(model=_model(), spec=_spec(), mode="bf16")
+    assert predictor.warmup() is None
+    assert not predictor.compiled_ready
+    assert predictor.predict_tensors(_batch(2)).shape == (2, 3)
