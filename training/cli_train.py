@@ -89,6 +89,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "first stage)",
     )
     parser.add_argument("--resume", type=Path, help="continue from OUT/last.pt")
+    parser.add_argument(
+        "--extra-images",
+        type=Path,
+        help="training-only image folder (e.g. cxr14/lowres64); patients of the validation/"
+        "test split are left out",
+    )
+    parser.add_argument("--extra-labels", type=Path, help="label CSV for --extra-images")
     parser.add_argument("--name", default="", help="checkpoint name (default from arch/task)")
     parser.add_argument("--model-version", default="1", help="version written into the spec")
     parser.add_argument(
@@ -119,6 +126,8 @@ def config_from_args(args: argparse.Namespace, arch: str | None = None) -> objec
         augment=not args.no_augment,
         hflip=args.hflip,
         resume=getattr(args, "resume", None),
+        extra_images=getattr(args, "extra_images", None),
+        extra_labels=getattr(args, "extra_labels", None),
         train_val_list=args.train_val_list,
         test_list=args.test_list,
         sensitivity=args.sensitivity,

@@ -95,6 +95,8 @@ class TrainConfig:
     resume: Path | None = None
     train_val_list: Path | None = None
     test_list: Path | None = None
+    extra_images: Path | None = None
+    extra_labels: Path | None = None
     split_fractions: tuple[float, float, float] = (0.6, 0.2, 0.2)
     sensitivity: float = 0.9
     max_images: int | None = None
@@ -134,6 +136,8 @@ class TrainConfig:
             raise TrainingError("--workers must be >= 0")
         if (self.train_val_list is None) != (self.test_list is None):
             raise TrainingError("--train-val-list and --test-list go together")
+        if (self.extra_images is None) != (self.extra_labels is None):
+            raise TrainingError("--extra-images and --extra-labels go together")
         if not self.lr > 0:
             raise TrainingError(f"--lr must be positive, got {self.lr}")
 
@@ -306,6 +310,61 @@ def load_task_data(
     return data, index
 
 
+def extra_training_data(
+    config: TrainConfig, data: TaskData, split: Split, input_size: int
+) -> tuple[TaskData, list[Path], dict[str, Any]]:
+    """Training-only images from another folder (e.g. NIH images kept only at 64 px).
+
+    Images of patients in the validation or test split, and images already in ``data``, are
+    left out, so the extra data can never leak into evaluation. Images smaller than the input
+    size are counted and logged (they are upsampled by ``to_tensor``).
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    assert config.extra_images is not None and config.extra_labels is not None
+    records = read_labels(config.extra_labels)
+    kept, paths = attach_images(records, index_images(config.extra_images))
+    extra = select_task(kept, config.task)
+    by_name = dict(zip((r.image_index for r in kept), paths, strict=True))
+    held_out = {data.records[int(i)].patient_id for i in (*split.val, *split.test)}
+    known = {r.image_index for r in data.records}
+    keep = [
+        i
+        for i, r in enumerate(extra.records)
+        if r.patient_id not in held_out and r.image_index not in known
+    ]
+    if not keep:
+        raise TrainingError(
+            f"no usable extra training image in {config.extra_images} (all belong to "
+            "validation/test patients or duplicate the main images)"
+        )
+    chosen = extra.subset(keep)
+    chosen_paths = [by_name[r.image_index] for r in chosen.records]
+    small = 0
+    for path in chosen_paths:
+        try:
+            with Image.open(path) as img:
+                small += int(min(img.size) < input_size)
+        except (OSError, UnidentifiedImageError):
+            continue  # not a raster file (DICOM): load_tensors reads it properly
+    if small:
+        logger.warning(
+            "%d extra training images are smaller than %d px and are upsampled",
+            small,
+            input_size,
+        )
+    info = {
+        "images": str(config.extra_images),
+        "labels": str(config.extra_labels),
+        "used": len(chosen),
+        "left_out_heldout_patients": sum(1 for r in extra.records if r.patient_id in held_out),
+        "left_out_duplicates": sum(1 for r in extra.records if r.image_index in known),
+        "smaller_than_input": small,
+        "counts": chosen.class_counts(),
+    }
+    return chosen, chosen_paths, info
+
+
 def split_description(config: TrainConfig, data: TaskData, split: Split) -> dict[str, Any]:
     """What ``triage evaluate`` needs to rebuild the same split from the same files."""
     return {
@@ -416,10 +475,18 @@ def train(config: TrainConfig) -> TrainResult:
     show = config.progress and dist_info.main
     train_images = load_tensors(train_paths, spec, progress=show)
     val_images = load_tensors(val_paths, spec, progress=show)
+    train_targets = train_data.targets
+    extra_info: dict[str, Any] | None = None
+    if config.extra_images is not None and config.extra_labels is not None:
+        extra, extra_paths, extra_info = extra_training_data(config, data, split, spec.input_size)
+        if dist_info.main:
+            print(f"extra training images: {extra_info}", flush=True)
+        train_images = torch.cat([train_images, load_tensors(extra_paths, spec, progress=show)])
+        train_targets = np.concatenate([train_targets, extra.targets])
 
     augment = Augment(hflip=config.hflip) if config.augment else None
     train_set = CachedImageDataset(
-        train_images, train_data.targets, spec, augment=augment, seed=config.seed
+        train_images, train_targets, spec, augment=augment, seed=config.seed
     )
 
     # model
@@ -436,7 +503,7 @@ def train(config: TrainConfig) -> TrainResult:
     model.to(device)
     if use_cuda:
         model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-    criterion = loss_function(config.task, train_data.targets, spec.num_classes).to(device)
+    criterion = loss_function(config.task, train_targets, spec.num_classes).to(device)
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=config.lr, weight_decay=config.weight_decay
     )
@@ -458,7 +525,7 @@ def train(config: TrainConfig) -> TrainResult:
     if config.resume is not None:
         state = load_training_state(config.resume)
         saved = state["config"]
-        for key in ("arch", "task", "image_size", "seed"):
+        for key in ("arch", "task", "image_size", "seed", "extra_images"):
             if saved.get(key) != getattr(config, key):
                 raise TrainingError(
                     f"cannot resume from {config.resume}: it was trained with {key}="
@@ -682,6 +749,7 @@ def _calibrate_and_save(
     device: str,
     use_cuda: bool,
     started: float,
+    extra_info: Mapping[str, Any] | None = None,
 ) -> tuple[Path, ModelSpec]:
     import torch
 
@@ -718,6 +786,7 @@ def _calibrate_and_save(
             "task_images": len(data),
             "split": split_description(config, data, split),
             "counts": {k: dict(v) for k, v in summary.items()},
+            "extra_train": dict(extra_info) if extra_info else None,
         },
         "epochs_run": len(history),
         "epochs_max": config.epochs,

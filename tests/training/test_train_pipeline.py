@@ -263,3 +263,28 @@ def test_multiclass_train_and_evaluate_equal_sklearn(cxr14_dir: Path, tmp_path: 
     )
     assert (tmp_path / "eval" / "confusion.png").is_file()
     _check_against_sklearn(tmp_path / "eval", metrics, spec.class_names)
+
+
+def test_extra_training_images_never_include_heldout_patients(cxr14_dir: Path) -> None:
+    from training.train import extra_training_data, load_task_data, make_split
+
+    config = _config(
+        cxr14_dir,
+        Path("unused"),
+        max_images=None,
+        seed=0,
+        extra_images=cxr14_dir / "lowres64",
+        extra_labels=cxr14_dir / "lowres64" / "labels.csv",
+    )
+    data, _ = load_task_data(config.images, config.labels, config.task)
+    split = make_split(data, config)
+    extra, paths, info = extra_training_data(config, data, split, input_size=64)
+    held_out = {data.records[int(i)].patient_id for i in (*split.val, *split.test)}
+    assert extra.records and not {r.patient_id for r in extra.records} & held_out
+    assert len(paths) == len(extra) == info["used"]
+    total = sum(1 for _ in (cxr14_dir / "lowres64" / "labels.csv").open()) - 1
+    assert info["used"] + info["left_out_heldout_patients"] + info["left_out_duplicates"] == total
+    assert info["left_out_heldout_patients"] > 0  # the shared data has such patients
+    assert info["smaller_than_input"] == 0  # 64 px images at a 64 px input
+    _, _, info_224 = extra_training_data(config, data, split, input_size=224)
+    assert info_224["smaller_than_input"] == info["used"]  # reported, not silent
