@@ -310,24 +310,22 @@ def select_task(
     names = tuple(class_names)
     position = {name: i for i, name in enumerate(names)}
     kept: list[LabelRecord] = []
-    rows: list[Any] = []
+    hits_per_record: list[list[int]] = []
     for record in records:
         hits = sorted({position[label] for label in record.labels if label in position})
-        if task == "multiclass":
-            if len(hits) != 1:
-                continue
-            rows.append(hits[0])
-        else:
-            vec = np.zeros(len(names), dtype=np.float32)
-            vec[hits] = 1.0
-            rows.append(vec)
+        if task == "multiclass" and len(hits) != 1:
+            continue
+        hits_per_record.append(hits)
         kept.append(record)
     if not kept:
         raise DatasetError(f"no image left for task {task!r} (classes {list(names)})")
     if task == "multiclass":
-        targets = np.asarray(rows, dtype=np.int64)
+        targets = np.asarray([h[0] for h in hits_per_record], dtype=np.int64)
     else:
-        targets = np.stack(rows).astype(np.float32)
+        targets = np.zeros((len(kept), len(names)), dtype=np.float32)
+        rows = [i for i, h in enumerate(hits_per_record) for _ in h]
+        cols = [c for h in hits_per_record for c in h]
+        targets[rows, cols] = 1.0
     return TaskData(task, names, tuple(kept), targets)
 
 

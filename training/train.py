@@ -28,7 +28,7 @@ import random
 import shlex
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -589,31 +589,18 @@ def train(config: TrainConfig) -> TrainResult:
         loader_gen.manual_seed(config.seed * 1000 + epoch)
         if sampler is not None:
             sampler.set_epoch(epoch)
-        net.train()
-        total, seen = 0.0, 0
-        bar: Any = loader
-        if show:
-            from tqdm import tqdm
-
-            bar = tqdm(
-                loader, desc=f"epoch {epoch + 1}/{config.epochs}", unit="batch", dynamic_ncols=True
-            )
-        for x, y in bar:
-            x = x.to(device, non_blocking=True)
-            if use_cuda:
-                x = x.contiguous(memory_format=torch.channels_last)
-            y = y.to(device, non_blocking=True)
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_cuda):
-                logits = net(x)
-            loss = criterion(logits.float(), y if config.task == "multiclass" else y.float())
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total += float(loss.detach()) * len(x)
-            seen += len(x)
-            if show:
-                bar.set_postfix(loss=f"{total / max(seen, 1):.4f}")
-        train_loss = total / max(seen, 1)
+        train_started = time.perf_counter()
+        train_loss, seen = train_epoch(
+            net,
+            loader,
+            criterion,
+            optimizer,
+            task=config.task,
+            device=device,
+            use_cuda=use_cuda,
+            desc=f"epoch {epoch + 1}/{config.epochs}" if show else None,
+        )
+        train_seconds = time.perf_counter() - train_started
 
         # validation on rank 0, decision broadcast to every rank
         decision = [0.0, 0.0]
@@ -658,6 +645,7 @@ def train(config: TrainConfig) -> TrainResult:
             "val_loss": round(val_loss, 5),
             "val_score": round(score, 5),
             "lr": optimizer.param_groups[0]["lr"],
+            "train_images_per_s": round(seen / max(train_seconds, 1e-9), 2),
             "seconds": round(time.perf_counter() - epoch_started, 2),
         }
         history.append(record)
@@ -725,6 +713,47 @@ def train(config: TrainConfig) -> TrainResult:
         optimizer_steps=steps,
         seconds=time.perf_counter() - started,
     )
+
+
+def train_epoch(
+    net: torch.nn.Module,
+    loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    criterion: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    *,
+    task: str,
+    device: str = "cpu",
+    use_cuda: bool = False,
+    desc: str | None = None,
+) -> tuple[float, int]:
+    """One pass over ``loader``: forward (bf16 autocast and channels_last on CUDA), loss,
+    backward, AdamW step. Returns the mean training loss and the number of images seen.
+    ``desc`` shows a tqdm bar (with ETA) under that title."""
+    import torch
+
+    net.train()
+    total, seen = 0.0, 0
+    bar: Any = loader
+    if desc is not None:
+        from tqdm import tqdm
+
+        bar = tqdm(loader, desc=desc, unit="batch", dynamic_ncols=True)
+    for x, y in bar:
+        x = x.to(device, non_blocking=True)
+        if use_cuda:
+            x = x.contiguous(memory_format=torch.channels_last)
+        y = y.to(device, non_blocking=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_cuda):
+            logits = net(x)
+        loss = criterion(logits.float(), y if task == "multiclass" else y.float())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total += float(loss.detach()) * len(x)
+        seen += len(x)
+        if desc is not None:
+            bar.set_postfix(loss=f"{total / max(seen, 1):.4f}")
+    return total / max(seen, 1), seen
 
 
 def _optimizer_steps(optimizer: torch.optim.Optimizer) -> int:

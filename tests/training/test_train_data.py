@@ -112,6 +112,13 @@ def test_full_label_file_parses_and_splits_patient_wise(cxr14_dir: Path) -> None
     split = patient_split(data, seed=3)
     check_patient_disjoint(data, split)
     assert len({r.patient_id for r in records}) == 30_805  # NIH: 30,805 patients
+    # NIH's published per-finding image counts
+    assert data.class_counts() == {
+        "Atelectasis": 11_559,
+        "Effusion": 13_317,
+        "Infiltration": 19_894,
+        "none": 76_650,
+    }
 
 
 def test_official_lists_split(cxr14_dir: Path, tmp_path: Path) -> None:

@@ -1,0 +1,204 @@
+"""Training throughput benchmark (CPU), ratios measured against baselines in the same run.
+
+Run: ``.venv/bin/python benchmarks/bench_training.py`` (options: ``--help``).
+
+1. Training images/s of ``training.train.train_epoch`` over ``CachedImageDataset`` + DataLoader
+   vs a minimal hand-written PyTorch loop (index the cached tensor, forward, backward, AdamW)
+   on the same images, model, loss and optimizer. Target: ratio >= 0.95. Rounds alternate
+   the two loops and the median is reported (the machine is shared).
+2. Loader-only images/s (the DataLoader without a model, with and without augmentation) vs the
+   training step's images/s: the loader must not be the bottleneck.
+3. Parsing and indexing the full 112,120-row ``Data_Entry_2017.csv`` (read, multilabel filter,
+   patient-wise split): time and peak Python memory (tracemalloc).
+
+Needs the real data in ../shared/data/cxr14 (or ``--data``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import time
+import tracemalloc
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _parse() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "cxr14")
+    parser.add_argument("--arch", default="efficientnet_b0")
+    parser.add_argument("--image-size", type=int, default=128)
+    parser.add_argument("--images", type=int, default=96, help="training images per epoch")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = _parse()
+    import torch
+
+    from training.data import (
+        Augment,
+        CachedImageDataset,
+        attach_images,
+        index_images,
+        load_tensors,
+        patient_split,
+        read_labels,
+        select_task,
+    )
+    from training.train import loss_function, train_epoch
+    from triage_core.models import create_model, default_spec
+
+    torch.set_num_threads(args.threads)
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, arch {args.arch}, "
+        f"{args.image_size} px, {args.images} images, batch {args.batch_size}"
+    )
+
+    # 3. label file parse/index (first: before the large tensors exist)
+    full = args.data / "Data_Entry_2017.csv"
+
+    def parse() -> tuple[list[Any], Any]:
+        records = read_labels(full)
+        return records, patient_split(select_task(records, "multilabel"), seed=0)
+
+    start = time.perf_counter()
+    records, split = parse()
+    parse_s = time.perf_counter() - start
+    tracemalloc.start()  # a second pass: tracing slows allocation-heavy code several-fold
+    parse()
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    start = time.perf_counter()
+    index = index_images(args.data / "256")
+    index_s = time.perf_counter() - start
+
+    # data for 1 and 2
+    small = read_labels(args.data / "labels.csv")
+    kept, paths = attach_images(small, index)
+    task = select_task(kept, "multilabel").subset(range(args.images))
+    spec = default_spec(args.arch).replace(input_size=args.image_size)
+    images = load_tensors(paths[: args.images], spec)
+    targets = task.targets
+
+    def setup() -> tuple[torch.nn.Module, torch.nn.Module, torch.optim.Optimizer]:
+        torch.manual_seed(0)
+        model = create_model(args.arch, 3)
+        criterion = loss_function("multilabel", targets, 3)
+        return model, criterion, torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def ours(augment: bool) -> Callable[[], float]:
+        model, criterion, optimizer = setup()
+        dataset = CachedImageDataset(images, targets, spec, Augment() if augment else None)
+        loader: Any = torch.utils.data.DataLoader(
+            dataset,  # type: ignore[arg-type]
+            batch_size=args.batch_size,
+            shuffle=True,
+            drop_last=True,
+            generator=torch.Generator().manual_seed(0),
+        )
+
+        def epoch() -> float:
+            start = time.perf_counter()
+            _, seen = train_epoch(model, loader, criterion, optimizer, task="multilabel")
+            return seen / (time.perf_counter() - start)
+
+        return epoch
+
+    def minimal() -> Callable[[], float]:
+        model, criterion, optimizer = setup()
+        y_all = torch.as_tensor(targets)
+
+        def epoch() -> float:
+            model.train()
+            start = time.perf_counter()
+            order = torch.randperm(len(images))
+            seen = 0
+            for i in range(0, len(order) - args.batch_size + 1, args.batch_size):
+                idx = order[i : i + args.batch_size]
+                x, y = images[idx].float(), y_all[idx]
+                loss = criterion(model(x), y)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                seen += len(idx)
+            return seen / (time.perf_counter() - start)
+
+        return epoch
+
+    runners: dict[str, Callable[[], float]] = {
+        "minimal loop": minimal(),
+        "train_epoch (no augmentation)": ours(False),
+        "train_epoch (augmentation)": ours(True),
+    }
+    for run in runners.values():
+        run()  # warm-up epoch (allocator, oneDNN kernels)
+    results: dict[str, list[float]] = {name: [] for name in runners}
+    for _ in range(args.rounds):
+        for name, run in runners.items():
+            results[name].append(run())
+    med = {name: statistics.median(v) for name, v in results.items()}
+
+    def loader_rate(augment: bool) -> float:
+        dataset = CachedImageDataset(images, targets, spec, Augment() if augment else None)
+        loader: Any = torch.utils.data.DataLoader(
+            dataset,  # type: ignore[arg-type]
+            batch_size=args.batch_size,
+            shuffle=True,
+        )
+        rates = []
+        for _ in range(args.rounds):
+            start = time.perf_counter()
+            seen = sum(len(x) for x, _ in loader)
+            rates.append(seen / (time.perf_counter() - start))
+        return statistics.median(rates)
+
+    load_plain, load_aug = loader_rate(False), loader_rate(True)
+
+    rows: list[tuple[str, Any]] = [
+        ("training images/s, minimal hand-written loop (baseline)", f"{med['minimal loop']:.1f}"),
+        (
+            "training images/s, train_epoch, no augmentation",
+            f"{med['train_epoch (no augmentation)']:.1f}",
+        ),
+        (
+            "training images/s, train_epoch, augmentation",
+            f"{med['train_epoch (augmentation)']:.1f}",
+        ),
+        (
+            "ratio train_epoch (no aug) / minimal  [target >= 0.95]",
+            f"{med['train_epoch (no augmentation)'] / med['minimal loop']:.3f}",
+        ),
+        (
+            "ratio train_epoch (aug) / minimal",
+            f"{med['train_epoch (augmentation)'] / med['minimal loop']:.3f}",
+        ),
+        ("loader-only images/s, no augmentation", f"{load_plain:.0f}"),
+        ("loader-only images/s, augmentation", f"{load_aug:.0f}"),
+        (
+            "ratio loader (aug) / training step (aug)  [must be >> 1]",
+            f"{load_aug / med['train_epoch (augmentation)']:.1f}",
+        ),
+        (f"parse + multilabel filter + split of {len(records):,} rows, s", f"{parse_s:.2f}"),
+        ("  peak Python memory, MB (tracemalloc, separate pass)", f"{peak / 2**20:.1f}"),
+        ("  patients, split sizes", f"{len({r.patient_id for r in records}):,}, {split.sizes()}"),
+        (f"index {len(index)} image files, s", f"{index_s:.3f}"),
+        ("cached tensors, MB (float16)", f"{images.numel() * 2 / 2**20:.1f}"),
+    ]
+    width = max(len(r[0]) for r in rows)
+    for label, value in rows:
+        print(f"{label:<{width}}  {value}")
+    print("per-round images/s:", {k: [round(x, 1) for x in v] for k, v in results.items()})
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.WARNING)
+    main()
