@@ -1,0 +1,139 @@
+"""Export a trained checkpoint for shipping: fp16 weights, checked against fp32 on the test split.
+
+``python -m training.export --model RUN/NAME --out triage_core/weights/NAME --images DIR
+--labels CSV [--metrics EVAL/metrics.json]``
+
+The fp16 copy is kept only if its calibrated probabilities on the checkpoint's own test split
+stay within ``--tolerance`` (default 0.01) of the fp32 model's and no class's AUROC moves by more
+than 0.005; otherwise the export fails. The spec records the weights dtype, the check and
+(with ``--metrics``) the test metrics written by ``triage evaluate``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from triage_core.errors import TriageError
+
+logger = logging.getLogger(__name__)
+
+
+class ExportError(TriageError):
+    """The fp16 export changed the model's outputs beyond the tolerance."""
+
+
+def _test_summary(metrics: dict[str, Any]) -> dict[str, Any]:
+    keep = (
+        "split",
+        "images",
+        "accuracy",
+        "macro_f1",
+        "mean_auroc",
+        "ece_before",
+        "ece_after",
+        "exact_match",
+        "class_counts",
+    )
+    out = {k: metrics[k] for k in keep if k in metrics}
+    out["per_class"] = {
+        name: {k: row[k] for k in ("auroc", "auroc_ci95", "precision", "recall", "f1", "support")}
+        for name, row in metrics["per_class"].items()
+    }
+    return out
+
+
+def export_fp16(
+    model_path: Path,
+    out: Path,
+    images: Path,
+    labels: Path,
+    *,
+    metrics_path: Path | None = None,
+    tolerance: float = 0.01,
+    command: str | None = None,
+) -> dict[str, Any]:
+    """Write an fp16 copy of ``model_path`` at ``out``; returns the check's numbers."""
+    import torch
+    from sklearn.metrics import roc_auc_score
+
+    from training.calibrate import probabilities
+    from training.data import attach_images, index_images, load_tensors
+    from training.evaluate import rebuild_split
+    from training.train import predict_logits
+    from triage_core.models import load_checkpoint, save_checkpoint
+
+    model, spec = load_checkpoint(model_path)
+    data = rebuild_split(spec, images, labels, "test")
+    _, paths = attach_images(data.records, index_images(images))
+    tensors = load_tensors(paths, spec)
+    p32 = probabilities(predict_logits(model, tensors), spec.task, spec.temperature)
+    half = model.to(torch.float16).to(torch.float32)  # the round trip fp16 storage makes
+    p16 = probabilities(predict_logits(half, tensors), spec.task, spec.temperature)
+    y = data.multi_hot()
+    auc_shift = 0.0
+    for k in range(spec.num_classes):
+        if 0 < y[:, k].sum() < len(y):
+            auc_shift = max(
+                auc_shift,
+                abs(roc_auc_score(y[:, k], p32[:, k]) - roc_auc_score(y[:, k], p16[:, k])),
+            )
+    max_diff = float(np.abs(p32 - p16).max())
+    check: dict[str, Any] = {
+        "split": "test",
+        "images": len(data),
+        "max_abs_probability_difference": max_diff,
+        "max_auroc_difference": float(auc_shift),
+        "tolerance": tolerance,
+    }
+    if max_diff > tolerance or auc_shift > 0.005:
+        raise ExportError(f"fp16 weights change the outputs too much: {check}")
+    training = dict(spec.training)
+    training["weights_dtype"] = "float16"
+    training["fp16_check"] = check
+    if command:
+        training["command"] = command
+    metrics = dict(spec.metrics)
+    if metrics_path is not None:
+        metrics["test"] = _test_summary(json.loads(metrics_path.read_text()))
+    final = spec.replace(training=training, metrics=metrics)
+    save_checkpoint(half, final, out, dtype=torch.float16)
+    return check
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m training.export", description=__doc__)
+    parser.add_argument("--model", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--images", type=Path, required=True)
+    parser.add_argument("--labels", type=Path, required=True)
+    parser.add_argument("--metrics", type=Path, help="metrics.json from triage evaluate")
+    parser.add_argument("--tolerance", type=float, default=0.01)
+    parser.add_argument("--command", help="replace the recorded training command")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        check = export_fp16(
+            args.model,
+            args.out,
+            args.images,
+            args.labels,
+            metrics_path=args.metrics,
+            tolerance=args.tolerance,
+            command=args.command,
+        )
+    except TriageError as exc:
+        print(f"export failed: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(check, indent=2))
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
