@@ -327,6 +327,116 @@ class InstanceRecorder(Protocol):
     def record_instance(self, **kwargs: Any) -> bool: ...
 
 
+_Pending = tuple[HeaderInfo, Path, int, str]
+
+
+class _Ticket:
+    __slots__ = ("done", "error", "item", "result")
+
+    def __init__(self, item: _Pending) -> None:
+        self.item = item
+        self.done = threading.Event()
+        self.result = False
+        self.error: BaseException | None = None
+
+
+class GroupCommitter:
+    """Group commit for concurrent C-STOREs: one folder fsync per folder and ONE database commit
+    for every instance that is waiting, while each handler still answers only after its own
+    instance is durable and recorded.
+
+    Each handler writes and fsyncs its file and renames it (in parallel, on its association
+    thread), then calls :meth:`commit`, which blocks until the committer thread has fsynced the
+    folders of the whole batch and committed their rows in one transaction
+    (``record_many``, e.g. :meth:`Worklist.record_instances`). With one association the batch
+    is one instance and nothing is lost; with several the fsyncs and commits are shared.
+
+    Parameters
+    ----------
+    record_many : callable
+        ``record_many([(header, path, size, calling_ae), ...]) -> [is_new, ...]``, one
+        transaction; raises a :class:`TriageError` when it cannot.
+    fsync : bool
+        fsync the folders (False only for throw-away benchmarks).
+    max_batch : int
+        Largest batch committed at once.
+    """
+
+    def __init__(
+        self,
+        record_many: Callable[[list[_Pending]], list[bool]],
+        fsync: bool = True,
+        max_batch: int = 256,
+    ) -> None:
+        import queue
+
+        self._record_many = record_many
+        self._fsync = fsync
+        self._max_batch = max_batch
+        self._queue: queue.SimpleQueue[_Ticket | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="group-commit", daemon=True)
+        self._thread.start()
+        self.batches = 0
+        self.items = 0
+
+    def commit(self, info: HeaderInfo, path: Path, size: int, calling_ae: str) -> bool:
+        """Make ``path``'s folder entry durable and record the instance; ``True`` if new."""
+        ticket = _Ticket((info, path, size, calling_ae))
+        self._queue.put(ticket)
+        ticket.done.wait()
+        if ticket.error is not None:
+            raise ticket.error
+        return ticket.result
+
+    def close(self) -> None:
+        """Stop the committer thread after the queued tickets."""
+        self._queue.put(None)
+        self._thread.join(10)
+
+    def _run(self) -> None:
+        import queue
+
+        while True:
+            first = self._queue.get()
+            if first is None:
+                return
+            batch = [first]
+            stop = False
+            while len(batch) < self._max_batch:
+                try:
+                    ticket = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if ticket is None:
+                    stop = True
+                    break
+                batch.append(ticket)
+            self._commit_batch(batch)
+            if stop:
+                return
+
+    def _commit_batch(self, batch: list[_Ticket]) -> None:
+        try:
+            if self._fsync:
+                for folder in {ticket.item[1].parent for ticket in batch}:
+                    _fsync_dir(folder)
+            results = self._record_many([ticket.item for ticket in batch])
+            self.batches += 1
+            self.items += len(batch)
+            for ticket, result in zip(batch, results, strict=True):
+                ticket.result = result
+        except (TriageError, OSError) as exc:
+            for ticket in batch:
+                ticket.error = exc
+        except BaseException as exc:  # noqa: BLE001 - handed to every waiting handler
+            logger.exception("group commit failed")
+            for ticket in batch:
+                ticket.error = exc
+        finally:
+            for ticket in batch:
+                ticket.done.set()
+
+
 @dataclass
 class StoreContext:
     """Dependencies of :func:`handle_store`.
@@ -347,6 +457,7 @@ class StoreContext:
     log_phi: bool = False
     fsync: bool = True
     metrics: Metrics | None = None
+    committer: GroupCommitter | None = None
     stats: dict[str, int] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -395,9 +506,16 @@ def _ensure_dir(path: Path, root: Path, fsync: bool) -> None:
 
 
 def write_durable(
-    path: Path, chunks: Sequence[bytes | memoryview], root: Path, fsync: bool = True
+    path: Path,
+    chunks: Sequence[bytes | memoryview],
+    root: Path,
+    fsync: bool = True,
+    sync_dir: bool = True,
 ) -> int:
-    """Write ``chunks`` to ``path`` via a temporary file, fsync and rename; return the size."""
+    """Write ``chunks`` to ``path`` via a temporary file, fsync and rename; return the size.
+
+    With ``sync_dir=False`` the caller fsyncs the folder afterwards (group commit).
+    """
     _ensure_dir(path.parent, root, fsync)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
@@ -421,17 +539,15 @@ def write_durable(
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    if fsync:
+    if fsync and sync_dir:
         _fsync_dir(path.parent)
     return size
 
 
 def _is_inside(path: Path, root: Path) -> bool:
-    try:
-        path.resolve().relative_to(root)
-    except ValueError:
-        return False
-    return True
+    """Lexical check (no symlinks are created below the spool): ``path`` stays under ``root``."""
+    normal = os.path.normpath(path)
+    return os.path.commonpath([normal, os.fspath(root)]) == os.fspath(root)
 
 
 def quarantine(
@@ -520,7 +636,13 @@ def handle_store(event: Event, ctx: StoreContext) -> int:
             # again below in case the first attempt failed after the rename.
             size = path.stat().st_size
         else:
-            size = write_durable(path, [_PREAMBLE, meta, data], ctx.storage, ctx.fsync)
+            size = write_durable(
+                path,
+                [_PREAMBLE, meta, data],
+                ctx.storage,
+                ctx.fsync,
+                sync_dir=ctx.committer is None,
+            )
     except OSError as exc:
         full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
         ctx.count("failed", "disk_full" if full else "storage_error")
@@ -531,10 +653,17 @@ def handle_store(event: Event, ctx: StoreContext) -> int:
         return STATUS_OUT_OF_RESOURCES
     written = time.perf_counter()
     try:
-        new = ctx.record(info, path, size, calling)
+        if ctx.committer is not None:
+            new = ctx.committer.commit(info, path, size, calling)
+        else:
+            new = ctx.record(info, path, size, calling)
     except TriageError as exc:
         ctx.count("failed", "database")
         logger.error("C-STORE from %s: instance %s not recorded: %s", calling, req_sop, exc)
+        return STATUS_OUT_OF_RESOURCES
+    except OSError as exc:  # the group commit's folder fsync
+        ctx.count("failed", "storage_error")
+        logger.error("C-STORE from %s: instance %s not made durable: %s", calling, req_sop, exc)
         return STATUS_OUT_OF_RESOURCES
     ctx.count("stored" if new else "duplicate")
     logger.debug(
@@ -562,10 +691,44 @@ def set_nodelay(sock: socket.socket | None) -> None:
         logger.debug("TCP_NODELAY not set: %s", exc)
 
 
+#: Idle sleep of pynetdicom's DUL reactor between socket polls (its default is 1 ms, paid
+#: several times per C-STORE); 0.1 ms measured ~40 % more small C-STOREs/s on loopback.
+DUL_LOOP_DELAY = 0.0001
+
+
+def _bulk_recv(assoc_socket: Any) -> Callable[[int], bytearray]:
+    """A ``recv(nr_bytes)`` for pynetdicom's ``AssociationSocket`` that fills one buffer with
+    ``recv_into`` instead of extending a bytearray 4 KB at a time (1,800 reads and copies for
+    a 7 MB PDU stream); same contract: blocks until ``nr_bytes`` arrived, returns what was read
+    when the peer closes, lets socket errors propagate."""
+
+    def recv(nr_bytes: int) -> bytearray:
+        sock = assoc_socket.socket
+        buffer = bytearray(nr_bytes)
+        view = memoryview(buffer)
+        received = 0
+        while received < nr_bytes:
+            count = sock.recv_into(view[received:], nr_bytes - received)
+            if not count:
+                del view
+                return buffer[:received]
+            received += count
+        return buffer
+
+    return recv
+
+
 def handle_conn_open(event: Event) -> None:
-    """EVT_CONN_OPEN (acceptor and requestor): set ``TCP_NODELAY`` on the socket."""
-    assoc_socket = getattr(event.assoc.dul, "socket", None)
-    set_nodelay(getattr(assoc_socket, "socket", None))
+    """EVT_CONN_OPEN (acceptor and requestor): ``TCP_NODELAY``, shorter DUL poll sleep, bulk
+    socket reads (pynetdicom 3.0.4 reads 4 KB per ``recv``)."""
+    dul = event.assoc.dul
+    assoc_socket = getattr(dul, "socket", None)
+    raw = getattr(assoc_socket, "socket", None)
+    set_nodelay(raw)
+    if hasattr(dul, "_run_loop_delay"):
+        dul._run_loop_delay = DUL_LOOP_DELAY
+    if raw is not None and hasattr(assoc_socket, "recv") and hasattr(raw, "recv_into"):
+        assoc_socket.recv = _bulk_recv(assoc_socket)  # type: ignore[union-attr]
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ import tomllib
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_settings import (
@@ -179,6 +179,14 @@ class NodeSettings(BaseSettings):
     threads: int | None = Field(None, ge=1, le=256, description="torch CPU threads")
     batch_size: int = Field(16, ge=1, le=1024)
     with_cam: bool = Field(True, description="send the Grad-CAM Secondary Capture")
+    sqlite_synchronous: Literal["FULL", "NORMAL"] = Field(
+        "NORMAL",
+        description="SQLite commit durability; NORMAL relies on the fsynced spool files as the "
+        "journal (a start after an unclean stop re-records them)",
+    )
+    spool_fsync: bool = Field(
+        True, description="fsync spooled files before answering (turn off for benchmarks only)"
+    )
 
     @field_validator("ae_title")
     @classmethod

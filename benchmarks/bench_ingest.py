@@ -1,0 +1,240 @@
+"""C-STORE ingest throughput: ``triage serve`` against DCMTK ``storescp``, same run, same files.
+
+DCMTK ``storescu`` (``TCP_NODELAY=1`` in its environment, and in storescp's) sends the same N
+synthetic plumbing instances (distinct SOP Instance UIDs, noise pixels) in one association to
+
+* DCMTK ``storescp`` writing each file to disk (no fsync), and
+* ``triage serve --workers 0`` (ingest only: raw bytes to the spool through a temporary file,
+  fsync and rename, instance row committed to SQLite with ``synchronous=FULL``, then success),
+
+for small (~40 KB) and CR-sized (~7 MB) instances, then the same with 4 parallel associations
+(4 storescu processes, N/4 files each). It prints instances/s and the ratio ours / storescp
+(target >= 1.0).
+
+    .venv/bin/python benchmarks/bench_ingest.py            # 200 instances per case
+    .venv/bin/python benchmarks/bench_ingest.py --quick    # 60 small, 30 large
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+STORESCU = "/usr/bin/storescu"
+STORESCP = "/usr/bin/storescp"
+ECHOSCU = "/usr/bin/echoscu"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def dcmtk_env() -> dict[str, str]:
+    return {**os.environ, "TCP_NODELAY": "1"}
+
+
+def wait_echo(port: int, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        proc = subprocess.run(
+            [ECHOSCU, "-to", "2", "127.0.0.1", str(port)],
+            capture_output=True, check=False, env=dcmtk_env(),
+        )  # fmt: skip
+        if proc.returncode == 0:
+            return
+        time.sleep(0.2)
+    raise RuntimeError(f"nothing answers C-ECHO on port {port}")
+
+
+def make_instances(folder: Path, count: int, rows: int, cols: int) -> list[Path]:
+    """Synthetic CR files (noise; plumbing only) with distinct UIDs, in 4 studies."""
+    import pydicom
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    folder.mkdir(parents=True, exist_ok=True)
+    pixels = (np.random.default_rng(0).random((rows, cols)) * 4095).astype(np.uint16).tobytes()
+    studies = [generate_uid() for _ in range(4)]
+    series = [generate_uid() for _ in range(4)]
+    paths = []
+    for i in range(count):
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = pydicom.uid.UID("1.2.840.10008.5.1.4.1.1.1")
+        meta.MediaStorageSOPInstanceUID = generate_uid()
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds = pydicom.Dataset()
+        ds.file_meta = meta
+        ds.SOPClassUID = meta.MediaStorageSOPClassUID
+        ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+        ds.StudyInstanceUID = studies[i % 4]
+        ds.SeriesInstanceUID = series[i % 4]
+        ds.Modality = "CR"
+        ds.BodyPartExamined = "CHEST"
+        ds.PatientName = "Bench^Plumbing"
+        ds.PatientID = "BENCH"
+        ds.AccessionNumber = f"B{i % 4:04d}"
+        ds.InstanceNumber = i + 1
+        ds.SamplesPerPixel = 1
+        ds.PhotometricInterpretation = "MONOCHROME2"
+        ds.Rows, ds.Columns = rows, cols
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+        ds.PixelData = pixels
+        path = folder / f"{i:05d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
+def send(port: int, files: Sequence[Path], parallel: int) -> float:
+    """Seconds for ``parallel`` storescu processes to send ``files`` (one association each)."""
+    chunks = [list(files[i::parallel]) for i in range(parallel)]
+    started = time.perf_counter()
+    procs = [
+        subprocess.Popen(
+            [
+                STORESCU,
+                "-aet",
+                "BENCH",
+                "-aec",
+                "ANY",
+                "-xe",
+                "--max-pdu",
+                "131072",
+                "127.0.0.1",
+                str(port),
+                *map(str, chunk),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            env=dcmtk_env(),
+        )  # fmt: skip
+        for chunk in chunks
+    ]
+    errors = [p.communicate()[1] for p in procs]
+    elapsed = time.perf_counter() - started
+    for proc, err in zip(procs, errors, strict=True):
+        if proc.returncode != 0:
+            raise RuntimeError(f"storescu failed: {err.decode(errors='replace')[-2000:]}")
+    return elapsed
+
+
+@contextlib.contextmanager
+def dcmtk_storescp(out: Path, port: int) -> Iterator[None]:
+    out.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen(
+        [STORESCP, "-aet", "ANY", "-od", str(out), "--fork", "--max-pdu", "131072", str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dcmtk_env(),
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        wait_echo(port)
+        yield
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(10)
+
+
+@contextlib.contextmanager
+def triage_serve(storage: Path, port: int, extra: Sequence[str] = ()) -> Iterator[None]:
+    launcher = REPO / ".venv" / "bin" / "triage"
+    cmd = [str(launcher), "serve"]
+    probe = subprocess.run([*cmd[:1], "--version"], capture_output=True, check=False)
+    if probe.returncode != 0:  # other subcommands missing in this tree: serve-only dispatcher
+        code = (
+            "import argparse,sys;from dicom_node import cli, cmd_serve as m;"
+            "p=argparse.ArgumentParser();p.add_argument('-v',dest='verbose',action='count',"
+            "default=0);m.add_arguments(p);a=p.parse_args();cli.configure_logging(a.verbose);"
+            "sys.exit(m.run(a))"
+        )
+        cmd = [sys.executable, "-c", code]
+    log = open(storage.parent / f"serve-{port}.log", "wb")  # noqa: SIM115
+    proc = subprocess.Popen(
+        [*cmd, "--port", str(port), "--bind-address", "127.0.0.1", "--storage", str(storage),
+         "--workers", "0", "--http-port", "0", "--stable-age", "86400", *extra],
+        stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        wait_echo(port)
+        yield
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+        log.close()
+
+
+def count_files(folder: Path) -> int:
+    return sum(1 for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
+
+
+def run_case(label: str, files: Sequence[Path], work: Path, parallel: int) -> float:
+    ref_out = work / f"storescp-{label}-{parallel}"
+    port = free_port()
+    with dcmtk_storescp(ref_out, port):
+        ref = send(port, files, parallel)
+    assert count_files(ref_out) == len(files), "storescp lost files"
+    storage = work / f"triage-{label}-{parallel}"
+    storage.mkdir()
+    port = free_port()
+    with triage_serve(storage, port):
+        ours = send(port, files, parallel)
+    stored = count_files(storage / "spool")
+    assert stored == len(files), f"triage stored {stored} of {len(files)}"
+    shutil.rmtree(ref_out)
+    shutil.rmtree(storage / "spool")
+    n = len(files)
+    ratio = ref / ours
+    print(
+        f"{label:>6} x{n:<4} {parallel} assoc | storescp {n / ref:8.1f}/s | triage serve "
+        f"{n / ours:8.1f}/s | ratio {ratio:5.2f}",
+        flush=True,
+    )
+    return ratio
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer instances")
+    parser.add_argument("--count", type=int, help="instances per case (default 200)")
+    parser.add_argument("--workdir", type=Path, help="where to write (default: a temp folder)")
+    args = parser.parse_args(argv)
+    small_n = args.count or (60 if args.quick else 200)
+    large_n = args.count or (30 if args.quick else 200)
+    work = Path(tempfile.mkdtemp(prefix="bench-ingest-", dir=args.workdir))
+    try:
+        small = make_instances(work / "small", small_n, 140, 140)
+        large = make_instances(work / "large", large_n, 1900, 1900)
+        print(
+            f"small {small[0].stat().st_size / 1e3:.0f} KB, large "
+            f"{large[0].stat().st_size / 1e6:.1f} MB; ratio = ours / storescp (target >= 1.0)"
+        )
+        ratios = []
+        for parallel in (1, 4):
+            ratios.append(run_case("small", small, work, parallel))
+            ratios.append(run_case("large", large, work, parallel))
+        print(f"minimum ratio {min(ratios):.2f}")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
