@@ -103,9 +103,9 @@ def send_files(
         if assoc.is_rejected:
             why = "association rejected"
         elif assoc.is_aborted:
-            why = "association aborted"
+            why = "no association: connection refused or aborted (peer down?)"
         else:
-            why = "no association (peer down or not answering)"
+            why = "no association: peer not answering"
         raise DeliveryError(f"{destination}: {why}")
     results: list[SendResult] = []
     try:

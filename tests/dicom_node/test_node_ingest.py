@@ -284,3 +284,73 @@ def test_scan_dataset_finds_uids_and_detects_truncation(dicom_dir: Path) -> None
 )
 def test_uid_grammar(uid: str, ok: bool) -> None:
     assert is_valid_uid(uid) is ok
+
+
+@needs_dcmtk
+def test_group_commit_batches_parallel_associations(tmp_path: Path) -> None:
+    """4 storescu processes at once: every instance stored and recorded, commits shared."""
+    import subprocess
+
+    from test_node_support import STORESCU, dcmtk_env
+
+    from dicom_node.handlers import GroupCommitter
+    from dicom_node.service import make_record_many
+
+    storage = tmp_path / "storage"
+    settings = load_settings(
+        None, {"port": free_port(), "bind_address": "127.0.0.1", "storage": storage}
+    )
+    worklist = open_worklist(settings)
+    committer = GroupCommitter(make_record_many(worklist))
+    store = StoreContext(storage=storage, record=make_recorder(worklist), committer=committer)
+    server = start_scp(settings, store)
+    files = [synthetic_cr(tmp_path / f"f{i}.dcm", size=32, seed=i) for i in range(40)]
+    try:
+        procs = [
+            subprocess.Popen(
+                [STORESCU, "-aet", "A", "127.0.0.1", str(settings.port), *map(str, files[k::4])],
+                env=dcmtk_env(),
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+            )  # fmt: skip
+            for k in range(4)
+        ]
+        for proc in procs:
+            assert proc.wait(120) == 0, proc.stderr.read() if proc.stderr else ""
+    finally:
+        server.shutdown()
+        committer.close()
+    assert store.stats == {"stored": 40}
+    assert committer.items == 40 and 1 <= committer.batches <= 40
+    assert sum(r["num_instances"] for r in worklist.list_worklist(limit=100)) == 40
+    assert len(_spooled(storage)) == 40
+    worklist.dispose()
+
+
+def test_spool_reconciliation_rerecords_lost_rows(tmp_path: Path) -> None:
+    """A power cut may lose the last SQLite commits (synchronous=NORMAL), never the spooled
+    files: the start after an unclean stop re-records them from the spool paths."""
+    from dicom_node.service import reconcile_spool
+
+    storage = tmp_path / "storage"
+    spool = storage / "spool"
+    paths = []
+    for i in range(3):
+        src = synthetic_cr(tmp_path / f"s{i}.dcm", size=32, seed=i)
+        ds = pydicom.dcmread(src, stop_before_pixels=True)
+        target = spool / str(ds.StudyInstanceUID) / str(ds.SeriesInstanceUID)
+        target.mkdir(parents=True)
+        paths.append(src.rename(target / f"{ds.SOPInstanceUID}.dcm"))
+    stale = paths[0].parent / ".x.dcm.deadbeef.tmp"
+    stale.write_bytes(b"partial")
+    (spool / "not-a-uid").mkdir()
+    settings = load_settings(None, {"storage": storage})
+    worklist = open_worklist(settings)
+    worklist.record_instance(
+        paths[0].parent.parent.name, paths[0].stem, paths[0], series_uid=paths[0].parent.name
+    )
+    assert reconcile_spool(worklist, spool) == 2
+    assert reconcile_spool(worklist, spool) == 0  # idempotent
+    assert not stale.exists()
+    assert len(worklist.list_worklist()) == 3
+    worklist.dispose()
