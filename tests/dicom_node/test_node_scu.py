@@ -22,16 +22,17 @@ def peer() -> Iterator[tuple[int, list[int], list[str]]]:
     received: list[str] = []
 
     def store(event: evt.Event) -> int:
-        received.append(str(event.request.AffectedSOPInstanceUID))
+        received.append(str(getattr(event.request, "AffectedSOPInstanceUID", "")))
         return statuses.pop(0) if statuses else 0x0000
 
     ae = AE(ae_title="PEER")
     for context in AllStoragePresentationContexts:
-        ae.add_supported_context(context.abstract_syntax)
+        ae.add_supported_context(str(context.abstract_syntax))
     port = free_port()
     server = ae.start_server(
         ("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, store)]
     )
+    assert server is not None
     try:
         yield port, statuses, received
     finally:
