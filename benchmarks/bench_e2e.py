@@ -148,9 +148,11 @@ class Destination:
                     self.sr_at.setdefault(str(ds.StudyInstanceUID), now)
             return 0x0000
 
-        self.server = ae.start_server(
+        server = ae.start_server(
             ("127.0.0.1", self.port), block=False, evt_handlers=[(evt.EVT_C_STORE, store)]
         )
+        assert server is not None
+        self.server = server
 
     def wait(self, study_uids: Sequence[str], timeout: float) -> None:
         deadline = time.perf_counter() + timeout
