@@ -718,13 +718,17 @@ def _bulk_recv(assoc_socket: Any) -> Callable[[int], bytearray]:
     return recv
 
 
-def handle_conn_open(event: Event) -> None:
+def handle_conn_open(event: Event, nodelay: bool = True) -> None:
     """EVT_CONN_OPEN (acceptor and requestor): ``TCP_NODELAY``, shorter DUL poll sleep, bulk
-    socket reads (pynetdicom 3.0.4 reads 4 KB per ``recv``)."""
+    socket reads (pynetdicom 3.0.4 reads 4 KB per ``recv``).
+
+    ``nodelay=False`` keeps Nagle's algorithm (only to measure what TCP_NODELAY buys).
+    """
     dul = event.assoc.dul
     assoc_socket = getattr(dul, "socket", None)
     raw = getattr(assoc_socket, "socket", None)
-    set_nodelay(raw)
+    if nodelay:
+        set_nodelay(raw)
     if hasattr(dul, "_run_loop_delay"):
         dul._run_loop_delay = DUL_LOOP_DELAY
     if raw is not None and hasattr(assoc_socket, "recv") and hasattr(raw, "recv_into"):

@@ -83,7 +83,7 @@ def start_scp(
         logger.info("calling AEs allowed: %s", ", ".join(str(p) for p in policy.allowed))
     ae = build_ae(settings)
     handlers: list[Any] = [
-        (evt.EVT_CONN_OPEN, handle_conn_open),
+        (evt.EVT_CONN_OPEN, handle_conn_open, [settings.tcp_nodelay]),
         (evt.EVT_REQUESTED, handle_requested, [policy]),
         (evt.EVT_C_ECHO, handle_echo),
         (evt.EVT_C_STORE, handle_store, [store]),

@@ -439,12 +439,34 @@ class NodeService:
             logger.error("stable-study detection failed: %s", exc)
             return []
         if queued:
-            for study_uid in queued:
-                logger.info(
-                    "study %s stage=queued (stable for %.1f s)", study_uid, self.settings.stable_age
-                )
             self._work.set()
+            for study_uid in queued:
+                self._log_received(study_uid)
         return queued
+
+    def _log_received(self, study_uid: str) -> None:
+        """The ``received`` stage: instances and how long they took to arrive."""
+        assert self.worklist is not None
+        try:
+            detail = self.worklist.study_detail(study_uid) or {}
+        except WorklistError as exc:
+            logger.debug("study %s: no detail for the log: %s", study_uid, exc)
+            detail = {}
+        images = detail.get("images") or []
+        times = sorted(str(i.get("received_at") or "") for i in images if i.get("received_at"))
+        span = ""
+        if len(times) >= 2:
+            first, last = (
+                datetime.fromisoformat(t.replace("Z", "+00:00")) for t in (times[0], times[-1])
+            )
+            span = f" over {(last - first).total_seconds():.1f} s"
+        logger.info(
+            "study %s stage=queued: %s instance(s) received%s, stable for %.1f s",
+            study_uid,
+            detail.get("num_instances", "?"),
+            span,
+            self.settings.stable_age,
+        )
 
     def recover_leases(self) -> None:
         """Job: studies whose worker vanished go back to ``queued`` (or ``failed``)."""

@@ -184,6 +184,9 @@ class NodeSettings(BaseSettings):
         description="SQLite commit durability; NORMAL relies on the fsynced spool files as the "
         "journal (a start after an unclean stop re-records them)",
     )
+    tcp_nodelay: bool = Field(
+        True, description="disable Nagle on DICOM sockets (off only to measure its effect)"
+    )
     spool_fsync: bool = Field(
         True, description="fsync spooled files before answering (turn off for benchmarks only)"
     )

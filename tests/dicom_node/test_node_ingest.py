@@ -32,6 +32,7 @@ class Node:
     storage: Path
     worklist: object
     store: StoreContext
+    server: object
 
 
 @pytest.fixture
@@ -50,7 +51,7 @@ def node(tmp_path: Path) -> Iterator[Node]:
     store = StoreContext(storage=storage, record=make_recorder(worklist))
     server = start_scp(settings, store)
     try:
-        yield Node(settings.port, storage, worklist, store)
+        yield Node(settings.port, storage, worklist, store, server)
     finally:
         server.shutdown()
         worklist.dispose()
@@ -354,3 +355,32 @@ def test_spool_reconciliation_rerecords_lost_rows(tmp_path: Path) -> None:
     assert not stale.exists()
     assert len(worklist.list_worklist()) == 3
     worklist.dispose()
+
+
+def test_tcp_nodelay_on_accepted_and_requested_sockets(node: Node) -> None:
+    import socket
+
+    from pynetdicom import AE, evt
+
+    from dicom_node.handlers import handle_conn_open
+
+    ae = AE(ae_title="ECHOSCU")
+    ae.add_requested_context("1.2.840.10008.1.1")
+    assoc = ae.associate(
+        "127.0.0.1", node.port, ae_title="CXR_TRIAGE",
+        evt_handlers=[(evt.EVT_CONN_OPEN, handle_conn_open)],
+    )  # fmt: skip
+    assert assoc.is_established
+    try:
+        ours = assoc.dul.socket.socket  # type: ignore[union-attr]
+        assert ours is not None
+        assert ours.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+        accepted = [
+            a.dul.socket.socket
+            for a in node.server.active_associations  # type: ignore[attr-defined]
+        ]
+        assert accepted
+        assert all(s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0 for s in accepted)
+        assert assoc.send_c_echo().Status == 0x0000
+    finally:
+        assoc.release()
