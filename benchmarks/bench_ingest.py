@@ -150,7 +150,9 @@ def dcmtk_storescp(out: Path, port: int) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def triage_serve(storage: Path, port: int, extra: Sequence[str] = ()) -> Iterator[None]:
+def triage_serve(
+    storage: Path, port: int, extra: Sequence[str] = (), env: dict[str, str] | None = None
+) -> Iterator[None]:
     launcher = REPO / ".venv" / "bin" / "triage"
     cmd = [str(launcher), "serve"]
     probe = subprocess.run([*cmd[:1], "--version"], capture_output=True, check=False)
@@ -166,7 +168,7 @@ def triage_serve(storage: Path, port: int, extra: Sequence[str] = ()) -> Iterato
     proc = subprocess.Popen(
         [*cmd, "--port", str(port), "--bind-address", "127.0.0.1", "--storage", str(storage),
          "--workers", "0", "--http-port", "0", "--stable-age", "86400", *extra],
-        stdout=log, stderr=subprocess.STDOUT,
+        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
     )  # fmt: skip
     try:
         wait_echo(port)
@@ -231,6 +233,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             ratios.append(run_case("small", small, work, parallel))
             ratios.append(run_case("large", large, work, parallel))
         print(f"minimum ratio {min(ratios):.2f}")
+        # what TCP_NODELAY buys: the same small files with Nagle left on by triage serve
+        rates = []
+        for nodelay in ("true", "false"):
+            storage = work / f"nagle-{nodelay}"
+            storage.mkdir()
+            port = free_port()
+            with triage_serve(storage, port, env={"TRIAGE_TCP_NODELAY": nodelay}):
+                rates.append(len(small) / send(port, small, 1))
+            shutil.rmtree(storage)
+        print(
+            f"TCP_NODELAY check, small x{len(small)} 1 assoc: triage serve with TCP_NODELAY "
+            f"{rates[0]:.1f}/s, with Nagle {rates[1]:.1f}/s ({rates[0] / rates[1]:.1f}x)"
+        )
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0

@@ -228,7 +228,6 @@ class NodeService:
         self._stop = threading.Event()
         self._work = threading.Event()
         self._predictor: Predictor | None = None
-        self._received_logged: dict[str, float] = {}
         self.processed = 0
 
     # ------------------------------------------------------------------ life cycle
@@ -487,35 +486,42 @@ class NodeService:
         if recovered.requeued:
             self._work.set()
 
-    def purge(self) -> None:
-        """Job: delete finished studies older than ``retention_days`` (rows, spool, outbox)."""
+    def purge(self) -> int:
+        """Job: delete finished studies older than ``retention_days`` (rows, spool, outbox).
+
+        Only files inside the storage folder are deleted, then their emptied study and series
+        folders. Returns the number of files deleted.
+        """
         assert self.worklist is not None and self.settings.retention_days
         try:
             paths = self.worklist.purge(self.settings.retention_days * 86400.0)
         except WorklistError as exc:
             logger.error("retention purge failed: %s", exc)
-            return
+            return 0
         root = self.settings.storage.resolve()
+        keep = {root, root / "spool", root / "outbox", root / "quarantine"}
         removed = 0
-        for path in paths:
-            path = Path(path)
-            try:
-                path.resolve().relative_to(root)
-            except ValueError:
+        folders: set[Path] = set()
+        for raw in paths:
+            path = Path(raw).resolve()
+            if root not in path.parents:
                 logger.error("retention purge: %s is outside the storage folder, kept", path)
                 continue
             try:
-                if path.is_dir():
-                    import shutil
-
-                    shutil.rmtree(path)
-                else:
-                    path.unlink(missing_ok=True)
-                removed += 1
+                path.unlink(missing_ok=True)
             except OSError as exc:
                 logger.warning("retention purge: cannot delete %s: %s", path, exc)
+                continue
+            removed += 1
+            folders.update(p for p in path.parents if root in p.parents and p not in keep)
+        for folder in sorted(folders, key=lambda p: len(p.parts), reverse=True):
+            try:
+                folder.rmdir()
+            except OSError:  # not empty (other studies' files) or already gone
+                continue
         if removed:
-            logger.info("retention purge removed %d path(s)", removed)
+            logger.info("retention purge removed %d file(s)", removed)
+        return removed
 
     # ------------------------------------------------------------------ workers
     def _worker_loop(self, index: int) -> None:
