@@ -4,6 +4,7 @@ raw ingest, every shared transfer syntax, allow-list, refusals that quarantine a
 from __future__ import annotations
 
 import io
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -384,3 +385,31 @@ def test_tcp_nodelay_on_accepted_and_requested_sockets(node: Node) -> None:
         assert assoc.send_c_echo().Status == 0x0000
     finally:
         assoc.release()
+
+
+@needs_dcmtk
+def test_max_associations(tmp_path: Path) -> None:
+    from pynetdicom import AE
+
+    storage = tmp_path / "storage"
+    settings = load_settings(
+        None,
+        {"port": free_port(), "bind_address": "127.0.0.1", "storage": storage,
+         "max_associations": 1},
+    )  # fmt: skip
+    worklist = open_worklist(settings)
+    server = start_scp(settings, StoreContext(storage=storage, record=make_recorder(worklist)))
+    try:
+        ae = AE(ae_title="HOLDER")
+        ae.add_requested_context("1.2.840.10008.1.1")
+        held = ae.associate("127.0.0.1", settings.port, ae_title="CXR_TRIAGE")
+        assert held.is_established
+        assert not echo(settings.port)  # over the limit: rejected
+        held.release()
+        deadline = time.monotonic() + 10
+        while server.active_associations and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert echo(settings.port)
+    finally:
+        server.shutdown()
+        worklist.dispose()
