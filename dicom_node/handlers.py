@@ -460,6 +460,7 @@ class StoreContext:
     committer: GroupCommitter | None = None
     stats: dict[str, int] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _inflight: int = field(default=0, repr=False)
 
     def __post_init__(self) -> None:
         self.storage = self.storage.resolve()
@@ -467,6 +468,18 @@ class StoreContext:
         self.quarantine = self.storage / "quarantine"
         self.spool.mkdir(parents=True, exist_ok=True)
         self.quarantine.mkdir(parents=True, exist_ok=True)
+
+    def concurrent(self) -> int:
+        """How many C-STOREs are being handled right now (this one included)."""
+        return self._inflight
+
+    def enter(self) -> None:
+        with self._lock:
+            self._inflight += 1
+
+    def leave(self) -> None:
+        with self._lock:
+            self._inflight -= 1
 
     def count(self, key: str, reason: str = "") -> None:
         """Count an outcome (``stored``, ``duplicate``, ``rejected``, ``failed``)."""
@@ -582,6 +595,14 @@ def handle_echo(event: Event) -> int:
 
 def handle_store(event: Event, ctx: StoreContext) -> int:
     """C-STORE: validate, write durably, record, then answer (see the module docstring)."""
+    ctx.enter()
+    try:
+        return _store(event, ctx)
+    finally:
+        ctx.leave()
+
+
+def _store(event: Event, ctx: StoreContext) -> int:
     started = time.perf_counter()
     calling = _calling_ae(event)
     request = cast("C_STORE", event.request)
@@ -641,7 +662,7 @@ def handle_store(event: Event, ctx: StoreContext) -> int:
                 [_PREAMBLE, meta, data],
                 ctx.storage,
                 ctx.fsync,
-                sync_dir=ctx.committer is None,
+                sync_dir=False,  # below: in this thread, or shared by the group commit
             )
     except OSError as exc:
         full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
@@ -653,15 +674,17 @@ def handle_store(event: Event, ctx: StoreContext) -> int:
         return STATUS_OUT_OF_RESOURCES
     written = time.perf_counter()
     try:
-        if ctx.committer is not None:
+        if ctx.committer is not None and ctx.concurrent() > 1:
             new = ctx.committer.commit(info, path, size, calling)
-        else:
+        else:  # alone: a hand-off to the committer thread would only add latency
+            if ctx.fsync:
+                _fsync_dir(path.parent)
             new = ctx.record(info, path, size, calling)
     except TriageError as exc:
         ctx.count("failed", "database")
         logger.error("C-STORE from %s: instance %s not recorded: %s", calling, req_sop, exc)
         return STATUS_OUT_OF_RESOURCES
-    except OSError as exc:  # the group commit's folder fsync
+    except OSError as exc:  # the folder fsync
         ctx.count("failed", "storage_error")
         logger.error("C-STORE from %s: instance %s not made durable: %s", calling, req_sop, exc)
         return STATUS_OUT_OF_RESOURCES
