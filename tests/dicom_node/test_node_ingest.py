@@ -323,7 +323,8 @@ def test_group_commit_batches_parallel_associations(tmp_path: Path) -> None:
         server.shutdown()
         committer.close()
     assert store.stats == {"stored": 40}
-    assert committer.items == 40 and 1 <= committer.batches <= 40
+    # overlapping C-STOREs went through the group commit (lone ones commit in their thread)
+    assert 0 < committer.items <= 40 and 1 <= committer.batches <= committer.items
     assert sum(r["num_instances"] for r in worklist.list_worklist(limit=100)) == 40
     assert len(_spooled(storage)) == 40
     worklist.dispose()
