@@ -414,3 +414,25 @@ def test_max_associations(tmp_path: Path) -> None:
     finally:
         server.shutdown()
         worklist.dispose()
+
+
+@needs_dcmtk
+@pytest.mark.parametrize(
+    ("flag", "syntax"),
+    [
+        ("-xd", "1.2.840.10008.1.2.1.99"),  # deflated
+        ("-xi", "1.2.840.10008.1.2"),  # implicit little endian
+    ],
+)
+def test_uncompressed_variants_are_stored_as_negotiated(
+    node: Node, tmp_path: Path, flag: str, syntax: str
+) -> None:
+    import numpy as np
+
+    path = synthetic_cr(tmp_path / "a.dcm", size=48, seed=7)
+    proc = storescu(node.port, [path], extra=[flag, "-R"])
+    assert proc.returncode == 0, proc.stderr
+    ds = pydicom.dcmread(path)
+    stored = pydicom.dcmread(_spooled(node.storage)[str(ds.SOPInstanceUID)])
+    assert stored.file_meta.TransferSyntaxUID == syntax
+    assert np.array_equal(stored.pixel_array, ds.pixel_array)
