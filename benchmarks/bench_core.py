@@ -70,7 +70,7 @@ def bench_preprocessing(data: Path, size: int, reps: int) -> list[dict[str, Any]
     from triage_core.models import default_spec
 
     spec = default_spec("efficientnet_b0").replace(input_size=size)
-    rows = []
+    rows: list[dict[str, Any]] = []
     files = sorted((data / "dicom").glob("*.dcm"))
     for path in files:
         try:
@@ -78,7 +78,11 @@ def bench_preprocessing(data: Path, size: int, reps: int) -> list[dict[str, Any]
         except ImageReadError as exc:
             rows.append({"file": path.name, "error": str(exc)})
             continue
-        seconds = _median_seconds(lambda p=path: to_tensor(load_image(p), spec), reps, warmup=0)
+
+        def prepare(p: Path = path) -> Any:
+            return to_tensor(load_image(p), spec)
+
+        seconds = _median_seconds(prepare, reps, warmup=0)
         rows.append(
             {
                 "file": path.name,
@@ -202,38 +206,29 @@ def bench_paths(
 
     with torch.inference_mode():
         reference = calibrate(model(x16), spec)
+    calls1 = {name: runner(m, in1, ctx) for name, (m, in1, _, ctx) in paths.items()}
+    calls16 = {name: runner(m, in16, ctx) for name, (m, _, in16, ctx) in paths.items()}
+    onnx = _onnx_runner(model, size, threads)
+    if onnx is not None:
+        calls1["ONNX Runtime fp32"] = lambda: onnx(x1)
+        calls16["ONNX Runtime fp32"] = lambda: onnx(x16)
+    # all paths alternate within each repetition: load changes on a shared machine hit all alike
+    t1 = _interleaved(calls1, reps1)
+    t16 = _interleaved(calls16, reps16)
     rows = []
-    bare: dict[str, Callable[[], Any]] = {}
-    for name, (module, in1, in16, ctx) in paths.items():
-        t1 = _median_seconds(runner(module, in1, ctx), reps1, warmup=2)
-        t16 = _median_seconds(runner(module, in16, ctx), reps16, warmup=1)
-        probs = calibrate(runner(module, in16, ctx)(), spec)
-        bare[name] = runner(module, in16, ctx)
+    for name, call in calls16.items():
+        probs = calibrate(call(), spec)
         rows.append(
             {
                 "arch": arch,
                 "path": name,
-                "ms_b1": t1 * 1e3,
-                "ms_b16": t16 * 1e3 / 16,
+                "ms_b1": t1[name] * 1e3,
+                "ms_b16": t16[name] * 1e3 / 16,
                 "max_dprob": float(np.abs(probs - reference).max()),
                 "compile_s": compile_seconds.get(name),
             }
         )
-    onnx = _onnx_runner(model, size, threads)
-    if onnx is not None:
-        t1 = _median_seconds(lambda: onnx(x1), reps1, warmup=2)
-        t16 = _median_seconds(lambda: onnx(x16), reps16, warmup=1)
-        probs = calibrate(onnx(x16), spec)
-        rows.append(
-            {
-                "arch": arch,
-                "path": "ONNX Runtime fp32",
-                "ms_b1": t1 * 1e3,
-                "ms_b16": t16 * 1e3 / 16,
-                "max_dprob": float(np.abs(probs - reference).max()),
-                "compile_s": None,
-            }
-        )
+    bare = {name: call for name, call in calls16.items() if name in paths}
     context = {"model": model, "spec": spec, "origin": origin, "bare": bare, "x16": x16}
     return rows, context
 
