@@ -197,7 +197,13 @@ class Destination:
 
 @contextlib.contextmanager
 def serve(
-    storage: Path, port: int, model: Path, dest: int, stable_age: float, workers: int
+    storage: Path,
+    port: int,
+    model: Path,
+    dest: int,
+    stable_age: float,
+    workers: int,
+    threads: int,
 ) -> Iterator[Path]:
     launcher = REPO / ".venv" / "bin" / "triage"
     cmd = [str(launcher)]
@@ -217,7 +223,7 @@ def serve(
             [*cmd, "--port", str(port), "--bind-address", "127.0.0.1", "--storage",
              str(storage), "--model", str(model), "--stable-age", str(stable_age),
              "--http-port", "0", "--destination", f"BENCHDEST@127.0.0.1:{dest}",
-             "--workers", str(workers)],
+             "--workers", str(workers), "--threads", str(threads)],
             stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"},
         )  # fmt: skip
     try:
@@ -284,6 +290,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=1024, help="image side in pixels (1024)")
     parser.add_argument("--stable-age", type=float, default=1.0)
     parser.add_argument("--workers", type=int, default=1, help="worker threads of serve (1)")
+    parser.add_argument(
+        "--threads", type=int, default=os.cpu_count() or 1, help="torch threads, both sides"
+    )
     args = parser.parse_args(argv)
     count = args.studies or (8 if args.quick else 20)
     work = Path(tempfile.mkdtemp(prefix="bench-e2e-"))
@@ -291,14 +300,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         model = make_checkpoint(work)
         latency_set = make_studies(work / "lat", count, args.images, args.size, 1)
         burst_set = make_studies(work / "burst", count, args.images, args.size, 2)
-        bare = bare_predictor(model, burst_set, threads=os.cpu_count() or 1)
+        bare = bare_predictor(model, burst_set, threads=args.threads)
         print(f"bare Predictor (read+decode+preprocess+inference): {bare:.1f} images/s")
-        direct = bare_pipeline(model, burst_set, threads=os.cpu_count() or 1)
+        direct = bare_pipeline(model, burst_set, threads=args.threads)
         print(f"bare pipeline (the same + Grad-CAM + SR/SC built): {direct:.1f} images/s")
         dest = Destination()
         port = free_port()
         with serve(
-            work / "storage", port, model, dest.port, args.stable_age, args.workers
+            work / "storage", port, model, dest.port, args.stable_age, args.workers, args.threads
         ) as log_path:
             latencies = []
             for paths in latency_set:
