@@ -33,12 +33,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, help="torch CPU threads")
 
 
+def _num(value: object) -> str:
+    return f"{value:.3f}" if isinstance(value, float) else "n/a"
+
+
 def format_summary(metrics: dict[str, object]) -> str:
     """A few human-readable lines of ``metrics.json``."""
     lines = [
         f"{metrics['model']} on {metrics['split']} (n={metrics['images']}): "
         f"accuracy {metrics['accuracy']:.3f}, macro-F1 {metrics['macro_f1']:.3f}, "
-        f"ECE {metrics.get('ece_before')} -> {metrics['ece_after']}"
+        f"ECE {_num(metrics.get('ece_before'))} -> {_num(metrics.get('ece_after'))} "
+        "(before -> after temperature scaling)"
     ]
     per_class = metrics["per_class"]
     assert isinstance(per_class, dict)

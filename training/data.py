@@ -534,6 +534,39 @@ def split_fingerprint(data: TaskData, split: Split) -> str:
     return digest.hexdigest()[:16]
 
 
+def write_view_pretext_labels(
+    src: str | Path, dst: str | Path, class_names: Sequence[str] = CLASS_NAMES
+) -> dict[str, int]:
+    """Write a label file for the *view pretext task*: every image whose ``View Position`` is
+    ``AP`` gets all target classes, every other image ``No Finding``.
+
+    Training on it (same images, same seed, hence the same patient-wise split) teaches a
+    randomly initialised network to tell AP (mostly portable, bedside) from PA films, a label
+    read from the acquisition metadata rather than from reports; its weights can then start the
+    findings training (``triage train --init-from``). Only the ``Finding Labels`` column
+    changes. Returns ``{"AP": n, "other": m}``.
+    """
+    src, dst = Path(src), Path(dst)
+    try:
+        with src.open(newline="", encoding="utf-8-sig") as handle:
+            rows = list(csv.reader(handle))
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise DatasetError(f"label file {src}: {exc}") from exc
+    if not rows or "View Position" not in rows[0] or "Finding Labels" not in rows[0]:
+        raise DatasetError(f"label file {src} lacks 'View Position' or 'Finding Labels'")
+    view_col, label_col = rows[0].index("View Position"), rows[0].index("Finding Labels")
+    counts = {"AP": 0, "other": 0}
+    for row in rows[1:]:
+        if len(row) <= max(view_col, label_col):
+            continue
+        is_ap = row[view_col].strip().upper() == "AP"
+        row[label_col] = "|".join(class_names) if is_ap else "No Finding"
+        counts["AP" if is_ap else "other"] += 1
+    with dst.open("w", newline="", encoding="utf-8") as handle:
+        csv.writer(handle).writerows(rows)
+    return counts
+
+
 # --------------------------------------------------------------------------------------------
 # Cached tensors and augmentation
 
