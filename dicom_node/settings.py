@@ -176,7 +176,9 @@ class NodeSettings(BaseSettings):
     scheduler_interval: float = Field(0.2, gt=0.0, le=60.0, description="poll period (s)")
     retention_days: float | None = Field(None, gt=0.0, description="purge spool after N days")
     device: str = Field("cpu", description="torch device for inference")
-    threads: int | None = Field(None, ge=1, le=256, description="torch CPU threads")
+    threads: int | None = Field(
+        None, ge=1, le=256, description="torch CPU threads (default: CPU count - 1)"
+    )
     batch_size: int = Field(16, ge=1, le=1024)
     with_cam: bool = Field(True, description="send the Grad-CAM Secondary Capture")
     sqlite_synchronous: Literal["FULL", "NORMAL"] = Field(
