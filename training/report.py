@@ -145,3 +145,163 @@ def render_report(
         "",
     ]
     return "\n".join(lines)
+
+
+def _chance_sentence(test: Mapping[str, Any], class_names: Sequence[str]) -> str:
+    """Which AUROC intervals include chance (0.5), computed, not assumed."""
+    with_chance = []
+    for name in class_names:
+        low, high = test["per_class"][name].get("auroc_ci95", (None, None))
+        if low is not None and low <= 0.5 <= high:
+            with_chance.append(name)
+    if len(with_chance) == len(class_names):
+        return "Every AUROC interval includes 0.5 (chance)."
+    if with_chance:
+        return f"The AUROC intervals of {', '.join(with_chance)} include 0.5 (chance)."
+    return "No AUROC interval includes 0.5."
+
+
+def render_model_card(
+    spec: Any,
+    test: Mapping[str, Any],
+    *,
+    commands: Sequence[str],
+    candidates: Sequence[Mapping[str, Any]] = (),
+    weights_bytes: int = 0,
+) -> str:
+    """``MODEL_CARD.md`` for a shipped checkpoint: data and counts, the exact commands, test
+    metrics with intervals, and plainly stated limitations.
+
+    ``candidates`` are the other runs considered (name, validation and test mean AUROC), so the
+    choice among them is visible; the choice itself is made on validation only.
+    """
+    training = spec.training
+    data = training["data"]
+    counts = data["counts"]
+    fp16 = training.get("fp16_check", {})
+    lines = [
+        f"# Model card: {spec.name} v{spec.version}",
+        "",
+        "**Not for clinical use.** This is a demonstration model of the cxr-triage pipeline. "
+        "Its test AUROCs are close to chance (0.5): it does not detect Atelectasis, Effusion or "
+        "Infiltration reliably, and its priority scores carry no clinical meaning.",
+        "",
+        "## What it is",
+        "",
+        f"- Architecture: {spec.arch} (timm, random initialisation: no ImageNet initialisation "
+        "was available on the machine that trained it), 3 sigmoid outputs "
+        f"({', '.join(spec.class_names)}), task `{spec.task}`.",
+        f"- Input: {spec.input_size} x {spec.input_size} px, letterboxed gray image repeated to "
+        f"3 channels, ImageNet mean/std (preprocessing version {spec.preprocessing_version}).",
+        f"- Weights: {training.get('weights_dtype', 'float32')} safetensors"
+        + (f", {weights_bytes / 2**20:.1f} MB" if weights_bytes else "")
+        + "; loaded as fp32. fp16 check on the test split: largest probability change "
+        f"{fp16.get('max_abs_probability_difference', float('nan')):.2g}, largest AUROC change "
+        f"{fp16.get('max_auroc_difference', float('nan')):.2g}.",
+        f"- Calibration: temperature {spec.temperature:.3f} fitted on validation (NLL). "
+        "Operating thresholds "
+        + ", ".join(f"{n} {t:.3f}" for n, t in zip(spec.class_names, spec.thresholds, strict=True))
+        + f" ({spec.metrics.get('thresholds', {}).get('rule', '')}).",
+        f"- Code: cxr-triage {spec.code_version}, torch {training.get('torch')}.",
+        "",
+        "## Data",
+        "",
+        "NIH ChestX-ray14 (Wang et al., CVPR 2017; data provided by the NIH Clinical Center, "
+        "https://nihcc.app.box.com/v/ChestXray-NIHCC): the 584 images at 256 px in "
+        f"`{data['images']}`, labels `{data['labels']}` (NIH `Data_Entry_2017` rows). "
+        "Patient-wise split 60/20/20, seed "
+        f"{data['split']['seed']} (no patient in two splits; split fingerprint "
+        f"`{data['split']['fingerprint']}`). Positives per class (an image can carry several; "
+        "`none` = none of the three, including No Finding):",
+        "",
+        "| split | images | patients | " + " | ".join(spec.class_names) + " | none |",
+        "|---|---|---|" + "---|" * (len(spec.class_names) + 1),
+    ]
+    for part in ("train", "val", "test"):
+        row = counts[part]
+        lines.append(
+            f"| {part} | {row['images']} | {row['patients']} | "
+            + " | ".join(str(row[c]) for c in spec.class_names)
+            + f" | {row.get('none', '')} |"
+        )
+    lines += [
+        "",
+        "## How it was trained (exact commands, from the repository root)",
+        "",
+        "```",
+        *commands,
+        "```",
+        "",
+        "Stage 1 is a pretext task: the same images and split, with the label *AP view* (read "
+        "from the `View Position` column, not from reports) on every output; only the training "
+        "split's labels are fitted, validation only stops early. Stage 2 starts from those "
+        f"weights and fits the findings: best validation epoch {training['best_epoch']} of "
+        f"{training['epochs_run']} (early stopping on validation mean AUROC, patience as in the "
+        f"command), AdamW, {training['schedule']} schedule, batch {training['batch_size']}, "
+        "class-balanced BCE (`pos_weight`), small affine + brightness/contrast augmentation, no "
+        "flips. CPU only (2 shared cores).",
+        "",
+    ]
+    if candidates:
+        lines += [
+            "Runs considered (all EfficientNet-B0, same split and seed). The shipped run was "
+            "chosen by **validation** mean AUROC only; test numbers are shown for transparency:",
+            "",
+            "| run | validation mean AUROC | test mean AUROC |",
+            "|---|---|---|",
+        ]
+        for c in candidates:
+            lines.append(f"| {c['name']} | {_fmt(c.get('val'))} | {_fmt(c.get('test'))} |")
+        lines.append("")
+    lines += [
+        f"## Test metrics (n = {test['images']}, never used for training or selection)",
+        "",
+        "| finding | AUROC [95% bootstrap CI] | precision | recall | F1 | positives |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name in spec.class_names:
+        row = test["per_class"][name]
+        lines.append(
+            f"| {name} | {_auroc_cell(row)} | {_fmt(row['precision'])} | {_fmt(row['recall'])} "
+            f"| {_fmt(row['f1'])} | {row['support']} |"
+        )
+    lines += [
+        "",
+        f"Mean AUROC {_fmt(test.get('mean_auroc'))}; at the operating thresholds: macro-F1 "
+        f"{_fmt(test.get('macro_f1'))}, mean per-class accuracy {_fmt(test.get('accuracy'))}. "
+        f"Expected calibration error (10 bins, all image-class pairs): "
+        f"{_fmt(test.get('ece_before'))} before, {_fmt(test.get('ece_after'))} after "
+        "temperature scaling. " + _chance_sentence(test, spec.class_names),
+        "",
+        "## Limitations (read before use)",
+        "",
+        "- **Not for clinical use.** Performance is at chance level; the model must not "
+        "influence any reading order or diagnosis.",
+        "- **Tiny training set:** about 600 images (351 for training), far below the tens of "
+        "thousands such models need; wide confidence intervals (13 to 26 test positives per "
+        "class).",
+        "- **No ImageNet initialisation:** no pretrained weights could be downloaded on the "
+        "training machine. Published models trained on the full NIH set (about 112,000 images) "
+        "report AUROCs from about 0.6-0.73 (Infiltration) to 0.78-0.86 (Effusion) (Wang et al. "
+        "2017; Rajpurkar et al. 2017).",
+        "- **Noisy labels:** NIH labels were text-mined from radiology reports (NIH estimates "
+        ">90 % accuracy); Atelectasis and Infiltration labels are known to be especially "
+        "unreliable.",
+        "- **Shortcut risk:** the pretext stage teaches the network what AP (mostly portable, "
+        "bedside) films look like; AP films are more common in sicker patients, so any signal "
+        "may reflect acquisition rather than disease. NIH images also carry burned-in markers.",
+        "- **Biased sample:** most images come from a sample 'enriched for positive pathology', "
+        "first studies of each patient only; prevalence differs from clinical practice.",
+        "- Temperature scaling fixes over- or under-confidence only, not the base rate; "
+        "probabilities of a near-chance model stay poorly calibrated.",
+        "- The 814 extra NIH images available only at 64 px (`lowres64/`) were tried as a "
+        "low-resolution first stage; it did not improve validation AUROC, so they are not used.",
+        "",
+        "## Licence and citation",
+        "",
+        "Images and labels: NIH ChestX-ray14, released by the NIH Clinical Center for "
+        "unrestricted use (cite Wang et al., CVPR 2017, and acknowledge the NIH Clinical "
+        "Center). Weights: produced by cxr-triage, same licence as the code (Apache-2.0).",
+        "",
+    ]
+    return "\n".join(lines)
