@@ -11,8 +11,9 @@ not project dependencies; e.g. ``pip install --target /tmp/ort onnxruntime onnx 
 flatbuffers ml_dtypes`` and ``PYTHONPATH=/tmp/ort``).
 
 Every ratio compares numbers measured in the same run, on the same tensors. Models have random
-weights unless ``triage_core/weights`` ships a trained checkpoint (then that one is used for its
-architecture): probability drift on random weights (probabilities near 0.5) is only indicative.
+weights unless a trained checkpoint is given (``--checkpoint NAME``, repeatable) or shipped in
+``triage_core/weights``; a checkpoint is used for its own architecture and input size.
+Probability drift on random weights (probabilities near 0.5) is only indicative.
 """
 
 from __future__ import annotations
@@ -107,23 +108,27 @@ def _inputs(data: Path | None, size: int, n: int) -> Any:
     return torch.randn(n, 3, size, size, generator=gen), "random tensors"
 
 
-def _model_and_spec(arch: str, size: int) -> tuple[Any, Any, str]:
+def _model_and_spec(arch: str, size: int, checkpoints: list[Path]) -> tuple[Any, Any, str]:
+    """A trained checkpoint of ``arch`` (``--checkpoint`` first, then the shipped default),
+    else random weights at ``size``."""
     import torch
 
     from triage_core.errors import CheckpointError
     from triage_core.models import create_model, default_checkpoint_path, default_spec
     from triage_core.models import load_checkpoint as load
 
+    candidates = list(checkpoints)
     try:
-        path = default_checkpoint_path()
-        model, spec = load(path)
-        if spec.arch == arch:
-            return model, spec, f"trained checkpoint {path.name}"
+        candidates.append(default_checkpoint_path())
     except CheckpointError:
         pass
+    for path in candidates:
+        model, spec = load(path)
+        if spec.arch == arch:
+            return model, spec, f"trained checkpoint {path.name}, {spec.input_size} px"
     torch.manual_seed(0)
     model = create_model(arch).eval()
-    return model, default_spec(arch).replace(input_size=size), "random weights"
+    return model, default_spec(arch).replace(input_size=size), f"random weights, {size} px"
 
 
 def _onnx_runner(model: Any, size: int, threads: int) -> Callable[[Any], Any] | None:
@@ -161,6 +166,8 @@ def bench_paths(
     reps16: int,
     with_compile: bool,
     threads: int,
+    data: Path | None,
+    checkpoints: list[Path],
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """ms/image per path at batch 1 and 16, and max |p - p_eager| over the 16 images."""
     import contextlib
@@ -169,7 +176,10 @@ def bench_paths(
 
     from triage_core.inference import calibrate
 
-    model, spec, origin = _model_and_spec(arch, size)
+    model, spec, origin = _model_and_spec(arch, size, checkpoints)
+    if spec.input_size != x16.shape[-1]:
+        x16, _ = _inputs(data, spec.input_size, 16)
+    size = spec.input_size
     x16 = x16.contiguous()
     x1 = x16[:1].contiguous()
     cl = copy.deepcopy(model).to(memory_format=torch.channels_last)
@@ -308,6 +318,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=224, help="model input size")
     parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument(
+        "--checkpoint",
+        type=Path,
+        action="append",
+        default=[],
+        help="trained checkpoint NAME to use for its architecture (repeatable)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 
@@ -341,7 +358,15 @@ def main(argv: list[str] | None = None) -> int:
     contexts = {}
     for arch in ("resnet18", "efficientnet_b0"):
         rows, context = bench_paths(
-            arch, x16, args.size, reps1, reps16, not args.no_compile, threads
+            arch,
+            x16,
+            args.size,
+            reps1,
+            reps16,
+            not args.no_compile,
+            threads,
+            data,
+            args.checkpoint,
         )
         all_rows.extend(rows)
         contexts[arch] = context
