@@ -188,7 +188,7 @@ def _print_table(records: list[dict[str, Any]], out: TextIO) -> None:
             status = "ok"
             priority = f"{r['priority_score']:.1f} {r['priority_level']}"
             detail = ", ".join(
-                f"{name}{'*' if name in r['findings'] else ''} {p:.2f}"
+                f"{name}{'*' if name in r['findings'] else ''} {p:.3f}"
                 for name, p in r["probabilities"].items()
             )
         rows.append((r["path"], status, priority, detail))
