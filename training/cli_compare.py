@@ -115,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
                 }
             )
     except TriageError as exc:
-        logger.error("compare failed: %s", exc)
+        logger.debug("compare failed", exc_info=True)
         print(f"triage compare: error: {exc}", file=sys.stderr)
         return 2
     setup = {

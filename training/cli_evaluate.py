@@ -79,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
             cam_images=args.cam_images,
         )
     except TriageError as exc:
-        logger.error("evaluation failed: %s", exc)
+        logger.debug("evaluation failed", exc_info=True)
         print(f"triage evaluate: error: {exc}", file=sys.stderr)
         return 2
     print(format_summary(metrics))

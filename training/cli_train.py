@@ -150,7 +150,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         result = train(config)
     except TriageError as exc:
-        logger.error("training failed: %s", exc)
+        logger.debug("training failed", exc_info=True)
         print(f"triage train: error: {exc}", file=sys.stderr)
         return 2
     if result.checkpoint is not None:
