@@ -288,3 +288,18 @@ def test_extra_training_images_never_include_heldout_patients(cxr14_dir: Path) -
     assert info["smaller_than_input"] == 0  # 64 px images at a 64 px input
     _, _, info_224 = extra_training_data(config, data, split, input_size=224)
     assert info_224["smaller_than_input"] == info["used"]  # reported, not silent
+
+
+def test_same_seed_same_weights(cxr14_dir: Path, tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    torch.set_num_threads(1)
+    runs = []
+    for name in ("a", "b", "c"):
+        seed = 5 if name != "c" else 6
+        result = train(_config(cxr14_dir, tmp_path / name, max_images=24, seed=seed))
+        assert result.checkpoint is not None
+        runs.append(load_file(str(result.checkpoint) + ".safetensors"))
+    assert runs[0].keys() == runs[1].keys()
+    assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])  # reproducible
+    assert not all(torch.equal(runs[0][k], runs[2][k]) for k in runs[0])  # seed matters
