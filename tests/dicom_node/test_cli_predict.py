@@ -149,7 +149,14 @@ def test_exit_2_on_model_problems(
         assert rc == 2
         assert "--model" in capsys.readouterr().err
     else:
-        pytest.skip("a default model is shipped: the no-model message cannot be shown")
+        # a default model is shipped: without --model it is used, and named in the output
+        from triage_core.models import read_spec
+
+        rc = _run([str(dicom_dir / CHEST[1])])
+        assert rc == 0
+        record = json.loads(capsys.readouterr().out)
+        spec = read_spec(default_checkpoint_path())
+        assert record["model"] == {"name": spec.name, "version": spec.version}
 
 
 def test_through_the_triage_command(
