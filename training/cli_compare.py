@@ -108,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
                     "params": count_parameters(model),
                     "flops": count_flops(model, spec.input_size),
                     "ms_b1": cpu_ms_per_image(model, spec.input_size, 1),
-                    "ms_b16": cpu_ms_per_image(model, spec.input_size, 16, repeats=3),
+                    "ms_b16": cpu_ms_per_image(model, spec.input_size, 16, repeats=5),
                     "eval_dir": f"{arch}/eval",
                     "checkpoint": str(checkpoint),
                     "train_seconds": train_seconds,
