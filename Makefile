@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 APT_PACKAGES := dcmtk dicom3tools postgresql
 PACKAGES := dicom_node triage_core training
-STORAGE ?= ./triage-data
+STORAGE ?= ./triage-storage
 
 .PHONY: help system-deps venv install lint typecheck imports test test-all bench serve clean
 

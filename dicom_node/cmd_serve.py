@@ -104,6 +104,28 @@ def quiet_default_logging(verbosity: int) -> None:
         logging.getLogger("apscheduler").setLevel(logging.ERROR)
 
 
+def start_banner(settings: Any, model_path: Any) -> str:
+    """What a person needs right after start: where we listen, how to send, how to query."""
+    host = "127.0.0.1" if settings.bind_address in ("0.0.0.0", "::") else settings.bind_address
+    storage = settings.storage
+    lines = [
+        f"cxr-triage is listening: DICOM AE {settings.ae_title} on port {settings.port}, "
+        f"storage {storage}, model {model_path or 'none (no workers)'}",
+        "Send a study (DCMTK; add -xs/-xy/-xw/-xr... for compressed files):",
+        f"  TCP_NODELAY=1 /usr/bin/storescu -aec {settings.ae_title} {host} {settings.port} "
+        "study/*.dcm",
+        "Query the worklist:",
+        f"  triage worklist --storage {storage} --format table",
+    ]
+    if settings.http_port:
+        lines.append(
+            f"  curl http://{settings.http_host}:{settings.http_port}/api/worklist"
+            "   (OpenAPI: /docs, metrics: /metrics)"
+        )
+    lines.append("Stop with Ctrl-C.")
+    return "\n".join(lines)
+
+
 def run_service(args: argparse.Namespace, role: str) -> int:
     """Load settings, check them, start :class:`NodeService` and wait for a signal."""
     from dicom_node.service import NodeService
@@ -133,6 +155,8 @@ def run_service(args: argparse.Namespace, role: str) -> int:
         print(f"triage {role}: error: cannot start: {exc}", file=sys.stderr)
         service.stop()
         return EXIT_CONFIG if isinstance(exc, ConfigError | OSError) else 1
+    if role == "serve":
+        print(start_banner(settings, model_path), flush=True)
     try:
         service.wait()
     finally:

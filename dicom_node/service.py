@@ -176,12 +176,16 @@ def describe_model(spec: ModelSpec, path: Path | None) -> str:
         ),
         f"temperature {spec.temperature:g}",
     ]
-    if spec.training:
-        summary = {k: spec.training[k] for k in list(spec.training)[:6]}
-        parts.append(f"training {summary}")
-    if spec.metrics:
-        summary = {k: spec.metrics[k] for k in list(spec.metrics)[:6]}
-        parts.append(f"metrics {summary}")
+    test = spec.metrics.get("test") if isinstance(spec.metrics, dict) else None
+    if isinstance(test, dict) and "mean_auroc" in test:
+        parts.append(
+            f"test mean AUROC {float(test['mean_auroc']):.3f} ({test.get('images')} images)"
+        )
+    if path is not None:
+        from triage_core.models import model_card_path
+
+        card = model_card_path(path)
+        parts.append(f"model card {card}" if card else "no model card beside the checkpoint")
     if spec.code_version:
         parts.append(f"code {spec.code_version}")
     return "; ".join(p for p in parts if p)

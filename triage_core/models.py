@@ -182,7 +182,8 @@ def cam_target_layers(model: torch.nn.Module, arch: str) -> list[torch.nn.Module
     core = getattr(model, "module", model)  # unwrap DistributedDataParallel
     if arch == "resnet18":
         return [cast("torch.nn.Module", core.layer4[-1])]  # type: ignore[index]
-    return [cast("torch.nn.Module", core.bn2)]  # conv_head + BN + SiLU: the last feature map of EfficientNet-B0
+    # conv_head + BN + SiLU: the last feature map of EfficientNet-B0
+    return [cast("torch.nn.Module", core.bn2)]
 
 
 def checkpoint_paths(path: str | Path) -> tuple[Path, Path]:
