@@ -146,18 +146,11 @@ def reconcile_spool(worklist: Worklist, spool: Path, batch: int = 1000) -> int:
 
 
 def make_recorder(worklist: Worklist) -> Any:
-    """The ``record`` callable of :class:`StoreContext` over :meth:`Worklist.record_instance`."""
-    from triage_core.worklist import hash_identifier
+    """The ``record`` callable of :class:`StoreContext`: one instance, one transaction."""
+    record_many = make_record_many(worklist)
 
     def record(info: HeaderInfo, path: Path, size: int, calling_ae: str) -> bool:
-        return worklist.record_instance(
-            info.study_uid,
-            info.sop_instance_uid,
-            path,
-            series_uid=info.series_uid,
-            sop_class_uid=info.sop_class_uid,
-            accession_hash=hash_identifier(info.accession_number),
-        )
+        return bool(record_many([(info, path, size, calling_ae)])[0])
 
     return record
 
