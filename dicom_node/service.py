@@ -592,10 +592,15 @@ class NodeService:
             return self._fail(claimed, f"{exc.__class__.__name__}: {exc}", True, started)
         status, result, outputs = outcome
         try:
-            for sop_uid, path in outputs:
-                for destination in self.settings.destinations:
-                    worklist.add_delivery(study_uid, sop_uid, path, str(destination))
-            final = worklist.complete_study(study_uid, claimed.worker_id, result)
+            # result and deliveries in one transaction: a lost lease leaves no orphan delivery
+            deliveries = [
+                (sop_uid, path, str(destination))
+                for sop_uid, path in outputs
+                for destination in self.settings.destinations
+            ]
+            final = worklist.complete_study(
+                study_uid, claimed.worker_id, result, deliveries=deliveries
+            )
         except WorklistError as exc:
             logger.error("study %s: could not record the result: %s", study_uid, exc)
             return ProcessOutcome(study_uid, "lost-lease", (), time.perf_counter() - started)
