@@ -25,6 +25,17 @@ def _strict_pydicom() -> Iterator[None]:
     pydicom.config.settings.writing_validation_mode = old
 
 
+@pytest.fixture
+def one_torch_thread() -> Iterator[None]:
+    """Run a test with one torch thread (the CI machine has two cores shared with servers)."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     if not SHARED_DATA.is_dir():

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -15,13 +14,7 @@ from triage_core.inference import MODES, Predictor, aggregate_study, calibrate
 from triage_core.models import create_model, default_spec
 from triage_core.spec import ImageResult, ModelSpec
 
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _model(arch: str = "resnet18", seed: int = 0) -> torch.nn.Module:

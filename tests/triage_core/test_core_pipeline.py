@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 
 from triage_core.inference import Predictor
 from triage_core.pipeline import triage_study
@@ -17,12 +15,7 @@ CHEST_SIIM = "1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819.dcm"
 HIP = "RG2_JPLY_fixed.dcm"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
