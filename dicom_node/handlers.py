@@ -118,11 +118,15 @@ def check_uid(uid: str, what: str) -> str:
     return uid
 
 
-def phi_hash(value: str) -> str:
-    """A short, stable, non-reversible tag for an identifier (for logs without PHI)."""
+def phi_hash(value: str, salt: str = "") -> str:
+    """A short, stable, non-reversible tag for an identifier (for logs without PHI).
+
+    With the installation's secret ``salt`` a guessable identifier (an accession number) cannot
+    be recovered by hashing candidates.
+    """
     if not value:
         return "-"
-    return hashlib.sha256(value.encode("utf-8", "replace")).hexdigest()[:12]
+    return hashlib.sha256(f"{salt}\x00{value}".encode("utf-8", "replace")).hexdigest()[:12]
 
 
 @dataclass(frozen=True)
@@ -450,11 +454,14 @@ class StoreContext:
         whether it was new; raises a :class:`TriageError` when it cannot.
     log_phi : bool
         Log accession numbers and patient IDs in clear (default: hashed).
+    salt : str
+        The installation's secret salt for those hashes.
     """
 
     storage: Path
     record: Callable[[HeaderInfo, Path, int, str], bool]
     log_phi: bool = False
+    salt: str = ""
     fsync: bool = True
     metrics: Metrics | None = None
     committer: GroupCommitter | None = None
@@ -494,7 +501,10 @@ class StoreContext:
     def describe(self, info: HeaderInfo) -> str:
         if self.log_phi:
             return f"accession={info.accession_number!r} patient={info.patient_id!r}"
-        return f"accession#={phi_hash(info.accession_number)} patient#={phi_hash(info.patient_id)}"
+        accession, patient = (
+            phi_hash(v, self.salt) for v in (info.accession_number, info.patient_id)
+        )
+        return f"accession#={accession} patient#={patient}"
 
 
 def _fsync_dir(path: Path) -> None:

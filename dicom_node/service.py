@@ -81,7 +81,29 @@ def open_worklist(settings: NodeSettings) -> Worklist:
     return worklist
 
 
-def make_record_many(worklist: Worklist) -> Any:
+SALT_FILE = ".identifier-salt"
+
+
+def installation_salt(storage: Path) -> str:
+    """The secret salt of this installation for identifier hashes, created on first use.
+
+    It lives in the storage folder (mode 0600), so nodes sharing a storage volume hash alike.
+    """
+    import secrets
+
+    path = storage / SALT_FILE
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return path.read_text().strip()
+    with os.fdopen(fd, "w") as handle:
+        handle.write(secrets.token_hex(16) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    return path.read_text().strip()
+
+
+def make_record_many(worklist: Worklist, salt: str = "") -> Any:
     """``record_many`` of :class:`~dicom_node.handlers.GroupCommitter`: one transaction."""
     from triage_core.worklist import InstanceRecord, hash_identifier
 
@@ -94,7 +116,7 @@ def make_record_many(worklist: Worklist) -> Any:
                     path,
                     series_uid=info.series_uid,
                     sop_class_uid=info.sop_class_uid,
-                    accession_hash=hash_identifier(info.accession_number),
+                    accession_hash=hash_identifier(info.accession_number, salt),
                 )
                 for info, path, _size, _calling in items
             ]
@@ -145,9 +167,9 @@ def reconcile_spool(worklist: Worklist, spool: Path, batch: int = 1000) -> int:
     return added
 
 
-def make_recorder(worklist: Worklist) -> Any:
+def make_recorder(worklist: Worklist, salt: str = "") -> Any:
     """The ``record`` callable of :class:`StoreContext`: one instance, one transaction."""
-    record_many = make_record_many(worklist)
+    record_many = make_record_many(worklist, salt)
 
     def record(info: HeaderInfo, path: Path, size: int, calling_ae: str) -> bool:
         return bool(record_many([(info, path, size, calling_ae)])[0])
@@ -247,17 +269,19 @@ class NodeService:
             self._threads.append(thread)
         if self.role == "serve":
             self._recover_spool()
+            salt = installation_salt(settings.storage)
             self._start_http()
             from dicom_node.handlers import GroupCommitter
             from dicom_node.scp import start_scp
 
             self.committer = GroupCommitter(
-                make_record_many(self.worklist), fsync=settings.spool_fsync
+                make_record_many(self.worklist, salt), fsync=settings.spool_fsync
             )
             self.store = StoreContext(
                 storage=settings.storage,
-                record=make_recorder(self.worklist),
+                record=make_recorder(self.worklist, salt),
                 log_phi=settings.log_phi,
+                salt=salt,
                 metrics=self.metrics,
                 fsync=settings.spool_fsync,
                 committer=self.committer,
