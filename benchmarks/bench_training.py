@@ -37,7 +37,11 @@ def _parse() -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
-    return parser.parse_args()
+    parser.add_argument("--quick", action="store_true", help="2 rounds of 64 images")
+    args = parser.parse_args()
+    if args.quick:
+        args.images, args.rounds = min(args.images, 64), min(args.rounds, 2)
+    return args
 
 
 def main() -> None:
