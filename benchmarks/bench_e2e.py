@@ -35,7 +35,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_ingest import dcmtk_env, free_port, wait_echo  # noqa: E402
+from bench_ingest import dcmtk_env, free_port, wait_echo, write_synthetic_cr  # noqa: E402
 
 STORESCU = "/usr/bin/storescu"
 
@@ -64,9 +64,8 @@ def make_checkpoint(folder: Path) -> Path:
 
 
 def make_studies(folder: Path, count: int, images: int, size: int, seed: int) -> list[list[Path]]:
-    import pydicom
-    from pydicom.dataset import FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+    """Synthetic studies (a smooth blob plus noise; plumbing only)."""
+    from pydicom.uid import generate_uid
 
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
@@ -79,27 +78,17 @@ def make_studies(folder: Path, count: int, images: int, size: int, seed: int) ->
             blob = np.exp(-(((yy - size * rng.random()) ** 2 + (xx - size * rng.random()) ** 2)
                             / (2 * (size / 6) ** 2)))  # fmt: skip
             pixels = (2000 + 1500 * blob + 200 * rng.random((size, size))).astype(np.uint16)
-            meta = FileMetaDataset()
-            meta.MediaStorageSOPClassUID = pydicom.uid.UID("1.2.840.10008.5.1.4.1.1.1")
-            meta.MediaStorageSOPInstanceUID = generate_uid()
-            meta.TransferSyntaxUID = ExplicitVRLittleEndian
-            ds = pydicom.Dataset()
-            ds.file_meta = meta
-            ds.SOPClassUID = meta.MediaStorageSOPClassUID
-            ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-            ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, series_uid
-            ds.Modality, ds.BodyPartExamined, ds.ViewPosition = "CR", "CHEST", "PA"
-            ds.PatientName, ds.PatientID = "Bench^Plumbing", f"BENCH{s}"
-            ds.AccessionNumber, ds.StudyID, ds.SeriesNumber, ds.InstanceNumber = f"A{s}", "1", 1, i
-            ds.StudyDate, ds.StudyTime, ds.ReferringPhysicianName = "20260101", "120000", ""
-            ds.PatientBirthDate, ds.PatientSex = "", "O"
-            ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-            ds.Rows = ds.Columns = size
-            ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-            ds.PixelData = pixels.tobytes()
-            path = folder / f"s{s:03d}_{i}.dcm"
-            ds.save_as(path, enforce_file_format=True)
-            paths.append(path)
+            paths.append(
+                write_synthetic_cr(
+                    folder / f"s{s:03d}_{i}.dcm",
+                    pixels,
+                    study_uid=study_uid,
+                    series_uid=series_uid,
+                    patient_id=f"BENCH{s}",
+                    accession=f"A{s}",
+                    instance_number=i,
+                )
+            )
         studies.append(paths)
     return studies
 

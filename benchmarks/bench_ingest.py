@@ -61,43 +61,64 @@ def wait_echo(port: int, timeout: float = 120.0) -> None:
     raise RuntimeError(f"nothing answers C-ECHO on port {port}")
 
 
-def make_instances(folder: Path, count: int, rows: int, cols: int) -> list[Path]:
-    """Synthetic CR files (noise; plumbing only) with distinct UIDs, in 4 studies."""
+def write_synthetic_cr(
+    path: Path,
+    pixels: np.ndarray,
+    *,
+    study_uid: str,
+    series_uid: str,
+    patient_id: str,
+    accession: str,
+    instance_number: int,
+) -> Path:
+    """One synthetic 12-bit CR chest PA file (plumbing only, never a clinical image)."""
     import pydicom
     from pydicom.dataset import FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = pydicom.uid.UID("1.2.840.10008.5.1.4.1.1.1")
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = pydicom.Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = meta.MediaStorageSOPClassUID
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, series_uid
+    ds.Modality, ds.BodyPartExamined, ds.ViewPosition = "CR", "CHEST", "PA"
+    ds.PatientName, ds.PatientID = "Bench^Plumbing", patient_id
+    ds.AccessionNumber, ds.StudyID, ds.SeriesNumber = accession, "1", 1
+    ds.InstanceNumber = instance_number
+    ds.StudyDate, ds.StudyTime, ds.ReferringPhysicianName = "20260101", "120000", ""
+    ds.PatientBirthDate, ds.PatientSex = "", "O"
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.Rows, ds.Columns = pixels.shape
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.PixelData = pixels.astype(np.uint16).tobytes()
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def make_instances(folder: Path, count: int, rows: int, cols: int) -> list[Path]:
+    """Synthetic CR files (noise; plumbing only) with distinct UIDs, in 4 studies."""
+    from pydicom.uid import generate_uid
+
     folder.mkdir(parents=True, exist_ok=True)
-    pixels = (np.random.default_rng(0).random((rows, cols)) * 4095).astype(np.uint16).tobytes()
+    pixels = (np.random.default_rng(0).random((rows, cols)) * 4095).astype(np.uint16)
     studies = [generate_uid() for _ in range(4)]
     series = [generate_uid() for _ in range(4)]
-    paths = []
-    for i in range(count):
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = pydicom.uid.UID("1.2.840.10008.5.1.4.1.1.1")
-        meta.MediaStorageSOPInstanceUID = generate_uid()
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds = pydicom.Dataset()
-        ds.file_meta = meta
-        ds.SOPClassUID = meta.MediaStorageSOPClassUID
-        ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-        ds.StudyInstanceUID = studies[i % 4]
-        ds.SeriesInstanceUID = series[i % 4]
-        ds.Modality = "CR"
-        ds.BodyPartExamined = "CHEST"
-        ds.PatientName = "Bench^Plumbing"
-        ds.PatientID = "BENCH"
-        ds.AccessionNumber = f"B{i % 4:04d}"
-        ds.InstanceNumber = i + 1
-        ds.SamplesPerPixel = 1
-        ds.PhotometricInterpretation = "MONOCHROME2"
-        ds.Rows, ds.Columns = rows, cols
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-        ds.PixelData = pixels
-        path = folder / f"{i:05d}.dcm"
-        ds.save_as(path, enforce_file_format=True)
-        paths.append(path)
-    return paths
+    return [
+        write_synthetic_cr(
+            folder / f"{i:05d}.dcm",
+            pixels,
+            study_uid=studies[i % 4],
+            series_uid=series[i % 4],
+            patient_id="BENCH",
+            accession=f"B{i % 4:04d}",
+            instance_number=i + 1,
+        )
+        for i in range(count)
+    ]
 
 
 def send(port: int, files: Sequence[Path], parallel: int) -> float:
