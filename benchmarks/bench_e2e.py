@@ -32,10 +32,15 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_ingest import dcmtk_env, free_port, wait_echo, write_synthetic_cr  # noqa: E402
+from bench_ingest import (  # noqa: E402
+    dcmtk_env,
+    free_port,
+    serve_command,
+    wait_echo,
+    write_synthetic_cr,
+)
 
 STORESCU = "/usr/bin/storescu"
 
@@ -194,18 +199,7 @@ def serve(
     workers: int,
     threads: int,
 ) -> Iterator[Path]:
-    launcher = REPO / ".venv" / "bin" / "triage"
-    cmd = [str(launcher)]
-    if subprocess.run([*cmd, "--version"], capture_output=True, check=False).returncode != 0:
-        code = (
-            "import argparse,sys;from dicom_node import cli, cmd_serve as m;"
-            "p=argparse.ArgumentParser();p.add_argument('-v',dest='verbose',action='count',"
-            "default=0);m.add_arguments(p);a=p.parse_args();cli.configure_logging(a.verbose);"
-            "sys.exit(m.run(a))"
-        )
-        cmd = [sys.executable, "-c", code]
-    else:
-        cmd.append("serve")
+    cmd = serve_command()
     log_path = storage.parent / "serve.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(

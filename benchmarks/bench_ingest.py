@@ -32,7 +32,6 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
 STORESCU = "/usr/bin/storescu"
 STORESCP = "/usr/bin/storescp"
 ECHOSCU = "/usr/bin/echoscu"
@@ -59,6 +58,11 @@ def wait_echo(port: int, timeout: float = 120.0) -> None:
             return
         time.sleep(0.2)
     raise RuntimeError(f"nothing answers C-ECHO on port {port}")
+
+
+def serve_command() -> list[str]:
+    """``triage serve`` run by this interpreter (the project's venv when run as documented)."""
+    return [sys.executable, "-m", "dicom_node", "serve"]
 
 
 def write_synthetic_cr(
@@ -174,17 +178,7 @@ def dcmtk_storescp(out: Path, port: int) -> Iterator[None]:
 def triage_serve(
     storage: Path, port: int, extra: Sequence[str] = (), env: dict[str, str] | None = None
 ) -> Iterator[None]:
-    launcher = REPO / ".venv" / "bin" / "triage"
-    cmd = [str(launcher), "serve"]
-    probe = subprocess.run([*cmd[:1], "--version"], capture_output=True, check=False)
-    if probe.returncode != 0:  # other subcommands missing in this tree: serve-only dispatcher
-        code = (
-            "import argparse,sys;from dicom_node import cli, cmd_serve as m;"
-            "p=argparse.ArgumentParser();p.add_argument('-v',dest='verbose',action='count',"
-            "default=0);m.add_arguments(p);a=p.parse_args();cli.configure_logging(a.verbose);"
-            "sys.exit(m.run(a))"
-        )
-        cmd = [sys.executable, "-c", code]
+    cmd = serve_command()
     log = open(storage.parent / f"serve-{port}.log", "wb")  # noqa: SIM115
     proc = subprocess.Popen(
         [*cmd, "--port", str(port), "--bind-address", "127.0.0.1", "--storage", str(storage),
