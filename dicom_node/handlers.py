@@ -1,22 +1,24 @@
-"""pynetdicom event handlers: association policy, C-ECHO and durable C-STORE.
+"""The C-STORE receive path: checks, durable writes, group commit, association policy.
 
-Handlers run on pynetdicom's association threads and the response goes out only after they
-return. So they only validate, write, record and answer; inference runs elsewhere
-(:mod:`dicom_node.service`). Their dependencies come in through the 3-tuple ``evt_handlers``
-form as typed objects (:class:`StoreContext`, :class:`AccessPolicy`).
+Transport-neutral: :mod:`dicom_node.ulp` reads the PDUs and drives an
+:class:`IncomingInstance` per C-STORE, which only validates, writes, records and answers;
+inference runs elsewhere (:mod:`dicom_node.service`). Its dependencies come in as typed
+objects (:class:`StoreContext`, :class:`AccessPolicy`). The pynetdicom hooks at the end
+(``TCP_NODELAY``, bulk reads) serve the sending side, :mod:`dicom_node.scu`.
 
-The C-STORE path (:func:`handle_store`):
+The C-STORE path:
 
-1. the dataset bytes are taken as received (``event.encoded_dataset``), never decoded and
-   re-encoded;
-2. a structural scan (:func:`scan_dataset`) walks the top-level elements to find the study,
-   series and instance UIDs and to prove the stream is complete (a truncated or malformed stream
-   gets 0xC210 and its bytes go to ``STORAGE/quarantine/``);
+1. the data set is written as received (never decoded and re-encoded) to a temporary file
+   under ``STORAGE/spool/.incoming/``, fragment by fragment while it arrives, after the
+   preamble and the file meta built from the command;
+2. a structural scan (:func:`scan_dataset`) walks the elements of the written data set to
+   find the study, series and instance UIDs and to prove the stream is complete (a truncated
+   or malformed stream gets 0xC210 and the file goes to ``STORAGE/quarantine/``);
 3. every UID is checked against the DICOM UID grammar before it is used in a path;
-4. the file goes to ``STORAGE/spool/<study>/<series>/<sop>.dcm`` through a temporary file,
-   ``fsync`` and ``rename`` (and an ``fsync`` of the folder), then the instance row is committed,
-   and only then is 0x0000 returned. A repeated SOP Instance UID keeps the first copy and is
-   recorded once. A full disk (or any other storage failure) answers 0xA700.
+4. the file is fsynced and renamed to ``STORAGE/spool/<study>/<series>/<sop>.dcm``, its folder
+   fsynced, then the instance row is committed, and only then is 0x0000 returned. A repeated
+   SOP Instance UID keeps the first copy and is recorded once. A full disk (or any other
+   storage failure) answers 0xA700.
 """
 
 from __future__ import annotations
@@ -36,12 +38,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, cast
+from typing import TYPE_CHECKING, Any, Protocol
 
 from triage_core.errors import ImageReadError, InvalidUIDError, TriageError, TruncatedFileError
 
 if TYPE_CHECKING:
-    from pynetdicom.dimse_primitives import C_STORE
     from pynetdicom.events import Event
 
     from dicom_node.metrics import Metrics
@@ -67,6 +68,8 @@ _LONG_VRS = frozenset(
     {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
 )
 _UNDEFINED = 0xFFFFFFFF
+#: Folder below the spool for instances being received (not a UID: no study can collide).
+INCOMING_DIR = ".incoming"
 _ITEM = (0xFFFE, 0xE000)
 _ITEM_DELIM = (0xFFFE, 0xE00D)
 _SEQ_DELIM = (0xFFFE, 0xE0DD)
@@ -443,7 +446,7 @@ class GroupCommitter:
 
 @dataclass
 class StoreContext:
-    """Dependencies of :func:`handle_store`.
+    """What the C-STORE path (:class:`IncomingInstance`) needs.
 
     Parameters
     ----------
@@ -473,8 +476,13 @@ class StoreContext:
         self.storage = self.storage.resolve()
         self.spool = self.storage / "spool"
         self.quarantine = self.storage / "quarantine"
+        self.incoming = self.spool / INCOMING_DIR
         self.spool.mkdir(parents=True, exist_ok=True)
         self.quarantine.mkdir(parents=True, exist_ok=True)
+        self.incoming.mkdir(exist_ok=True)
+        # parts of instances whose association ended with the process: never acknowledged
+        for leftover in self.incoming.glob("*.part"):
+            leftover.unlink(missing_ok=True)
 
     def concurrent(self) -> int:
         """How many C-STOREs are being handled right now (this one included)."""
@@ -573,145 +581,313 @@ def _is_inside(path: Path, root: Path) -> bool:
     return os.path.commonpath([normal, os.fspath(root)]) == os.fspath(root)
 
 
-def quarantine(
-    ctx: StoreContext, chunks: Sequence[bytes | memoryview], reason: str, calling_ae: str
-) -> Path | None:
-    """Keep rejected bytes under ``STORAGE/quarantine`` with a ``.txt`` reason next to them."""
-    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
-    name = f"{stamp}-{uuid.uuid4().hex[:12]}"
-    target = ctx.quarantine / f"{name}.dcm"
-    try:
-        write_durable(target, chunks, ctx.storage, ctx.fsync)
-        note = f"calling_ae: {calling_ae}\nreason: {reason}\n".encode("utf-8", "replace")
-        write_durable(ctx.quarantine / f"{name}.txt", [note], ctx.storage, ctx.fsync)
-    except OSError as exc:
-        logger.error("could not quarantine rejected data (%s): %s", reason, exc)
-        return None
-    return target
+def encode_file_meta(
+    sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str, source_ae: str
+) -> bytes:
+    """The File Meta Information group (PS3.10 7.1), explicit VR little endian, with the
+    preamble and ``DICM`` prefix. Values longer than their VR allows are cut (such an instance
+    is refused anyway; the file only goes to quarantine)."""
+    from dicom_node.ulp import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
+
+    def short(element: int, vr: bytes, value: bytes) -> bytes:
+        return struct.pack("<HH", 0x0002, element) + vr + struct.pack("<H", len(value)) + value
+
+    def uid(value: str) -> bytes:
+        raw = value.encode("latin-1", "replace")[:64]
+        return raw + b"\x00" if len(raw) % 2 else raw
+
+    def text(value: str, limit: int) -> bytes:
+        raw = value.encode("latin-1", "replace")[:limit]
+        return raw + b" " if len(raw) % 2 else raw
+
+    body = struct.pack("<HH", 0x0002, 0x0001) + b"OB\x00\x00" + struct.pack("<I", 2) + b"\x00\x01"
+    body += short(0x0002, b"UI", uid(sop_class_uid))
+    body += short(0x0003, b"UI", uid(sop_instance_uid))
+    body += short(0x0010, b"UI", uid(transfer_syntax))
+    body += short(0x0012, b"UI", uid(IMPLEMENTATION_CLASS_UID))
+    body += short(0x0013, b"SH", text(IMPLEMENTATION_VERSION_NAME, 16))
+    if source_ae:
+        body += short(0x0016, b"AE", text(source_ae, 16))
+    group_length = struct.pack("<HH", 0x0002, 0x0000) + b"UL" + struct.pack("<HI", 4, len(body))
+    return _PREAMBLE + group_length + body
 
 
-def _calling_ae(event: Event) -> str:
-    try:
-        return str(event.assoc.requestor.ae_title).strip()
-    except AttributeError:
-        return "?"
+class IncomingInstance:
+    """One C-STORE data set being received, from its command to its status.
 
+    :meth:`open` creates ``STORAGE/spool/.incoming/<random>.part`` with the preamble and file
+    meta; :meth:`write` appends data set fragments as they arrive (the bytes as received, never
+    decoded and re-encoded); :meth:`finish` checks the data set (structure, UIDs, request vs data
+    set), then fsyncs the file, renames it to ``spool/<study>/<series>/<sop>.dcm``, makes the
+    folder entry durable, commits the instance row and returns the status to answer. Rejected
+    data is moved to ``STORAGE/quarantine`` with a ``.txt`` reason. :meth:`discard` drops an
+    instance whose association ended before its last fragment (it was never acknowledged).
+    A storage error while writing (disk full) keeps reading the rest of the data set so the
+    association stays in step, and answers 0xA700.
+    """
 
-def handle_echo(event: Event) -> int:
-    """C-ECHO: always success (the association policy already admitted the peer)."""
-    logger.debug("C-ECHO from %s", _calling_ae(event))
-    return STATUS_SUCCESS
+    def __init__(
+        self,
+        ctx: StoreContext,
+        *,
+        sop_class_uid: str,
+        sop_instance_uid: str,
+        transfer_syntax: str,
+        calling_ae: str,
+        context_class: str,
+    ) -> None:
+        self.ctx = ctx
+        self.sop_class_uid = sop_class_uid
+        self.sop_instance_uid = sop_instance_uid
+        self.transfer_syntax = transfer_syntax
+        self.calling_ae = calling_ae
+        self.context_class = context_class
+        self.started = time.perf_counter()
+        self.tmp = ctx.incoming / f"{uuid.uuid4().hex}.part"
+        self.fd = -1
+        self.offset = 0  # where the data set starts in the file
+        self.size = 0
+        self.error: OSError | None = None
+        self.synced = 0
 
+    @classmethod
+    def open(
+        cls,
+        ctx: StoreContext,
+        *,
+        sop_class_uid: str,
+        sop_instance_uid: str,
+        transfer_syntax: str,
+        calling_ae: str,
+        context_class: str = "",
+    ) -> IncomingInstance:
+        incoming = cls(
+            ctx,
+            sop_class_uid=sop_class_uid,
+            sop_instance_uid=sop_instance_uid,
+            transfer_syntax=transfer_syntax,
+            calling_ae=calling_ae,
+            context_class=context_class or sop_class_uid,
+        )
+        ctx.enter()
+        try:
+            incoming.fd = os.open(incoming.tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o640)
+            meta = encode_file_meta(sop_class_uid, sop_instance_uid, transfer_syntax, calling_ae)
+            incoming._write_all(meta)
+            incoming.offset = incoming.size
+        except OSError as exc:
+            incoming._fail(exc)
+        return incoming
 
-def handle_store(event: Event, ctx: StoreContext) -> int:
-    """C-STORE: validate, write durably, record, then answer (see the module docstring)."""
-    ctx.enter()
-    try:
-        return _store(event, ctx)
-    finally:
-        ctx.leave()
+    # -------------------------------------------------------------- receiving
+    def _write_all(self, data: bytes | memoryview) -> None:
+        view = memoryview(data)
+        while view:
+            written = os.write(self.fd, view)
+            self.size += written
+            view = view[written:]
 
+    def write(self, piece: memoryview) -> None:
+        """Append a data set fragment (ignored after a storage error)."""
+        if self.error is not None:
+            return
+        try:
+            self._write_all(piece)
+            if self.ctx.fsync and self.size - self.synced >= WRITEBACK_STEP:
+                start_writeback(self.fd, self.synced, self.size - self.synced)
+                self.synced = self.size
+        except OSError as exc:
+            self._fail(exc)
 
-def _store(event: Event, ctx: StoreContext) -> int:
-    started = time.perf_counter()
-    calling = _calling_ae(event)
-    request = cast("C_STORE", event.request)
-    req_sop = str(request.AffectedSOPInstanceUID or "")
-    req_class = str(request.AffectedSOPClassUID or "")
-    transfer_syntax = str(event.context.transfer_syntax)
-    data = event.encoded_dataset(include_meta=False)
+    def _fail(self, exc: OSError) -> None:
+        self.error = exc
+        self._close()
+        self.tmp.unlink(missing_ok=True)
 
-    def reject(status: int, reason: str, chunks: Sequence[bytes | memoryview], label: str) -> int:
+    def _close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def discard(self, why: str) -> None:
+        """Drop an instance that will never be acknowledged."""
+        logger.warning(
+            "C-STORE from %s of %s dropped: %s", self.calling_ae, self.sop_instance_uid[:64], why
+        )
+        self._close()
+        self.tmp.unlink(missing_ok=True)
+        self.ctx.leave()
+
+    # -------------------------------------------------------------- completing
+    def finish(self) -> int:
+        """Check, make durable, record; return the C-STORE status."""
+        try:
+            return self._finish()
+        except BaseException:
+            self._close()
+            self.tmp.unlink(missing_ok=True)
+            raise
+        finally:
+            self.ctx.leave()
+
+    def _storage_failure(self, exc: OSError, what: str) -> int:
+        ctx = self.ctx
+        full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+        ctx.count("failed", "disk_full" if full else "storage_error")
+        logger.error(
+            "C-STORE from %s: %s %s: %s",
+            self.calling_ae,
+            "disk full writing" if full else f"cannot {what}",
+            self.sop_instance_uid[:64],
+            exc,
+        )
+        return STATUS_OUT_OF_RESOURCES
+
+    def _scan(self) -> HeaderInfo:
+        import mmap
+
+        length = self.size - self.offset
+        if length <= 0:
+            raise TruncatedFileError("C-STORE data set", "empty data set")
+        # Mapped, not read: the scan touches element headers only (a few pages of a 10 MB
+        # image). No explicit close: an exception's traceback may still hold views of the
+        # map; it is unmapped when the last one goes.
+        mapped = mmap.mmap(self.fd, self.size, access=mmap.ACCESS_READ)
+        return scan_dataset(memoryview(mapped)[self.offset :], self.transfer_syntax)
+
+    def _reject(self, status: int, reason: str, label: str) -> int:
+        ctx = self.ctx
         ctx.count("rejected", label)
-        where = quarantine(ctx, chunks, reason, calling)
+        self._close()
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
+        name = f"{stamp}-{uuid.uuid4().hex[:12]}"
+        target = ctx.quarantine / f"{name}.dcm"
+        try:
+            os.replace(self.tmp, target)
+            note = f"calling_ae: {self.calling_ae}\nreason: {reason}\n".encode("utf-8", "replace")
+            write_durable(ctx.quarantine / f"{name}.txt", [note], ctx.storage, ctx.fsync)
+            where = target.name
+        except OSError as exc:
+            logger.error("could not quarantine rejected data (%s): %s", reason, exc)
+            self.tmp.unlink(missing_ok=True)
+            where = "nothing: quarantine failed"
         logger.warning(
             "C-STORE from %s refused with 0x%04X: %s (quarantined as %s)",
-            calling,
+            self.calling_ae,
             status,
             reason,
-            where.name if where else "nothing: quarantine failed",
+            where,
         )
         return status
 
-    try:
-        check_uid(req_sop, "Affected SOP Instance UID")
-        check_uid(req_class, "Affected SOP Class UID")
-        info = scan_dataset(data, transfer_syntax)
-        check_uid(info.study_uid, "Study Instance UID")
-        check_uid(info.series_uid, "Series Instance UID")
-        check_uid(info.sop_instance_uid, "SOP Instance UID")
-    except InvalidUIDError as exc:
-        return reject(STATUS_CANNOT_UNDERSTAND, str(exc), [data], "invalid_uid")
-    except ImageReadError as exc:
-        return reject(STATUS_CANNOT_UNDERSTAND, str(exc), [data], "undecodable")
-    if info.sop_instance_uid != req_sop or (info.sop_class_uid and info.sop_class_uid != req_class):
-        return reject(
-            STATUS_DATASET_MISMATCH,
-            f"data set UIDs ({info.sop_class_uid}, {info.sop_instance_uid}) differ from the "
-            f"request ({req_class}, {req_sop})",
-            [data],
-            "dataset_mismatch",
-        )
-
-    from pynetdicom.dsutils import encode_file_meta  # cheap: pynetdicom is loaded already
-
-    meta = encode_file_meta(event.file_meta)
-    path = ctx.spool / info.study_uid / info.series_uid / f"{info.sop_instance_uid}.dcm"
-    if not _is_inside(path.parent, ctx.spool):  # belt and braces: grammar already excludes it
-        return reject(
-            STATUS_CANNOT_UNDERSTAND, "path would leave the spool folder", [data], "invalid_uid"
-        )
-    try:
-        if path.is_file():
-            # A repeat keeps the first copy (renamed in whole, so complete); it is recorded
-            # again below in case the first attempt failed after the rename.
-            size = path.stat().st_size
-        else:
-            size = write_durable(
-                path,
-                [_PREAMBLE, meta, data],
-                ctx.storage,
-                ctx.fsync,
-                sync_dir=False,  # below: in this thread, or shared by the group commit
+    def _finish(self) -> int:
+        ctx = self.ctx
+        if self.error is not None:
+            return self._storage_failure(self.error, "write")
+        req_sop, req_class = self.sop_instance_uid, self.sop_class_uid
+        try:
+            check_uid(req_sop, "Affected SOP Instance UID")
+            check_uid(req_class, "Affected SOP Class UID")
+            info = self._scan()
+            check_uid(info.study_uid, "Study Instance UID")
+            check_uid(info.series_uid, "Series Instance UID")
+            check_uid(info.sop_instance_uid, "SOP Instance UID")
+        except InvalidUIDError as exc:
+            return self._reject(STATUS_CANNOT_UNDERSTAND, str(exc), "invalid_uid")
+        except ImageReadError as exc:
+            return self._reject(STATUS_CANNOT_UNDERSTAND, str(exc), "undecodable")
+        except OSError as exc:
+            return self._storage_failure(exc, "read back")
+        class_differs = bool(info.sop_class_uid) and info.sop_class_uid != req_class
+        if info.sop_instance_uid != req_sop or class_differs:
+            return self._reject(
+                STATUS_DATASET_MISMATCH,
+                f"data set UIDs ({info.sop_class_uid}, {info.sop_instance_uid}) differ from the "
+                f"request ({req_class}, {req_sop})",
+                "dataset_mismatch",
             )
-    except OSError as exc:
-        full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
-        ctx.count("failed", "disk_full" if full else "storage_error")
-        if full:
-            logger.error("C-STORE from %s: disk full writing %s: %s", calling, path.name, exc)
-        else:
-            logger.error("C-STORE from %s: cannot write %s: %s", calling, path.name, exc)
-        return STATUS_OUT_OF_RESOURCES
-    written = time.perf_counter()
+        path = ctx.spool / info.study_uid / info.series_uid / f"{info.sop_instance_uid}.dcm"
+        if not _is_inside(path.parent, ctx.spool):  # belt and braces: grammar already excludes it
+            return self._reject(
+                STATUS_CANNOT_UNDERSTAND, "path would leave the spool folder", "invalid_uid"
+            )
+        try:
+            if path.is_file():
+                # A repeat keeps the first copy (renamed in whole, so complete); it is recorded
+                # again below in case the first attempt failed after the rename.
+                self._close()
+                self.tmp.unlink(missing_ok=True)
+                size = path.stat().st_size
+            else:
+                if ctx.fsync:
+                    os.fsync(self.fd)
+                self._close()
+                _ensure_dir(path.parent, ctx.storage, ctx.fsync)
+                os.replace(self.tmp, path)
+                size = self.size
+        except OSError as exc:
+            self._close()
+            self.tmp.unlink(missing_ok=True)
+            return self._storage_failure(exc, "store")
+        written = time.perf_counter()
+        try:
+            if ctx.committer is not None and ctx.concurrent() > 1:
+                new = ctx.committer.commit(info, path, size, self.calling_ae)
+            else:  # alone: a hand-off to the committer thread would only add latency
+                if ctx.fsync:
+                    _fsync_dir(path.parent)
+                new = ctx.record(info, path, size, self.calling_ae)
+        except TriageError as exc:
+            ctx.count("failed", "database")
+            logger.error(
+                "C-STORE from %s: instance %s not recorded: %s", self.calling_ae, req_sop, exc
+            )
+            return STATUS_OUT_OF_RESOURCES
+        except OSError as exc:  # the folder fsync
+            return self._storage_failure(exc, "make durable")
+        ctx.count("stored" if new else "duplicate")
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug(
+                "C-STORE %s study=%s sop=%s %s %d bytes ts=%s write=%.1fms record=%.1fms%s",
+                self.calling_ae,
+                info.study_uid,
+                req_sop,
+                ctx.describe(info),
+                size,
+                self.transfer_syntax,
+                (written - self.started) * 1e3,
+                (time.perf_counter() - written) * 1e3,
+                "" if new else " (duplicate)",
+            )
+        return STATUS_SUCCESS
+
+
+#: Start the disk write-back of a large instance every this many bytes while it still arrives,
+#: so the fsync before the answer only waits for the tail.
+WRITEBACK_STEP = 4 << 20
+
+
+def _load_sync_file_range() -> Callable[[int, int, int], None]:
+    """``sync_file_range(fd, offset, n, SYNC_FILE_RANGE_WRITE)`` (Linux): starts write-back
+    without waiting for it. A no-op where it is not available."""
     try:
-        if ctx.committer is not None and ctx.concurrent() > 1:
-            new = ctx.committer.commit(info, path, size, calling)
-        else:  # alone: a hand-off to the committer thread would only add latency
-            if ctx.fsync:
-                _fsync_dir(path.parent)
-            new = ctx.record(info, path, size, calling)
-    except TriageError as exc:
-        ctx.count("failed", "database")
-        logger.error("C-STORE from %s: instance %s not recorded: %s", calling, req_sop, exc)
-        return STATUS_OUT_OF_RESOURCES
-    except OSError as exc:  # the folder fsync
-        ctx.count("failed", "storage_error")
-        logger.error("C-STORE from %s: instance %s not made durable: %s", calling, req_sop, exc)
-        return STATUS_OUT_OF_RESOURCES
-    ctx.count("stored" if new else "duplicate")
-    logger.debug(
-        "C-STORE %s study=%s sop=%s %s %d bytes ts=%s write=%.1fms record=%.1fms%s",
-        calling,
-        info.study_uid,
-        req_sop,
-        ctx.describe(info),
-        size,
-        transfer_syntax,
-        (written - started) * 1e3,
-        (time.perf_counter() - written) * 1e3,
-        "" if new else " (duplicate)",
-    )
-    return STATUS_SUCCESS
+        import ctypes
+        import ctypes.util
+
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        func = libc.sync_file_range
+        func.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+        func.restype = ctypes.c_int
+    except (OSError, AttributeError):
+        return lambda _fd, _offset, _count: None
+
+    def start(fd: int, offset: int, count: int) -> None:
+        func(fd, offset, count, 2)  # SYNC_FILE_RANGE_WRITE; a failure only loses the head start
+
+    return start
+
+
+start_writeback = _load_sync_file_range()
 
 
 def set_nodelay(sock: socket.socket | None) -> None:
@@ -776,19 +952,3 @@ class AccessPolicy:
 
     def admits(self, ae_title: str, host: str) -> bool:
         return not self.allowed or any(p.matches(ae_title, host) for p in self.allowed)
-
-
-def handle_requested(event: Event, policy: AccessPolicy) -> None:
-    """EVT_REQUESTED: reject a calling AE (or host) not on the allow-list.
-
-    Answers A-ASSOCIATE-RJ, permanent, service user, "calling AE title not recognised".
-    """
-    assoc = event.assoc
-    primitive = assoc.requestor.primitive
-    calling = str(primitive.calling_ae_title if primitive else "").strip()
-    host = str(assoc.requestor.address)
-    if policy.admits(calling, host):
-        return
-    logger.warning("association from %r at %s rejected: calling AE not allowed", calling, host)
-    assoc.acse.send_reject(0x01, 0x01, 0x03)
-    assoc.kill()

@@ -1,31 +1,21 @@
 """The DICOM application entity of ``triage serve``: C-ECHO and C-STORE SCP.
 
 Every storage SOP class is accepted (what is not a chest radiograph is stored and later marked
-not eligible), each with the transfer syntaxes listed in :data:`TRANSFER_SYNTAXES`: pynetdicom
-only accepts the syntaxes that are listed, so the compressed ones are named explicitly.
-Associations are admitted by :class:`~dicom_node.handlers.AccessPolicy` (EVT_REQUESTED) and
-every accepted socket gets ``TCP_NODELAY`` (EVT_CONN_OPEN).
+not eligible), each with the transfer syntaxes listed in :data:`TRANSFER_SYNTAXES`, the
+compressed ones included. Associations are admitted by
+:class:`~dicom_node.handlers.AccessPolicy`; the protocol engine is :mod:`dicom_node.ulp`.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from dicom_node.handlers import (
-    AccessPolicy,
-    StoreContext,
-    handle_conn_open,
-    handle_echo,
-    handle_requested,
-    handle_store,
-)
+from dicom_node.handlers import AccessPolicy, StoreContext
 
 if TYPE_CHECKING:
-    from pynetdicom import AE
-    from pynetdicom.transport import ThreadedAssociationServer
-
     from dicom_node.settings import NodeSettings
+    from dicom_node.ulp import StorageServer
 
 logger = logging.getLogger(__name__)
 
@@ -47,31 +37,14 @@ TRANSFER_SYNTAXES: tuple[str, ...] = (
 )
 
 
-def build_ae(settings: NodeSettings) -> AE:
-    """An AE with Verification and every storage SOP class, configured from ``settings``."""
-    from pynetdicom import AE, AllStoragePresentationContexts
-
-    ae = AE(ae_title=settings.ae_title)
-    ae.maximum_associations = settings.max_associations
-    ae.maximum_pdu_size = settings.max_pdu_size
-    ae.network_timeout = settings.network_timeout
-    ae.acse_timeout = settings.network_timeout
-    ae.dimse_timeout = settings.network_timeout
-    ae.add_supported_context("1.2.840.10008.1.1")  # Verification
-    for context in AllStoragePresentationContexts:
-        if context.abstract_syntax:
-            ae.add_supported_context(context.abstract_syntax, list(TRANSFER_SYNTAXES))
-    return ae
-
-
 def start_scp(
     settings: NodeSettings, store: StoreContext, policy: AccessPolicy | None = None
-) -> ThreadedAssociationServer:
+) -> StorageServer:
     """Start listening on ``settings.bind_address:settings.port`` (non-blocking).
 
     Returns the server; call ``server.shutdown()`` to stop it.
     """
-    from pynetdicom import evt
+    from dicom_node.ulp import StorageServer
 
     policy = policy or AccessPolicy(tuple(settings.allow_ae))
     if not policy.allowed:
@@ -81,17 +54,7 @@ def start_scp(
         )
     else:
         logger.info("calling AEs allowed: %s", ", ".join(str(p) for p in policy.allowed))
-    ae = build_ae(settings)
-    handlers: list[Any] = [
-        (evt.EVT_CONN_OPEN, handle_conn_open, [settings.tcp_nodelay]),
-        (evt.EVT_REQUESTED, handle_requested, [policy]),
-        (evt.EVT_C_ECHO, handle_echo),
-        (evt.EVT_C_STORE, handle_store, [store]),
-    ]
-    server = ae.start_server(
-        (settings.bind_address, settings.port), block=False, evt_handlers=handlers
-    )
-    assert server is not None  # block=False always returns the server
+    server = StorageServer(settings, store, policy).start()
     logger.info(
         "DICOM node %s listening on %s:%d (max %d associations, max PDU %d)",
         settings.ae_title,

@@ -216,15 +216,29 @@ def test_malformed_truncated_and_hostile_uid_are_refused(node: Node, tmp_path: P
     assert sop_uid in _spooled(node.storage)
 
 
+def _receive(ctx: StoreContext, path: Path, pieces: int = 3) -> int:
+    """Drive one IncomingInstance with a file's data set, in ``pieces`` fragments."""
+    from dicom_node.handlers import IncomingInstance
+
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    payload = memoryview(_dataset_bytes(path))
+    incoming = IncomingInstance.open(
+        ctx,
+        sop_class_uid=str(ds.SOPClassUID),
+        sop_instance_uid=str(ds.SOPInstanceUID),
+        transfer_syntax=str(ds.file_meta.TransferSyntaxUID),
+        calling_ae="T",
+    )
+    step = max(1, len(payload) // pieces)
+    for start in range(0, len(payload), step):
+        incoming.write(payload[start : start + step])
+    return incoming.finish()
+
+
 def test_disk_full_answers_out_of_resources(tmp_path: Path) -> None:
     """A write failure (here: the spool replaced by a file) gives 0xA700, not an exception."""
-    from types import SimpleNamespace
-
-    from dicom_node.handlers import handle_store
-
     good = synthetic_cr(tmp_path / "good.dcm")
     ds = pydicom.dcmread(good)
-    payload = _dataset_bytes(good)
     recorded: list[str] = []
 
     def record(info: object, path: Path, size: int, ae: str) -> bool:
@@ -234,25 +248,47 @@ def test_disk_full_answers_out_of_resources(tmp_path: Path) -> None:
     ctx = StoreContext(storage=tmp_path / "storage", record=record)
     study_dir = ctx.spool / str(ds.StudyInstanceUID)
     study_dir.write_bytes(b"not a folder")  # mkdir of the series folder now fails
-    from pydicom.dataset import FileMetaDataset
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = ds.SOPClassUID
-    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
-    request = SimpleNamespace(
-        AffectedSOPInstanceUID=ds.SOPInstanceUID, AffectedSOPClassUID=ds.SOPClassUID
-    )
-    event = SimpleNamespace(
-        request=request,
-        context=SimpleNamespace(transfer_syntax="1.2.840.10008.1.2.1"),
-        encoded_dataset=lambda include_meta=False: payload,
-        file_meta=meta,
-        assoc=SimpleNamespace(requestor=SimpleNamespace(ae_title="T")),
-    )
-    assert handle_store(event, ctx) == 0xA700  # type: ignore[arg-type]
+    assert _receive(ctx, good) == 0xA700
     assert recorded == []
-    assert not list(ctx.storage.rglob("*.tmp"))
+    assert not list(ctx.incoming.iterdir())
+    assert ctx.concurrent() == 0
+
+
+def test_incoming_instance_is_written_as_received(tmp_path: Path) -> None:
+    """The spooled file = our file meta + the data set bytes exactly as they arrived."""
+    good = synthetic_cr(tmp_path / "good.dcm")
+    ds = pydicom.dcmread(good)
+    recorded: list[Path] = []
+
+    def record(info: object, path: Path, size: int, ae: str) -> bool:
+        recorded.append(path)
+        return True
+
+    ctx = StoreContext(storage=tmp_path / "storage", record=record)
+    assert _receive(ctx, good, pieces=7) == 0x0000
+    assert len(recorded) == 1 and recorded[0].is_file()
+    stored = recorded[0].read_bytes()
+    assert stored.endswith(_dataset_bytes(good))
+    back = pydicom.dcmread(recorded[0])
+    assert back.SOPInstanceUID == ds.SOPInstanceUID
+    assert back.file_meta.MediaStorageSOPInstanceUID == ds.SOPInstanceUID
+    assert back.file_meta.TransferSyntaxUID == ds.file_meta.TransferSyntaxUID
+    assert back.file_meta.SourceApplicationEntityTitle == "T"
+    assert not list(ctx.incoming.iterdir())
+    # a repeat keeps the first copy and is recorded again (idempotent)
+    assert _receive(ctx, good) == 0x0000
+    assert recorded[1] == recorded[0]
+    # an instance whose association ended early leaves nothing behind
+    from dicom_node.handlers import IncomingInstance
+
+    partial = IncomingInstance.open(
+        ctx, sop_class_uid="1.2.3", sop_instance_uid="1.2.4", transfer_syntax="1.2.840.10008.1.2.1",
+        calling_ae="T",
+    )  # fmt: skip
+    partial.write(memoryview(b"\x08\x00\x16\x00"))
+    partial.discard("test")
+    assert not list(ctx.incoming.iterdir())
+    assert ctx.concurrent() == 0
 
 
 def test_scan_dataset_finds_uids_and_detects_truncation(dicom_dir: Path) -> None:
@@ -377,10 +413,7 @@ def test_tcp_nodelay_on_accepted_and_requested_sockets(node: Node) -> None:
         ours = assoc.dul.socket.socket  # type: ignore[union-attr]
         assert ours is not None
         assert ours.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
-        accepted = [
-            a.dul.socket.socket
-            for a in node.server.active_associations  # type: ignore[attr-defined]
-        ]
+        accepted = [a.sock for a in node.server.active_associations]
         assert accepted
         assert all(s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0 for s in accepted)
         assert assoc.send_c_echo().Status == 0x0000
