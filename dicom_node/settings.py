@@ -181,6 +181,14 @@ class NodeSettings(BaseSettings):
     )
     batch_size: int = Field(16, ge=1, le=1024)
     with_cam: bool = Field(True, description="send the Grad-CAM Secondary Capture")
+    sc_max_side: int = Field(
+        512,
+        ge=0,
+        le=65535,
+        description="longest side (pixels) of the Grad-CAM Secondary Capture, aspect ratio kept; "
+        "0 keeps the source image's size (the 128 px model's map is a 4 x 4 grid: 512 px is "
+        "4x what the model saw, and 0.75 MB instead of 10-20 MB per CR-sized overlay)",
+    )
     sqlite_synchronous: Literal["FULL", "NORMAL"] = Field(
         "NORMAL",
         description="SQLite commit durability; NORMAL relies on the fsynced spool files as the "
