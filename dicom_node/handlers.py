@@ -45,6 +45,7 @@ from triage_core.errors import ImageReadError, InvalidUIDError, TriageError, Tru
 if TYPE_CHECKING:
     from pynetdicom.events import Event
 
+    from dicom_node.journal import JournalEntry, ReceiptJournal
     from dicom_node.metrics import Metrics
     from dicom_node.settings import AllowedPeer
 
@@ -468,9 +469,13 @@ class StoreContext:
     fsync: bool = True
     metrics: Metrics | None = None
     committer: GroupCommitter | None = None
+    record_many: Callable[[list[_Pending]], list[bool]] | None = None
+    journal: ReceiptJournal | None = None
+    journal_limit: int = 1 << 20
     stats: dict[str, int] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _inflight: int = field(default=0, repr=False)
+    _journaled: set[str] = field(default_factory=set, repr=False)  # acknowledged, not on disk
 
     def __post_init__(self) -> None:
         self.storage = self.storage.resolve()
@@ -506,6 +511,55 @@ class StoreContext:
             elif key in ("rejected", "failed"):
                 self.metrics.instances_rejected.labels(reason=reason or key).inc()
 
+    def materialize(self, entries: list[JournalEntry]) -> None:
+        """The receipt journal's ``materialize``: spool files, then their rows (one commit).
+
+        A live record never replaces an existing spool file (the first copy is kept); a
+        replayed one rewrites a file that does not hold exactly its bytes (a crash can leave
+        an unflushed file empty). Files get no fsync here: the journal flushes the file system
+        once before it deletes the records.
+        """
+        items: list[_Pending] = []
+        spool = os.fspath(self.spool)
+        for entry in entries:
+            head = entry.header
+            info = HeaderInfo(
+                study_uid=check_uid(head["study_uid"], "Study Instance UID"),
+                series_uid=check_uid(head["series_uid"], "Series Instance UID"),
+                sop_instance_uid=check_uid(head["sop_instance_uid"], "SOP Instance UID"),
+                sop_class_uid=head.get("sop_class_uid", ""),
+                accession_number=head.get("accession_number", ""),
+            )
+            folder = os.path.join(spool, info.study_uid, info.series_uid)
+            target = os.path.join(folder, f"{info.sop_instance_uid}.dcm")
+            if entry.replayed:
+                keep = os.path.isfile(target) and Path(target).read_bytes() == entry.payload
+            else:
+                keep = os.path.isfile(target)
+            if not keep:
+                tmp = os.path.join(folder, f".{info.sop_instance_uid}.journal.tmp")
+                flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+                try:
+                    fd = os.open(tmp, flags, 0o640)
+                except FileNotFoundError:  # a new study or series (or one purged meanwhile)
+                    os.makedirs(folder, exist_ok=True)
+                    fd = os.open(tmp, flags, 0o640)
+                try:
+                    view = memoryview(entry.payload)
+                    while view:
+                        view = view[os.write(fd, view) :]
+                finally:
+                    os.close(fd)
+                os.replace(tmp, target)
+            items.append((info, Path(target), len(entry.payload), head.get("calling_ae", "")))
+        if self.record_many is not None:
+            self.record_many(items)
+        else:
+            for item in items:
+                self.record(*item)
+        with self._lock:
+            self._journaled.difference_update(info.sop_instance_uid for info, *_ in items)
+
     def describe(self, info: HeaderInfo) -> str:
         if self.log_phi:
             return f"accession={info.accession_number!r} patient={info.patient_id!r}"
@@ -538,7 +592,7 @@ def _ensure_dir(path: Path, root: Path, fsync: bool) -> None:
 
 def write_durable(
     path: Path,
-    chunks: Sequence[bytes | memoryview],
+    chunks: Sequence[bytes | bytearray | memoryview],
     root: Path,
     fsync: bool = True,
     sync_dir: bool = True,
@@ -649,6 +703,8 @@ class IncomingInstance:
         self.size = 0
         self.error: OSError | None = None
         self.synced = 0
+        # small instances stay in memory for the receipt journal until they outgrow it
+        self.buffer: bytearray | None = bytearray() if ctx.journal is not None else None
 
     @classmethod
     def open(
@@ -670,17 +726,25 @@ class IncomingInstance:
             context_class=context_class or sop_class_uid,
         )
         ctx.enter()
+        meta = encode_file_meta(sop_class_uid, sop_instance_uid, transfer_syntax, calling_ae)
+        incoming.offset = len(meta)
+        if incoming.buffer is not None:
+            incoming.buffer += meta
+            incoming.size = len(meta)
+            return incoming
         try:
-            incoming.fd = os.open(incoming.tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o640)
-            meta = encode_file_meta(sop_class_uid, sop_instance_uid, transfer_syntax, calling_ae)
-            incoming._write_all(meta)
-            incoming.offset = incoming.size
+            incoming._open_file(meta)
         except OSError as exc:
             incoming._fail(exc)
         return incoming
 
+    def _open_file(self, head: bytes | bytearray) -> None:
+        self.fd = os.open(self.tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o640)
+        self.size = 0
+        self._write_all(head)
+
     # -------------------------------------------------------------- receiving
-    def _write_all(self, data: bytes | memoryview) -> None:
+    def _write_all(self, data: bytes | bytearray | memoryview) -> None:
         view = memoryview(data)
         while view:
             written = os.write(self.fd, view)
@@ -691,6 +755,18 @@ class IncomingInstance:
         """Append a data set fragment (ignored after a storage error)."""
         if self.error is not None:
             return
+        buffer = self.buffer
+        if buffer is not None:
+            if len(buffer) + len(piece) <= self.ctx.journal_limit:
+                buffer += piece
+                self.size = len(buffer)
+                return
+            self.buffer = None  # outgrew the journal: spill to a file and stream from here
+            try:
+                self._open_file(buffer)
+            except OSError as exc:
+                self._fail(exc)
+                return
         try:
             self._write_all(piece)
             if self.ctx.fsync and self.size - self.synced >= WRITEBACK_STEP:
@@ -701,6 +777,7 @@ class IncomingInstance:
 
     def _fail(self, exc: OSError) -> None:
         self.error = exc
+        self.buffer = None
         self._close()
         self.tmp.unlink(missing_ok=True)
 
@@ -749,6 +826,8 @@ class IncomingInstance:
         length = self.size - self.offset
         if length <= 0:
             raise TruncatedFileError("C-STORE data set", "empty data set")
+        if self.buffer is not None:
+            return scan_dataset(memoryview(self.buffer)[self.offset :], self.transfer_syntax)
         # Mapped, not read: the scan touches element headers only (a few pages of a 10 MB
         # image). No explicit close: an exception's traceback may still hold views of the
         # map; it is unmapped when the last one goes.
@@ -763,7 +842,11 @@ class IncomingInstance:
         name = f"{stamp}-{uuid.uuid4().hex[:12]}"
         target = ctx.quarantine / f"{name}.dcm"
         try:
-            os.replace(self.tmp, target)
+            if self.buffer is not None:
+                write_durable(target, [self.buffer], ctx.storage, ctx.fsync)
+                self.buffer = None
+            else:
+                os.replace(self.tmp, target)
             note = f"calling_ae: {self.calling_ae}\nreason: {reason}\n".encode("utf-8", "replace")
             write_durable(ctx.quarantine / f"{name}.txt", [note], ctx.storage, ctx.fsync)
             where = target.name
@@ -811,6 +894,8 @@ class IncomingInstance:
             return self._reject(
                 STATUS_CANNOT_UNDERSTAND, "path would leave the spool folder", "invalid_uid"
             )
+        if self.buffer is not None and ctx.journal is not None:
+            return self._acknowledge_journaled(info, path)
         try:
             if path.is_file():
                 # A repeat keeps the first copy (renamed in whole, so complete); it is recorded
@@ -858,6 +943,45 @@ class IncomingInstance:
                 (written - self.started) * 1e3,
                 (time.perf_counter() - written) * 1e3,
                 "" if new else " (duplicate)",
+            )
+        return STATUS_SUCCESS
+
+    def _acknowledge_journaled(self, info: HeaderInfo, path: Path) -> int:
+        """Small instance: one durable journal record, materialised in the background."""
+        ctx = self.ctx
+        assert self.buffer is not None and ctx.journal is not None
+        buffer, self.buffer = self.buffer, None
+        sop = info.sop_instance_uid
+        with ctx._lock:
+            repeat = sop in ctx._journaled
+        if repeat or os.path.isfile(path):
+            ctx.count("duplicate")  # the first copy is kept (its row comes with it)
+            return STATUS_SUCCESS
+        header = {
+            "study_uid": info.study_uid,
+            "series_uid": info.series_uid,
+            "sop_instance_uid": info.sop_instance_uid,
+            "sop_class_uid": info.sop_class_uid,
+            "accession_number": info.accession_number,
+            "calling_ae": self.calling_ae,
+        }
+        try:
+            ctx.journal.append(header, buffer)
+        except OSError as exc:
+            return self._storage_failure(exc, "journal")
+        with ctx._lock:  # (a copy arriving during the append is journaled twice: harmless)
+            ctx._journaled.add(sop)
+        ctx.count("stored")
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug(
+                "C-STORE %s study=%s sop=%s %s %d bytes ts=%s journaled in %.1f ms",
+                self.calling_ae,
+                info.study_uid,
+                info.sop_instance_uid,
+                ctx.describe(info),
+                len(buffer),
+                self.transfer_syntax,
+                (time.perf_counter() - self.started) * 1e3,
             )
         return STATUS_SUCCESS
 

@@ -44,6 +44,7 @@ from triage_core.errors import DeliveryError, TriageError, WorklistError
 if TYPE_CHECKING:
     import pydicom
 
+    from dicom_node.journal import ReceiptJournal
     from dicom_node.metrics import Metrics
     from triage_core.inference import Predictor
     from triage_core.spec import ModelSpec
@@ -237,6 +238,7 @@ class NodeService:
         self.node_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.worklist: Worklist | None = None
         self.store: StoreContext | None = None
+        self.journal: ReceiptJournal | None = None
         self.committer: Any = None
         self.metrics: Metrics | None = None
         self.scp: Any = None
@@ -285,7 +287,19 @@ class NodeService:
                 metrics=self.metrics,
                 fsync=settings.spool_fsync,
                 committer=self.committer,
+                record_many=make_record_many(self.worklist, salt),
+                journal_limit=settings.journal_max_instance,
             )
+            if settings.receipt_journal:
+                from dicom_node.journal import ReceiptJournal
+
+                # replays what a crash left before the port opens
+                self.journal = ReceiptJournal(
+                    settings.storage / "journal",
+                    self.store.materialize,
+                    fsync=settings.spool_fsync,
+                ).open()
+                self.store.journal = self.journal
             if not settings.spool_fsync:
                 logger.warning(
                     "spool_fsync is OFF: a success status no longer means the instance "
@@ -319,6 +333,9 @@ class NodeService:
         if self.committer is not None:
             self.committer.close()
             self.committer = None
+        if self.journal is not None:
+            self.journal.close()
+            self.journal = None
         if self.worklist is not None:
             self.worklist.dispose()
             if self.role == "serve" and self._marker_path() is not None:

@@ -200,6 +200,18 @@ class NodeSettings(BaseSettings):
     spool_fsync: bool = Field(
         True, description="fsync spooled files before answering (turn off for benchmarks only)"
     )
+    receipt_journal: bool = Field(
+        True,
+        description="acknowledge small instances through the group-committed receipt journal "
+        "(one flush per C-STORE instead of file fsync + folder fsync + commit)",
+    )
+    journal_max_instance: int = Field(
+        1 << 20,
+        ge=0,
+        le=16 << 20,
+        description="largest instance (bytes) acknowledged through the receipt journal; "
+        "larger ones are streamed to their spool file and fsynced",
+    )
 
     @field_validator("ae_title")
     @classmethod

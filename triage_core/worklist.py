@@ -588,12 +588,13 @@ class Worklist:
         """The three statements of :meth:`record_instances`, built once with bound parameters.
 
         Building a statement per call (``insert(...).values(...)``) costs more than running
-        it: about 0.9 ms per instance on SQLite against about 0.3 ms with these.
+        it; these run as ``executemany`` over a whole batch (which instances are new is read
+        first, in the same transaction).
         """
         cached = getattr(self, "_ingest_cache", None)
         if cached is not None:
             return cast("tuple[Any, Any, Any]", cached)
-        from sqlalchemy import bindparam, case, literal, update
+        from sqlalchemy import bindparam, case, literal, or_, update
 
         studies = self._tables["studies"]
         instances = self._tables["instances"]
@@ -628,10 +629,10 @@ class Worklist:
                 received_at=ts,
             )
             .on_conflict_do_nothing(index_elements=["sop_uid"])
-            .returning(instances.c.sop_uid)
         )
         status = studies.c.status
-        reopen = status.in_(_REOPEN_STATUSES)
+        # OR of equalities, not IN: an expanding IN cannot run as executemany
+        reopen = or_(*(status == value for value in _REOPEN_STATUSES))
         accession: Any = bindparam("accession_hash")
         touch_study = (
             update(studies)
@@ -712,6 +713,9 @@ class Worklist:
             return []
         ts = time.time() if now is None else float(now)
         add_study, add_instance, touch_study = self._ingest_statements()
+        from sqlalchemy import select
+
+        instances = self._tables["instances"]
         out = [False] * len(records)
         # Rows are locked in one global order (study, then SOP UID) so that two concurrent
         # batches on PostgreSQL cannot deadlock on each other's study rows.
@@ -719,32 +723,49 @@ class Worklist:
             range(len(records)), key=lambda k: (records[k].study_uid, records[k].sop_uid)
         )
         with self._write() as conn:
+            known = set(
+                conn.execute(
+                    select(instances.c.sop_uid).where(
+                        instances.c.sop_uid.in_({rec.sop_uid for rec in records})
+                    )
+                ).scalars()
+            )
+            fresh: list[InstanceRecord] = []
+            accession: dict[str, str] = {}
             for index in order:
                 rec = records[index]
-                conn.execute(
-                    add_study,
-                    {"study_uid": rec.study_uid, "accession_hash": rec.accession_hash, "ts": ts},
-                )
-                inserted = conn.execute(
-                    add_instance,
-                    {
-                        "sop_uid": rec.sop_uid,
-                        "study_uid": rec.study_uid,
-                        "series_uid": rec.series_uid,
-                        "sop_class_uid": rec.sop_class_uid,
-                        "path": str(rec.path),
-                        "ts": ts,
-                    },
-                )
-                # RETURNING, not rowcount: drivers need not report rowcount for INSERT
-                is_new = inserted.first() is not None
-                out[index] = is_new
-                if not is_new:
+                if rec.sop_uid in known:
                     logger.debug("instance %s already recorded", rec.sop_uid)
                     continue
+                known.add(rec.sop_uid)  # a repeat inside the batch is new once
+                out[index] = True
+                fresh.append(rec)
+                if rec.accession_hash or rec.study_uid not in accession:
+                    accession.setdefault(rec.study_uid, "")
+                    accession[rec.study_uid] = accession[rec.study_uid] or rec.accession_hash
+            if fresh:
+                # executemany: one round of statements per batch, not per instance
+                conn.execute(
+                    add_study,
+                    [{"study_uid": u, "accession_hash": h, "ts": ts} for u, h in accession.items()],
+                )
+                conn.execute(
+                    add_instance,
+                    [
+                        {
+                            "sop_uid": rec.sop_uid,
+                            "study_uid": rec.study_uid,
+                            "series_uid": rec.series_uid,
+                            "sop_class_uid": rec.sop_class_uid,
+                            "path": str(rec.path),
+                            "ts": ts,
+                        }
+                        for rec in fresh
+                    ],
+                )
                 conn.execute(
                     touch_study,
-                    {"key": rec.study_uid, "accession_hash": rec.accession_hash, "ts": ts},
+                    [{"key": u, "accession_hash": h, "ts": ts} for u, h in accession.items()],
                 )
         return out
 

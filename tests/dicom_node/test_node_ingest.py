@@ -22,7 +22,8 @@ from test_node_support import (
 
 from dicom_node.handlers import StoreContext, is_valid_uid, scan_dataset
 from dicom_node.scp import start_scp
-from dicom_node.service import make_recorder, open_worklist
+from dicom_node.journal import ReceiptJournal
+from dicom_node.service import make_record_many, make_recorder, open_worklist
 from dicom_node.settings import load_settings
 from triage_core.errors import ImageReadError, TruncatedFileError
 
@@ -34,10 +35,20 @@ class Node:
     worklist: object
     store: StoreContext
     server: object
+    journal: ReceiptJournal | None = None
+
+    def settle(self, timeout: float = 10.0) -> None:
+        """Wait until journaled instances are materialised (spool file and row)."""
+        deadline = time.monotonic() + timeout
+        while self.journal is not None and self.journal.pending:
+            assert time.monotonic() < deadline, "journal not materialised in time"
+            time.sleep(0.01)
 
 
-@pytest.fixture
-def node(tmp_path: Path) -> Iterator[Node]:
+@pytest.fixture(params=["file", "journal"])
+def node(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Node]:
+    """The SCP with each acknowledgement path: every instance through its own fsynced file,
+    or small ones through the receipt journal (the ``triage serve`` default)."""
     storage = tmp_path / "storage"
     settings = load_settings(
         None,
@@ -49,12 +60,23 @@ def node(tmp_path: Path) -> Iterator[Node]:
         },
     )
     worklist = open_worklist(settings)
-    store = StoreContext(storage=storage, record=make_recorder(worklist))
+    store = StoreContext(
+        storage=storage,
+        record=make_recorder(worklist),
+        record_many=make_record_many(worklist),
+    )
+    journal = None
+    if request.param == "journal":
+        journal = ReceiptJournal(storage / "journal", store.materialize, segment_size=8 << 20)
+        store.journal = journal.open()
     server = start_scp(settings, store)
     try:
-        yield Node(settings.port, storage, worklist, store, server)
+        yield Node(settings.port, storage, worklist, store, server, journal)
     finally:
         server.shutdown()
+        if journal is not None:
+            journal.close()
+            assert not list((storage / "journal").glob("*.wal")), "segments left after close"
         worklist.dispose()
 
 
@@ -92,6 +114,7 @@ def test_every_shared_transfer_syntax_is_stored_byte_for_byte(node: Node, dicom_
             continue
         first_sent.setdefault(str(ds.SOPInstanceUID), path)
     assert [p.name for p in refused] == ["CR-ModalitySequenceLUT.dcm"]
+    node.settle()
     spooled = _spooled(node.storage)
     assert set(spooled) == set(first_sent)
     for sop_uid, path in first_sent.items():
@@ -138,6 +161,7 @@ def test_received_bytes_are_written_as_received(node: Node, tmp_path: Path) -> N
         tmp_path,
     )
     assert status == 0x0000
+    node.settle()
     stored = _spooled(node.storage)[str(ds.SOPInstanceUID)]
     assert _dataset_bytes(stored) == payload
 
@@ -148,6 +172,7 @@ def test_repeated_instance_is_idempotent(node: Node, tmp_path: Path) -> None:
     assert storescu(node.port, [path]).returncode == 0
     assert storescu(node.port, [path]).returncode == 0
     assert node.store.stats == {"stored": 1, "duplicate": 1}
+    node.settle()
     assert len(_spooled(node.storage)) == 1
     row = node.worklist.list_worklist()  # type: ignore[attr-defined]
     assert len(row) == 1 and row[0]["num_instances"] == 1
@@ -213,6 +238,7 @@ def test_malformed_truncated_and_hostile_uid_are_refused(node: Node, tmp_path: P
     assert new_outside == outside_before
     # and the next association still succeeds
     assert storescu(node.port, [good]).returncode == 0
+    node.settle()
     assert sop_uid in _spooled(node.storage)
 
 
@@ -466,6 +492,7 @@ def test_uncompressed_variants_are_stored_as_negotiated(
     proc = storescu(node.port, [path], extra=[flag, "-R"])
     assert proc.returncode == 0, proc.stderr
     ds = pydicom.dcmread(path)
+    node.settle()
     stored = pydicom.dcmread(_spooled(node.storage)[str(ds.SOPInstanceUID)])
     assert stored.file_meta.TransferSyntaxUID == syntax
     assert np.array_equal(stored.pixel_array, ds.pixel_array)
