@@ -21,8 +21,8 @@ from test_node_support import (
 )
 
 from dicom_node.handlers import StoreContext, is_valid_uid, scan_dataset
-from dicom_node.scp import start_scp
 from dicom_node.journal import ReceiptJournal
+from dicom_node.scp import start_scp
 from dicom_node.service import make_record_many, make_recorder, open_worklist
 from dicom_node.settings import load_settings
 from triage_core.errors import ImageReadError, TruncatedFileError
