@@ -298,6 +298,7 @@ class NodeService:
                     settings.storage / "journal",
                     self.store.materialize,
                     fsync=settings.spool_fsync,
+                    gather_seconds=settings.journal_batch_window,
                 ).open()
                 self.store.journal = self.journal
             if not settings.spool_fsync:

@@ -212,6 +212,13 @@ class NodeSettings(BaseSettings):
         description="largest instance (bytes) acknowledged through the receipt journal; "
         "larger ones are streamed to their spool file and fsynced",
     )
+    journal_batch_window: float = Field(
+        0.05,
+        ge=0.0,
+        le=60.0,
+        description="seconds the receipt journal gathers acknowledged instances before it "
+        "writes them to the spool and the worklist in one batch",
+    )
 
     @field_validator("ae_title")
     @classmethod
