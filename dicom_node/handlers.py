@@ -154,6 +154,11 @@ class _Scanner:
         self.end = len(data)
         self.implicit = implicit
         self.prefix = "<" if little else ">"
+        # precompiled: tag, explicit short header (tag, VR, 2-byte length), 4-byte length
+        self._tag_struct = struct.Struct(self.prefix + "HH")
+        self._short = struct.Struct(self.prefix + "HH2sH")
+        self._implicit = struct.Struct(self.prefix + "HHI")
+        self._u32 = struct.Struct(self.prefix + "I")
         self.values: dict[str, str] = {}
         self.has_pixels = False
 
@@ -166,7 +171,7 @@ class _Scanner:
 
     def _tag(self, pos: int) -> tuple[int, int]:
         self._need(pos, 4, "a tag")
-        group, elem = struct.unpack_from(self.prefix + "HH", self.data, pos)
+        group, elem = self._tag_struct.unpack_from(self.data, pos)
         return group, elem
 
     def walk(self, pos: int, stop: int, depth: int, implicit: bool, top: bool) -> int:
@@ -178,41 +183,46 @@ class _Scanner:
         if depth > _MAX_DEPTH:
             raise ImageReadError("C-STORE data set", f"sequences nested deeper than {_MAX_DEPTH}")
         limit = self.end if stop < 0 else stop
+        end = self.end
+        data = self.data
+        short = self._short
+        implicit_header = self._implicit
+        u32 = self._u32
         last_tag = (-1, -1)
         while pos < limit:
-            tag = self._tag(pos)
-            if tag == _ITEM_DELIM:
-                if stop >= 0:
-                    raise ImageReadError(
-                        "C-STORE data set", f"unexpected item delimiter at byte {pos}"
-                    )
-                self._need(pos, 8, "an item delimiter")
-                return pos + 8
-            if tag[0] == 0xFFFE:
-                raise ImageReadError("C-STORE data set", f"unexpected {tag} at byte {pos}")
-            if top and tag <= last_tag:
-                raise ImageReadError(
-                    "C-STORE data set",
-                    f"element ({tag[0]:04X},{tag[1]:04X}) out of order at byte {pos}",
-                )
-            last_tag = tag
-            vr = b""
+            if pos + 8 > end:  # every element header and delimiter is at least 8 bytes
+                self._need(pos, 8, "an element header")
             if implicit:
-                self._need(pos, 8, "an element header")
-                (length,) = struct.unpack_from(self.prefix + "I", self.data, pos + 4)
-                pos += 8
+                group, elem, length = implicit_header.unpack_from(data, pos)
+                vr = b""
+                header = 8
             else:
-                self._need(pos, 8, "an element header")
-                vr = bytes(self.data[pos + 4 : pos + 6])
+                group, elem, vr, length = short.unpack_from(data, pos)
+                header = 8
+            tag = (group, elem)
+            if group == 0xFFFE:
+                if tag == _ITEM_DELIM:
+                    if stop >= 0:
+                        raise ImageReadError(
+                            "C-STORE data set", f"unexpected item delimiter at byte {pos}"
+                        )
+                    return pos + 8
+                raise ImageReadError("C-STORE data set", f"unexpected {tag} at byte {pos}")
+            if top:
+                if tag <= last_tag:
+                    raise ImageReadError(
+                        "C-STORE data set",
+                        f"element ({group:04X},{elem:04X}) out of order at byte {pos}",
+                    )
+                last_tag = tag
+            if not implicit:
                 if not (65 <= vr[0] <= 90 and 65 <= vr[1] <= 90):
                     raise ImageReadError("C-STORE data set", f"invalid VR {vr!r} at byte {pos + 4}")
                 if vr in _LONG_VRS:
                     self._need(pos, 12, "an element header")
-                    (length,) = struct.unpack_from(self.prefix + "I", self.data, pos + 8)
-                    pos += 12
-                else:
-                    (length,) = struct.unpack_from(self.prefix + "H", self.data, pos + 6)
-                    pos += 8
+                    (length,) = u32.unpack_from(data, pos + 8)
+                    header = 12
+            pos += header
             if top and tag == (0x7FE0, 0x0010):
                 self.has_pixels = True
             if length == _UNDEFINED:
@@ -229,9 +239,10 @@ class _Scanner:
                         f"undefined length for VR {vr.decode('ascii')} at byte {pos}",
                     )
                 continue
-            self._need(pos, length, f"element ({tag[0]:04X},{tag[1]:04X}) of {length} bytes")
+            if pos + length > end:
+                self._need(pos, length, f"element ({group:04X},{elem:04X}) of {length} bytes")
             if top and tag in _WANTED:
-                raw = bytes(self.data[pos : pos + length])
+                raw = bytes(data[pos : pos + length])
                 self.values[_WANTED[tag]] = raw.decode("latin-1").strip("\x00 ")
             elif vr == b"SQ":
                 self.walk_items(pos, pos + length, depth + 1, implicit)
