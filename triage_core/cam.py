@@ -7,8 +7,21 @@ spatially averaged gradient of one class's logit, keeps the positive part and sc
 ``with GradCAM(...) as cam:`` so that its hooks are released after every call, even on error.
 
 The map is computed on the letterboxed model input (``imaging.to_tensor``); :func:`to_source`
-crops the padding back off (``imaging.letterbox_geometry``) and resizes the map to the source
-image's ``H x W``, so it lines up pixel for pixel with what the reader sees.
+crops the padding back off (``imaging.letterbox_geometry``) and resizes the map once, to the source
+image's ``H x W`` or to the smaller output size of the overlay (``max_side``), so it lines up
+with what the reader sees.
+
+Two ways to the same map:
+
+* :meth:`CamExplainer.square_map`: ``pytorch_grad_cam`` on a new forward and backward pass of the
+  whole model (the reference; about 1.5 forward passes of CPU time);
+* :meth:`CamExplainer.map_from_features`: from the target layer's activations captured during
+  the prediction pass (:meth:`~triage_core.inference.Predictor.predict_with_features`). The
+  target layer is the last one before the classifier head (global pooling + linear), so only
+  the head is run again, with autograd, to get the gradients: same formula, same scaling as
+  ``pytorch_grad_cam`` (tested against it), without a second pass through the backbone. The
+  explainer checks once, on a probe input, that its head reproduces the model's logits from the
+  target layer's output; where it does not (another architecture), only ``square_map`` is used.
 
 :class:`CamExplainer` works on a private copy of the model in which only the target layer's
 parameters require gradients: the backward pass then stops at the target layer (cheap), and
@@ -21,7 +34,7 @@ import copy
 import logging
 import threading
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -63,8 +76,23 @@ class CamResult:
     overlay: np.ndarray
 
 
-def to_source(square_map: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Undo the letterbox: crop a ``S x S`` model-input map and resize it to ``height x width``.
+def output_shape(height: int, width: int, max_side: int | None) -> tuple[int, int]:
+    """``(height, width)`` scaled down (aspect ratio kept) so the longer side is <= ``max_side``.
+
+    ``None`` or a ``max_side`` at least as large as the image keeps the image's shape.
+    """
+    if max_side is None or max(height, width) <= max_side:
+        return height, width
+    if max_side < 1:
+        raise ValueError(f"max_side must be positive, got {max_side}")
+    scale = max_side / max(height, width)
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
+def to_source(
+    square_map: np.ndarray, height: int, width: int, out_shape: tuple[int, int] | None = None
+) -> np.ndarray:
+    """Undo the letterbox: crop a ``S x S`` model-input map and resize it to the image.
 
     Parameters
     ----------
@@ -72,12 +100,15 @@ def to_source(square_map: np.ndarray, height: int, width: int) -> np.ndarray:
         ``S x S`` map over the model input (``S = spec.input_size``), values in [0, 1].
     height, width : int
         Shape of the source image the model input was made from.
+    out_shape : (int, int), optional
+        ``(rows, cols)`` of the result when it differs from the source's (a scaled-down overlay,
+        see :func:`output_shape`); the crop is resized once, straight to it.
 
     Returns
     -------
     numpy.ndarray
-        float32 ``height x width`` in [0, 1], rescaled so its maximum over the image is 1
-        (unless it is 0 everywhere).
+        float32 ``height x width`` (or ``out_shape``) in [0, 1], rescaled so its maximum over
+        the image is 1 (unless it is 0 everywhere).
     """
     import cv2
 
@@ -90,12 +121,63 @@ def to_source(square_map: np.ndarray, height: int, width: int) -> np.ndarray:
         square_map[box.top : box.top + box.new_h, box.left : box.left + box.new_w],
         dtype=np.float32,
     )
-    resized = cv2.resize(crop, (width, height), interpolation=cv2.INTER_LINEAR)
+    rows, cols = out_shape if out_shape is not None else (height, width)
+    resized = cv2.resize(crop, (cols, rows), interpolation=cv2.INTER_LINEAR)
     out = np.clip(resized, 0.0, 1.0).astype(np.float32, copy=False)
     peak = float(out.max())
     if peak > 0:
         out /= np.float32(peak)
     return out
+
+
+_JET_RGB: list[np.ndarray] = []
+
+
+def _jet_rgb() -> np.ndarray:
+    """OpenCV's jet colour map as a 256 x 1 RGB lookup table (built once)."""
+    import cv2
+
+    if not _JET_RGB:
+        ramp = np.arange(256, dtype=np.uint8)[:, None]
+        _JET_RGB.append(np.ascontiguousarray(cv2.applyColorMap(ramp, cv2.COLORMAP_JET)[:, :, ::-1]))
+    return _JET_RGB[0]
+
+
+def grad_cam_map(activations: np.ndarray, gradients: np.ndarray, size: int) -> np.ndarray:
+    """Grad-CAM of one image from its target-layer activations and their gradients.
+
+    The same steps as ``pytorch_grad_cam.GradCAM`` for one target layer: channel weights are the
+    spatial means of the gradients, the weighted sum of the activations keeps its positive part,
+    is scaled to [0, 1], resized (bilinear) to the ``size x size`` model input and scaled again.
+
+    Parameters
+    ----------
+    activations, gradients : numpy.ndarray
+        ``C x h x w`` float32.
+    size : int
+        Side of the model input.
+
+    Returns
+    -------
+    numpy.ndarray
+        float32 ``size x size`` in [0, 1].
+    """
+    import cv2
+
+    if activations.ndim != 3 or activations.shape != gradients.shape:
+        raise ExplanationError(
+            f"activations {activations.shape} and gradients {gradients.shape} must both be "
+            "C x h x w"
+        )
+    weights = gradients.mean(axis=(1, 2), dtype=np.float32)
+    cam = np.maximum((weights[:, None, None] * activations).sum(axis=0), 0).astype(np.float32)
+    cam = cam - cam.min()
+    cam = cam / (np.float32(1e-7) + cam.max())
+    cam = cv2.resize(cam, (size, size))
+    cam = np.maximum(cam, 0)
+    cam = cam - cam.min()
+    result: np.ndarray = (cam / (np.float32(1e-7) + cam.max())).astype(np.float32)
+    return result
 
 
 def overlay_heatmap(
@@ -119,11 +201,11 @@ def overlay_heatmap(
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
     heat = np.clip(heatmap, 0.0, 1.0).astype(np.float32, copy=False)
-    heat8 = np.rint(heat * np.float32(255.0)).astype(np.uint8)
-    colour = cv2.cvtColor(cv2.applyColorMap(heat8, cv2.COLORMAP_JET), cv2.COLOR_BGR2RGB)
-    gray8 = np.rint(np.clip(image, 0.0, 1.0) * np.float32(255.0)).astype(np.uint8)
+    heat8 = cv2.convertScaleAbs(heat, alpha=255.0)  # rounds to nearest, like np.rint
+    colour = cv2.applyColorMap(heat8, _jet_rgb())  # RGB straight away (no BGR -> RGB pass)
+    gray8 = cv2.convertScaleAbs(np.clip(image, 0.0, 1.0), alpha=255.0)
     gray = cv2.cvtColor(gray8, cv2.COLOR_GRAY2RGB)
-    weight = (np.float32(alpha) * heat).astype(np.float32, copy=False)
+    weight = heat * np.float32(alpha)
     # per-pixel weighted sum, in C++: gray * (1 - w) + colour * w
     blended: np.ndarray = cv2.blendLinear(gray, colour, np.float32(1.0) - weight, weight)
     return blended
@@ -165,6 +247,108 @@ class CamExplainer:
             for param in layer_params:
                 param.requires_grad_(True)
         self._lock = threading.Lock()
+        self.features_ok = self._probe_head()
+
+    def _head(self, features: torch.Tensor) -> torch.Tensor:
+        """The classifier head (global pooling + linear) applied to target-layer activations."""
+        import torch
+
+        model: Any = self.model
+        if hasattr(model, "forward_head"):  # timm models
+            out: torch.Tensor = model.forward_head(features)
+            return out
+        if hasattr(model, "avgpool") and hasattr(model, "fc"):  # torchvision ResNet
+            out = model.fc(torch.flatten(model.avgpool(features), 1))
+            return out
+        raise ExplanationError(f"{self.spec.arch}: no known classifier head")
+
+    def _probe_head(self) -> bool:
+        """Whether ``_head(target layer output) == model(x)``, on one random probe input.
+
+        Only then may :meth:`map_from_features` stand in for a full Grad-CAM pass.
+        """
+        import torch
+
+        if len(self.target_layers) != 1:
+            return False
+        size = self.spec.input_size
+        generator = torch.Generator().manual_seed(0)
+        probe = torch.randn(1, 3, size, size, generator=generator).to(self.device)
+        captured: list[torch.Tensor] = []
+        handle = self.target_layers[0].register_forward_hook(
+            lambda _m, _i, out: captured.append(out.detach())
+        )
+        try:
+            with torch.no_grad():
+                logits = self.model(probe)
+                if len(captured) != 1:
+                    return False
+                again = self._head(captured[0])
+        except (ExplanationError, RuntimeError, TypeError, AttributeError) as exc:
+            logger.info("Grad-CAM from prediction features unavailable: %s", exc)
+            return False
+        finally:
+            handle.remove()
+        ok = tuple(again.shape) == tuple(logits.shape) and bool(
+            torch.allclose(again, logits, rtol=1e-4, atol=1e-4)
+        )
+        if not ok:
+            logger.info("Grad-CAM from prediction features unavailable: the head does not match")
+        return ok
+
+    def map_from_features(self, features: np.ndarray, class_index: int) -> np.ndarray:
+        """Grad-CAM of class ``class_index`` from the target layer's activations of one image.
+
+        Parameters
+        ----------
+        features : numpy.ndarray
+            ``C x h x w`` float32 activations of the target layer, captured by
+            :meth:`~triage_core.inference.Predictor.predict_with_features`.
+        class_index : int
+            Index into ``spec.class_names``.
+
+        Returns
+        -------
+        numpy.ndarray
+            float32 ``S x S`` in [0, 1], as :meth:`square_map` gives.
+
+        Raises
+        ------
+        ExplanationError
+            The model's head cannot be separated (``features_ok`` is false), bad class index or
+            input shape.
+        """
+        import torch
+
+        if not self.features_ok:
+            raise ExplanationError(f"{self.spec.arch}: Grad-CAM from features is unavailable")
+        self._check_class(class_index)
+        if not isinstance(features, np.ndarray) or features.ndim != 3:
+            raise ExplanationError(
+                f"expected C x h x w activations, got {getattr(features, 'shape', features)!r}"
+            )
+        with self._lock, torch.inference_mode(False), torch.enable_grad():
+            activations = torch.tensor(features, dtype=torch.float32, device=self.device)[None]
+            activations.requires_grad_(True)
+            try:
+                logits = self._head(activations)
+                (gradients,) = torch.autograd.grad(logits[0, class_index], activations)
+            except RuntimeError as exc:
+                raise ExplanationError(f"Grad-CAM from features failed: {exc}") from exc
+        result = grad_cam_map(
+            activations[0].detach().cpu().numpy(),
+            gradients[0].cpu().numpy(),
+            self.spec.input_size,
+        )
+        if not np.isfinite(result).all():
+            raise ExplanationError("Grad-CAM from features returned non-finite values")
+        return result
+
+    def _check_class(self, class_index: int) -> None:
+        if not isinstance(class_index, int) or not 0 <= class_index < self.spec.num_classes:
+            raise ExplanationError(
+                f"class index {class_index!r} outside [0, {self.spec.num_classes})"
+            )
 
     def square_map(self, tensor: torch.Tensor, class_index: int) -> np.ndarray:
         """Grad-CAM of class ``class_index`` over the model input.
@@ -190,10 +374,7 @@ class CamExplainer:
         from pytorch_grad_cam import GradCAM
         from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-        if not isinstance(class_index, int) or not 0 <= class_index < self.spec.num_classes:
-            raise ExplanationError(
-                f"class index {class_index!r} outside [0, {self.spec.num_classes})"
-            )
+        self._check_class(class_index)
         size = self.spec.input_size
         batch = tensor[None] if tensor.ndim == 3 else tensor
         if tuple(batch.shape) != (1, 3, size, size):
@@ -226,6 +407,9 @@ class CamExplainer:
         class_index: int,
         alpha: float = DEFAULT_ALPHA,
         tensor: torch.Tensor | None = None,
+        *,
+        features: np.ndarray | None = None,
+        max_side: int | None = None,
     ) -> CamResult:
         """Grad-CAM of one class on a display-ready image, at the image's resolution.
 
@@ -239,20 +423,38 @@ class CamExplainer:
             Maximum opacity of the heatmap in the overlay.
         tensor : torch.Tensor, optional
             ``imaging.to_tensor(image, spec)`` when the caller already has it.
+        features : numpy.ndarray, optional
+            The image's target-layer activations from the prediction pass: the map is then
+            computed from them (:meth:`map_from_features`) instead of a new Grad-CAM pass.
+        max_side : int, optional
+            Longest side of the heatmap and overlay (aspect ratio kept; ``None``: the image's
+            size). The gray image is scaled down once (area averaging) and the map is resized
+            once, straight to that size.
 
         Returns
         -------
         CamResult
-            Heatmap ``H x W`` and RGB overlay ``H x W x 3`` at the source resolution.
+            Heatmap ``h x w`` and RGB overlay ``h x w x 3`` at the source resolution, or scaled
+            down to ``max_side``.
         """
+        import cv2
+
         from triage_core.imaging import to_tensor
 
         if image.ndim != 2:
             raise ExplanationError(f"expected a 2-D gray image, got shape {image.shape}")
-        if tensor is None:
-            tensor = to_tensor(image, self.spec)
-        square = self.square_map(tensor, class_index)
-        heatmap = to_source(square, image.shape[0], image.shape[1])
+        if features is not None and self.features_ok:
+            square = self.map_from_features(features, class_index)
+        else:
+            if tensor is None:
+                tensor = to_tensor(image, self.spec)
+            square = self.square_map(tensor, class_index)
+        height, width = image.shape
+        shape = output_shape(height, width, max_side)
+        heatmap = to_source(square, height, width, shape)
+        if shape != (height, width):
+            gray = np.asarray(image, dtype=np.float32)
+            image = cv2.resize(gray, (shape[1], shape[0]), interpolation=cv2.INTER_AREA)
         return CamResult(
             class_index=class_index,
             class_name=self.spec.class_names[class_index],

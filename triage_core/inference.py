@@ -303,6 +303,43 @@ class Predictor:
             return logits
         return calibrate(logits, self.spec)
 
+    def predict_with_features(self, batch: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
+        """Like :meth:`predict_tensors`, plus the Grad-CAM target layer's activations.
+
+        The activations are captured by a forward hook during the same pass (no second forward),
+        for :meth:`CamExplainer.map_from_features <triage_core.cam.CamExplainer.map_from_features>`.
+
+        Returns
+        -------
+        probabilities : numpy.ndarray
+            ``(N, C)`` float32, exactly what :meth:`predict_tensors` returns.
+        features : numpy.ndarray or None
+            ``(N, K, h, w)`` float32 activations; ``None`` when the compiled module served the
+            call (its graph runs no Python hooks) or the hook did not see every image.
+        """
+        import torch
+
+        from triage_core.models import cam_target_layers
+
+        layers = cam_target_layers(self.model, self.spec.arch)
+        captured: list[torch.Tensor] = []
+
+        def keep(_module: Any, _inputs: Any, output: torch.Tensor) -> None:
+            captured.append(output.detach().float().cpu())
+
+        with self._lock:  # the hook must only see this call's batches
+            if self._compiled is not None:  # no hooks on a compiled graph (nor a recompile)
+                return self.predict_tensors(batch), None
+            handle = layers[0].register_forward_hook(keep)
+            try:
+                probs = self.predict_tensors(batch)
+            finally:
+                handle.remove()
+        if len(layers) != 1 or not captured or sum(c.shape[0] for c in captured) != len(probs):
+            return probs, None
+        features = np.ascontiguousarray(torch.cat(captured).numpy(), dtype=np.float32)
+        return probs, features
+
     def predict_images(self, images: Sequence[np.ndarray]) -> np.ndarray:
         """Calibrated probabilities ``(N, C)`` for display-ready ``H x W`` images in [0, 1].
 

@@ -11,7 +11,10 @@
 5. **aggregate + score**: ``inference.aggregate_study`` (per finding, the maximum over the
    eligible images, remembering the image) and ``priority.score_study``;
 6. **explain**: Grad-CAM, for the top finding's class, on the image that gave the top finding,
-   as an RGB overlay at that image's resolution.
+   as an RGB overlay at that image's resolution (or scaled down to ``cam_max_side``). The map is
+   computed from the target layer's activations captured in step 4
+   (:meth:`Predictor.predict_with_features`), so no second pass through the backbone is needed;
+   when the model's head cannot be separated, a full Grad-CAM pass is run instead.
 
 Per-stage wall times (seconds) are in ``StudyResult.timings`` (``read``, ``preprocess``,
 ``inference``, ``cam``, ``total``). A study without any usable eligible image is returned with
@@ -61,8 +64,9 @@ class StudyOutput:
     result : StudyResult
         Findings, priority, per-image results, model identity and timings.
     cam_overlay : numpy.ndarray or None
-        uint8 ``H x W x 3`` RGB Grad-CAM overlay at the source image's resolution (``None``
-        without eligible images, with ``with_cam=False``, or when Grad-CAM failed).
+        uint8 ``H x W x 3`` RGB Grad-CAM overlay at the source image's resolution, or scaled
+        down so its longer side is ``cam_max_side`` (``None`` without eligible images, with
+        ``with_cam=False``, or when Grad-CAM failed).
     cam_source_uid : str
         SOP Instance UID of the image the overlay was made on ("" without overlay).
     cam_finding : Finding or None
@@ -93,6 +97,7 @@ def triage_study(
     predictor: Predictor,
     *,
     with_cam: bool = True,
+    cam_max_side: int | None = None,
 ) -> StudyOutput:
     """Triage one study.
 
@@ -106,6 +111,8 @@ def triage_study(
         The loaded model.
     with_cam : bool
         Compute the Grad-CAM overlay of the top finding.
+    cam_max_side : int, optional
+        Longest side of the overlay (aspect ratio kept); ``None`` keeps the source's size.
 
     Returns
     -------
@@ -169,10 +176,11 @@ def triage_study(
     # 4. infer
     mark = time.perf_counter()
     used = list(images)
+    features: np.ndarray | None = None
     if used:
         import torch
 
-        probs = predictor.predict_tensors(torch.stack(tensors))
+        probs, features = predictor.predict_with_features(torch.stack(tensors))
         for uid, row in zip(used, probs, strict=True):
             results[uid] = ImageResult(
                 uid=uid,
@@ -196,10 +204,13 @@ def triage_study(
     if with_cam and findings:
         top = max(findings, key=lambda f: f.probability)
         try:
+            index = used.index(top.source_uid)
             cam = predictor.explainer().explain(
                 images[top.source_uid],
                 spec.class_names.index(top.name),
-                tensor=tensors[used.index(top.source_uid)],
+                tensor=tensors[index],
+                features=features[index] if features is not None else None,
+                max_side=cam_max_side,
             )
         except TriageError as exc:
             logger.error("study %s: Grad-CAM failed: %s", study_uid, exc)

@@ -4,12 +4,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import torch
 
-from triage_core.cam import CamExplainer, ExplanationError, overlay_heatmap, to_source
-from triage_core.imaging import letterbox_geometry, load_image
+from triage_core.cam import (
+    CamExplainer,
+    ExplanationError,
+    output_shape,
+    overlay_heatmap,
+    to_source,
+)
+from triage_core.imaging import letterbox_geometry, load_image, to_tensor
 from triage_core.inference import Predictor
 from triage_core.models import create_model, default_spec
 
@@ -123,3 +130,47 @@ def test_cam_on_a_real_chest_radiograph(dicom_dir: Path, tiny_checkpoint: Path) 
     assert result.heatmap.shape == image.shape == (1955, 1841)
     assert result.overlay.shape == (1955, 1841, 3)
     assert 0.0 <= result.heatmap.min() and result.heatmap.max() <= 1.0
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "efficientnet_b0"])
+def test_map_from_prediction_features_equals_a_full_grad_cam_pass(arch: str) -> None:
+    torch.manual_seed(0)
+    spec = default_spec(arch).replace(input_size=64)
+    predictor = Predictor(model=create_model(arch), spec=spec)  # channels_last fp32
+    explainer = predictor.explainer()
+    assert explainer.features_ok
+    images = [_image(80, 70, seed=s) for s in range(3)]
+    batch = torch.stack([to_tensor(image, spec) for image in images])
+    probs, features = predictor.predict_with_features(batch)
+    assert features is not None and features.shape[0] == 3
+    np.testing.assert_array_equal(probs, predictor.predict_tensors(batch))
+    for index in range(3):
+        for k in range(3):
+            fast = explainer.map_from_features(features[index], k)
+            reference = explainer.square_map(batch[index], k)  # pytorch_grad_cam, new pass
+            assert fast.shape == reference.shape == (64, 64)
+            np.testing.assert_allclose(fast, reference, atol=1e-4)
+    # explain() takes the same map either way
+    via_features = explainer.explain(images[0], 1, features=features[0])
+    via_pass = explainer.explain(images[0], 1, tensor=batch[0])
+    np.testing.assert_allclose(via_features.heatmap, via_pass.heatmap, atol=1e-4)
+    assert _hook_count(explainer.model) == 0 and _hook_count(predictor.model) == 0
+    with pytest.raises(ExplanationError, match="class index"):
+        explainer.map_from_features(features[0], 3)
+    with pytest.raises(ExplanationError, match="C x h x w"):
+        explainer.map_from_features(features, 0)
+
+
+def test_explain_scaled_down_to_max_side() -> None:
+    explainer = _explainer("efficientnet_b0")
+    image = _image(300, 150)
+    full = explainer.explain(image, 0)
+    small = explainer.explain(image, 0, max_side=100)
+    assert small.heatmap.shape == (100, 50) and small.overlay.shape == (100, 50, 3)
+    assert small.heatmap.max() == pytest.approx(1.0)
+    # the same map, resized once: close to the full-size map sampled at the same places
+    sampled = cv2.resize(full.heatmap, (50, 100), interpolation=cv2.INTER_AREA)
+    assert np.abs(sampled - small.heatmap).mean() < 0.05
+    assert explainer.explain(image, 0, max_side=400).heatmap.shape == (300, 150)
+    assert output_shape(300, 150, None) == (300, 150)
+    assert output_shape(1024, 768, 512) == (512, 384)
