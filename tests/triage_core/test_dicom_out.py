@@ -23,6 +23,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import SecondaryCaptureImageStorage
 
 from triage_core.dicom_out import (
+    ReportBuilder,
     build_sc,
     build_sr,
     burn_in_caption,
@@ -241,6 +242,133 @@ def test_sr_for_two_image_study_references_both(
     assert refs == {first.SOPInstanceUID, second.SOPInstanceUID}
     assert findings_from_sr(back) == {"Atelectasis": (0.9, True), "Effusion": (0.1, False)}
     assert priority_from_sr(back) == (95.0, "critical")
+
+
+def _normalized(ds: Dataset, keep: set[str]) -> bytes:
+    """Encoded bytes with the UIDs we generate and the creation times replaced by placeholders
+    (in order of appearance), so that two builds of the same report compare equal."""
+    import io
+
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    back = pydicom.dcmread(io.BytesIO(buffer.getvalue()))
+    mapping: dict[str, str] = {}
+    fixed = ("SOPClassUID", "ReferencedSOPClassUID", "MediaStorageSOPClassUID", "TransferSyntaxUID")
+
+    def walk(node: Dataset) -> None:
+        for element in node:
+            if element.VR == "SQ":
+                for item in element.value:
+                    walk(item)
+            elif element.VR == "UI" and element.keyword not in fixed:
+                value = str(element.value)
+                if value not in keep and value != DEVICE_UID:
+                    element.value = mapping.setdefault(value, f"9.{len(mapping) + 1}")
+            elif element.VR in ("DA", "TM", "DT"):
+                if element.keyword.startswith(("Content", "InstanceCreation", "Contribution")):
+                    element.value = ""
+
+    walk(back)
+    walk(back.file_meta)
+    out = io.BytesIO()
+    back.save_as(out, enforce_file_format=True)
+    return out.getvalue()
+
+
+def test_report_builder_gives_build_srs_content(
+    header: Callable[[str], Dataset], spec: ModelSpec, tmp_path: Path
+) -> None:
+    first, second = header(RG1), header(RG1_J2KR)
+    keep = {str(first.StudyInstanceUID)} | {
+        str(ds.get(k)) for ds in (first, second) for k in ("SeriesInstanceUID", "SOPInstanceUID")
+    }
+    builder = ReportBuilder(spec, device_uid=DEVICE_UID)
+    cases = [
+        _result(first.StudyInstanceUID, _findings(spec, first.SOPInstanceUID)),
+        _result(
+            first.StudyInstanceUID,
+            (
+                Finding("Atelectasis", 0.1, 0.5, False, first.SOPInstanceUID),
+                Finding("Effusion", 0.97, 0.4, True, second.SOPInstanceUID),
+                Finding("Infiltration", 0.3, 0.6, False, second.SOPInstanceUID),
+            ),
+            priority_score=95.0,
+            priority_level="critical",
+        ),
+        # a threshold other than the spec's, and a finding without a source image
+        _result(
+            first.StudyInstanceUID,
+            (
+                Finding("Atelectasis", 0.55, 0.55, True, first.SOPInstanceUID),
+                Finding("Effusion", 0.2, 0.4, False, ""),
+            ),
+            priority_score=0.0,
+            priority_level="routine",
+        ),
+    ]
+    for round_ in range(2):  # the second round reuses every cached layout
+        for index, result in enumerate(cases):
+            sources = [first, second]
+            reference = build_sr(result, sources, spec, device_uid=DEVICE_UID)
+            fast = builder.build(result, sources)
+            assert _normalized(fast, keep) == _normalized(reference, keep)
+            assert fast.SOPInstanceUID != reference.SOPInstanceUID
+            if round_ == 0:
+                path = _save(fast, tmp_path / f"fast{index}.dcm")
+                _dciodvfy(path)
+                back = pydicom.dcmread(path)
+                expected = {f.name: (f.probability, f.present) for f in result.findings}
+                assert findings_from_sr(back) == expected
+                assert priority_from_sr(back) == (result.priority_score, result.priority_level)
+                import highdicom as hd
+
+                report = hd.sr.Comprehensive3DSR.from_dataset(back)
+                assert report.SOPClassUID == COMPREHENSIVE_3D_SR
+    assert len(builder._layouts) == 2  # two layouts among the three results
+
+
+def test_report_builder_shares_nothing_between_reports(
+    header: Callable[[str], Dataset], spec: ModelSpec
+) -> None:
+    source = header(RG1)
+    builder = ReportBuilder(spec, device_uid=DEVICE_UID)
+    result = _result(source.StudyInstanceUID, _findings(spec, source.SOPInstanceUID))
+    one, two = builder.build(result, [source]), builder.build(result, [source])
+
+    # tracking UIDs and document UIDs are new for every report
+    def tracking_uids(ds: Dataset) -> list[str]:
+        groups = ds.ContentSequence[-1].ContentSequence
+        return [i.UID for g in groups for i in g.ContentSequence if i.ValueType == "UIDREF"]
+
+    assert set(tracking_uids(one)).isdisjoint(tracking_uids(two))
+    assert one.SOPInstanceUID != two.SOPInstanceUID
+    # editing one report, deep inside and at its root, reaches neither the other nor later ones
+    one.ContentSequence[-1].ContentSequence[0].ContentSequence[0].TextValue = "edited"
+    one.ConceptNameCodeSequence[0].CodeMeaning = "edited"
+    one.ContentSequence.append(Dataset())
+    three = builder.build(result, [source])
+    for other in (two, three):
+        assert findings_from_sr(other) == findings_from_sr(build_sr(result, [source], spec))
+        assert other.ConceptNameCodeSequence[0].CodeMeaning != "edited"
+        assert len(other.ContentSequence) == len(one.ContentSequence) - 1
+        first_text = other.ContentSequence[-1].ContentSequence[0].ContentSequence[0].TextValue
+        assert first_text != "edited"
+
+
+def test_report_builder_checks_inputs_like_build_sr(
+    header: Callable[[str], Dataset], spec: ModelSpec
+) -> None:
+    source = header(RG1)
+    builder = ReportBuilder(spec)
+    good = _result(source.StudyInstanceUID, _findings(spec, source.SOPInstanceUID))
+    with pytest.raises(DicomOutputError, match="not eligible"):
+        builder.build(dataclasses.replace(good, status="not_eligible"), [source])
+    with pytest.raises(DicomOutputError, match="not among the sources"):
+        builder.build(_result(source.StudyInstanceUID, _findings(spec, "1.2.3.4")), [source])
+    with pytest.raises(DicomOutputError, match="at least one source"):
+        builder.build(good, [])
+    with pytest.raises(DicomOutputError, match="expected a ModelSpec"):
+        ReportBuilder("resnet18")  # type: ignore[arg-type]
 
 
 def test_sr_copies_patient_data_from_the_top_findings_image(
