@@ -31,13 +31,14 @@ Read from the worklist at scrape time (when a worklist is attached):
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
+    Gauge,
     Histogram,
     generate_latest,
 )
@@ -160,6 +161,24 @@ class Metrics:
             self.registry.unregister(self._collector)  # type: ignore[arg-type]
         self._collector = _WorklistCollector(worklist)
         self.registry.register(self._collector)  # type: ignore[arg-type]
+
+    def attach_receiver(
+        self, pending: Callable[[], float], associations: Callable[[], float]
+    ) -> None:
+        """Gauges of the receive path, read at scrape time: instances acknowledged through the
+        receipt journal but not yet in the spool and the worklist, and open associations."""
+        journal = Gauge(
+            "triage_journal_pending",
+            "Instances acknowledged through the receipt journal, not yet in spool and worklist",
+            registry=self.registry,
+        )
+        journal.set_function(pending)
+        open_associations = Gauge(
+            "triage_associations_open",
+            "DICOM associations being served",
+            registry=self.registry,
+        )
+        open_associations.set_function(associations)
 
     @property
     def has_worklist(self) -> bool:

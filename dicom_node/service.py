@@ -307,6 +307,11 @@ class NodeService:
                     "survives a power cut (benchmarks only)"
                 )
             self.scp = start_scp(settings, self.store)
+            journal, server = self.journal, self.scp
+            self.metrics.attach_receiver(
+                lambda: float(journal.pending) if journal is not None else 0.0,
+                lambda: float(len(server.active_associations)),
+            )
         logger.info(
             "%s %s started: %d worker(s), destinations: %s",
             self.role,

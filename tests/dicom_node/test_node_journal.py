@@ -217,3 +217,50 @@ def test_serve_killed_after_acknowledging_replays_the_journal(tmp_path: Path) ->
         back = pydicom.dcmread(stored)
         assert back.SOPInstanceUID == header["sop_instance_uid"]
         assert back.PixelData == pydicom.dcmread(path).PixelData
+
+
+def test_metrics_show_pending_journal_records_and_open_associations(tmp_path: Path) -> None:
+    from pynetdicom import AE
+
+    from dicom_node.metrics import Metrics
+    from dicom_node.scp import start_scp
+
+    storage = tmp_path / "storage"
+    store, worklist = _store(storage)
+    settings = load_settings(
+        None, {"port": free_port(), "bind_address": "127.0.0.1", "storage": storage}
+    )
+    journal = ReceiptJournal(storage / "journal", store.materialize, gather_seconds=30).open()
+    store.journal = journal
+    server = start_scp(settings, store)
+    metrics = Metrics()
+    metrics.attach_receiver(
+        lambda: float(journal.pending), lambda: float(len(server.active_associations))
+    )
+
+    def gauge(name: str) -> float:
+        text = metrics.render()[0].decode()
+        (line,) = [x for x in text.splitlines() if x.startswith(name + " ")]
+        return float(line.split()[1])
+
+    path = synthetic_cr(tmp_path / "a.dcm", size=64, seed=5)
+    ae = AE(ae_title="METRICS")
+    ae.add_requested_context("1.2.840.10008.5.1.4.1.1.1", "1.2.840.10008.1.2.1")
+    try:
+        assoc = ae.associate("127.0.0.1", settings.port, ae_title="CXR_TRIAGE")
+        assert assoc.is_established
+        assert assoc.send_c_store(path).Status == 0x0000
+        assert gauge("triage_associations_open") == 1.0
+        assert gauge("triage_journal_pending") == 1.0  # acknowledged, batch window still open
+        assoc.release()
+        deadline = time.monotonic() + 5
+        while gauge("triage_associations_open") and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert gauge("triage_associations_open") == 0.0
+    finally:
+        server.shutdown()
+        journal.close()
+        worklist.dispose()  # type: ignore[attr-defined]
+    assert gauge("triage_journal_pending") == 0.0  # materialised at close
+    stored = pydicom.dcmread(_spool_path(storage, _header(path)))
+    assert stored.PixelData == pydicom.dcmread(path).PixelData
