@@ -122,27 +122,36 @@ def bare_predictor(model: Path, studies: Sequence[Sequence[Path]], threads: int)
     return best
 
 
-def bare_pipeline(model: Path, studies: Sequence[Sequence[Path]], threads: int) -> float:
-    """images/s of the same work as a worker, called directly: ``triage_study`` (with Grad-CAM)
-    plus the SR and SC built and encoded, without the service (no database, files, network)."""
+def bare_pipeline(
+    model: Path, studies: Sequence[Sequence[Path]], threads: int, sc_max_side: int
+) -> float:
+    """images/s of the same work as a worker, called directly, in one thread: ``triage_study``
+    (with Grad-CAM) plus the SR and SC built and encoded as the service does, without the
+    service (no database, files, network, no overlap of stages)."""
     import io
 
     import pydicom
 
-    from triage_core.dicom_out import build_sc, build_sr
+    from triage_core.dicom_out import ReportBuilder, build_sc
     from triage_core.inference import Predictor
     from triage_core.pipeline import triage_study
 
     predictor = Predictor(model, threads=threads)
     predictor.warmup()
+    reports = ReportBuilder(predictor.spec)
     best = 0.0
     for _ in range(2):
         started = time.perf_counter()
         n = 0
         for paths in studies:
             uids = [str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in paths]
-            out = triage_study(study_uid(paths[0]), list(zip(uids, paths, strict=True)), predictor)
-            objects = [build_sr(out.result, list(out.datasets.values()), predictor.spec)]
+            out = triage_study(
+                study_uid(paths[0]),
+                list(zip(uids, paths, strict=True)),
+                predictor,
+                cam_max_side=sc_max_side or None,
+            )
+            objects = [reports.build(out.result, list(out.datasets.values()))]
             if out.cam_overlay is not None and out.cam_finding is not None:
                 source = out.datasets[out.cam_source_uid]
                 objects.append(build_sc(out.cam_overlay, source, out.cam_finding, predictor.spec))
@@ -223,6 +232,7 @@ def serve(
     stable_age: float,
     workers: int,
     threads: int,
+    sc_max_side: int,
 ) -> Iterator[Path]:
     cmd = serve_command()
     log_path = storage.parent / "serve.log"
@@ -232,7 +242,8 @@ def serve(
              str(storage), "--model", str(model), "--stable-age", str(stable_age),
              "--http-port", "0", "--destination", f"BENCHDEST@127.0.0.1:{dest}",
              "--workers", str(workers), "--threads", str(threads)],
-            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+            stdout=log, stderr=subprocess.STDOUT,
+            env={**os.environ, "HF_HUB_OFFLINE": "1", "TRIAGE_SC_MAX_SIDE": str(sc_max_side)},
         )  # fmt: skip
     try:
         wait_echo(port, timeout=300)
@@ -280,6 +291,8 @@ def print_stage_means(log: str) -> None:
             match = re.search(r"in (\d+) ms", line)
             if match:
                 series.setdefault("SR+SC build+write", []).append(float(match.group(1)))
+            for key, value in re.findall(r"([\w+]+) (\d+) ms", line.split("(", 1)[-1]):
+                series.setdefault(f"outputs {key}", []).append(float(value))
         elif "stage=delivered" in line:
             match = re.search(r"in (\d+) ms", line)
             if match:
@@ -298,6 +311,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=1024, help="image side in pixels (1024)")
     parser.add_argument("--stable-age", type=float, default=1.0)
     parser.add_argument("--workers", type=int, default=1, help="worker threads of serve (1)")
+    parser.add_argument("--keep-log", type=Path, help="copy the serve log to this file")
+    parser.add_argument(
+        "--sc-max-side", type=int, default=512, help="serve's sc_max_side (512; 0: source size)"
+    )
     parser.add_argument(
         "--threads", type=int, default=os.cpu_count() or 1, help="torch threads, both sides"
     )
@@ -310,14 +327,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         burst_set = make_studies(work / "burst", count, args.images, args.size, 2)
         bare = bare_predictor(model, burst_set, threads=args.threads)
         print(f"bare Predictor (read+decode+preprocess+inference): {bare:.1f} images/s")
-        direct = bare_pipeline(model, burst_set, threads=args.threads)
+        direct = bare_pipeline(model, burst_set, args.threads, args.sc_max_side)
         print(f"bare pipeline (the same + Grad-CAM + SR/SC built): {direct:.1f} images/s")
         dest = Destination(work / "destination")
         port = free_port()
         try:
             with serve(
                 work / "storage", port, model, dest.port, args.stable_age, args.workers,
-                args.threads,
+                args.threads, args.sc_max_side,
             ) as log_path:  # fmt: skip
                 latencies = []
                 for paths in latency_set:
@@ -349,6 +366,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"itself costs)"
         )
         print_stage_means(log_path.read_text())
+        if args.keep_log:
+            shutil.copy(log_path, args.keep_log)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0
