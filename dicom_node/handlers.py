@@ -438,7 +438,7 @@ class GroupCommitter:
         try:
             if self._fsync:
                 for folder in {ticket.item[1].parent for ticket in batch}:
-                    _fsync_dir(folder)
+                    fsync_dir(folder)
             results = self._record_many([ticket.item for ticket in batch])
             self.batches += 1
             self.items += len(batch)
@@ -580,7 +580,8 @@ class StoreContext:
         return f"accession#={accession} patient#={patient}"
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """fsync a folder (makes the entries created or renamed in it durable)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -598,7 +599,7 @@ def _ensure_dir(path: Path, root: Path, fsync: bool) -> None:
     except FileExistsError:
         return
     if fsync:
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
 
 
 def write_durable(
@@ -636,7 +637,7 @@ def write_durable(
         tmp.unlink(missing_ok=True)
         raise
     if fsync and sync_dir:
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
     return size
 
 
@@ -931,7 +932,7 @@ class IncomingInstance:
                 new = ctx.committer.commit(info, path, size, self.calling_ae)
             else:  # alone: a hand-off to the committer thread would only add latency
                 if ctx.fsync:
-                    _fsync_dir(path.parent)
+                    fsync_dir(path.parent)
                 new = ctx.record(info, path, size, self.calling_ae)
         except TriageError as exc:
             ctx.count("failed", "database")

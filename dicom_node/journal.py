@@ -40,6 +40,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dicom_node.handlers import fsync_dir
+
 logger = logging.getLogger(__name__)
 
 MAGIC = b"CXRJ"
@@ -75,14 +77,6 @@ class Segment:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _load_syncfs() -> Callable[[int], int] | None:
@@ -276,7 +270,7 @@ class ReceiptJournal:
             os.close(fd)
         os.replace(tmp, path)
         if self.fsync:
-            _fsync_dir(self.folder)
+            fsync_dir(self.folder)
         return Segment(path, self.segment_size)
 
     def _prepare_spare(self) -> None:

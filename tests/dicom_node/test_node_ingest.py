@@ -3,7 +3,6 @@ raw ingest, every shared transfer syntax, allow-list, refusals that quarantine a
 
 from __future__ import annotations
 
-import io
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -12,6 +11,7 @@ from pathlib import Path
 import pydicom
 import pytest
 from test_node_support import (
+    dataset_bytes,
     echo,
     free_port,
     needs_dcmtk,
@@ -80,15 +80,6 @@ def node(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Node]:
         worklist.dispose()
 
 
-def _dataset_bytes(path: Path) -> bytes:
-    """The encoded data set of a file, without preamble and file meta."""
-    raw = path.read_bytes()
-    fp = io.BytesIO(raw)
-    pydicom.filereader.read_preamble(fp, False)
-    pydicom.filereader._read_file_meta_info(fp)
-    return raw[fp.tell() :]
-
-
 def _spooled(storage: Path) -> dict[str, Path]:
     return {p.stem: p for p in (storage / "spool").rglob("*.dcm")}
 
@@ -151,7 +142,7 @@ def test_every_shared_transfer_syntax_is_stored_byte_for_byte(node: Node, dicom_
 def test_received_bytes_are_written_as_received(node: Node, tmp_path: Path) -> None:
     good = synthetic_cr(tmp_path / "good.dcm")
     ds = pydicom.dcmread(good)
-    payload = _dataset_bytes(good)
+    payload = dataset_bytes(good)
     status = send_raw(
         node.port,
         str(ds.SOPClassUID),
@@ -163,7 +154,7 @@ def test_received_bytes_are_written_as_received(node: Node, tmp_path: Path) -> N
     assert status == 0x0000
     node.settle()
     stored = _spooled(node.storage)[str(ds.SOPInstanceUID)]
-    assert _dataset_bytes(stored) == payload
+    assert dataset_bytes(stored) == payload
 
 
 @needs_dcmtk
@@ -202,7 +193,7 @@ def test_host_restricted_entry_rejects_other_hosts(tmp_path: Path) -> None:
 def test_malformed_truncated_and_hostile_uid_are_refused(node: Node, tmp_path: Path) -> None:
     good = synthetic_cr(tmp_path / "good.dcm")
     ds = pydicom.dcmread(good)
-    payload = _dataset_bytes(good)
+    payload = dataset_bytes(good)
     sop_class, sop_uid = str(ds.SOPClassUID), str(ds.SOPInstanceUID)
     ts = "1.2.840.10008.1.2.1"
     outside_before = _all_files(tmp_path) - _all_files(node.storage)
@@ -247,7 +238,7 @@ def _receive(ctx: StoreContext, path: Path, pieces: int = 3) -> int:
     from dicom_node.handlers import IncomingInstance
 
     ds = pydicom.dcmread(path, stop_before_pixels=True)
-    payload = memoryview(_dataset_bytes(path))
+    payload = memoryview(dataset_bytes(path))
     incoming = IncomingInstance.open(
         ctx,
         sop_class_uid=str(ds.SOPClassUID),
@@ -294,7 +285,7 @@ def test_incoming_instance_is_written_as_received(tmp_path: Path) -> None:
     assert _receive(ctx, good, pieces=7) == 0x0000
     assert len(recorded) == 1 and recorded[0].is_file()
     stored = recorded[0].read_bytes()
-    assert stored.endswith(_dataset_bytes(good))
+    assert stored.endswith(dataset_bytes(good))
     back = pydicom.dcmread(recorded[0])
     assert back.SOPInstanceUID == ds.SOPInstanceUID
     assert back.file_meta.MediaStorageSOPInstanceUID == ds.SOPInstanceUID
@@ -321,7 +312,7 @@ def test_scan_dataset_finds_uids_and_detects_truncation(dicom_dir: Path) -> None
     for path in sorted(dicom_dir.glob("*.dcm")):
         ds = pydicom.dcmread(path, stop_before_pixels=True)
         ts = str(ds.file_meta.TransferSyntaxUID)
-        data = _dataset_bytes(path)
+        data = dataset_bytes(path)
         info = scan_dataset(data, ts)
         assert info.sop_instance_uid == ds.SOPInstanceUID
         assert info.study_uid == ds.StudyInstanceUID

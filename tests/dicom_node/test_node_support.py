@@ -259,6 +259,17 @@ def synthetic_cr(
     return path
 
 
+def dataset_bytes(path: Path) -> bytes:
+    """The encoded data set of a file, without preamble and file meta."""
+    import io
+
+    raw = path.read_bytes()
+    fp = io.BytesIO(raw)
+    pydicom.filereader.read_preamble(fp, False)
+    pydicom.filereader._read_file_meta_info(fp)
+    return raw[fp.tell() :]
+
+
 def send_raw(
     port: int,
     sop_class: str,

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from test_node_support import free_port, synthetic_cr
+from test_node_support import dataset_bytes, free_port, synthetic_cr
 
 from dicom_node.handlers import StoreContext
 from dicom_node.scp import start_scp
@@ -169,16 +169,6 @@ def _status(rsp: dict[int, bytes]) -> int:
     return int(struct.unpack("<H", rsp[0x0900])[0])
 
 
-def _dataset(path: Path) -> bytes:
-    import io
-
-    raw = path.read_bytes()
-    fp = io.BytesIO(raw)
-    pydicom.filereader.read_preamble(fp, False)
-    pydicom.filereader._read_file_meta_info(fp)
-    return raw[fp.tell() :]
-
-
 def _nothing_left(storage: Path) -> bool:
     return not list((storage / "spool").rglob("*.dcm")) and not list(
         (storage / "spool" / ".incoming").iterdir()
@@ -188,7 +178,7 @@ def _nothing_left(storage: Path) -> bool:
 def test_fragmented_store_and_echo_in_one_association(scp: Scp, tmp_path: Path) -> None:
     path = synthetic_cr(tmp_path / "a.dcm", size=96, seed=1)
     ds = pydicom.dcmread(path)
-    data = _dataset(path)
+    data = dataset_bytes(path)
     peer = Peer(scp.port)
     ac = peer.associate()
     assert b"1.2.840.10008.3.1.1.1" in ac
@@ -210,7 +200,7 @@ def test_fragmented_store_and_echo_in_one_association(scp: Scp, tmp_path: Path) 
     assert rsp[0x1000].rstrip(b"\x00").decode() == str(ds.SOPInstanceUID)
     peer.release()
     stored = next((scp.storage / "spool").rglob("*.dcm"))
-    assert _dataset(stored) == data  # the bytes as received
+    assert dataset_bytes(stored) == data  # the bytes as received
     assert pydicom.dcmread(stored).file_meta.SourceApplicationEntityTitle == "RAWSCU"
 
 
@@ -256,7 +246,7 @@ def test_protocol_errors_before_association_abort(scp: Scp, opening: bytes) -> N
 def test_unknown_context_and_peer_abort_leave_nothing(scp: Scp, tmp_path: Path) -> None:
     path = synthetic_cr(tmp_path / "a.dcm", size=64, seed=2)
     ds = pydicom.dcmread(path)
-    data = _dataset(path)
+    data = dataset_bytes(path)
     cmd = command(0x0001, 1, CR_STORAGE, str(ds.SOPInstanceUID), data=True)
     # half a data set, then A-ABORT from the peer
     peer = Peer(scp.port)
