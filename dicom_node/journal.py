@@ -186,6 +186,7 @@ class ReceiptJournal:
         self._queue: queue.SimpleQueue[JournalEntry | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._next_id = 1
+        self._id_lock = threading.Lock()
         self.replayed = 0
         self.flushes = 0
         self.appends = 0
@@ -256,8 +257,9 @@ class ReceiptJournal:
     # -------------------------------------------------------------- segments
     def _new_segment(self) -> Segment:
         """A zero-filled segment (allocated blocks: an ``fdatasync`` later has no metadata)."""
-        path = self.folder / f"segment-{self._next_id:08d}.wal"
-        self._next_id += 1
+        with self._id_lock:
+            path = self.folder / f"segment-{self._next_id:08d}.wal"
+            self._next_id += 1
         tmp = path.with_name(path.name + ".tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
         try:
@@ -274,15 +276,12 @@ class ReceiptJournal:
         return Segment(path, self.segment_size)
 
     def _prepare_spare(self) -> None:
+        """Zero-fill the next segment in the background (``_spare`` is set when it is ready)."""
         self._spare_ready.clear()
 
         def prepare() -> None:
             try:
-                with self._lock:
-                    self._spare = None
-                spare = self._new_segment()
-                with self._lock:
-                    self._spare = spare
+                self._spare = self._new_segment()
             except OSError as exc:
                 logger.error("receipt journal: cannot prepare a segment: %s", exc)
             finally:
@@ -291,19 +290,13 @@ class ReceiptJournal:
         threading.Thread(target=prepare, name="journal-spare", daemon=True).start()
 
     def _rotate(self) -> Segment:
-        """Close the current segment and start the spare one (call with ``_lock`` held)."""
+        """Close the current segment and continue in the spare one (call with ``_lock`` held;
+        when the spare is still being zero-filled, appends wait for it)."""
         old = self._segment
         if old is not None:
             old.closed = True
             self._closed_segments.append(old)
-        spare = self._spare
-        if spare is None:
-            self._lock.release()  # the spare is being zero-filled: wait for it
-            try:
-                self._spare_ready.wait(60)
-            finally:
-                self._lock.acquire()
-            spare = self._spare
+        spare = self._spare if self._spare_ready.wait(60) else None
         if spare is None:
             spare = self._new_segment()
         self._spare = None

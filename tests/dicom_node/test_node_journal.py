@@ -142,16 +142,29 @@ def test_segments_rotate_and_go_once_materialised(tmp_path: Path) -> None:
         assert journal.fits(len(payload)) and not journal.fits(1 << 20)
         for i in range(12):  # 2.4 MB through 1 MB segments
             journal.append({"n": str(i)}, payload)
+        # four appenders at once: rotations while the spare is still being zero-filled
+        threads = [
+            threading.Thread(
+                target=lambda k=k: [journal.append({"n": f"t{k}-{j}"}, payload) for j in range(6)]
+            )
+            for k in range(4)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
         folder = tmp_path / "journal"
 
         def holding_records() -> list[Path]:
             return [s for s in folder.glob(SEGMENT_GLOB) if list(read_records(s))]
 
         deadline = time.monotonic() + 20
-        while len(done) < 12 or holding_records():
+        while len(done) < 36 or holding_records():
             assert time.monotonic() < deadline, sorted(folder.iterdir())
             time.sleep(0.05)
-        assert done == [str(i) for i in range(12)], "materialised once each, in order"
+        assert done[:12] == [str(i) for i in range(12)], "materialised in order"
+        expected = {f"t{k}-{j}" for k in range(4) for j in range(6)}
+        assert sorted(done[12:]) == sorted(expected), "each exactly once"
         # full segments went once materialised, the last one once idle: what is left is the
         # empty current segment and the zero-filled spare
         assert len(list(folder.glob(SEGMENT_GLOB))) == 2
