@@ -7,17 +7,22 @@
 * APScheduler 3 jobs (``BackgroundScheduler``): stable-study detection (``stable_age``),
   expired-lease recovery (back to ``queued``; ``failed`` after ``max_attempts``), delivery
   retries with exponential backoff, optional retention purge;
-* worker threads claim a study (lease, renewed while it is processed), run
-  :func:`triage_core.pipeline.triage_study`, build the SR and the Grad-CAM SC with
-  :mod:`triage_core.dicom_out`, write them under ``STORAGE/outbox/<study>/``, add one delivery
-  row per object and destination, and complete the study;
-* deliveries are sent by C-STORE (:mod:`dicom_node.scu`), one association per destination and
-  pass; a failed send is retried with backoff;
+* worker threads claim a study (lease, renewed until the study is finished), run
+  :func:`triage_core.pipeline.triage_study` (inference and Grad-CAM from the same pass) and
+  hand the result to the outputs thread, then claim the next study;
+* the outputs thread has the SR (:class:`triage_core.dicom_out.ReportBuilder`) and the Grad-CAM
+  SC (:func:`triage_core.dicom_out.build_sc`, at most ``sc_max_side`` pixels) built and written
+  under ``STORAGE/outbox/<study>/`` by a spawned outputs process (:func:`write_study_outputs`:
+  pure-Python work that would otherwise hold this process's GIL while a worker infers), then
+  records the result and one delivery row per object and destination in one transaction;
+* a delivery thread, woken when a study completes and by the retry job, sends the due
+  deliveries by C-STORE (:mod:`dicom_node.scu`), one association per destination and pass
+  (every due object of that destination, SR before SC); a failed send is retried with backoff;
 * the HTTP API (:func:`dicom_node.api.create_app`) runs under uvicorn in a thread.
 
 Every study stage is logged once, with its duration, by UID (never patient identifiers).
-Each worker thread has its own :class:`~triage_core.inference.Predictor` (the model is loaded
-once per thread; Grad-CAM hooks make one model unsafe to share between threads).
+The worker threads share one :class:`~triage_core.inference.Predictor` (forward passes are
+serialised by its lock; Grad-CAM runs on the explainer's private copy of the model).
 """
 
 from __future__ import annotations
@@ -41,12 +46,17 @@ from dicom_node.settings import Destination, NodeSettings
 from triage_core.errors import DeliveryError, TriageError, WorklistError
 
 if TYPE_CHECKING:
+    from concurrent.futures import ProcessPoolExecutor
+
+    import numpy as np
+    import pydicom
+
     from dicom_node.journal import ReceiptJournal
     from dicom_node.metrics import Metrics
     from triage_core.dicom_out import ReportBuilder
     from triage_core.inference import Predictor
     from triage_core.pipeline import StudyOutput
-    from triage_core.spec import ModelSpec
+    from triage_core.spec import Finding, ModelSpec, StudyResult
     from triage_core.worklist import ClaimedStudy, DeliveryRow, Worklist
 
 logger = logging.getLogger(__name__)
@@ -78,6 +88,84 @@ class _Triaged:
     started: float
     triaged_at: float
     keeper: threading.Event  # set: stop renewing the lease
+
+
+@dataclass(frozen=True)
+class OutputJob:
+    """What :func:`write_study_outputs` needs (picklable: it may run in another process)."""
+
+    study_uid: str
+    result: StudyResult
+    sources: tuple[pydicom.Dataset, ...]  # header-only copies of the study's images
+    overlay: np.ndarray | None
+    cam_source_uid: str
+    cam_finding: Finding | None
+    spec: ModelSpec
+    outbox: Path
+    root: Path
+
+
+#: The outputs process's report builder (one model per service: rebuilt if the spec changes).
+_REPORT_BUILDERS: list[ReportBuilder] = []
+
+
+def _report_builder(spec: ModelSpec) -> ReportBuilder:
+    from triage_core.dicom_out import ReportBuilder
+
+    if not _REPORT_BUILDERS or _REPORT_BUILDERS[0].spec != spec:
+        _REPORT_BUILDERS[:] = [ReportBuilder(spec)]
+    return _REPORT_BUILDERS[0]
+
+
+def write_study_outputs(job: OutputJob) -> tuple[list[tuple[str, str]], dict[str, float]]:
+    """Build the SR (:class:`~triage_core.dicom_out.ReportBuilder`) and the Grad-CAM SC of a
+    done study and write them durably under ``job.outbox``, SR first.
+
+    Returns ``[(SOP Instance UID, path)]`` and the seconds spent on ``sr``, ``sc`` and
+    ``write`` (encode + write + fsync).
+    """
+    from triage_core.dicom_out import build_sc
+
+    t0 = time.perf_counter()
+    objects = [_report_builder(job.spec).build(job.result, list(job.sources))]
+    t_sr = time.perf_counter()
+    if job.overlay is not None and job.cam_finding is not None:
+        source = next((ds for ds in job.sources if ds.SOPInstanceUID == job.cam_source_uid), None)
+        if source is not None:
+            objects.append(build_sc(job.overlay, source, job.cam_finding, job.spec))
+    t_sc = time.perf_counter()
+    written = []
+    for ds in objects:  # the SR first: it is delivered first too
+        sop_uid = str(ds.SOPInstanceUID)
+        path = job.outbox / f"{sop_uid}.dcm"
+        buffer = io.BytesIO()
+        ds.save_as(buffer, enforce_file_format=True)
+        write_durable(path, [buffer.getbuffer()], job.root)
+        written.append((sop_uid, str(path)))
+    timings = {"sr": t_sr - t0, "sc": t_sc - t_sr, "write": time.perf_counter() - t_sc}
+    return written, timings
+
+
+def _init_output_process() -> None:
+    """Imports of the outputs process, paid once at start."""
+    import highdicom  # noqa: F401
+
+    from triage_core import dicom_out  # noqa: F401
+
+
+def _output_process_ready() -> bool:
+    return True
+
+
+def _header_only(ds: pydicom.Dataset) -> pydicom.Dataset:
+    """A copy of ``ds`` without pixel data (cheap to send to the outputs process)."""
+    import pydicom
+
+    header = pydicom.Dataset()
+    header.update({elem.tag: elem for elem in ds if elem.tag.group != 0x7FE0})
+    if hasattr(ds, "file_meta"):
+        header.file_meta = ds.file_meta
+    return header
 
 
 def open_worklist(settings: NodeSettings) -> Worklist:
@@ -262,8 +350,7 @@ class NodeService:
         self._output_thread: threading.Thread | None = None
         self._deliver = threading.Event()
         self._delivery_thread: threading.Thread | None = None
-        self._builders: dict[int, ReportBuilder] = {}
-        self._builder_lock = threading.Lock()
+        self._output_pool: ProcessPoolExecutor | None = None
         self.processed = 0
 
     # ------------------------------------------------------------------ life cycle
@@ -277,6 +364,7 @@ class NodeService:
         logger.info("worklist %s", settings.redacted_url())
         if settings.workers > 0:
             self._load_models()
+            self._start_output_pool()
         self._start_scheduler()
         for index in range(settings.workers):
             thread = threading.Thread(
@@ -365,6 +453,9 @@ class NodeService:
                 logger.warning("outputs thread busy at stop; its studies' leases will expire")
             self._output_thread.join(max(0.0, deadline - time.monotonic()))
             self._output_thread = None
+        if self._output_pool is not None:
+            self._output_pool.shutdown(wait=True, cancel_futures=True)
+            self._output_pool = None
         if self._delivery_thread is not None:
             self._deliver.set()
             self._delivery_thread.join(max(0.0, deadline - time.monotonic()))
@@ -785,57 +876,70 @@ class NodeService:
             self.metrics.studies_processed.labels(status="failed").inc()
         return ProcessOutcome(claimed.study_uid, status, (), time.perf_counter() - started)
 
-    def _report_builder(self, spec: ModelSpec) -> ReportBuilder:
-        """One :class:`ReportBuilder` per model: its layouts are built once."""
-        from triage_core.dicom_out import ReportBuilder
-
-        with self._builder_lock:
-            builder = self._builders.get(id(spec))
-            if builder is None or builder.spec is not spec:
-                builder = self._builders[id(spec)] = ReportBuilder(spec)
-            return builder
-
     def _write_outputs(self, triaged: _Triaged) -> list[tuple[str, Path]]:
-        """Build the SR (and the Grad-CAM SC) of a done study and write them to the outbox."""
-        out = triaged.out
-        result = out.result
-        outputs: list[tuple[str, Path]] = []
-        if result.status != "done":
-            return outputs
-        from triage_core.dicom_out import build_sc
+        """Build the SR (and the Grad-CAM SC) of a done study and write them to the outbox.
 
-        study_uid = triaged.claimed.study_uid
-        spec = triaged.spec
-        t0 = time.perf_counter()
-        sources = list(out.datasets.values())
-        objects = [self._report_builder(spec).build(result, sources)]
-        t_sr = time.perf_counter()
-        if out.cam_overlay is not None and out.cam_finding is not None:
-            source = out.datasets.get(out.cam_source_uid)
-            if source is not None:
-                objects.append(build_sc(out.cam_overlay, source, out.cam_finding, spec))
-        t_sc = time.perf_counter()
-        outbox = self.settings.outbox_dir / study_uid
-        root = self.settings.storage.resolve()
-        for ds in objects:  # the SR first: it is delivered first too
-            sop_uid = str(ds.SOPInstanceUID)
-            path = outbox / f"{sop_uid}.dcm"
-            buffer = io.BytesIO()
-            ds.save_as(buffer, enforce_file_format=True)
-            write_durable(path, [buffer.getbuffer()], root)
-            outputs.append((sop_uid, path))
-        done = time.perf_counter()
+        The work runs in the outputs process when there is one (see :meth:`start`), so its
+        Python code does not compete for this process's GIL with the workers' inference.
+        """
+        from concurrent.futures.process import BrokenProcessPool
+
+        out = triaged.out
+        if out.result.status != "done":
+            return []
+        job = OutputJob(
+            study_uid=triaged.claimed.study_uid,
+            result=out.result,
+            sources=tuple(_header_only(ds) for ds in out.datasets.values()),
+            overlay=out.cam_overlay if out.cam_finding is not None else None,
+            cam_source_uid=out.cam_source_uid,
+            cam_finding=out.cam_finding,
+            spec=triaged.spec,
+            outbox=self.settings.outbox_dir / triaged.claimed.study_uid,
+            root=self.settings.storage.resolve(),
+        )
+        started = time.perf_counter()
+        pool = self._output_pool
+        if pool is None:
+            written, timings = write_study_outputs(job)
+        else:
+            try:
+                written, timings = pool.submit(write_study_outputs, job).result()
+            except BrokenProcessPool:
+                logger.error("the outputs process died; starting a new one")
+                self._start_output_pool()
+                raise
+        outputs = [(sop_uid, Path(path)) for sop_uid, path in written]
         logger.info(
             "study %s stage=outputs %d object(s) in %.0f ms (SR %.0f ms, SC %.0f ms, "
             "encode+write %.0f ms)",
-            study_uid,
+            job.study_uid,
             len(outputs),
-            (done - t0) * 1e3,
-            (t_sr - t0) * 1e3,
-            (t_sc - t_sr) * 1e3,
-            (done - t_sc) * 1e3,
+            (time.perf_counter() - started) * 1e3,
+            timings["sr"] * 1e3,
+            timings["sc"] * 1e3,
+            timings["write"] * 1e3,
         )
         return outputs
+
+    def _start_output_pool(self) -> None:
+        """One child process that builds and writes the outputs (spawned: no torch, no GIL of
+        ours); its imports are done here, before the DICOM port opens."""
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        old, self._output_pool = self._output_pool, None
+        if old is not None:
+            old.shutdown(wait=False, cancel_futures=True)
+        started = time.perf_counter()
+        pool = ProcessPoolExecutor(
+            max_workers=1,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=_init_output_process,
+        )
+        pool.submit(_output_process_ready).result(timeout=300)
+        self._output_pool = pool
+        logger.info("outputs process ready in %.1f s", time.perf_counter() - started)
 
     # ------------------------------------------------------------------ deliveries
     def deliver_due(self) -> int:
