@@ -56,3 +56,33 @@ def test_destination_down_raises_delivery_error(tmp_path: Path) -> None:
         send_files(Destination(ae_title="NOBODY", host="127.0.0.1", port=free_port()), [path])
     with pytest.raises(DeliveryError, match="cannot be read"):
         send_files(Destination(ae_title="X", host="127.0.0.1", port=1), [tmp_path / "missing"])
+
+
+def test_reactor_is_blocked_before_each_c_store(
+    peer: tuple[int, list[int], list[str]], tmp_path: Path
+) -> None:
+    """The pynetdicom race work-around: after ``_park_reactor`` the association's reactor
+    thread waits on its checkpoint (it cannot take a C-STORE response away), and the
+    C-STOREs that follow still get their responses."""
+    from pynetdicom import AE
+
+    from dicom_node.scu import _park_reactor
+
+    port, _statuses, received = peer
+    path = synthetic_cr(tmp_path / "a.dcm", size=32)
+    ae = AE(ae_title="SCU")
+    ae.add_requested_context("1.2.840.10008.5.1.4.1.1.1", ["1.2.840.10008.1.2.1"])
+    assoc = ae.associate("127.0.0.1", port, ae_title="PEER")
+    assert assoc.is_established
+    try:
+        import pydicom
+
+        ds = pydicom.dcmread(path)
+        for _ in range(20):
+            _park_reactor(assoc, timeout=5.0)
+            assert not assoc._reactor_checkpoint.is_set()
+            assert len(assoc._reactor_checkpoint._cond._waiters) == 1  # blocked in wait()
+            assert assoc.send_c_store(ds).Status == 0x0000
+    finally:
+        assoc.release()
+    assert len(received) == 20
