@@ -220,6 +220,13 @@ class NodeSettings(BaseSettings):
         "writes them to the spool and the worklist in one batch",
     )
 
+    @field_validator("sc_max_side")
+    @classmethod
+    def _sc_side(cls, value: int) -> int:
+        if 0 < value < 64:
+            raise ValueError("must be 0 (source size) or at least 64 pixels")
+        return value
+
     @field_validator("ae_title")
     @classmethod
     def _ae(cls, value: str) -> str:
