@@ -23,7 +23,6 @@ import argparse
 import contextlib
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -39,6 +38,7 @@ from bench_ingest import (  # noqa: E402
     dcmtk_env,
     free_port,
     serve_command,
+    stop_process,
     wait_echo,
     write_synthetic_cr,
 )
@@ -249,12 +249,7 @@ def serve(
         wait_echo(port, timeout=300)
         yield log_path
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+        stop_process(proc, 60)
 
 
 def send(port: int, paths: Sequence[Path]) -> float:

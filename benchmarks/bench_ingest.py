@@ -64,6 +64,16 @@ def wait_echo(port: int, timeout: float = 120.0) -> None:
     raise RuntimeError(f"nothing answers C-ECHO on port {port}")
 
 
+def stop_process(proc: subprocess.Popen[bytes], timeout: float) -> None:
+    """SIGTERM, then SIGKILL if it has not exited after ``timeout`` seconds."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
+
+
 def serve_command() -> list[str]:
     """``triage serve`` run by this interpreter (the project's venv when run as documented)."""
     return [sys.executable, "-m", "dicom_node", "serve"]
@@ -193,12 +203,7 @@ def triage_serve(
         wait_echo(port)
         yield
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+        stop_process(proc, 30)
         log.close()
 
 

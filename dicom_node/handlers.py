@@ -154,8 +154,7 @@ class _Scanner:
         self.end = len(data)
         self.implicit = implicit
         self.prefix = "<" if little else ">"
-        # precompiled: tag, explicit short header (tag, VR, 2-byte length), 4-byte length
-        self._tag_struct = struct.Struct(self.prefix + "HH")
+        # precompiled: explicit short header (tag, VR, 2-byte length), tag + 4-byte length
         self._short = struct.Struct(self.prefix + "HH2sH")
         self._implicit = struct.Struct(self.prefix + "HHI")
         self._u32 = struct.Struct(self.prefix + "I")
@@ -169,10 +168,11 @@ class _Scanner:
                 f"stream ends at byte {self.end} inside {what} (needs {pos + count})",
             )
 
-    def _tag(self, pos: int) -> tuple[int, int]:
-        self._need(pos, 4, "a tag")
-        group, elem = self._tag_struct.unpack_from(self.data, pos)
-        return group, elem
+    def _item_header(self, pos: int, what: str) -> tuple[tuple[int, int], int]:
+        """The tag and 4-byte length of an item or delimiter at ``pos`` (8 bytes)."""
+        self._need(pos, 8, what)
+        group, elem, length = self._implicit.unpack_from(self.data, pos)
+        return (group, elem), length
 
     def walk(self, pos: int, stop: int, depth: int, implicit: bool, top: bool) -> int:
         """Walk elements from ``pos``; return the offset after the last one.
@@ -256,9 +256,7 @@ class _Scanner:
     def walk_items(self, pos: int, stop: int, depth: int, implicit: bool) -> None:
         """Defined-length sequence: items up to ``stop``."""
         while pos < stop:
-            tag = self._tag(pos)
-            self._need(pos, 8, "an item header")
-            (length,) = struct.unpack_from(self.prefix + "I", self.data, pos + 4)
+            tag, length = self._item_header(pos, "an item header")
             if tag != _ITEM:
                 raise ImageReadError("C-STORE data set", f"expected an item at byte {pos}")
             pos += 8
@@ -274,9 +272,7 @@ class _Scanner:
     def _sequence(self, pos: int, depth: int, implicit: bool) -> int:
         """Undefined-length sequence: items until the sequence delimiter."""
         while True:
-            tag = self._tag(pos)
-            self._need(pos, 8, "an item header")
-            (length,) = struct.unpack_from(self.prefix + "I", self.data, pos + 4)
+            tag, length = self._item_header(pos, "an item header")
             pos += 8
             if tag == _SEQ_DELIM:
                 return pos
@@ -292,9 +288,7 @@ class _Scanner:
     def _fragments(self, pos: int) -> int:
         """Encapsulated pixel data: items (offset table, fragments) until the delimiter."""
         while True:
-            tag = self._tag(pos)
-            self._need(pos, 8, "a pixel data fragment header")
-            (length,) = struct.unpack_from(self.prefix + "I", self.data, pos + 4)
+            tag, length = self._item_header(pos, "a pixel data fragment header")
             pos += 8
             if tag == _SEQ_DELIM:
                 return pos
