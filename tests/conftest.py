@@ -2,35 +2,12 @@
 
 from __future__ import annotations
 
-import importlib
 import os
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pydicom
 import pytest
-
-
-def _import_packages_before_test_folders_shadow_them() -> None:
-    """pytest puts ``tests/`` on ``sys.path``; its folders ``triage_core/``, ``dicom_node/``
-    and ``training/`` (test modules, no ``__init__``) would then be imported as empty
-    namespace packages in place of ours (``from triage_core import __version__`` fails).
-    Import the real packages once with ``tests/`` out of the way."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    saved = sys.path[:]
-    sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != here]
-    try:
-        for name in ("triage_core", "dicom_node", "training"):
-            module = sys.modules.get(name)
-            if module is not None and getattr(module, "__file__", None) is None:
-                del sys.modules[name]
-            importlib.import_module(name)
-    finally:
-        sys.path[:] = saved
-
-
-_import_packages_before_test_folders_shadow_them()
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 pytest_plugins = ["pg_fixture"]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 
@@ -75,12 +74,7 @@ def test_worker_pass_writes_sr_and_a_scaled_down_sc(tmp_path: Path, tiny_checkpo
     claimed = worklist.claim_study("w", 60)
     assert claimed is not None
     predictor = Predictor(tiny_checkpoint, mode="eager")
-    # the SR and SC are built in the spawned outputs process; it inherits sys.path, where
-    # pytest put tests/ (whose triage_core/ folder would shadow the package there)
-    tests_dir = str(Path(__file__).resolve().parents[1])
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(sys, "path", [p for p in sys.path if not p.startswith(tests_dir)])
-        service._start_output_pool()
+    service._start_output_pool()
     try:
         outcome = service.process_claimed(claimed, predictor)
     finally:
