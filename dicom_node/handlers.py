@@ -3,8 +3,9 @@
 Transport-neutral: :mod:`dicom_node.ulp` reads the PDUs and drives an
 :class:`IncomingInstance` per C-STORE, which only validates, writes, records and answers;
 inference runs elsewhere (:mod:`dicom_node.service`). Its dependencies come in as typed
-objects (:class:`StoreContext`, :class:`AccessPolicy`). The pynetdicom hooks at the end
-(``TCP_NODELAY``, bulk reads) serve the sending side, :mod:`dicom_node.scu`.
+objects (:class:`StoreContext`; who may associate is :mod:`dicom_node.net.policy`). The
+pynetdicom hooks at the end (``TCP_NODELAY``, bulk reads) serve the sending side,
+:mod:`dicom_node.scu`.
 
 The C-STORE path:
 
@@ -47,7 +48,6 @@ if TYPE_CHECKING:
 
     from dicom_node.journal import JournalEntry, ReceiptJournal
     from dicom_node.metrics import Metrics
-    from dicom_node.settings import AllowedPeer
 
 logger = logging.getLogger(__name__)
 
@@ -1072,13 +1072,3 @@ def handle_conn_open(event: Event, nodelay: bool = True) -> None:
         dul._run_loop_delay = DUL_LOOP_DELAY
     if raw is not None and hasattr(assoc_socket, "recv") and hasattr(raw, "recv_into"):
         assoc_socket.recv = _bulk_recv(assoc_socket)  # type: ignore[union-attr]
-
-
-@dataclass(frozen=True)
-class AccessPolicy:
-    """Which calling AEs (and hosts) may associate; an empty list admits everyone."""
-
-    allowed: tuple[AllowedPeer, ...] = ()
-
-    def admits(self, ae_title: str, host: str) -> bool:
-        return not self.allowed or any(p.matches(ae_title, host) for p in self.allowed)

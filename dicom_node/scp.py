@@ -3,7 +3,7 @@
 Every storage SOP class is accepted (what is not a chest radiograph is stored and later marked
 not eligible), each with the transfer syntaxes listed in :data:`TRANSFER_SYNTAXES`, the
 compressed ones included. Associations are admitted by
-:class:`~dicom_node.handlers.AccessPolicy`; the protocol engine is :mod:`dicom_node.ulp`.
+:class:`~dicom_node.net.policy.AccessPolicy`; the protocol engine is :mod:`dicom_node.ulp`.
 """
 
 from __future__ import annotations
@@ -11,7 +11,8 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
-from dicom_node.handlers import AccessPolicy, StoreContext
+from dicom_node.handlers import StoreContext
+from dicom_node.net.policy import AccessPolicy
 
 if TYPE_CHECKING:
     from dicom_node.settings import NodeSettings

@@ -44,7 +44,8 @@ from typing import TYPE_CHECKING, Any
 from triage_core import __version__
 
 if TYPE_CHECKING:
-    from dicom_node.handlers import AccessPolicy, IncomingInstance, StoreContext
+    from dicom_node.handlers import IncomingInstance, StoreContext
+    from dicom_node.net.policy import AccessPolicy
     from dicom_node.settings import NodeSettings
 
 logger = logging.getLogger(__name__)

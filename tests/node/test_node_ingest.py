@@ -180,7 +180,7 @@ def test_echo_and_allow_list(node: Node) -> None:
 
 def test_host_restricted_entry_rejects_other_hosts(tmp_path: Path) -> None:
     settings = load_settings(None, {"allow_ae": ["PACS@10.255.255.1", "ANY"]})
-    from dicom_node.handlers import AccessPolicy
+    from dicom_node.net.policy import AccessPolicy
 
     policy = AccessPolicy(tuple(settings.allow_ae))
     assert policy.admits("PACS", "10.255.255.1")
