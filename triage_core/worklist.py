@@ -80,7 +80,8 @@ Queries (JSON-ready dicts; timestamps are ISO 8601 UTC strings)
 
 Helpers: ``SCHEMA_VERSION`` (kept in table ``worklist_meta``; ``create_all`` refuses another
 version), ``STUDY_STATUSES``, ``DELIVERY_STATUSES``, ``InstanceRecord``, ``ClaimedStudy``,
-``DeliveryRow``, ``Recovered``, ``is_valid_uid``, ``hash_identifier``.
+``DeliveryRow``, ``Recovered``, and re-exported from :mod:`triage_core.uids`:
+``is_valid_uid``, ``hash_identifier``.
 
 Time is stored as float seconds since the epoch (UTC); every method takes an optional ``now``
 so that tests and replays are deterministic.
@@ -94,11 +95,9 @@ reads use a plain deferred ``BEGIN`` and never block writers in WAL mode.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
-import re
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -107,8 +106,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
-from triage_core.errors import InvalidUIDError, WorklistError
+from triage_core.errors import WorklistError
 from triage_core.spec import PRIORITY_LEVELS, StudyResult
+from triage_core.uids import check_uid
+from triage_core.uids import hash_identifier as hash_identifier
+from triage_core.uids import is_valid_uid as is_valid_uid
 
 if TYPE_CHECKING:
     from sqlalchemy import Connection, Engine, MetaData, Table
@@ -130,35 +132,14 @@ DELIVERY_STATUSES: tuple[str, ...] = ("pending", "sent", "failed")
 _REOPEN_STATUSES: tuple[str, ...] = ("done", "not_eligible", "failed")
 _FINISHED_STATUSES: tuple[str, ...] = ("done", "not_eligible", "failed")
 
-_UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 _SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")
 #: Version of the table layout, stored in ``worklist_meta``; bump with every schema change.
 SCHEMA_VERSION = 1
 _PG_SCHEMA_LOCK = 0x43585254  # advisory lock key serialising create_all across processes
 
 
-def is_valid_uid(uid: object) -> bool:
-    """Whether ``uid`` follows the DICOM UID grammar (PS3.5 section 9.1).
-
-    Digits and dots only, no empty component, no leading zero in a component, at most 64
-    characters.
-    """
-    return isinstance(uid, str) and 0 < len(uid) <= 64 and _UID_RE.match(uid) is not None
-
-
 def _check_uid(name: str, uid: str) -> None:
-    if not is_valid_uid(uid):
-        raise InvalidUIDError(f"{name} {uid!r} breaks the DICOM UID grammar")
-
-
-def hash_identifier(value: str, salt: str = "") -> str:
-    """A short, salted SHA-256 of an identifier (e.g. an accession number), never reversible.
-
-    Returns ``""`` for an empty value.
-    """
-    if not value:
-        return ""
-    return hashlib.sha256(f"{salt}\x00{value}".encode()).hexdigest()[:16]
+    check_uid(uid, name)
 
 
 def backoff_seconds(attempt: int, base: float = 30.0, cap: float = 3600.0) -> float:
