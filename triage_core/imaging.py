@@ -1,6 +1,9 @@
 """From a DICOM file, a ``pydicom.Dataset`` or a PNG/JPEG to a display-ready image and a tensor.
 
-The pixel pipeline (``PREPROCESSING_VERSION`` in :mod:`triage_core.spec`):
+The model learns from the NIH ChestX-ray14 PNGs: 8-bit exports of windowed DICOMs, resized to a
+square with Lanczos (1024 px, then 256 px for the shared set). A DICOM is therefore rendered the
+way those exports look before it meets the model (``PREPROCESSING_VERSION`` in
+:mod:`triage_core.spec`):
 
 1. decode (pydicom 3 with the pylibjpeg and pyjpegls plugins: JPEG baseline/extended/lossless,
    JPEG-LS, JPEG 2000, RLE, deflate, native);
@@ -9,12 +12,27 @@ The pixel pipeline (``PREPROCESSING_VERSION`` in :mod:`triage_core.spec`):
 4. VOI LUT: the first window (``LINEAR``, ``LINEAR_EXACT`` or ``SIGMOID``) or the VOI LUT
    Sequence; without either, a robust window from the 0.5th to the 99.5th percentile of the
    non-padding pixels;
-5. ``MONOCHROME1`` is inverted, so that bone is bright as a reader sees it; padding becomes 0;
-6. :func:`to_tensor` keeps the aspect ratio: resize so the long side equals the model's input
-   size (antialiased bilinear), pad the short side symmetrically with 0, copy gray into three
-   channels and normalise with the checkpoint's mean and std.
+5. ``MONOCHROME1`` is inverted, so that bone is bright as a reader sees it;
+6. intensity standardisation (:func:`standardise_intensities`): the windowed values are mapped,
+   piecewise linearly, so that their percentiles land on the mean percentiles of the NIH
+   exports (:data:`NIH_PERCENTILES`, :data:`NIH_LANDMARKS`; Nyul and Udupa's landmark method).
+   A header window such as RG1's (centre 15000, width 30000 over 15-bit data) otherwise leaves
+   the lungs mid-grey, an image the model never saw; padding becomes 0;
+7. 8-bit quantisation, as in the exports.
 
-The same :func:`to_tensor` is used for training and serving.
+PNG/JPEG files are read as they are (steps 1-7 happened when they were exported).
+:func:`to_tensor` is shared by both paths and by training:
+
+* an image larger than the exports (:data:`EXPORT_SIZE` on its long side) is first reduced with
+  Lanczos to that size, as the exports were (the shared 256 px PNGs are left untouched);
+* an image whose aspect ratio lies within that of the NIH originals (:data:`STRETCH_ASPECT`) is
+  resized to the square, as NIH's 1024 x 1024 exports were; a more elongated one keeps its aspect
+  ratio and is padded symmetrically with 0 (:func:`letterbox_geometry`);
+* the last resize to the model's input size is antialiased bilinear, gray goes to three channels
+  and the checkpoint's mean and std are applied.
+
+``benchmarks/dicom_png_gap.py`` measures how far the shared chest DICOMs land from the PNG test
+images, in pixel statistics and in probabilities.
 """
 
 from __future__ import annotations
@@ -56,10 +74,34 @@ _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 _JPEG_MAGIC = b"\xff\xd8\xff"
 _PERCENTILES = (0.5, 99.5)
 
+#: Long side of the training exports (the shared NIH PNGs are 256 x 256): larger images are
+#: first reduced to it with Lanczos, as the exports were.
+EXPORT_SIZE = 256
+#: Aspect ratios (long / short side) up to this are resized to the square, as NIH's exports
+#: were (the NIH originals span 0.82-1.22 between the 1st and 99th percentile of
+#: ``Data_Entry_2017.csv``); beyond it the image is letterboxed.
+STRETCH_ASPECT = 1.25
+#: Percentiles at which :func:`standardise_intensities` matches a DICOM to the NIH exports.
+NIH_PERCENTILES: tuple[float, ...] = (
+    0.5, 1, 2, 5, 10, 20, 30, 40, 50, 60, 70, 80, 90, 95, 98, 99, 99.5
+)  # fmt: skip
+#: Mean of each image's :data:`NIH_PERCENTILES` over the 584 shared 256 px NIH PNGs, intensity
+#: in [0, 1] (the 20 full-size PNGs agree within 0.02). Label-free; recompute with
+#: ``np.mean([np.percentile(img, NIH_PERCENTILES) for img in pngs], axis=0)``.
+NIH_LANDMARKS: tuple[float, ...] = (
+    0.0166, 0.0237, 0.0381, 0.0869, 0.1711, 0.2877, 0.3749, 0.4565, 0.5321,
+    0.5989, 0.6613, 0.7262, 0.7943, 0.8275, 0.8519, 0.8659, 0.8771,
+)  # fmt: skip
+
 
 @dataclass(frozen=True)
 class Letterbox:
-    """How an ``height x width`` image sits in the square model input."""
+    """How an ``height x width`` image sits in the square model input.
+
+    ``new_h x new_w`` is the resized image, placed at ``(top, left)``; ``scale`` is the factor
+    of the long side (the short side's is ``new_h / height`` or ``new_w / width`` when the image
+    is stretched to the square).
+    """
 
     scale: float
     new_h: int
@@ -70,10 +112,16 @@ class Letterbox:
 
 
 def letterbox_geometry(height: int, width: int, size: int) -> Letterbox:
-    """Resize factor and padding that fit ``height x width`` into ``size x size``."""
+    """Resize factor and padding that fit ``height x width`` into ``size x size``.
+
+    Near-square images (aspect ratio up to :data:`STRETCH_ASPECT`) fill the square, as NIH's
+    exports did; others keep their aspect ratio and are centred with padding.
+    """
     if height < 1 or width < 1 or size < 1:
         raise ValueError(f"invalid geometry {height}x{width} -> {size}")
     scale = size / max(height, width)
+    if max(height, width) <= STRETCH_ASPECT * min(height, width):
+        return Letterbox(scale, size, size, 0, 0, size)
     new_h = max(1, min(size, round(height * scale)))
     new_w = max(1, min(size, round(width * scale)))
     return Letterbox(scale, new_h, new_w, (size - new_h) // 2, (size - new_w) // 2, size)
@@ -339,7 +387,19 @@ def _voi(values: np.ndarray, ds: Dataset, valid: np.ndarray | None) -> np.ndarra
     return np.clip(robust, 0.0, 1.0).astype(np.float32, copy=False)
 
 
-def _dicom_to_image(ds: Dataset, name: str) -> np.ndarray:
+def window_dicom(ds: Dataset, name: str | None = None) -> np.ndarray:
+    """Steps 1-5 of the module docstring: decoded, LUT-mapped, windowed and ``MONOCHROME1``
+    inverted pixels in [0, 1] at the source resolution, before standardisation.
+
+    Returns
+    -------
+    numpy.ndarray
+        float32 ``H x W``; padding pixels are 0.
+    """
+    return _window_dicom(ds, name or _source_name(ds))[0]
+
+
+def _window_dicom(ds: Dataset, name: str) -> tuple[np.ndarray, np.ndarray | None]:
     raw = _decode_pixels(ds, name)
     pad = _padding_mask(raw, ds)
     values = _modality_lut(raw, ds)
@@ -349,7 +409,54 @@ def _dicom_to_image(ds: Dataset, name: str) -> np.ndarray:
         image = np.subtract(np.float32(1.0), image, out=image)
     if pad is not None:
         image[pad] = 0.0
-    return np.ascontiguousarray(image, dtype=np.float32)
+    return np.ascontiguousarray(image, dtype=np.float32), pad
+
+
+def _dicom_to_image(ds: Dataset, name: str) -> np.ndarray:
+    image, pad = _window_dicom(ds, name)
+    image = standardise_intensities(image, None if pad is None else ~pad)
+    if pad is not None:
+        image[pad] = 0.0
+    return quantise_8bit(image)
+
+
+def standardise_intensities(image: np.ndarray, valid: np.ndarray | None = None) -> np.ndarray:
+    """Map ``image`` (in [0, 1]) so that its percentiles match the NIH exports'.
+
+    Piecewise-linear histogram standardisation (Nyul and Udupa, 1999; Nyul, Udupa and Zhang,
+    2000): the image's :data:`NIH_PERCENTILES` (over the ``valid`` pixels) are sent to
+    :data:`NIH_LANDMARKS` and values in between are interpolated linearly (values outside the
+    outer landmarks are clamped to them). The mapping is monotone, so the header window still
+    decides what is saturated; only the grey levels move to where the training images have them.
+    numpy has no such function and the scikit-image / intensity-normalization versions need a
+    training pass of their own, hence these few lines.
+    """
+    sample = image if valid is None else image[valid]
+    step = max(1, sample.size // 1_000_000)
+    sample = sample.reshape(-1)[::step]
+    if sample.size == 0:
+        return np.zeros_like(image, dtype=np.float32)
+    source = np.percentile(sample, NIH_PERCENTILES)
+    # strictly increasing x for np.interp (flat stretches: saturated or constant images)
+    source = np.maximum.accumulate(source + np.arange(len(source)) * 1e-6)
+    out = np.interp(image, source, np.asarray(NIH_LANDMARKS, dtype=np.float64))
+    return out.astype(np.float32)
+
+
+def quantise_8bit(image: np.ndarray) -> np.ndarray:
+    """``image`` in [0, 1] rounded to 256 grey levels (as an 8-bit PNG stores it), float32."""
+    out = np.rint(np.clip(image, 0.0, 1.0) * np.float32(255.0)) / np.float32(255.0)
+    return np.ascontiguousarray(out, dtype=np.float32)
+
+
+def export_resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Lanczos resize of a [0, 1] image to ``height x width``, rounded to 8 bits (Pillow,
+    the library the NIH exports were resized with)."""
+    from PIL import Image
+
+    src = Image.fromarray(np.ascontiguousarray(image, dtype=np.float32))
+    small = src.resize((width, height), Image.Resampling.LANCZOS)
+    return quantise_8bit(np.asarray(small, dtype=np.float32))
 
 
 def check_eligibility(ds: Dataset) -> tuple[bool, str]:
@@ -394,6 +501,10 @@ def check_eligibility(ds: Dataset) -> tuple[bool, str]:
 def to_tensor(image: np.ndarray, spec: ModelSpec) -> torch.Tensor:
     """Letterbox ``image`` (float ``H x W`` in [0, 1]) into the checkpoint's normalised input.
 
+    Images larger than :data:`EXPORT_SIZE` are first reduced to it with Lanczos; then the
+    (stretched or letterboxed, see :func:`letterbox_geometry`) image is resized to the input
+    size with antialiased bilinear interpolation.
+
     Returns
     -------
     torch.Tensor
@@ -405,6 +516,10 @@ def to_tensor(image: np.ndarray, spec: ModelSpec) -> torch.Tensor:
     if image.ndim != 2:
         raise ValueError(f"expected a 2-D gray image, got shape {image.shape}")
     height, width = image.shape
+    if max(height, width) > EXPORT_SIZE:  # reduce as the training exports were
+        export = letterbox_geometry(height, width, EXPORT_SIZE)
+        image = export_resize(image, export.new_h, export.new_w)
+        height, width = image.shape
     box = letterbox_geometry(height, width, spec.input_size)
     src = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None]
     if (box.new_h, box.new_w) != (height, width):

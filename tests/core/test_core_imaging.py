@@ -18,6 +18,7 @@ from triage_core.imaging import (
     read_dataset,
     to_tensor,
     unletterbox,
+    window_dicom,
 )
 from triage_core.models import default_spec
 
@@ -50,9 +51,14 @@ def test_lossless_jpeg2000_equals_uncompressed(dicom_dir: Path) -> None:
 
 
 def test_monochrome1_is_inverted(dicom_dir: Path) -> None:
-    twin = load_image(dicom_dir / SIIM)
-    inverted = load_image(dicom_dir / "Fake_MONOHR1.dcm")
+    twin = window_dicom(pydicom.dcmread(dicom_dir / SIIM))
+    inverted = window_dicom(pydicom.dcmread(dicom_dir / "Fake_MONOHR1.dcm"))
     np.testing.assert_allclose(inverted, 1.0 - twin, atol=1e-6)
+    # after standardisation the order of grey levels is still reversed
+    sample = (slice(None, None, 9), slice(None, None, 9))
+    a = load_image(dicom_dir / SIIM)[sample].ravel()
+    b = load_image(dicom_dir / "Fake_MONOHR1.dcm")[sample].ravel()
+    assert np.corrcoef(a, b)[0, 1] < -0.95
 
 
 def test_rle_equals_jpeg_twin(dicom_dir: Path) -> None:
@@ -89,7 +95,7 @@ def test_window_is_applied(dicom_dir: Path) -> None:
     center, width = float(ds.WindowCenter), float(ds.WindowWidth)
     raw = ds.pixel_array.astype(np.float32)
     expected = np.clip((raw - (center - 0.5 - (width - 1) / 2)) / (width - 1), 0, 1)
-    np.testing.assert_allclose(load_image(ds), expected, atol=1e-5)
+    np.testing.assert_allclose(window_dicom(ds), expected, atol=1e-5)
 
 
 def test_pixel_padding_is_ignored(dicom_dir: Path) -> None:
@@ -99,9 +105,10 @@ def test_pixel_padding_is_ignored(dicom_dir: Path) -> None:
     ds.PixelData = arr.tobytes()
     ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
     del ds.WindowCenter, ds.WindowWidth
-    without = load_image(ds)
+    without = window_dicom(ds)
     ds.PixelPaddingValue = 1023
-    with_pad = load_image(ds)
+    with_pad = window_dicom(ds)
+    assert float(load_image(ds)[:100].max()) == 0.0
     assert float(with_pad[:100].max()) == 0.0
     # padding no longer drags the percentile window: the body is brighter than before
     assert float(with_pad[200:].mean()) != pytest.approx(float(without[200:].mean()), abs=1e-3)
@@ -173,7 +180,7 @@ def test_renamed_png_is_detected_by_content(cxr14_dir: Path, tmp_path: Path) -> 
 
 def test_to_tensor_letterbox_and_normalisation() -> None:
     spec = default_spec("resnet18").replace(input_size=64)
-    image = np.ones((100, 50), dtype=np.float32)
+    image = np.ones((100, 50), dtype=np.float32)  # aspect 2: letterboxed, not stretched
     tensor = to_tensor(image, spec)
     assert tensor.shape == (3, 64, 64) and tensor.dtype == torch.float32
     box = letterbox_geometry(100, 50, 64)
@@ -194,3 +201,59 @@ def test_to_tensor_rejects_colour() -> None:
     spec = default_spec("resnet18")
     with pytest.raises(ValueError, match="2-D"):
         to_tensor(np.zeros((10, 10, 3), dtype=np.float32), spec)
+
+
+def test_near_square_images_are_stretched_like_the_nih_exports() -> None:
+    # NIH resized its originals (aspect 0.82-1.22) to 1024 x 1024 squares, without padding
+    box = letterbox_geometry(1955, 1841, 224)
+    assert (box.new_h, box.new_w, box.top, box.left) == (224, 224, 0, 0)
+    spec = default_spec("resnet18").replace(input_size=64)
+    tensor = to_tensor(np.ones((70, 60), dtype=np.float32), spec)
+    restored = tensor[0] * spec.std[0] + spec.mean[0]
+    assert torch.allclose(restored, torch.ones(1), atol=1e-5)  # no padding anywhere
+    back = unletterbox(restored.numpy(), 70, 60)
+    assert back.shape == (70, 60)
+
+
+def test_training_pngs_take_the_unchanged_path(cxr14_dir: Path) -> None:
+    """The shared 256 px PNGs (what the model learns from) are not touched by the export step:
+    their tensor is one antialiased bilinear resize of the 8-bit image, as before."""
+    import torch.nn.functional as F
+
+    spec = default_spec("resnet18")
+    png = sorted((cxr14_dir / "256").glob("*.png"))[0]
+    image = load_image(png)
+    assert image.shape == (256, 256)
+    src = torch.from_numpy(image)[None, None]
+    ref = F.interpolate(src, size=(224, 224), mode="bilinear", antialias=True).clamp(0, 1)[0, 0]
+    got = to_tensor(image, spec)[0] * spec.std[0] + spec.mean[0]
+    assert torch.allclose(got, ref, atol=1e-5)
+
+
+def test_dicom_is_rendered_like_the_nih_exports(dicom_dir: Path, cxr14_dir: Path) -> None:
+    """RG1's header window (centre 15000, width 30000) leaves the lungs mid-grey; after
+    standardisation its grey levels sit where the NIH PNGs have theirs, in 8-bit steps."""
+    from triage_core.imaging import NIH_LANDMARKS, NIH_PERCENTILES
+
+    windowed = window_dicom(pydicom.dcmread(dicom_dir / "RG1_UNCR.dcm"))
+    image = load_image(dicom_dir / "RG1_UNCR.dcm")
+    assert np.allclose(image * 255, np.rint(image * 255), atol=1e-3)
+    before = np.percentile(windowed, NIH_PERCENTILES)
+    after = np.percentile(image, NIH_PERCENTILES)
+    target = np.asarray(NIH_LANDMARKS)
+    assert np.abs(after - target).max() < 0.01
+    assert np.abs(before - target).max() > 0.2
+    # and the landmarks are those of the shared PNGs (first 50, mean percentiles)
+    pngs = sorted((cxr14_dir / "256").glob("*.png"))[:50]
+    mean = np.mean([np.percentile(load_image(p), NIH_PERCENTILES) for p in pngs], axis=0)
+    assert np.abs(mean - target).max() < 0.05
+
+
+def test_large_images_are_reduced_with_lanczos_first() -> None:
+    from triage_core.imaging import EXPORT_SIZE, export_resize
+
+    spec = default_spec("resnet18").replace(input_size=64)
+    rng = np.random.default_rng(0)
+    big = rng.random((600, 600)).astype(np.float32)
+    via_export = to_tensor(export_resize(big, EXPORT_SIZE, EXPORT_SIZE), spec)
+    assert torch.allclose(to_tensor(big, spec), via_export, atol=1e-6)
