@@ -1,9 +1,12 @@
 """Read-only HTTP JSON API over the worklist (FastAPI), plus health and Prometheus metrics.
 
 Build the application with :func:`create_app` from the process-wide
-:class:`~triage_core.worklist.Worklist` and :class:`~dicom_node.metrics.Metrics`; the serve
-command runs it with uvicorn on 127.0.0.1. Nothing is built at import time; import this module
-only where the HTTP API is served (FastAPI takes about 0.3 s to import).
+:class:`~triage_core.worklist.Worklist` and :class:`~dicom_node.metrics.Metrics`: one router for
+the worklist (:func:`worklist_router`), one for operations (:func:`operations_router`); query
+parameters are checked by small parsers (:func:`parse_statuses`, :func:`parse_min_priority`)
+whose :class:`BadQuery` answers 422. :class:`HttpApi` is the component that ``triage serve``
+runs under uvicorn in a thread, on 127.0.0.1 by default. Nothing is built at import time; import
+this module only where the HTTP API is served (FastAPI takes about 0.3 s to import).
 
 Endpoints
 ---------
@@ -28,14 +31,22 @@ Database errors answer 503 with a JSON ``detail``; no endpoint writes.
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from typing import TYPE_CHECKING, Any
 
-from fastapi import FastAPI, Path, Query, Request
+from fastapi import APIRouter, FastAPI, Path, Query, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 
+from dicom_node.metrics import Metrics
+from triage_core import __version__
+from triage_core.errors import WorklistError
+from triage_core.spec import PRIORITY_LEVELS
+from triage_core.worklist import STUDY_STATUSES, is_valid_uid
+
 if TYPE_CHECKING:
-    from dicom_node.metrics import Metrics
+    from dicom_node.settings import NodeSettings
     from triage_core.worklist import Worklist
 
 logger = logging.getLogger(__name__)
@@ -131,12 +142,124 @@ class ErrorBody(BaseModel):
     detail: str
 
 
+class BadQuery(ValueError):
+    """A query parameter we cannot use (answered 422 with its message)."""
+
+
 def _resolve_aging(aging: Any) -> Any:
     if isinstance(aging, str) and aging == DEFAULT_AGING:
         from triage_core.priority import AgingRule
 
         return AgingRule()
     return aging
+
+
+def parse_statuses(text: str | None) -> list[str] | None:
+    """``"queued,done"`` -> ``["queued", "done"]``; ``None`` -> every status."""
+    if text is None:
+        return None
+    statuses = [s.strip() for s in text.split(",") if s.strip()]
+    if not statuses or any(s not in STUDY_STATUSES for s in statuses):
+        raise BadQuery(f"unknown status {text!r}; use {', '.join(STUDY_STATUSES)}")
+    return statuses
+
+
+def parse_min_priority(text: str | None) -> float | str | None:
+    """A level name (``urgent``) or a number (effective priority); ``None`` -> no minimum."""
+    if text is None or text in PRIORITY_LEVELS:
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if value != value:  # not a number, or NaN
+        raise BadQuery(
+            f"min_priority {text!r} is neither a number nor one of {', '.join(PRIORITY_LEVELS)}"
+        )
+    return value
+
+
+def worklist_router(worklist: Worklist, aging: Any) -> APIRouter:
+    """``/api/worklist`` and ``/api/studies/{study_uid}``."""
+    router = APIRouter()
+
+    @router.get(
+        "/api/worklist",
+        response_model=WorklistPage,
+        responses={422: {"model": ErrorBody}, 503: {"model": ErrorBody}},
+        summary="Studies ordered by effective priority, then arrival",
+    )
+    def get_worklist(
+        status: str | None = Query(
+            None, description=f"one of {', '.join(STUDY_STATUSES)} (comma-separated for several)"
+        ),
+        min_priority: str | None = Query(
+            None,
+            description="minimum effective priority (number) or level "
+            f"({', '.join(PRIORITY_LEVELS)})",
+        ),
+        limit: int = Query(50, ge=1, le=MAX_LIMIT),
+    ) -> Any:
+        rows = worklist.list_worklist(
+            status=parse_statuses(status),
+            min_priority=parse_min_priority(min_priority),
+            limit=limit,
+            aging=aging,
+        )
+        return {"count": len(rows), "items": rows}
+
+    @router.get(
+        "/api/studies/{study_uid}",
+        response_model=StudyDetail,
+        responses={404: {"model": ErrorBody}, 422: {"model": ErrorBody}, 503: {"model": ErrorBody}},
+        summary="One study: findings, per-image results, deliveries, timings",
+    )
+    def get_study(study_uid: str = Path(description="Study Instance UID")) -> Any:
+        if not is_valid_uid(study_uid):
+            raise BadQuery(f"{study_uid!r} is not a valid DICOM UID")
+        detail = worklist.study_detail(study_uid, aging=aging)
+        if detail is None:
+            return JSONResponse(status_code=404, content={"detail": f"study {study_uid} not found"})
+        return detail
+
+    return router
+
+
+def operations_router(worklist: Worklist, metrics: Metrics) -> APIRouter:
+    """``/healthz`` (database check) and ``/metrics`` (Prometheus)."""
+    router = APIRouter()
+
+    @router.get("/healthz", summary="Liveness and database check")
+    def healthz() -> JSONResponse:
+        try:
+            worklist.ping()
+        except WorklistError as exc:
+            logger.warning("health check failed: %s", exc)
+            return JSONResponse(
+                status_code=503, content={"status": "error", "database": "unreachable"}
+            )
+        return JSONResponse(content={"status": "ok", "database": "ok"})
+
+    @router.get(
+        "/metrics",
+        summary="Prometheus metrics",
+        response_class=Response,
+        responses={200: {"content": {"text/plain": {}}}},
+    )
+    def get_metrics() -> Response:
+        body, content_type = metrics.render()
+        return Response(content=body, media_type=content_type)
+
+    return router
+
+
+async def _bad_query(_request: Request, exc: Exception) -> JSONResponse:
+    return JSONResponse(status_code=422, content={"detail": str(exc)})
+
+
+async def _worklist_error(_request: Request, exc: Exception) -> JSONResponse:
+    logger.error("worklist error while answering HTTP: %s", exc)
+    return JSONResponse(status_code=503, content={"detail": "worklist database unavailable"})
 
 
 def create_app(
@@ -166,119 +289,58 @@ def create_app(
     FastAPI
         The application; serve it with uvicorn.
     """
-    from dicom_node.metrics import Metrics
-    from triage_core import __version__
-    from triage_core.errors import WorklistError
-    from triage_core.spec import PRIORITY_LEVELS
-    from triage_core.worklist import STUDY_STATUSES, is_valid_uid
-
     if metrics is None:
         metrics = Metrics(worklist)
     elif not metrics.has_worklist:
         metrics.attach_worklist(worklist)
-    rule = _resolve_aging(aging)
-    node_metrics = metrics
-
     app = FastAPI(
         title=title,
         version=__version__,
         description="Read-only priority worklist of the cxr-triage DICOM node. "
         "Results are decision support, not a diagnosis.",
     )
-
-    @app.exception_handler(WorklistError)
-    async def _worklist_error(_request: Request, exc: WorklistError) -> JSONResponse:
-        logger.error("worklist error while answering HTTP: %s", exc)
-        return JSONResponse(status_code=503, content={"detail": "worklist database unavailable"})
-
-    @app.get(
-        "/api/worklist",
-        response_model=WorklistPage,
-        responses={422: {"model": ErrorBody}, 503: {"model": ErrorBody}},
-        summary="Studies ordered by effective priority, then arrival",
-    )
-    def get_worklist(
-        status: str | None = Query(
-            None, description=f"one of {', '.join(STUDY_STATUSES)} (comma-separated for several)"
-        ),
-        min_priority: str | None = Query(
-            None,
-            description="minimum effective priority (number) or level "
-            f"({', '.join(PRIORITY_LEVELS)})",
-        ),
-        limit: int = Query(50, ge=1, le=MAX_LIMIT),
-    ) -> Any:
-        statuses: list[str] | None = None
-        if status is not None:
-            statuses = [s.strip() for s in status.split(",") if s.strip()]
-            bad = [s for s in statuses if s not in STUDY_STATUSES]
-            if bad or not statuses:
-                return JSONResponse(
-                    status_code=422,
-                    content={
-                        "detail": f"unknown status {status!r}; use {', '.join(STUDY_STATUSES)}"
-                    },
-                )
-        threshold: float | str | None = None
-        if min_priority is not None:
-            if min_priority in PRIORITY_LEVELS:
-                threshold = min_priority
-            else:
-                try:
-                    threshold = float(min_priority)
-                except ValueError:
-                    threshold = None
-                if threshold is None or threshold != threshold:  # not a number, or NaN
-                    return JSONResponse(
-                        status_code=422,
-                        content={
-                            "detail": f"min_priority {min_priority!r} is neither a number nor "
-                            f"one of {', '.join(PRIORITY_LEVELS)}"
-                        },
-                    )
-        rows = worklist.list_worklist(
-            status=statuses, min_priority=threshold, limit=limit, aging=rule
-        )
-        return {"count": len(rows), "items": rows}
-
-    @app.get(
-        "/api/studies/{study_uid}",
-        response_model=StudyDetail,
-        responses={404: {"model": ErrorBody}, 422: {"model": ErrorBody}, 503: {"model": ErrorBody}},
-        summary="One study: findings, per-image results, deliveries, timings",
-    )
-    def get_study(
-        study_uid: str = Path(description="Study Instance UID"),
-    ) -> Any:
-        if not is_valid_uid(study_uid):
-            return JSONResponse(
-                status_code=422,
-                content={"detail": f"{study_uid!r} is not a valid DICOM UID"},
-            )
-        detail = worklist.study_detail(study_uid, aging=rule)
-        if detail is None:
-            return JSONResponse(status_code=404, content={"detail": f"study {study_uid} not found"})
-        return detail
-
-    @app.get("/healthz", summary="Liveness and database check")
-    def healthz() -> JSONResponse:
-        try:
-            worklist.ping()
-        except WorklistError as exc:
-            logger.warning("health check failed: %s", exc)
-            return JSONResponse(
-                status_code=503, content={"status": "error", "database": "unreachable"}
-            )
-        return JSONResponse(content={"status": "ok", "database": "ok"})
-
-    @app.get(
-        "/metrics",
-        summary="Prometheus metrics",
-        response_class=Response,
-        responses={200: {"content": {"text/plain": {}}}},
-    )
-    def get_metrics() -> Response:
-        body, content_type = node_metrics.render()
-        return Response(content=body, media_type=content_type)
-
+    app.add_exception_handler(BadQuery, _bad_query)
+    app.add_exception_handler(WorklistError, _worklist_error)
+    app.include_router(worklist_router(worklist, _resolve_aging(aging)))
+    app.include_router(operations_router(worklist, metrics))
     return app
+
+
+class HttpApi:
+    """The component that serves :func:`create_app` with uvicorn in a thread (``http_port``
+    0 disables it)."""
+
+    def __init__(self, settings: NodeSettings, worklist: Worklist, metrics: Metrics) -> None:
+        self.settings = settings
+        self.worklist = worklist
+        self.metrics = metrics
+        self._server: Any = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        settings = self.settings
+        if not settings.http_port:
+            logger.info("HTTP API disabled (http_port = 0)")
+            return
+        import uvicorn
+
+        config = uvicorn.Config(
+            create_app(self.worklist, self.metrics),
+            host=settings.http_host,
+            port=settings.http_port,
+            log_level="warning",
+            access_log=False,
+            lifespan="off",
+        )
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self._server.run, name="http-api", daemon=True)
+        self._thread.start()
+        logger.info("HTTP API on http://%s:%d", settings.http_host, settings.http_port)
+
+    def stop(self, deadline: float) -> None:
+        if self._server is not None:
+            self._server.should_exit = True
+            self._server = None
+        if self._thread is not None:
+            self._thread.join(max(0.0, deadline - time.monotonic()))
+            self._thread = None

@@ -1,5 +1,8 @@
 """``triage serve``: the DICOM node, scheduler, workers and HTTP API in one process.
 
+:func:`build_node` assembles the components (:mod:`dicom_node.node`); :func:`run_node` is the
+life cycle both ``serve`` and ``worker`` share.
+
 Settings come from ``--config`` (TOML) < ``TRIAGE_*`` environment < flags. Invalid settings
 (bad port, missing model, unreachable database, unwritable storage) print one clear line and
 exit with status 2. SIGTERM / SIGINT stop the service gracefully.
@@ -11,8 +14,14 @@ import argparse
 import logging
 import signal
 import sys
+import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from dicom_node.node import Node
+    from dicom_node.settings import NodeSettings
 
 logger = logging.getLogger(__name__)
 
@@ -126,43 +135,75 @@ def start_banner(settings: Any, model_path: Any) -> str:
     return "\n".join(lines)
 
 
-def run_service(args: argparse.Namespace, role: str) -> int:
-    """Load settings, check them, start :class:`NodeService` and wait for a signal."""
-    from dicom_node.service import NodeService
+def build_node(settings: NodeSettings, model_path: Path | None) -> Node:
+    """``triage serve``: outputs, workers, delivery, every job, the HTTP API, then ingest."""
+    from dicom_node.api import HttpApi
+    from dicom_node.jobs import Jobs, lease_job, purge_job, stable_job
+    from dicom_node.node import Node, open_parts, processing_components
+    from dicom_node.service import Ingest
+
+    parts = open_parts(settings)
+    worklist, wakeups = parts.worklist, parts.wakeups
+    jobs = [stable_job(settings, worklist, wakeups), lease_job(settings, worklist, wakeups)]
+    if settings.retention_days:
+        jobs.append(purge_job(settings, worklist))
+    ingest = Ingest(settings, worklist, parts.metrics)
+    components = [
+        *processing_components(parts, model_path),
+        Jobs(jobs),
+        HttpApi(settings, worklist, parts.metrics),
+        ingest,  # the DICOM port opens last: a C-ECHO answer means ready
+    ]
+    return Node("serve", parts, components, after_close=[ingest.write_clean_marker])
+
+
+def run_node(
+    args: argparse.Namespace,
+    command: str,
+    build: Callable[[NodeSettings, Path | None], Node],
+    *,
+    need_scp: bool,
+) -> int:
+    """Load settings, check them, build the node with ``build``, start it, wait for a signal."""
     from dicom_node.settings import check_runtime, load_settings
     from triage_core.errors import ConfigError, TriageError
 
     quiet_default_logging(getattr(args, "verbose", 0))
     try:
         settings = load_settings(args.config, overrides_from_args(args))
-        model_path = check_runtime(
-            settings, need_scp=role == "serve", need_model=settings.workers > 0
-        )
+        model_path = check_runtime(settings, need_scp=need_scp, need_model=settings.workers > 0)
     except ConfigError as exc:
-        print(f"triage {role}: error: {exc}", file=sys.stderr)
+        print(f"triage {command}: error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    service = NodeService(settings, model_path, role=role)
+    stop_requested = threading.Event()
+    node: Node | None = None
 
     def on_signal(signum: int, _frame: Any) -> None:
         logger.info("signal %d: stopping", signum)
-        service.request_stop()
+        stop_requested.set()
+        if node is not None:
+            node.request_stop()
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     try:
-        service.start()
+        node = build(settings, model_path)
+        node.start()
     except (TriageError, OSError) as exc:
-        print(f"triage {role}: error: cannot start: {exc}", file=sys.stderr)
-        service.stop()
+        print(f"triage {command}: error: cannot start: {exc}", file=sys.stderr)
+        if node is not None:
+            node.stop()
         return EXIT_CONFIG if isinstance(exc, ConfigError | OSError) else 1
-    if role == "serve":
+    if need_scp:
         print(start_banner(settings, model_path), flush=True)
+    if stop_requested.is_set():
+        node.request_stop()
     try:
-        service.wait()
+        node.wait()
     finally:
-        service.stop()
+        node.stop()
     return 0
 
 
 def run(args: argparse.Namespace) -> int:
-    return run_service(args, "serve")
+    return run_node(args, "serve", build_node, need_scp=True)

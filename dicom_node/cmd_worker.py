@@ -9,8 +9,14 @@ leases and due deliveries are handled by whichever process gets to them first.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+from typing import TYPE_CHECKING
 
-from dicom_node.cmd_serve import add_common_arguments, run_service
+from dicom_node.cmd_serve import add_common_arguments, run_node
+
+if TYPE_CHECKING:
+    from dicom_node.node import Node
+    from dicom_node.settings import NodeSettings
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -20,5 +26,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def build_node(settings: NodeSettings, model_path: Path | None) -> Node:
+    """``triage worker``: outputs, workers, delivery and the expired-lease job (no port)."""
+    from dicom_node.jobs import Jobs, lease_job
+    from dicom_node.node import Node, open_parts, processing_components
+
+    parts = open_parts(settings)
+    components = [
+        *processing_components(parts, model_path),
+        Jobs([lease_job(settings, parts.worklist, parts.wakeups)]),
+    ]
+    return Node("worker", parts, components)
+
+
 def run(args: argparse.Namespace) -> int:
-    return run_service(args, "worker")
+    return run_node(args, "worker", build_node, need_scp=False)

@@ -7,6 +7,9 @@ nothing clinically; the tests compare the SR with the worklist, never with a dia
 from __future__ import annotations
 
 import json
+import os
+import re
+import signal
 import subprocess
 import time
 import urllib.request
@@ -271,3 +274,91 @@ def test_kill9_during_processing_then_restart_completes(
         assert node.study(study_uid)["attempts"] >= 2
     finally:
         node.proc.stop()
+
+
+# ---------------------------------------------------------------------- no orphans after kill -9
+def _proc_stat(pid: int) -> tuple[str, int, int] | None:
+    """``(state, parent pid, start time)`` of a process from ``/proc``; ``None`` if gone."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = text[text.rindex(")") + 2 :].split()  # after "pid (comm) "
+    return fields[0], int(fields[1]), int(fields[19])
+
+
+def _descendants(root: int) -> dict[int, int]:
+    """Every live descendant of ``root``: pid -> start time (to tell a reused pid apart)."""
+    stats = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and (stat := _proc_stat(int(entry.name))) is not None:
+            stats[int(entry.name)] = stat
+    found: dict[int, int] = {}
+    parents = {root}
+    while parents:
+        children = {
+            pid for pid, (state, ppid, _) in stats.items() if ppid in parents and state != "Z"
+        }
+        children -= set(found)
+        found.update({pid: stats[pid][2] for pid in children})
+        parents = children
+    return found
+
+
+def _still_running(pid: int, started: int) -> bool:
+    stat = _proc_stat(pid)
+    return stat is not None and stat[2] == started and stat[0] != "Z"
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return "(gone)"
+
+
+@pytest.mark.parametrize("command", ["serve", "worker"])
+def test_kill9_leaves_no_child_process_running(
+    command: str, tmp_path: Path, tiny_checkpoint: Path, dest_port: int
+) -> None:
+    """SIGKILL of ``triage serve`` / ``triage worker`` takes its children with it: the spawned
+    outputs process (after it built a study's SR and SC) and multiprocessing's resource
+    tracker."""
+    node = Node(tmp_path, tiny_checkpoint, dest_port)
+    children: dict[int, int] = {}
+    try:
+        if command == "serve":
+            node.start()
+            path = synthetic_cr(tmp_path / "chest.dcm", size=96, seed=7)
+            study_uid = str(pydicom.dcmread(path).StudyInstanceUID)
+            assert storescu(node.port, [path]).returncode == 0
+            row = wait_for(lambda: node.finished(study_uid), 60, "study", node.proc.log)
+            assert row["status"] == "done", row
+            assert "stage=outputs 2 object(s)" in node.proc.log()  # the child did work
+        else:
+            node.proc = ServeProcess(
+                ["worker", "--storage", str(node.storage), "--model", str(tiny_checkpoint),
+                 "--threads", "1"],
+                node.log_path,
+            ).start()  # fmt: skip
+            wait_for(lambda: " started:" in node.proc.log(), 120, "worker start", node.proc.log)
+        assert node.proc.proc is not None
+        server = node.proc.proc.pid
+        children = _descendants(server)
+        outputs = re.findall(r"outputs process (\d+) ready", node.proc.log())
+        assert outputs and int(outputs[-1]) in children, (children, node.proc.log()[-3000:])
+        cmdlines = {pid: _cmdline(pid) for pid in children}
+        assert any("resource_tracker" in c for c in cmdlines.values()), cmdlines
+        node.proc.proc.send_signal(signal.SIGKILL)
+        node.proc.proc.wait(10)
+        deadline = time.monotonic() + 5.0
+        alive = dict(children)
+        while alive and time.monotonic() < deadline:
+            alive = {pid: t for pid, t in alive.items() if _still_running(pid, t)}
+            time.sleep(0.1)
+        assert not alive, {pid: cmdlines[pid] for pid in alive}
+    finally:
+        node.proc.stop()
+        for pid, started in children.items():  # never leave what this test found behind
+            if _still_running(pid, started):
+                os.kill(pid, signal.SIGKILL)

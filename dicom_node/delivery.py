@@ -1,0 +1,151 @@
+"""The delivery stage: the outbox sender.
+
+One thread sends the due deliveries by C-STORE (:mod:`dicom_node.scu`), one association per
+destination and pass (every due object of that destination, SR before SC). It sleeps on the
+``deliveries`` wake-up (:mod:`dicom_node.wakeup`), notified when a study completes with outputs
+(so delivery overlaps the next study's processing); it also looks every
+:data:`RETRY_PERIOD` seconds, which keeps the retries with backoff going (which rows are due is
+the worklist's business, ``next_attempt_at``). A failed send is retried with backoff; a refusal
+that cannot change (:data:`PERMANENT_REFUSALS`) fails the delivery at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import defaultdict
+from typing import TYPE_CHECKING
+
+from dicom_node.settings import Destination
+from triage_core.errors import DeliveryError, WorklistError
+
+if TYPE_CHECKING:
+    from dicom_node.metrics import Metrics
+    from dicom_node.scu import SendResult
+    from dicom_node.settings import NodeSettings
+    from dicom_node.wakeup import Wakeups
+    from triage_core.worklist import DeliveryRow, Worklist
+
+logger = logging.getLogger(__name__)
+
+#: Most deliveries claimed (and sent, one association per destination) in one pass.
+BATCH = 200
+
+#: Longest sleep between two passes without a notification (due retries are found then).
+RETRY_PERIOD = 1.0
+
+#: C-STORE statuses after which sending the same object again is pointless.
+PERMANENT_REFUSALS = (0xA900, 0xC000)
+
+
+def is_permanent(status: int | None) -> bool:
+    """Whether a C-STORE failure status means "do not send this object again"."""
+    return status is not None and any(
+        (status & 0xFF00) == code or (status & 0xF000) == code for code in PERMANENT_REFUSALS
+    )
+
+
+class Delivery:
+    """The delivery thread of a process (``triage serve`` and ``triage worker`` both run one)."""
+
+    def __init__(
+        self,
+        settings: NodeSettings,
+        worklist: Worklist,
+        wakeups: Wakeups,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self.settings = settings
+        self.worklist = worklist
+        self.wakeups = wakeups
+        self.metrics = metrics
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="triage-delivery", daemon=True)
+        self._thread.start()
+
+    def stop(self, deadline: float) -> None:
+        self._stop.set()
+        self.wakeups.deliveries.notify()
+        if self._thread is not None:
+            self._thread.join(max(0.0, deadline - time.monotonic()))
+            self._thread = None
+
+    def _run(self) -> None:
+        signal = self.wakeups.deliveries
+        while not self._stop.is_set():
+            mark = signal.mark()
+            try:
+                while self.deliver_due() >= BATCH and not self._stop.is_set():
+                    pass  # a full batch: more may be due
+            except Exception:  # noqa: BLE001 - deliver_due records its errors; keep serving
+                logger.exception("delivery pass failed")
+            signal.wait(mark, min(RETRY_PERIOD, self.wakeups.fallback))
+
+    def deliver_due(self) -> int:
+        """Send the due deliveries, one association per destination; returns objects sent."""
+        try:
+            rows = self.worklist.claim_due_deliveries(
+                lease_seconds=max(60.0, self.settings.network_timeout * 2), limit=BATCH
+            )
+        except WorklistError as exc:
+            logger.error("delivery pass failed: %s", exc)
+            return 0
+        by_destination: dict[str, list[DeliveryRow]] = defaultdict(list)
+        for row in rows:
+            by_destination[row.destination].append(row)
+        return sum(self._send(dest, group) for dest, group in by_destination.items())
+
+    def _send(self, destination_text: str, group: list[DeliveryRow]) -> int:
+        """One association to one destination; returns the objects sent and recorded."""
+        from dicom_node.scu import send_files
+
+        started = time.perf_counter()
+        try:
+            results = send_files(
+                Destination.parse(destination_text),
+                [row.path for row in group],
+                calling_ae=self.settings.ae_title,
+                timeout=self.settings.network_timeout,
+                max_pdu_size=self.settings.max_pdu_size,
+            )
+        except (DeliveryError, ValueError) as exc:
+            for row in group:
+                self._mark_failed(row, str(exc), permanent=False)
+            return 0
+        sent = sum(self._record(row, res) for row, res in zip(group, results, strict=True))
+        for study_uid in sorted({row.study_uid for row in group}):
+            mine = [(r, x) for r, x in zip(group, results, strict=True) if r.study_uid == study_uid]
+            logger.info(
+                "study %s stage=delivered to %s (%d/%d object(s) ok) in %.0f ms",
+                study_uid,
+                destination_text,
+                sum(1 for _, x in mine if x.ok),
+                len(mine),
+                (time.perf_counter() - started) * 1e3,
+            )
+        return sent
+
+    def _record(self, row: DeliveryRow, res: SendResult) -> bool:
+        if not res.ok:
+            self._mark_failed(row, res.message, permanent=is_permanent(res.status))
+            return False
+        try:
+            self.worklist.mark_delivery_sent(row.id)
+        except WorklistError as exc:
+            logger.error("delivery %d sent but not recorded: %s", row.id, exc)
+            return False
+        if self.metrics is not None:
+            self.metrics.deliveries_sent.inc()
+        return True
+
+    def _mark_failed(self, row: DeliveryRow, error: str, permanent: bool) -> None:
+        if self.metrics is not None:
+            self.metrics.deliveries_failed.inc()
+        try:
+            self.worklist.mark_delivery_failed(row.id, error, permanent=permanent)
+        except WorklistError as exc:
+            logger.error("delivery %d: failure not recorded: %s", row.id, exc)

@@ -1,0 +1,186 @@
+"""A node process: its components, started in order and stopped in reverse.
+
+``triage serve`` (:mod:`dicom_node.cmd_serve`) and ``triage worker``
+(:mod:`dicom_node.cmd_worker`) each assemble a :class:`Node` from the components of the data
+flow (see DESIGN.md section 1):
+
+=====================  ================================================  =======  ========
+component              what it does                                      serve    worker
+=====================  ================================================  =======  ========
+``OutputsProcess``     child process that builds and writes SR and SC    yes      yes
+``Processing``         workers: claim -> triage_study -> outputs         yes      yes
+``Delivery``           the outbox sender (C-STORE to destinations)       yes      yes
+``Jobs``               stable studies, expired leases, retention         all      leases
+``HttpApi``            read-only JSON API, metrics, health               yes      no
+``Ingest``             C-STORE SCP, spool, instance rows, recovery       yes      no
+=====================  ================================================  =======  ========
+
+They share the process's :class:`~triage_core.worklist.Worklist`, its
+:class:`~dicom_node.metrics.Metrics` and its :class:`~dicom_node.wakeup.Wakeups`. The DICOM port
+opens last, so a C-ECHO answer means the node is ready.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+from dicom_node.wakeup import Wakeups
+
+if TYPE_CHECKING:
+    from dicom_node.metrics import Metrics
+    from dicom_node.settings import NodeSettings
+    from triage_core.worklist import Worklist
+
+logger = logging.getLogger(__name__)
+
+#: Safety-net period of the wake-ups when every producer of work notifies (seconds).
+IDLE_FALLBACK = 5.0
+
+
+class Component(Protocol):
+    """A part of a node with a life cycle."""
+
+    def start(self) -> None: ...
+
+    def stop(self, deadline: float) -> None: ...
+
+
+def new_node_id() -> str:
+    """``host:pid:random``, the prefix of this process's lease holders."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+
+
+def make_wakeups(settings: NodeSettings) -> Wakeups:
+    """The wake-ups of a process.
+
+    With SQLite every producer of work lives in this process and notifies in-process, so the
+    waiters' safety net can be slow. A PostgreSQL database may be shared with other processes;
+    until a ``LISTEN`` source is attached their work is found by looking every
+    ``scheduler_interval`` seconds.
+    """
+    shared = not settings.database_url.startswith("sqlite")
+    return Wakeups(settings.scheduler_interval if shared else IDLE_FALLBACK)
+
+
+@dataclass
+class NodeParts:
+    """What the components of a node share."""
+
+    settings: NodeSettings
+    worklist: Worklist
+    metrics: Metrics
+    wakeups: Wakeups
+    node_id: str
+
+
+def open_parts(settings: NodeSettings) -> NodeParts:
+    """Open the worklist (schema created if needed) and the shared objects."""
+    from dicom_node.metrics import Metrics
+    from dicom_node.service import open_worklist
+
+    worklist = open_worklist(settings)
+    logger.info("worklist %s", settings.redacted_url())
+    return NodeParts(settings, worklist, Metrics(worklist), make_wakeups(settings), new_node_id())
+
+
+def processing_components(parts: NodeParts, model_path: Path | None) -> list[Component]:
+    """Outputs process and workers (none when ``workers = 0``), then the delivery thread."""
+    from dicom_node.delivery import Delivery
+
+    components: list[Component] = []
+    if parts.settings.workers > 0:
+        from dicom_node.outputs import OutputsProcess
+        from dicom_node.processing import Processing
+
+        outputs = OutputsProcess()
+        components += [
+            outputs,
+            Processing(
+                parts.settings,
+                parts.worklist,
+                parts.wakeups,
+                parts.node_id,
+                model_path=model_path,
+                outputs=outputs,
+                metrics=parts.metrics,
+            ),
+        ]
+    components.append(Delivery(parts.settings, parts.worklist, parts.wakeups, parts.metrics))
+    return components
+
+
+class Node:
+    """Components started in order, stopped in reverse, then the worklist closed.
+
+    Parameters
+    ----------
+    name : str
+        ``serve`` or ``worker``, for the log.
+    parts : NodeParts
+        The shared worklist, metrics and wake-ups (closed by :meth:`stop`).
+    components : sequence of Component
+        In start order.
+    after_close : sequence of callables
+        Run after the worklist is closed (e.g. the clean-shutdown marker of ingest).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        parts: NodeParts,
+        components: Sequence[Component],
+        after_close: Sequence[Callable[[], None]] = (),
+    ) -> None:
+        self.name = name
+        self.parts = parts
+        self.components = list(components)
+        self.after_close = list(after_close)
+        self._started: list[Component] = []
+        self._stop = threading.Event()
+
+    def start(self) -> None:
+        for component in self.components:
+            component.start()
+            self._started.append(component)
+        settings = self.parts.settings
+        logger.info(
+            "%s %s started: %d worker(s), destinations: %s",
+            self.name,
+            self.parts.node_id,
+            settings.workers,
+            ", ".join(str(d) for d in settings.destinations) or "none",
+        )
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop what was started (last first), close the wake-ups and the worklist."""
+        self._stop.set()
+        deadline = time.monotonic() + timeout
+        self.parts.wakeups.notify_all()
+        while self._started:
+            component = self._started.pop()
+            try:
+                component.stop(deadline)
+            except Exception:  # noqa: BLE001 - the other components must still stop
+                logger.exception("%s did not stop cleanly", type(component).__name__)
+        self.parts.wakeups.close()
+        self.parts.worklist.dispose()
+        for callback in self.after_close:
+            callback()
+        logger.info("%s %s stopped", self.name, self.parts.node_id)
+
+    def wait(self) -> None:
+        """Block until :meth:`request_stop` is called."""
+        while not self._stop.wait(0.5):
+            pass
+
+    def request_stop(self) -> None:
+        self._stop.set()

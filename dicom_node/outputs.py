@@ -1,0 +1,205 @@
+"""The outputs stage: a done study's SR and Grad-CAM SC, built and written in a child process.
+
+:func:`write_study_outputs` builds the SR (:class:`triage_core.dicom_out.ReportBuilder`) and the
+SC (:func:`triage_core.dicom_out.build_sc`) and writes them durably under
+``STORAGE/outbox/<study>/``. That is pure-Python work (highdicom, pydicom encoding) that would
+hold the workers' GIL while they infer, so :class:`OutputsProcess` runs it in one spawned child
+(no torch in it), restarted if it dies.
+
+The child never outlives its parent: it opens a pidfd on the parent at start and a watcher
+thread exits the child the moment the parent is gone, SIGKILL included (without it the child
+waited forever on the executor's queue, whose pipe it holds both ends of). We do not rely on
+``PR_SET_PDEATHSIG``: it fires when the *thread* that spawned the child exits, and the child
+may be respawned by a short-lived thread. Multiprocessing's resource tracker (started by the
+"spawn" method) exits by itself once every process holding its pipe, parent and child, is gone.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import select
+import threading
+import time
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from dicom_node.handlers import write_durable
+
+if TYPE_CHECKING:
+    import numpy as np
+    import pydicom
+
+    from triage_core.dicom_out import ReportBuilder
+    from triage_core.spec import Finding, ModelSpec, StudyResult
+
+logger = logging.getLogger(__name__)
+
+#: Seconds the outputs process may take to start (imports of highdicom and our builders).
+START_TIMEOUT = 300.0
+
+
+@dataclass(frozen=True)
+class OutputJob:
+    """What :func:`write_study_outputs` needs (picklable: it runs in another process)."""
+
+    study_uid: str
+    result: StudyResult
+    sources: tuple[pydicom.Dataset, ...]  # header-only copies of the study's images
+    overlay: np.ndarray | None
+    cam_source_uid: str
+    cam_finding: Finding | None
+    spec: ModelSpec
+    outbox: Path
+    root: Path
+
+
+#: Written objects ``[(SOP Instance UID, path)]`` and seconds spent on ``sr``, ``sc``, ``write``.
+OutputsWritten = tuple[list[tuple[str, str]], dict[str, float]]
+
+#: The outputs process's report builder (one model per service: rebuilt if the spec changes).
+_REPORT_BUILDERS: list[ReportBuilder] = []
+
+
+def _report_builder(spec: ModelSpec) -> ReportBuilder:
+    from triage_core.dicom_out import ReportBuilder
+
+    if not _REPORT_BUILDERS or _REPORT_BUILDERS[0].spec != spec:
+        _REPORT_BUILDERS[:] = [ReportBuilder(spec)]
+    return _REPORT_BUILDERS[0]
+
+
+def write_study_outputs(job: OutputJob) -> OutputsWritten:
+    """Build the SR and the Grad-CAM SC of a done study and write them durably under
+    ``job.outbox``, SR first.
+
+    Returns ``[(SOP Instance UID, path)]`` and the seconds spent on ``sr``, ``sc`` and
+    ``write`` (encode + write + fsync).
+    """
+    from triage_core.dicom_out import build_sc
+
+    t0 = time.perf_counter()
+    objects = [_report_builder(job.spec).build(job.result, list(job.sources))]
+    t_sr = time.perf_counter()
+    if job.overlay is not None and job.cam_finding is not None:
+        source = next((ds for ds in job.sources if ds.SOPInstanceUID == job.cam_source_uid), None)
+        if source is not None:
+            objects.append(build_sc(job.overlay, source, job.cam_finding, job.spec))
+    t_sc = time.perf_counter()
+    written = []
+    for ds in objects:  # the SR first: it is delivered first too
+        sop_uid = str(ds.SOPInstanceUID)
+        path = job.outbox / f"{sop_uid}.dcm"
+        buffer = io.BytesIO()
+        ds.save_as(buffer, enforce_file_format=True)
+        write_durable(path, [buffer.getbuffer()], job.root)
+        written.append((sop_uid, str(path)))
+    timings = {"sr": t_sr - t0, "sc": t_sc - t_sr, "write": time.perf_counter() - t_sc}
+    return written, timings
+
+
+def header_only(ds: pydicom.Dataset) -> pydicom.Dataset:
+    """A copy of ``ds`` without pixel data (cheap to send to the outputs process)."""
+    import pydicom
+
+    header = pydicom.Dataset()
+    header.update({elem.tag: elem for elem in ds if elem.tag.group != 0x7FE0})
+    if hasattr(ds, "file_meta"):
+        header.file_meta = ds.file_meta
+    return header
+
+
+# ---------------------------------------------------------------------- parent watch (child)
+def watch_parent(parent_pid: int) -> None:
+    """Exit this process as soon as ``parent_pid`` is gone (call first thing in a child).
+
+    A pidfd becomes readable when its process exits, so the watcher thread sleeps in
+    ``select`` and costs nothing; where pidfds are missing (Linux < 5.3) it polls
+    ``os.getppid()`` once a second. ``os._exit``: nothing of a half-done job is worth keeping
+    (outputs are written to a temporary name and renamed, a lost job is redone by the study's
+    next worker).
+    """
+    try:
+        pidfd = os.pidfd_open(parent_pid)
+    except (AttributeError, OSError):
+        pidfd = -1
+    if os.getppid() != parent_pid:  # the parent died before we could watch it
+        os._exit(1)
+
+    def wait_for_parent() -> None:
+        if pidfd >= 0:
+            select.select([pidfd], [], [])
+        else:
+            while os.getppid() == parent_pid:
+                time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=wait_for_parent, name="parent-watch", daemon=True).start()
+
+
+def _init_outputs_process(parent_pid: int) -> None:
+    """Initializer of the outputs process: watch the parent, then pay the imports once."""
+    watch_parent(parent_pid)
+    import highdicom  # noqa: F401
+
+    from triage_core import dicom_out  # noqa: F401
+
+
+def _ready() -> int:
+    return os.getpid()
+
+
+# ---------------------------------------------------------------------- the process (parent)
+class OutputsProcess:
+    """One spawned child that runs :func:`write_study_outputs` (no torch, no GIL of ours).
+
+    :meth:`start` spawns it and waits until its imports are done (before the DICOM port
+    opens); :meth:`write` runs one job there and respawns the child if it died; :meth:`stop`
+    ends it. ``pid`` is the child's process id (for tests).
+    """
+
+    def __init__(self) -> None:
+        self._pool: ProcessPoolExecutor | None = None
+        self._lock = threading.Lock()
+        self.pid: int | None = None
+
+    def start(self) -> None:
+        import multiprocessing
+
+        with self._lock:
+            old, self._pool = self._pool, None
+            if old is not None:
+                old.shutdown(wait=False, cancel_futures=True)
+            started = time.perf_counter()
+            pool = ProcessPoolExecutor(
+                max_workers=1,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=_init_outputs_process,
+                initargs=(os.getpid(),),
+            )
+            self.pid = pool.submit(_ready).result(timeout=START_TIMEOUT)
+            self._pool = pool
+        logger.info("outputs process %d ready in %.1f s", self.pid, time.perf_counter() - started)
+
+    def write(self, job: OutputJob) -> OutputsWritten:
+        """Run ``job`` in the child; a dead child is replaced (and this job's error raised)."""
+        pool = self._pool
+        if pool is None:
+            raise RuntimeError("the outputs process is not started")
+        try:
+            return pool.submit(write_study_outputs, job).result()
+        except BrokenProcessPool:
+            logger.error("the outputs process died; starting a new one")
+            self.start()
+            raise
+
+    def stop(self, deadline: float | None = None) -> None:
+        """Let the child finish its job and exit (``deadline`` unused: jobs are short)."""
+        with self._lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)

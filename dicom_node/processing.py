@@ -1,0 +1,386 @@
+"""The processing stage: worker threads claim a study, triage it, and record its outputs.
+
+* Each worker thread claims a queued study (a lease), runs
+  :func:`triage_core.pipeline.triage_study` (inference and Grad-CAM from the same pass) and
+  hands the result to the outputs thread, then claims the next study. When nothing is queued it
+  sleeps on the ``studies`` wake-up (:mod:`dicom_node.wakeup`), not on a poll.
+* The outputs thread has the SR and SC built and written by the outputs process
+  (:class:`dicom_node.outputs.OutputsProcess`), records the result and one delivery row per
+  object and destination in one transaction, and wakes the delivery thread.
+* One :class:`LeaseKeeper` thread per process renews the leases of every study in hand.
+
+The worker threads share one :class:`~triage_core.inference.Predictor` (forward passes are
+serialised by its lock; Grad-CAM runs on the explainer's private copy of the model). Every
+study stage is logged once, with its duration, by UID (never patient identifiers).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from dicom_node.outputs import OutputJob, header_only, write_study_outputs
+from triage_core.errors import TriageError, WorklistError
+
+if TYPE_CHECKING:
+    from dicom_node.metrics import Metrics
+    from dicom_node.outputs import OutputsProcess
+    from dicom_node.settings import NodeSettings
+    from dicom_node.wakeup import Wakeups
+    from triage_core.inference import Predictor
+    from triage_core.pipeline import StudyOutput
+    from triage_core.spec import ModelSpec
+    from triage_core.worklist import ClaimedStudy, Worklist
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ProcessOutcome:
+    """What one worker pass over a claimed study did (for tests and benchmarks)."""
+
+    study_uid: str
+    status: str
+    outputs: tuple[Path, ...] = ()
+    seconds: float = 0.0
+
+
+@dataclass
+class Triaged:
+    """A study between its worker (inference, Grad-CAM) and the outputs thread."""
+
+    claimed: ClaimedStudy
+    out: StudyOutput
+    spec: ModelSpec
+    started: float
+    triaged_at: float
+
+
+class LeaseKeeper:
+    """One thread that renews the lease of every study this process holds.
+
+    Renewal happens every third of the lease, so a worker that died (its process gone) loses
+    its studies after at most one lease; a lease found lost is dropped and logged.
+    """
+
+    def __init__(self, worklist: Worklist, lease_seconds: float) -> None:
+        self._worklist = worklist
+        self._lease = lease_seconds
+        self._held: dict[str, str] = {}  # study UID -> worker id
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def hold(self, study_uid: str, worker_id: str) -> None:
+        with self._lock:
+            self._held[study_uid] = worker_id
+
+    def release(self, study_uid: str) -> None:
+        with self._lock:
+            self._held.pop(study_uid, None)
+
+    def held(self) -> dict[str, str]:
+        """The studies whose lease is being kept: study UID -> worker id."""
+        with self._lock:
+            return dict(self._held)
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="lease-keeper", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5.0)
+            self._thread = None
+
+    def renew_all(self) -> None:
+        """Renew every held lease now (one pass; the thread calls it periodically)."""
+        with self._lock:
+            held = list(self._held.items())
+        for study_uid, worker_id in held:
+            try:
+                self._worklist.renew_lease(study_uid, worker_id, self._lease)
+            except WorklistError as exc:
+                logger.warning("study %s: lease renewal failed: %s", study_uid, exc)
+                self.release(study_uid)
+
+    def _run(self) -> None:
+        while not self._stop.wait(max(0.5, self._lease / 3)):
+            self.renew_all()
+
+
+class Processing:
+    """Worker threads, the outputs thread and the lease keeper of one process.
+
+    Parameters
+    ----------
+    settings : NodeSettings
+        ``workers``, ``lease_seconds``, ``with_cam``, ``sc_max_side``, ``destinations``,
+        ``outbox_dir``, ``storage``.
+    worklist : Worklist
+        The process's worklist.
+    wakeups : Wakeups
+        Workers wait on ``studies``; a completed study with outputs notifies ``deliveries``.
+    node_id : str
+        Prefix of the worker ids that hold the leases.
+    model_path : Path, optional
+        Checkpoint loaded by :meth:`start` (``None``: the default checkpoint).
+    predictor : Predictor, optional
+        An already loaded model (tests); shared by the worker threads.
+    outputs : OutputsProcess, optional
+        Where the SR and SC are built; in this process when omitted (tests).
+    metrics : Metrics, optional
+    """
+
+    def __init__(
+        self,
+        settings: NodeSettings,
+        worklist: Worklist,
+        wakeups: Wakeups,
+        node_id: str,
+        *,
+        model_path: Path | None = None,
+        predictor: Predictor | None = None,
+        outputs: OutputsProcess | None = None,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self.settings = settings
+        self.worklist = worklist
+        self.model_path = model_path
+        self._predictor = predictor
+        self.wakeups = wakeups
+        self.node_id = node_id
+        self.outputs = outputs
+        self.metrics = metrics
+        self.leases = LeaseKeeper(worklist, settings.lease_seconds)
+        self.processed = 0
+        self._stop = threading.Event()
+        self._workers: list[threading.Thread] = []
+        # triaged studies waiting for their outputs (None: stop); short, for back-pressure
+        self._handover: queue.Queue[Triaged | None] = queue.Queue(maxsize=2)
+        self._outputs_thread: threading.Thread | None = None
+
+    # ------------------------------------------------------------------ life cycle
+    @property
+    def predictor(self) -> Predictor:
+        if self._predictor is None:
+            raise RuntimeError("no model loaded: start() first, or pass a predictor")
+        return self._predictor
+
+    def start(self) -> None:
+        """Load and warm up the model, then start the lease keeper, outputs and workers."""
+        if self._predictor is None:
+            from dicom_node.model import load_predictor
+
+            self._predictor = load_predictor(self.settings, self.model_path)
+        self.leases.start()
+        self._outputs_thread = threading.Thread(
+            target=self._outputs_loop, name="triage-outputs", daemon=True
+        )
+        self._outputs_thread.start()
+        for index in range(self.settings.workers):
+            thread = threading.Thread(
+                target=self._worker_loop, args=(index,), name=f"triage-worker-{index}", daemon=True
+            )
+            thread.start()
+            self._workers.append(thread)
+
+    def stop(self, deadline: float) -> None:
+        """Let the workers finish their study and the outputs thread what it was handed."""
+        self._stop.set()
+        self.wakeups.studies.notify()
+        for thread in self._workers:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        self._workers = [t for t in self._workers if t.is_alive()]
+        if self._outputs_thread is not None:
+            try:
+                self._handover.put(None, timeout=max(0.1, deadline - time.monotonic()))
+            except queue.Full:
+                logger.warning("outputs thread busy at stop; its studies' leases will expire")
+            self._outputs_thread.join(max(0.0, deadline - time.monotonic()))
+            self._outputs_thread = None
+        self.leases.stop()
+
+    # ------------------------------------------------------------------ threads
+    def _worker_loop(self, index: int) -> None:
+        """Claim a study, triage it (inference + Grad-CAM), hand it to the outputs thread.
+
+        The outputs thread builds, writes and records the study while this thread already
+        claims, decodes and infers the next one (torch releases the GIL during the forward
+        pass, so the two overlap on two cores). The hand-over queue is short: a worker never
+        runs more than a couple of studies ahead of their outputs.
+        """
+        worker_id = f"{self.node_id}/w{index}"
+        signal = self.wakeups.studies
+        while not self._stop.is_set():
+            mark = signal.mark()  # before the claim: a study queued meanwhile wakes us
+            try:
+                claimed = self.worklist.claim_study(worker_id, self.settings.lease_seconds)
+            except WorklistError as exc:
+                logger.error("%s: claim failed: %s", worker_id, exc)
+                self._stop.wait(1.0)
+                continue
+            if claimed is None:
+                signal.wait(mark, self.wakeups.fallback)
+                continue
+            triaged = self.triage(claimed)
+            if isinstance(triaged, Triaged):
+                self._handover.put(triaged)
+
+    def _outputs_loop(self) -> None:
+        """Build, write and record what the workers triaged, in the order they did."""
+        while True:
+            triaged = self._handover.get()
+            if triaged is None:
+                return
+            try:
+                self.finish(triaged)
+            except Exception:  # noqa: BLE001 - finish records its own errors; never die here
+                logger.exception("study %s: outputs failed", triaged.claimed.study_uid)
+
+    # ------------------------------------------------------------------ one study
+    def process_claimed(self, claimed: ClaimedStudy) -> ProcessOutcome:
+        """Triage one claimed study, write outputs, add deliveries and complete it (one call)."""
+        triaged = self.triage(claimed)
+        if isinstance(triaged, ProcessOutcome):
+            return triaged
+        return self.finish(triaged)
+
+    def triage(self, claimed: ClaimedStudy) -> Triaged | ProcessOutcome:
+        """Inference and Grad-CAM of a claimed study; its lease is kept until it is finished."""
+        from triage_core.pipeline import triage_study
+
+        study_uid = claimed.study_uid
+        started = time.perf_counter()
+        logger.info(
+            "study %s stage=processing (%d instance(s), attempt %d, %s)",
+            study_uid,
+            len(claimed.instances),
+            claimed.attempts,
+            claimed.worker_id,
+        )
+        self.leases.hold(study_uid, claimed.worker_id)
+        try:
+            out = triage_study(
+                study_uid,
+                list(claimed.instances),
+                self.predictor,
+                with_cam=self.settings.with_cam,
+                cam_max_side=self.settings.sc_max_side or None,
+            )
+        except TriageError as exc:
+            # A deterministic problem with this study's data: retrying would fail again.
+            return self._fail(claimed, f"{exc.__class__.__name__}: {exc}", False, started)
+        except Exception as exc:  # noqa: BLE001 - record and retry; the worker must keep going
+            logger.exception("study %s: unexpected error", study_uid)
+            return self._fail(claimed, f"{exc.__class__.__name__}: {exc}", True, started)
+        return Triaged(claimed, out, self.predictor.spec, started, time.perf_counter())
+
+    def finish(self, triaged: Triaged) -> ProcessOutcome:
+        """Outputs, result and deliveries of a triaged study (one transaction), then delivery."""
+        claimed, started = triaged.claimed, triaged.started
+        study_uid = claimed.study_uid
+        waited = time.perf_counter() - triaged.triaged_at
+        try:
+            outputs = self._write_outputs(triaged)
+        except TriageError as exc:
+            return self._fail(claimed, f"{exc.__class__.__name__}: {exc}", False, started)
+        except Exception as exc:  # noqa: BLE001 - record and retry
+            logger.exception("study %s: unexpected error", study_uid)
+            return self._fail(claimed, f"{exc.__class__.__name__}: {exc}", True, started)
+        result = triaged.out.result
+        deliveries = [
+            (sop_uid, path, str(destination))
+            for sop_uid, path in outputs
+            for destination in self.settings.destinations
+        ]
+        try:
+            # result and deliveries in one transaction: a lost lease leaves no orphan delivery
+            final = self.worklist.complete_study(
+                study_uid, claimed.worker_id, result, deliveries=deliveries
+            )
+        except WorklistError as exc:
+            logger.error("study %s: could not record the result: %s", study_uid, exc)
+            return ProcessOutcome(study_uid, "lost-lease", (), time.perf_counter() - started)
+        finally:
+            self.leases.release(study_uid)
+        if deliveries:
+            self.wakeups.deliveries.notify()
+        seconds = time.perf_counter() - started
+        timings = " ".join(f"{k}={v * 1e3:.0f}ms" for k, v in result.timings.items())
+        top = result.top_finding
+        logger.info(
+            "study %s stage=%s in %.2f s: priority %s (%.1f)%s%s %s waited=%.0fms",
+            study_uid,
+            final,
+            seconds,
+            result.priority_level,
+            result.priority_score,
+            f", top {top.name} {top.probability:.3f}" if top else "",
+            f", reason: {result.reason}" if result.reason else "",
+            timings,
+            waited * 1e3,
+        )
+        self.processed += 1
+        if self.metrics is not None:
+            self.metrics.studies_processed.labels(status=final).inc()
+            self.metrics.inference_seconds.observe(seconds)
+        return ProcessOutcome(study_uid, final, tuple(p for _, p in outputs), seconds)
+
+    def _fail(
+        self, claimed: ClaimedStudy, error: str, retry: bool, started: float
+    ) -> ProcessOutcome:
+        self.leases.release(claimed.study_uid)
+        try:
+            status = self.worklist.fail_study(
+                claimed.study_uid, claimed.worker_id, error, retry=retry
+            )
+        except WorklistError as exc:
+            logger.error("study %s: could not record the failure: %s", claimed.study_uid, exc)
+            status = "lost-lease"
+        logger.error("study %s stage=%s: %s", claimed.study_uid, status, error)
+        if self.metrics is not None and status == "failed":
+            self.metrics.studies_processed.labels(status="failed").inc()
+        if status == "queued":
+            self.wakeups.studies.notify()
+        return ProcessOutcome(claimed.study_uid, status, (), time.perf_counter() - started)
+
+    def _write_outputs(self, triaged: Triaged) -> list[tuple[str, Path]]:
+        """The SR (and the Grad-CAM SC) of a done study, written to the outbox."""
+        out = triaged.out
+        if out.result.status != "done":
+            return []
+        job = OutputJob(
+            study_uid=triaged.claimed.study_uid,
+            result=out.result,
+            sources=tuple(header_only(ds) for ds in out.datasets.values()),
+            overlay=out.cam_overlay if out.cam_finding is not None else None,
+            cam_source_uid=out.cam_source_uid,
+            cam_finding=out.cam_finding,
+            spec=triaged.spec,
+            outbox=self.settings.outbox_dir / triaged.claimed.study_uid,
+            root=self.settings.storage.resolve(),
+        )
+        started = time.perf_counter()
+        if self.outputs is None:
+            written, timings = write_study_outputs(job)
+        else:
+            written, timings = self.outputs.write(job)
+        outputs = [(sop_uid, Path(path)) for sop_uid, path in written]
+        logger.info(
+            "study %s stage=outputs %d object(s) in %.0f ms (SR %.0f ms, SC %.0f ms, "
+            "encode+write %.0f ms)",
+            job.study_uid,
+            len(outputs),
+            (time.perf_counter() - started) * 1e3,
+            timings["sr"] * 1e3,
+            timings["sc"] * 1e3,
+            timings["write"] * 1e3,
+        )
+        return outputs
