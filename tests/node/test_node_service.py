@@ -115,9 +115,9 @@ def test_a_notification_during_the_search_for_work_is_not_lost() -> None:
     assert time.monotonic() - started < 1.0
     assert not signal.wait(signal.mark(), timeout=0.05)  # nothing new: times out
     woken: list[bool] = []
+    mark = signal.mark()
     waiters = [
-        threading.Thread(target=lambda m=signal.mark(): woken.append(signal.wait(m, 5.0)))
-        for _ in range(3)
+        threading.Thread(target=lambda: woken.append(signal.wait(mark, 5.0))) for _ in range(3)
     ]
     for thread in waiters:
         thread.start()
