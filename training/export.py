@@ -1,12 +1,14 @@
 """Export a trained checkpoint for shipping: fp16 weights, checked against fp32 on the test split.
 
 ``python -m training.export --model RUN/NAME --out triage_core/weights/NAME --images DIR
---labels CSV [--metrics EVAL/metrics.json]``
+--labels CSV``
 
 The fp16 copy is kept only if its calibrated probabilities on the checkpoint's own test split
 stay within ``--tolerance`` (default 0.01) of the fp32 model's and no class's AUROC moves by more
-than 0.005; otherwise the export fails. The spec records the weights dtype, the check and
-(with ``--metrics``) the test metrics written by ``triage evaluate``.
+than 0.005; otherwise the export fails. The shipped fp16 file is then evaluated once on the test
+split (:func:`training.evaluate.evaluate_checkpoint`, 1000 bootstrap resamples, seed 0) and
+those metrics are written into its spec, so the spec, the model card and a fresh evaluation of
+the shipped file agree exactly. The spec also records the weights dtype and the fp16 check.
 """
 
 from __future__ import annotations
@@ -39,11 +41,17 @@ def _test_summary(metrics: dict[str, Any]) -> dict[str, Any]:
         "ece_before",
         "ece_after",
         "exact_match",
+        "n_boot",
+        "thresholds",
         "class_counts",
     )
     out = {k: metrics[k] for k in keep if k in metrics}
     out["per_class"] = {
-        name: {k: row[k] for k in ("auroc", "auroc_ci95", "precision", "recall", "f1", "support")}
+        name: {
+            k: row[k]
+            for k in ("auroc", "auroc_ci95", "precision", "recall", "specificity", "f1", "support")
+            if k in row
+        }
         for name, row in metrics["per_class"].items()
     }
     return out
@@ -55,18 +63,22 @@ def export_fp16(
     images: Path,
     labels: Path,
     *,
-    metrics_path: Path | None = None,
     tolerance: float = 0.01,
     command: str | None = None,
+    n_boot: int = 1000,
+    eval_dir: Path | None = None,
 ) -> dict[str, Any]:
-    """Write an fp16 copy of ``model_path`` at ``out``; returns the check's numbers."""
+    """Write an fp16 copy of ``model_path`` at ``out``, evaluate it on the test split and record
+    the metrics in its spec; returns the fp16 check's numbers."""
+    import tempfile
+
     import torch
     from sklearn.metrics import roc_auc_score
 
     from training.calibrate import probabilities
     from training.data import attach_images, index_images, load_tensors
-    from training.evaluate import rebuild_split
-    from training.train import predict_logits
+    from training.evaluate import evaluate_checkpoint, rebuild_split
+    from training.loop import predict_logits
     from triage_core.models import load_checkpoint, save_checkpoint
 
     model, spec = load_checkpoint(model_path)
@@ -99,11 +111,16 @@ def export_fp16(
     training["fp16_check"] = check
     if command:
         training["command"] = command
-    metrics = dict(spec.metrics)
-    if metrics_path is not None:
-        metrics["test"] = _test_summary(json.loads(metrics_path.read_text()))
-    final = spec.replace(training=training, metrics=metrics)
-    save_checkpoint(half, final, out, dtype=torch.float16)
+    spec = spec.replace(training=training)
+    save_checkpoint(half, spec, out, dtype=torch.float16)
+    with tempfile.TemporaryDirectory() as tmp:
+        metrics = evaluate_checkpoint(
+            out, images, labels, eval_dir or Path(tmp), n_boot=n_boot, seed=0, cam_images=0
+        )
+    shipped, _ = load_checkpoint(out)
+    recorded = dict(spec.metrics)
+    recorded["test"] = _test_summary(metrics)
+    save_checkpoint(shipped, spec.replace(metrics=recorded), out, dtype=torch.float16)
     return check
 
 
@@ -113,7 +130,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--images", type=Path, required=True)
     parser.add_argument("--labels", type=Path, required=True)
-    parser.add_argument("--metrics", type=Path, help="metrics.json from triage evaluate")
+    parser.add_argument(
+        "--eval-dir", type=Path, help="keep the shipped file's test evaluation (plots) here"
+    )
     parser.add_argument("--tolerance", type=float, default=0.01)
     parser.add_argument("--command", help="replace the recorded training command")
     args = parser.parse_args(argv)
@@ -124,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
             args.out,
             args.images,
             args.labels,
-            metrics_path=args.metrics,
+            eval_dir=args.eval_dir,
             tolerance=args.tolerance,
             command=args.command,
         )

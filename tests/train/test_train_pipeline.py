@@ -266,7 +266,7 @@ def test_multiclass_train_and_evaluate_equal_sklearn(cxr14_dir: Path, tmp_path: 
 
 
 def test_extra_training_images_never_include_heldout_patients(cxr14_dir: Path) -> None:
-    from training.train import extra_training_data, load_task_data, make_split
+    from training.splits import extra_training_data, load_task_data, make_split
 
     config = _config(
         cxr14_dir,
@@ -303,3 +303,31 @@ def test_same_seed_same_weights(cxr14_dir: Path, tmp_path: Path) -> None:
     assert runs[0].keys() == runs[1].keys()
     assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])  # reproducible
     assert not all(torch.equal(runs[0][k], runs[2][k]) for k in runs[0])  # seed matters
+
+
+def test_imagenet_initialisation_beats_random_on_validation(
+    cxr14_dir: Path, tmp_path: Path
+) -> None:
+    """The same short seeded run (Lite0, 128 px, 2 epochs, 240 images) from the packaged ImageNet
+    weights and from random weights: ImageNet must score higher on the validation split."""
+    torch.set_num_threads(1)
+    scores = {}
+    for init in ("imagenet", "none"):
+        result = train(
+            _config(
+                cxr14_dir,
+                tmp_path / init,
+                arch="efficientnet_lite0",
+                pretrained=init,
+                image_size=128,
+                epochs=2,
+                batch_size=16,
+                max_images=240,
+                augment=False,
+                seed=0,
+            )
+        )
+        assert result.spec is not None
+        scores[init] = result.spec.metrics["score"]
+        assert result.spec.mean == (0.5, 0.5, 0.5)
+    assert scores["imagenet"] > scores["none"] + 0.05, scores
