@@ -305,6 +305,7 @@ def test_same_seed_same_weights(cxr14_dir: Path, tmp_path: Path) -> None:
     assert not all(torch.equal(runs[0][k], runs[2][k]) for k in runs[0])  # seed matters
 
 
+@pytest.mark.slow
 def test_imagenet_initialisation_beats_random_on_validation(
     cxr14_dir: Path, tmp_path: Path
 ) -> None:
