@@ -55,7 +55,7 @@ def wait_echo(port: int, timeout: float = 120.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         proc = subprocess.run(
-            [ECHOSCU, "-to", "2", "127.0.0.1", str(port)],
+            [ECHOSCU, "-aec", "CXR_TRIAGE", "-to", "2", "127.0.0.1", str(port)],
             capture_output=True, check=False, env=dcmtk_env(),
         )  # fmt: skip
         if proc.returncode == 0:

@@ -1,6 +1,6 @@
 """The C-STORE receive path: checks, durable writes, group commit, association policy.
 
-Transport-neutral: :mod:`dicom_node.ulp` reads the PDUs and drives an
+Transport-neutral: :mod:`dicom_node.net.ulp` reads the PDUs and drives an
 :class:`IncomingInstance` per C-STORE, which only validates, writes, records and answers;
 inference runs elsewhere (:mod:`dicom_node.service`). Its dependencies come in as typed
 objects (:class:`StoreContext`; who may associate is :mod:`dicom_node.net.policy`). The
@@ -647,7 +647,7 @@ def encode_file_meta(
     """The File Meta Information group (PS3.10 7.1), explicit VR little endian, with the
     preamble and ``DICM`` prefix. Values longer than their VR allows are cut (such an instance
     is refused anyway; the file only goes to quarantine)."""
-    from dicom_node.ulp import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
+    from dicom_node.net.identity import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 
     def short(element: int, vr: bytes, value: bytes) -> bytes:
         return struct.pack("<HH", 0x0002, element) + vr + struct.pack("<H", len(value)) + value

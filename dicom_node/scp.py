@@ -1,41 +1,27 @@
 """The DICOM application entity of ``triage serve``: C-ECHO and C-STORE SCP.
 
-Every storage SOP class is accepted (what is not a chest radiograph is stored and later marked
-not eligible), each with the transfer syntaxes listed in :data:`TRANSFER_SYNTAXES`, the
-compressed ones included. Associations are admitted by
-:class:`~dicom_node.net.policy.AccessPolicy`; the protocol engine is :mod:`dicom_node.ulp`.
+Joins the network layer (:mod:`dicom_node.net`) to the receive path: every storage SOP
+class is accepted (what is not a chest radiograph is stored and later marked not eligible),
+each with the transfer syntaxes of :data:`dicom_node.net.negotiation.TRANSFER_SYNTAXES`;
+associations are admitted by :class:`~dicom_node.net.policy.AccessPolicy`; each C-STORE data
+set goes to an :class:`~dicom_node.handlers.IncomingInstance`.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import TYPE_CHECKING
 
-from dicom_node.handlers import StoreContext
+from dicom_node.handlers import IncomingInstance, StoreContext
 from dicom_node.net.policy import AccessPolicy
+from dicom_node.net.server import StorageServer
+from dicom_node.net.tls import server_context
 
 if TYPE_CHECKING:
     from dicom_node.settings import NodeSettings
-    from dicom_node.ulp import StorageServer
 
 logger = logging.getLogger(__name__)
-
-#: Transfer syntaxes accepted for every storage SOP class (preference order).
-TRANSFER_SYNTAXES: tuple[str, ...] = (
-    "1.2.840.10008.1.2.1",  # Explicit VR Little Endian
-    "1.2.840.10008.1.2",  # Implicit VR Little Endian
-    "1.2.840.10008.1.2.1.99",  # Deflated Explicit VR Little Endian
-    "1.2.840.10008.1.2.2",  # Explicit VR Big Endian (retired, still sent by old modalities)
-    "1.2.840.10008.1.2.4.50",  # JPEG Baseline (Process 1)
-    "1.2.840.10008.1.2.4.51",  # JPEG Extended (Process 2 & 4)
-    "1.2.840.10008.1.2.4.57",  # JPEG Lossless (Process 14)
-    "1.2.840.10008.1.2.4.70",  # JPEG Lossless SV1
-    "1.2.840.10008.1.2.4.80",  # JPEG-LS Lossless
-    "1.2.840.10008.1.2.4.81",  # JPEG-LS Near-Lossless
-    "1.2.840.10008.1.2.4.90",  # JPEG 2000 Lossless Only
-    "1.2.840.10008.1.2.4.91",  # JPEG 2000
-    "1.2.840.10008.1.2.5",  # RLE Lossless
-)
 
 
 def start_scp(
@@ -44,10 +30,13 @@ def start_scp(
     """Start listening on ``settings.bind_address:settings.port`` (non-blocking).
 
     Returns the server; call ``server.shutdown()`` to stop it.
-    """
-    from dicom_node.ulp import StorageServer
 
-    policy = policy or AccessPolicy(tuple(settings.allow_ae))
+    Raises
+    ------
+    ConfigError
+        The TLS certificate, key or CA cannot be loaded.
+    """
+    policy = policy or AccessPolicy.from_settings(settings)
     if not policy.allowed:
         logger.warning(
             "no --allow-ae given: associations from ANY calling AE are accepted on port %d",
@@ -55,12 +44,19 @@ def start_scp(
         )
     else:
         logger.info("calling AEs allowed: %s", ", ".join(str(p) for p in policy.allowed))
-    server = StorageServer(settings, store, policy).start()
+    if policy.called_ae is None:
+        logger.warning("accept_any_called_ae: associations to ANY called AE title are accepted")
+    tls = None
+    if settings.tls_cert is not None and settings.tls_key is not None:
+        tls = server_context(settings.tls_cert, settings.tls_key, settings.tls_ca)
+    open_instance = functools.partial(IncomingInstance.open, store)
+    server = StorageServer(settings, open_instance, policy, tls).start()
     logger.info(
-        "DICOM node %s listening on %s:%d (max %d associations, max PDU %d)",
+        "DICOM node %s listening on %s:%d%s (max %d associations, max PDU %d)",
         settings.ae_title,
         settings.bind_address,
         server.server_address[1],
+        " over TLS" + (" with client certificates" if settings.tls_ca else "") if tls else "",
         settings.max_associations,
         settings.max_pdu_size,
     )

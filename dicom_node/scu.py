@@ -1,7 +1,9 @@
 """C-STORE SCU: send result objects (SR, SC) to a destination.
 
 One association per call carries every file given; each file's SOP class is proposed with its
-own transfer syntax plus the uncompressed ones, and the socket gets ``TCP_NODELAY``. The outcome
+own transfer syntax plus the uncompressed ones, and the socket gets ``TCP_NODELAY``. A
+destination with a ``tls_ca`` is reached over TLS 1.2+ (:func:`dicom_node.net.tls.client_context`:
+its certificate must be signed by that CA and, by default, name its host). The outcome
 of each file is returned (a status is never swallowed); a failure to associate at all raises
 :class:`~triage_core.errors.DeliveryError`.
 """
@@ -88,6 +90,8 @@ def send_files(
     ------
     DeliveryError
         A file cannot be read, or the association is rejected, aborted or not answered.
+    ConfigError
+        The destination's TLS files cannot be loaded.
     """
     from pydicom import dcmread
     from pydicom.errors import InvalidDicomError
@@ -115,11 +119,23 @@ def send_files(
     for sop_class, syntaxes in contexts.items():
         ae.add_requested_context(sop_class, sorted(syntaxes))
 
+    tls_args = None
+    if destination.tls_ca is not None:
+        from dicom_node.net.tls import client_context
+
+        context = client_context(
+            destination.tls_ca,
+            destination.tls_cert,
+            destination.tls_key,
+            check_hostname=destination.tls_check_hostname,
+        )
+        tls_args = (context, destination.host)
     assoc = ae.associate(
         destination.host,
         destination.port,
         ae_title=destination.ae_title,
         evt_handlers=[(evt.EVT_CONN_OPEN, handle_conn_open)],
+        tls_args=tls_args,
     )
     if not assoc.is_established:
         if assoc.is_rejected:

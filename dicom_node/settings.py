@@ -32,7 +32,14 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     InitSettingsSource,
@@ -41,6 +48,7 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from dicom_node.net import limits
 from triage_core.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -65,6 +73,18 @@ class Destination(BaseModel):
     ae_title: str
     host: str
     port: int = Field(ge=1, le=65535)
+    tls_ca: Path | None = Field(default=None, description="CA file: send over TLS, verify the peer")
+    tls_cert: Path | None = Field(default=None, description="our client certificate (PEM)")
+    tls_key: Path | None = Field(default=None, description="its private key (PEM)")
+    tls_check_hostname: bool = Field(default=True, description="its certificate names its host")
+
+    @model_validator(mode="after")
+    def _tls(self) -> Destination:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError(f"destination {self}: tls_cert and tls_key go together")
+        if self.tls_cert is not None and self.tls_ca is None:
+            raise ValueError(f"destination {self}: tls_cert needs tls_ca (TLS is on with tls_ca)")
+        return self
 
     @classmethod
     def parse(cls, text: str) -> Destination:
@@ -81,7 +101,8 @@ class Destination(BaseModel):
         return _check_ae_title(value, "destination AE title")
 
     def __str__(self) -> str:
-        return f"{self.ae_title}@{self.host}:{self.port}"
+        tls = " (TLS)" if self.tls_ca is not None else ""
+        return f"{self.ae_title}@{self.host}:{self.port}{tls}"
 
 
 class AllowedPeer(BaseModel):
@@ -164,9 +185,33 @@ class NodeSettings(BaseSettings):
     http_port: int = Field(8080, ge=0, le=65535, description="HTTP API port; 0 disables")
     max_associations: int = Field(16, ge=1, le=1000)
     max_pdu_size: int = Field(
-        1 << 20, ge=0, description="maximum PDU we receive (bytes, 0 = unlimited)"
+        1 << 20,
+        ge=limits.MIN_PDU,
+        le=limits.MAX_PDU,
+        description="maximum PDU length we receive (bytes); a longer P-DATA-TF is aborted",
     )
     network_timeout: float = Field(60.0, gt=0.0, description="DICOM network timeout (s)")
+    artim_timeout: float = Field(
+        10.0,
+        gt=0.0,
+        le=600.0,
+        description="seconds a new connection has to complete its A-ASSOCIATE-RQ (PS3.8 ARTIM; "
+        "the TLS handshake included)",
+    )
+    max_pending_connections: int = Field(
+        32,
+        ge=1,
+        le=1000,
+        description="connections not yet associated; the oldest is closed to admit a new one",
+    )
+    accept_any_called_ae: bool = Field(
+        False, description="accept any called AE title (default: only ae_title)"
+    )
+    tls_cert: Path | None = Field(None, description="DICOM port over TLS: our certificate (PEM)")
+    tls_key: Path | None = Field(None, description="private key of tls_cert (PEM)")
+    tls_ca: Path | None = Field(
+        None, description="CA file: clients must present a certificate it signed (mutual TLS)"
+    )
     log_phi: bool = Field(False, description="log patient identifiers (default: UIDs only)")
     lease_seconds: float = Field(300.0, gt=0.0, description="processing lease of a worker")
     max_attempts: int = Field(3, ge=1, le=100, description="processing attempts before failed")
@@ -219,6 +264,14 @@ class NodeSettings(BaseSettings):
         description="seconds the receipt journal gathers acknowledged instances before it "
         "writes them to the spool and the worklist in one batch",
     )
+
+    @model_validator(mode="after")
+    def _tls(self) -> NodeSettings:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together")
+        if self.tls_ca is not None and self.tls_cert is None:
+            raise ValueError("tls_ca (client authentication) needs tls_cert and tls_key")
+        return self
 
     @field_validator("sc_max_side")
     @classmethod

@@ -363,7 +363,16 @@ def test_group_commit_batches_parallel_associations(tmp_path: Path) -> None:
     try:
         procs = [
             subprocess.Popen(
-                [STORESCU, "-aet", "A", "127.0.0.1", str(settings.port), *map(str, files[k::4])],
+                [
+                    STORESCU,
+                    "-aet",
+                    "A",
+                    "-aec",
+                    "CXR_TRIAGE",
+                    "127.0.0.1",
+                    str(settings.port),
+                    *map(str, files[k::4]),
+                ],
                 env=dcmtk_env(),
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.PIPE,

@@ -1,8 +1,10 @@
-"""The upper-layer engine (``dicom_node.ulp``) spoken to with raw PDUs over a real socket:
+"""The upper-layer engine (``dicom_node.net.ulp``) spoken to with raw PDUs over a real socket:
 negotiation (and its cache), fragmented messages, protocol errors, aborts and timeouts."""
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import socket
 import struct
 import time
@@ -12,13 +14,14 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from test_node_support import dataset_bytes, free_port, synthetic_cr
+from test_node_support import dataset_bytes, free_port, needs_dcmtk, storescu, synthetic_cr
 
 from dicom_node.handlers import StoreContext
+from dicom_node.net.dimse import decode_command
+from dicom_node.net.server import StorageServer
 from dicom_node.scp import start_scp
 from dicom_node.service import make_record_many, make_recorder, open_worklist
 from dicom_node.settings import load_settings
-from dicom_node.ulp import decode_command
 
 VERIFICATION = "1.2.840.10008.1.1"
 CR_STORAGE = "1.2.840.10008.5.1.4.1.1.1"
@@ -32,10 +35,12 @@ class Scp:
     storage: Path
     store: StoreContext
     worklist: object
+    server: StorageServer
 
 
-@pytest.fixture
-def scp(tmp_path: Path) -> Iterator[Scp]:
+@contextlib.contextmanager
+def running_scp(tmp_path: Path, **overrides: object) -> Iterator[Scp]:
+    """Our SCP in this process, with short timeouts and a small pending cap."""
     storage = tmp_path / "storage"
     settings = load_settings(
         None,
@@ -43,8 +48,11 @@ def scp(tmp_path: Path) -> Iterator[Scp]:
             "port": free_port(),
             "bind_address": "127.0.0.1",
             "storage": storage,
-            "allow_ae": ["RAWSCU", "OTHERSCU"],
+            "allow_ae": ["RAWSCU", "OTHERSCU", "STORESCU"],
             "network_timeout": 1.0,
+            "artim_timeout": 1.0,
+            "max_pending_connections": 4,
+            **overrides,
         },
     )
     worklist = open_worklist(settings)
@@ -53,14 +61,21 @@ def scp(tmp_path: Path) -> Iterator[Scp]:
     )
     server = start_scp(settings, store)
     try:
-        yield Scp(settings.port, storage, store, worklist)
+        yield Scp(settings.port, storage, store, worklist, server)
     finally:
         server.shutdown()
         worklist.dispose()
 
 
+@pytest.fixture
+def scp(tmp_path: Path) -> Iterator[Scp]:
+    with running_scp(tmp_path) as running:
+        yield running
+
+
 def associate_rq(
     calling: str = "RAWSCU",
+    called: str = "CXR_TRIAGE",
     contexts: tuple[tuple[int, str, tuple[str, ...]], ...] = (
         (1, VERIFICATION, (IMPLICIT,)),
         (3, CR_STORAGE, (EXPLICIT, IMPLICIT)),
@@ -75,7 +90,7 @@ def associate_rq(
     primitive = A_ASSOCIATE()
     primitive.application_context_name = application_context
     primitive.calling_ae_title = calling
-    primitive.called_ae_title = "CXR_TRIAGE"
+    primitive.called_ae_title = called
     items = []
     for context_id, abstract, syntaxes in contexts:
         item = build_context(abstract, list(syntaxes))
@@ -288,3 +303,159 @@ def test_silent_peer_is_aborted_after_the_network_timeout(scp: Scp) -> None:
     assert pdu_type == 0x07
     assert 0.5 < time.monotonic() - started < 5
     assert peer.closed()
+
+
+# ---------------------------------------------------------------------- PS3.8 bounds and codes
+def _abort_codes(peer: Peer) -> tuple[int, int]:
+    """The (source, reason) of the A-ABORT the node sends, after which it closes."""
+    pdu_type, body = peer.read_pdu()
+    assert pdu_type == 0x07, f"expected A-ABORT, got 0x{pdu_type:02X}"
+    assert len(body) == 4
+    assert peer.closed()
+    return body[2], body[3]
+
+
+def _reject_codes(peer: Peer) -> tuple[int, int, int]:
+    pdu_type, body = peer.read_pdu()
+    assert pdu_type == 0x03, f"expected A-ASSOCIATE-RJ, got 0x{pdu_type:02X}"
+    assert peer.closed()
+    return body[1], body[2], body[3]
+
+
+def _still_serves(port: int) -> None:
+    peer = Peer(port)
+    peer.associate()
+    peer.send(pdu(0x04, pdv(1, command(0x0030, 1, VERIFICATION), True, True)))
+    assert _status(peer.response()) == 0x0000
+    peer.release()
+
+
+def test_called_ae_must_be_ours_unless_any_is_accepted(tmp_path: Path) -> None:
+    with running_scp(tmp_path) as scp:
+        peer = Peer(scp.port)
+        peer.send(associate_rq(called="WRONG_AE"))
+        assert _reject_codes(peer) == (1, 1, 7)  # called-AE-title-not-recognized
+        peer = Peer(scp.port)
+        peer.send(associate_rq(calling="INTRUDER"))
+        assert _reject_codes(peer) == (1, 1, 3)  # calling-AE-title-not-recognized
+    with running_scp(tmp_path, accept_any_called_ae=True) as scp:
+        Peer(scp.port).associate(associate_rq(called="WRONG_AE"))
+
+
+def test_protocol_version_and_oversized_requests_are_rejected(scp: Scp) -> None:
+    rq = bytearray(associate_rq())
+    rq[6:8] = b"\x00\x02"  # protocol version without bit 0
+    peer = Peer(scp.port)
+    peer.send(bytes(rq))
+    assert _reject_codes(peer) == (1, 2, 2)  # protocol-version-not-supported
+    peer = Peer(scp.port)  # a length over our bound: rejected before the body is read
+    peer.send(struct.pack(">BBI", 0x01, 0, (64 << 10) + 1) + bytes(rq[6:]))
+    assert _reject_codes(peer) == (1, 3, 2)  # local-limit-exceeded
+    many = tuple((1, CR_STORAGE, tuple(f"1.2.3.{i}" for i in range(33))) for _ in range(1))
+    peer = Peer(scp.port)
+    peer.send(associate_rq(contexts=many))
+    assert _reject_codes(peer) == (1, 3, 2)
+    _still_serves(scp.port)
+
+
+@pytest.mark.parametrize(
+    ("name", "data", "codes"),
+    [
+        ("release-rq 2 GB", pdu(0x05, b"")[:2] + struct.pack(">I", 2_000_000_000), (2, 6)),
+        ("release-rq 0 bytes", pdu(0x05, b""), (2, 6)),
+        ("release-rq 5 bytes", pdu(0x05, b"\x00" * 5), (2, 6)),
+        ("abort 2^32-1", pdu(0x07, b"")[:2] + b"\xff\xff\xff\xff", (2, 6)),
+        ("p-data over max pdu", pdu(0x04, b"")[:2] + struct.pack(">I", (1 << 20) + 1), (2, 6)),
+        ("p-data empty", pdu(0x04, b""), (2, 6)),
+        ("pdv overruns its pdu", pdu(0x04, struct.pack(">IBB", 100, 1, 3) + b"\x00" * 8), (2, 6)),
+        (
+            "pdv of unknown context",
+            pdu(0x04, pdv(7, command(0x0030, 1, VERIFICATION), 1, 1)),
+            (2, 6),
+        ),
+        ("second associate-rq", associate_rq(), (2, 2)),
+        ("release-rp", pdu(0x06, b"\x00" * 4), (2, 2)),
+        ("pdu type 0x09", pdu(0x09, b"\x00" * 4), (2, 1)),
+        (
+            "command set not group 0",
+            pdu(0x04, pdv(1, b"\x08\x00\x00\x00" + b"\x00" * 4, 1, 1)),
+            (0, 0),
+        ),
+    ],
+)
+def test_bad_pdus_in_an_association_abort_with_ps38_codes(
+    scp: Scp, name: str, data: bytes, codes: tuple[int, int]
+) -> None:
+    peer = Peer(scp.port)
+    peer.associate()
+    peer.send(data)
+    assert _abort_codes(peer) == codes, name
+    _still_serves(scp.port)
+
+
+def test_c_store_whose_class_is_not_its_contexts_gets_0122_and_nothing_is_stored(
+    scp: Scp, tmp_path: Path
+) -> None:
+    path = synthetic_cr(tmp_path / "a.dcm", size=32, seed=3)
+    data = dataset_bytes(path)
+    sop = str(pydicom.dcmread(path).SOPInstanceUID)
+    peer = Peer(scp.port)
+    peer.associate()
+    ct_storage = "1.2.840.10008.5.1.4.1.1.2"  # CT Image Storage, on the CR context
+    peer.send(pdu(0x04, pdv(3, command(0x0001, 5, ct_storage, sop, data=True), True, True)))
+    peer.send(pdu(0x04, pdv(3, data, False, True)))
+    rsp = peer.response()
+    assert _status(rsp) == 0x0122
+    peer.send(pdu(0x04, pdv(1, command(0x0030, 6, VERIFICATION), True, True)))  # still in step
+    assert _status(peer.response()) == 0x0000
+    peer.release()
+    assert _nothing_left(scp.storage)
+
+
+def test_artim_closes_silent_and_trickling_connections_without_a_pdu(scp: Scp) -> None:
+    silent = Peer(scp.port)
+    trickle = Peer(scp.port)
+    rq = associate_rq()
+    started = time.monotonic()
+    with contextlib.suppress(OSError):
+        for byte in rq[:30]:  # one byte every 0.2 s: each read is quick, the whole is not
+            trickle.send(bytes([byte]))
+            time.sleep(0.2)
+    assert trickle.closed(timeout=5) and silent.closed(timeout=5)
+    assert time.monotonic() - started < 4  # artim_timeout = 1 s
+    _still_serves(scp.port)
+
+
+def test_idle_connections_are_capped_and_the_oldest_evicted(scp: Scp) -> None:
+    idle = [Peer(scp.port) for _ in range(10)]  # max_pending_connections = 4
+    time.sleep(0.3)
+    assert scp.server.pending_connections <= 4
+    _still_serves(scp.port)  # a peer that associates at once gets in
+    assert sum(p.closed(timeout=0.2) for p in idle) >= 6
+
+
+def test_one_log_line_per_association(scp: Scp, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="dicom_node.net")
+    _still_serves(scp.port)
+    peer = Peer(scp.port)
+    peer.send(associate_rq(called="WRONG_AE"))
+    _reject_codes(peer)
+    time.sleep(0.2)
+    lines = [r for r in caplog.records if r.getMessage().startswith("association ")]
+    assert len(lines) == 2, [r.getMessage() for r in lines]
+    released, rejected = sorted(lines, key=lambda r: r.levelno)
+    text = released.getMessage()
+    assert released.levelno == logging.INFO
+    assert "RAWSCU -> CXR_TRIAGE" in text and "127.0.0.1:" in text and ": released;" in text
+    assert "2 of 2 context(s) accepted, 0 stored" in text and text.endswith(" s")
+    assert rejected.levelno == logging.WARNING
+    assert "called-AE-title-not-recognized" in rejected.getMessage()
+
+
+@needs_dcmtk
+def test_storescu_fills_our_smallest_pdu_without_an_abort(tmp_path: Path) -> None:
+    files = [synthetic_cr(tmp_path / f"{i}.dcm", size=128, seed=i) for i in range(3)]
+    with running_scp(tmp_path, max_pdu_size=4096) as scp:
+        proc = storescu(scp.port, files)
+        assert proc.returncode == 0, proc.stderr
+        assert len(list((scp.storage / "spool").rglob("*.dcm"))) == 3
