@@ -106,7 +106,8 @@ def run(args: argparse.Namespace) -> int:
 
     from dicom_node.settings import load_settings
     from triage_core.errors import ConfigError, WorklistError
-    from triage_core.worklist import Worklist, is_valid_uid
+    from triage_core.uids import is_valid_uid
+    from triage_core.worklist import Worklist
 
     prog = "triage worklist"
     if args.limit < 1:

@@ -1,0 +1,1 @@
+"""Alembic migrations of the worklist (run by :func:`triage_core.worklist.schema.upgrade`)."""
