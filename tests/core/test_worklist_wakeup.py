@@ -213,15 +213,17 @@ def test_notify_wakes_a_waiter_on_another_connection(pg_pair: tuple[Worklist, Wo
     waiter = consumer.study_waiter()
     latencies = []
     for n in range(5):
+        producer.record_instance(study(n), sop(n), f"/s/{n}", now=float(n))
         thread, out = wake_in_thread(waiter, timeout=10.0)
         t0 = time.perf_counter()
-        queued(producer, n, t=float(n))
+        assert producer.queue_stable_studies(0, now=float(n)) == [study(n)]  # NOTIFY at commit
         thread.join(10)
         assert out[0] is True  # woken by the notification, not by the 10 s timeout
-        latencies.append(float(out[1]) - t0)
+        latencies.append(float(out[1]) - t0)  # includes the notifying transaction itself
         claimed = consumer.claim_study("consumer", 60)
         assert claimed is not None and claimed.study_uid == study(n)
-    assert statistics.median(latencies) < POLL_INTERVAL / 4, latencies
+    print(f"NOTIFY wake-up latency (s): {sorted(round(x, 4) for x in latencies)}")
+    assert statistics.median(latencies) < POLL_INTERVAL / 2, latencies
     assert max(latencies) < POLL_INTERVAL, latencies
 
 
@@ -293,9 +295,10 @@ def test_notify_wakes_a_worker_process(postgres_database: str) -> None:
     child.start()
     try:
         assert ready.wait(30)
+        producer.record_instance(study(1), sop(1), "/s/1", now=0.0)
         time.sleep(0.1)  # the child is blocked in wait()
         t0 = time.time()
-        queued(producer, 1)
+        producer.queue_stable_studies(0, now=0.0)
         woken, at = out.get(timeout=30)
         child.join(30)
         assert child.exitcode == 0

@@ -11,7 +11,8 @@ The package, in the order data flows through it:
   ``migrations/``) that :meth:`Worklist.create_all` runs at open;
 - :mod:`~triage_core.worklist.database`: the engine, transactions, SQLite pragmas;
 - :mod:`~triage_core.worklist.ingest`: recording received instances (the C-STORE hot path);
-- :mod:`~triage_core.worklist.queue`: queue, claim, lease, complete, fail, re-queue studies;
+- :mod:`~triage_core.worklist.queue`: queue, claim, complete, fail studies (``StudyQueue``);
+  renew and recover leases (``Leases``);
 - :mod:`~triage_core.worklist.deliveries`: output objects to send, with retries;
 - :mod:`~triage_core.worklist.wakeup`: waiting for work (threading events, PostgreSQL
   LISTEN/NOTIFY across processes) instead of polling;
@@ -64,7 +65,7 @@ if TYPE_CHECKING:
     from triage_core.worklist.deliveries import Deliveries
     from triage_core.worklist.facade import Worklist
     from triage_core.worklist.queries import WorklistQueries
-    from triage_core.worklist.queue import StudyQueue
+    from triage_core.worklist.queue import Leases, StudyQueue
     from triage_core.worklist.schema import HEAD_REVISION, SCHEMA_VERSION
 
 __all__ = [
@@ -76,6 +77,7 @@ __all__ = [
     "Deliveries",
     "DeliveryRow",
     "InstanceRecord",
+    "Leases",
     "Recovered",
     "StudyQueue",
     "Waiter",
@@ -89,6 +91,7 @@ __all__ = [
 _LAZY = {
     "Worklist": "triage_core.worklist.facade",
     "StudyQueue": "triage_core.worklist.queue",
+    "Leases": "triage_core.worklist.queue",
     "Deliveries": "triage_core.worklist.deliveries",
     "WorklistQueries": "triage_core.worklist.queries",
     "SCHEMA_VERSION": "triage_core.worklist.schema",

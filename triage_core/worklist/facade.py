@@ -1,8 +1,8 @@
 """``Worklist``: one object per process that assembles the worklist's parts.
 
-New code may use the parts directly (``worklist.queue``, ``worklist.deliveries``,
-``worklist.queries``, ``worklist.ingest``); the methods here keep the API that callers have
-used since the first release (see the package docstring).
+New code may use the parts directly (``worklist.queue``, ``worklist.leases``,
+``worklist.deliveries``, ``worklist.queries``, ``worklist.ingest``); the methods here keep the
+API that callers have used since the first release (see the package docstring).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from triage_core.worklist.database import Database, sqlite_url
 from triage_core.worklist.deliveries import Deliveries
 from triage_core.worklist.ingest import Ingest
 from triage_core.worklist.queries import WorklistQueries
-from triage_core.worklist.queue import DeliverySpec, StudyQueue
+from triage_core.worklist.queue import DeliverySpec, Leases, StudyQueue
 from triage_core.worklist.records import (
     ClaimedStudy,
     DeliveryRow,
@@ -106,6 +106,7 @@ class Worklist:
             backoff_cap=delivery_backoff_cap,
         )
         self.queue = StudyQueue(self.db, self.wakeups, self.deliveries, max_attempts=max_attempts)
+        self.leases = Leases(self.db, self.wakeups, max_attempts=max_attempts)
         self.ingest = Ingest(self.db, self.wakeups)
         self.queries = WorklistQueries(self.db)
         self.max_attempts = int(max_attempts)
@@ -192,14 +193,14 @@ class Worklist:
     def renew_lease(
         self, study_uid: str, worker_id: str, lease_seconds: float, now: float | None = None
     ) -> float:
-        """See :meth:`StudyQueue.renew_lease`."""
-        return self.queue.renew_lease(study_uid, worker_id, lease_seconds, now=now)
+        """See :meth:`Leases.renew_lease`."""
+        return self.leases.renew_lease(study_uid, worker_id, lease_seconds, now=now)
 
     def renew_leases(
         self, worker_ids: str | Sequence[str], lease_seconds: float, now: float | None = None
     ) -> list[str]:
-        """See :meth:`StudyQueue.renew_leases`."""
-        return self.queue.renew_leases(worker_ids, lease_seconds, now=now)
+        """See :meth:`Leases.renew_leases`."""
+        return self.leases.renew_leases(worker_ids, lease_seconds, now=now)
 
     def complete_study(
         self,
@@ -226,8 +227,8 @@ class Worklist:
         return self.queue.fail_study(study_uid, worker_id, error, retry=retry, now=now)
 
     def recover_expired_leases(self, now: float | None = None) -> Recovered:
-        """See :meth:`StudyQueue.recover_expired_leases`."""
-        return self.queue.recover_expired_leases(now=now)
+        """See :meth:`Leases.recover_expired_leases`."""
+        return self.leases.recover_expired_leases(now=now)
 
     # ------------------------------------------------------------------ deliveries
     def add_delivery(

@@ -298,58 +298,6 @@ class StudyQueue:
             instances=tuple((str(uid), Path(p)) for uid, p in inst),
         )
 
-    def renew_lease(
-        self, study_uid: str, worker_id: str, lease_seconds: float, now: float | None = None
-    ) -> float:
-        """Extend a held lease to ``now + lease_seconds``; returns the new expiry.
-
-        Raises
-        ------
-        WorklistError
-            If ``worker_id`` no longer holds the lease.
-        """
-        ts = timestamp(now)
-        studies = self._db.tables.studies
-        expires = ts + float(lease_seconds)
-        with self._db.write() as conn:
-            _held(conn, self._db.tables.studies, study_uid, worker_id)
-            conn.execute(
-                update(studies)
-                .where(studies.c.study_uid == study_uid)
-                .values(lease_expires_at=expires, updated_at=ts)
-            )
-        return expires
-
-    def renew_leases(
-        self, worker_ids: str | Sequence[str], lease_seconds: float, now: float | None = None
-    ) -> list[str]:
-        """Extend every lease held by ``worker_ids`` to ``now + lease_seconds``, in one statement.
-
-        For one lease-renewal thread per worker process: pass the process's worker id, or the
-        ids of all its worker threads. A lease that already expired and was recovered by another
-        process is no longer held and is not renewed (the worker finds out when it completes).
-
-        Returns
-        -------
-        list of str
-            The Study Instance UIDs whose leases were renewed (sorted).
-        """
-        owners = [worker_ids] if isinstance(worker_ids, str) else list(worker_ids)
-        if not owners or not all(owners):
-            raise WorklistError("renew_leases needs at least one non-empty worker id")
-        if not lease_seconds > 0:
-            raise WorklistError(f"lease_seconds must be > 0, got {lease_seconds!r}")
-        ts = timestamp(now)
-        studies = self._db.tables.studies
-        with self._db.write() as conn:
-            renewed = conn.execute(
-                update(studies)
-                .where(studies.c.status == "processing", studies.c.lease_owner.in_(owners))
-                .values(lease_expires_at=ts + float(lease_seconds), updated_at=ts)
-                .returning(studies.c.study_uid)
-            ).scalars()
-            return sorted(renewed)
-
     # ------------------------------------------------------------------ outcomes
     def complete_study(
         self,
@@ -465,6 +413,77 @@ class StudyQueue:
             self._wakeups.fire((STUDY_QUEUED,))
         logger.warning("study %s: %s -> %s", study_uid, error, status)
         return status
+
+
+class Leases:
+    """Renew leases (one study, or every lease of a worker process) and recover expired ones.
+
+    Parameters
+    ----------
+    db : Database
+        The worklist database.
+    wakeups : WakeUps
+        The process's wake-ups (a recovered study is claimable again).
+    max_attempts : int
+        Claims a study may use before an expired lease fails it.
+    """
+
+    def __init__(self, db: Database, wakeups: WakeUps, *, max_attempts: int = 3) -> None:
+        self._db = db
+        self._wakeups = wakeups
+        self.max_attempts = int(max_attempts)
+
+    def renew_lease(
+        self, study_uid: str, worker_id: str, lease_seconds: float, now: float | None = None
+    ) -> float:
+        """Extend a held lease to ``now + lease_seconds``; returns the new expiry.
+
+        Raises
+        ------
+        WorklistError
+            If ``worker_id`` no longer holds the lease.
+        """
+        ts = timestamp(now)
+        studies = self._db.tables.studies
+        expires = ts + float(lease_seconds)
+        with self._db.write() as conn:
+            _held(conn, self._db.tables.studies, study_uid, worker_id)
+            conn.execute(
+                update(studies)
+                .where(studies.c.study_uid == study_uid)
+                .values(lease_expires_at=expires, updated_at=ts)
+            )
+        return expires
+
+    def renew_leases(
+        self, worker_ids: str | Sequence[str], lease_seconds: float, now: float | None = None
+    ) -> list[str]:
+        """Extend every lease held by ``worker_ids`` to ``now + lease_seconds``, in one statement.
+
+        For one lease-renewal thread per worker process: pass the process's worker id, or the
+        ids of all its worker threads. A lease that already expired and was recovered by another
+        process is no longer held and is not renewed (the worker finds out when it completes).
+
+        Returns
+        -------
+        list of str
+            The Study Instance UIDs whose leases were renewed (sorted).
+        """
+        owners = [worker_ids] if isinstance(worker_ids, str) else list(worker_ids)
+        if not owners or not all(owners):
+            raise WorklistError("renew_leases needs at least one non-empty worker id")
+        if not lease_seconds > 0:
+            raise WorklistError(f"lease_seconds must be > 0, got {lease_seconds!r}")
+        ts = timestamp(now)
+        studies = self._db.tables.studies
+        with self._db.write() as conn:
+            renewed = conn.execute(
+                update(studies)
+                .where(studies.c.status == "processing", studies.c.lease_owner.in_(owners))
+                .values(lease_expires_at=ts + float(lease_seconds), updated_at=ts)
+                .returning(studies.c.study_uid)
+            ).scalars()
+            return sorted(renewed)
 
     def recover_expired_leases(self, now: float | None = None) -> Recovered:
         """Return studies whose lease expired to ``queued`` (``failed`` after max_attempts)."""

@@ -105,7 +105,7 @@ class DeliveryRow:
 
 @dataclass(frozen=True)
 class Recovered:
-    """What :meth:`~triage_core.worklist.queue.StudyQueue.recover_expired_leases` did."""
+    """What :meth:`~triage_core.worklist.queue.Leases.recover_expired_leases` did."""
 
     requeued: tuple[str, ...] = ()
     failed: tuple[str, ...] = ()
