@@ -265,3 +265,17 @@ def test_processes_upgrading_one_legacy_database_at_once(postgres_database: str)
         assert worklist.counts_by_status()["processing"] == 1
     finally:
         worklist.dispose()
+
+
+def test_reopening_at_head_runs_no_migration(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    Worklist(Worklist.sqlite_url(tmp_path)).create_all()
+    worklist = Worklist(Worklist.sqlite_url(tmp_path))
+    try:
+        with caplog.at_level("DEBUG"):
+            worklist.create_all()
+        assert not [r for r in caplog.records if r.name.startswith("alembic")]
+        assert revision_and_meta(worklist) == (HEAD_REVISION, str(SCHEMA_VERSION))
+    finally:
+        worklist.dispose()

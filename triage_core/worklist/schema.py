@@ -21,7 +21,6 @@ from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
-from alembic.migration import MigrationContext
 from alembic.util.exc import CommandError
 from sqlalchemy import (
     Boolean,
@@ -38,6 +37,7 @@ from sqlalchemy import (
     UniqueConstraint,
     inspect,
     select,
+    text,
 )
 
 from triage_core.errors import WorklistError
@@ -175,8 +175,17 @@ def alembic_config(connection: Connection) -> Config:
 
 
 def current_revision(connection: Connection) -> str | None:
-    """The database's Alembic revision (``None``: not under Alembic yet, or empty)."""
-    return MigrationContext.configure(connection).get_current_revision()
+    """The database's Alembic revision (``None``: not under Alembic yet, or empty).
+
+    Read from Alembic's ``alembic_version`` table directly: the usual open (already at the
+    newest revision) then needs no migration context.
+    """
+    if "alembic_version" not in inspect(connection).get_table_names():
+        return None
+    found = list(connection.execute(text("SELECT version_num FROM alembic_version")).scalars())
+    if len(found) > 1:
+        raise WorklistError(f"the worklist database has several Alembic revisions: {found}")
+    return str(found[0]) if found else None
 
 
 def _meta_version(connection: Connection, tables: Tables) -> str | None:
@@ -205,6 +214,9 @@ def upgrade(connection: Connection, tables: Tables) -> str:
         For a database of an unknown layout or made by a newer cxr-triage.
     """
     before = current_revision(connection)
+    if before == HEAD_REVISION:  # the usual open: no migration scripts to load
+        _check_meta(connection, tables)
+        return before
     config = alembic_config(connection)
     if before is None:
         has_tables = "studies" in inspect(connection).get_table_names()
@@ -224,10 +236,14 @@ def upgrade(connection: Connection, tables: Tables) -> str:
             f"cannot upgrade the worklist database from revision {before}: {exc} "
             "(a database made by a newer cxr-triage?)"
         ) from exc
+    _check_meta(connection, tables)
+    return before or "none"
+
+
+def _check_meta(connection: Connection, tables: Tables) -> None:
     found = _meta_version(connection, tables)
     if found != str(SCHEMA_VERSION):
         raise WorklistError(
             f"the worklist database has schema version {found}, this code uses "
             f"{SCHEMA_VERSION}: use a new database (or --db) or the matching cxr-triage"
         )
-    return before or "none"
