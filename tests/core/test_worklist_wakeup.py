@@ -272,6 +272,19 @@ def test_listener_reconnects_after_its_connection_is_killed(
     assert out[0] is True
 
 
+@pytest.mark.postgres
+def test_dispose_stops_the_listener_for_good(postgres_database: str) -> None:
+    worklist = Worklist(postgres_database)
+    worklist.create_all()
+    assert worklist.start_listening(timeout=10) and worklist.wakeups.listening
+    waiter = worklist.study_waiter()
+    worklist.dispose()
+    assert not worklist.wakeups.listening
+    assert waiter.wait(0.05) is False  # falls back to its timeout, starts no new listener
+    assert not worklist.wakeups.listening
+    assert not [t for t in threading.enumerate() if t.name == "worklist-listen" and t.is_alive()]
+
+
 def _wait_in_child(url: str, ready: multiprocessing.Event, out: multiprocessing.Queue) -> None:
     worklist = Worklist(url)
     try:

@@ -117,6 +117,7 @@ class WakeUps:
         self._lock = threading.Lock()
         self._listener: _Listener | None = None
         self._pid = os.getpid()
+        self._closed = False
 
     def waiter(self, channel: str) -> Waiter:
         """A new :class:`Waiter` on ``channel`` (one of :data:`CHANNELS`)."""
@@ -159,6 +160,8 @@ class WakeUps:
         if self._connect is None:
             return
         with self._lock:
+            if self._closed:  # after close(), waiters fall back to their timeouts
+                return
             if self._pid != os.getpid():  # forked: the parent's thread does not exist here
                 self._pid, self._listener = os.getpid(), None
             if self._listener is None or not self._listener.is_alive():
@@ -166,9 +169,10 @@ class WakeUps:
                 self._listener.start()
 
     def close(self, timeout: float = 5.0) -> None:
-        """Stop the listener thread (if any) and wait for it."""
+        """Stop the listener thread (if any) and wait for it; no listener starts afterwards."""
         with self._lock:
             listener, self._listener = self._listener, None
+            self._closed = True
         if listener is not None and listener.is_alive():
             listener.stop.set()
             listener.join(timeout)
