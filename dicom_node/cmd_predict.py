@@ -134,8 +134,10 @@ def _predict(
     spec = predictor.spec
     model = {"name": spec.name or spec.arch, "version": spec.version}
     todo = [i for i, image in enumerate(images) if image is not None]
-    probs = predictor.predict_images([image for image in images if image is not None])
+    probs, scores = _probabilities_and_ood([im for im in images if im is not None], predictor)
     rows = dict(zip(todo, probs, strict=True))
+    ood = dict(zip(todo, scores, strict=True)) if scores is not None else {}
+    limit = spec.ood.get("threshold") if spec.ood else None
     for i, record in enumerate(records):
         record.setdefault("probabilities", {})
         record.setdefault("findings", [])
@@ -144,6 +146,10 @@ def _predict(
         record["model"] = model
         if i not in rows:
             continue
+        # out-of-distribution score (None: the model has no reference); above the threshold
+        # the image is unlike the training images and its probabilities are not to be trusted
+        record["ood_score"] = round(float(ood[i]), 3) if i in ood else None
+        record["low_confidence"] = bool(i in ood and limit is not None and ood[i] > limit)
         probabilities = {n: float(p) for n, p in zip(spec.class_names, rows[i], strict=True)}
         findings = aggregate_study(
             [ImageResult(uid=record["path"], eligible=True, probabilities=probabilities)], spec
@@ -168,6 +174,27 @@ def _predict(
                 record["cam"] = str(target)
 
 
+def _probabilities_and_ood(
+    images: list[np.ndarray], predictor: Predictor
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Calibrated probabilities and OOD scores (``None`` without a reference), one pass."""
+    import numpy as np
+    import torch
+
+    from triage_core import ood
+    from triage_core.imaging import to_tensor
+
+    if not images:
+        return np.zeros((0, predictor.spec.num_classes), dtype=np.float32), None
+    batch = torch.stack([to_tensor(image, predictor.spec) for image in images])
+    probs, features = predictor.predict_with_features(batch)
+    if not predictor.spec.ood:
+        return probs, None
+    if features is not None:
+        return probs, ood.scores_from_features(predictor.spec, features)
+    return probs, predictor.ood_scores(batch)
+
+
 def _write_png(overlay: np.ndarray, target: Path) -> None:
     from PIL import Image
 
@@ -185,7 +212,7 @@ def _print_table(records: list[dict[str, Any]], out: TextIO) -> None:
         elif not r["eligible"]:
             status, priority, detail = "not eligible", "-", r["reason"]
         else:
-            status = "ok"
+            status = "LOW CONFIDENCE" if r.get("low_confidence") else "ok"
             priority = f"{r['priority_score']:.1f} {r['priority_level']}"
             detail = ", ".join(
                 f"{name}{'*' if name in r['findings'] else ''} {p:.3f}"
@@ -199,6 +226,11 @@ def _print_table(records: list[dict[str, Any]], out: TextIO) -> None:
     if records:
         model = records[0]["model"]
         out.write(f"model: {model['name']} v{model['version']}; * = present at threshold\n")
+        if any(r.get("low_confidence") for r in records):
+            out.write(
+                "LOW CONFIDENCE: the image is unlike the model's training images "
+                "(out-of-distribution score above the threshold); do not trust its scores\n"
+            )
 
 
 def run(args: argparse.Namespace) -> int:

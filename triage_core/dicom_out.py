@@ -101,6 +101,10 @@ ABSENT = Code("272519000", "SCT", "Absent")
 UNIT_ONE = Code("1", "UCUM", "no units")
 UNIT_SCORE = Code("{score}", "UCUM", "score")
 CHEST_IMAGING = Code("413815006", "SCT", "Chest imaging")
+#: Out-of-distribution score of the study's least typical image (``triage_core.ood``).
+OOD_SCORE = Code("OODSCORE", PRIVATE_SCHEME, "Out-of-distribution score")
+#: Present: some image is unlike the model's training images (score above the threshold).
+LOW_CONFIDENCE = Code("LOWCONFIDENCE", PRIVATE_SCHEME, "Low confidence (atypical input)")
 SOURCE_IMAGE_PURPOSE = Code("121322", "DCM", "Source image for image processing operation")
 PRIORITY_LEVEL_CODES: dict[str, Code] = {
     level: Code(level.upper(), PRIVATE_SCHEME, level) for level in PRIORITY_LEVELS
@@ -569,16 +573,41 @@ def _finding_group(finding: Finding, spec: ModelSpec, by_uid: dict[str, Dataset]
     )
 
 
-def _priority_group(result: StudyResult, spec: ModelSpec) -> Any:
-    """The measurement group that carries the study priority (score and level)."""
+def _ood_score(result: StudyResult) -> Any:
     import highdicom as hd
 
+    score = result.ood_score
+    return hd.sr.Measurement(
+        name=OOD_SCORE, value=float(score if score is not None else 0.0), unit=UNIT_SCORE
+    )
+
+
+def _low_confidence(result: StudyResult) -> Any:
+    import highdicom as hd
+
+    return hd.sr.QualitativeEvaluation(
+        name=LOW_CONFIDENCE, value=PRESENT if result.low_confidence else ABSENT
+    )
+
+
+def _priority_group(result: StudyResult, spec: ModelSpec) -> Any:
+    """The measurement group that carries the study priority (score and level) and, when the
+    model has an out-of-distribution reference, the OOD score and the low-confidence flag."""
+    import highdicom as hd
+
+    measurements = [_priority_score(result)]
+    evaluations = [_priority_level(result)]
+    parameters = [RESEARCH_STATEMENT]
+    if spec.ood:
+        measurements.append(_ood_score(result))
+        evaluations.append(_low_confidence(result))
+        parameters.insert(0, f"ood_threshold={float(spec.ood['threshold']):.6g}")
     return hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=_tracking(PRIORITY_TRACKING_ID),
         finding_type=PRIORITY,
-        algorithm_id=_algorithm_id(spec, [RESEARCH_STATEMENT]),
-        measurements=[_priority_score(result)],
-        qualitative_evaluations=[_priority_level(result)],
+        algorithm_id=_algorithm_id(spec, parameters),
+        measurements=measurements,
+        qualitative_evaluations=evaluations,
     )
 
 
@@ -720,6 +749,9 @@ class ReportBuilder:
             _put(groups[slots.group], slots.tracking_uid, tracking[1])
             _put(groups[slots.group], slots.value, _priority_score(result)[0])
             _put(groups[slots.group], slots.evaluation, _priority_level(result)[0])
+            if spec.ood:
+                _put(groups[slots.group], slots.ood_value, _ood_score(result)[0])
+                _put(groups[slots.group], slots.ood_evaluation, _low_confidence(result)[0])
             # the document around the layout's root; its root items are replaced below
             sr = _comprehensive_sr(
                 result, source_list, spec, self.device_uid, layout.root, series_number,
@@ -774,6 +806,8 @@ class _Slots:
     value: int
     evaluation: int
     source: int
+    ood_value: int = -1  # priority group only, when the model has an OOD reference
+    ood_evaluation: int = -1
 
 
 @dataclass(frozen=True)
@@ -863,6 +897,8 @@ def _make_layout(
                 value=find("NUM", value_names[index]),
                 evaluation=find("CODE", evaluation_names[index]),
                 source=find(_SOURCE_IMAGE_TYPE, None),
+                ood_value=find("NUM", OOD_SCORE.value),
+                ood_evaluation=find("CODE", LOW_CONFIDENCE.value),
             )
         )
     if len(slots) != len(names):
@@ -1214,6 +1250,32 @@ def priority_from_sr(ds: Dataset | str | Path) -> tuple[float, str]:
     raise DicomOutputError("SR holds no study priority group")
 
 
+def low_confidence_from_sr(ds: Dataset | str | Path) -> tuple[float, bool] | None:
+    """``(OOD score, low confidence)`` from an SR made by :func:`build_sr`, or ``None`` when
+    the model that made it had no out-of-distribution reference.
+
+    Raises
+    ------
+    DicomOutputError
+        When the dataset is not such an SR or has no priority group.
+    """
+    for group in _measurement_groups(ds):
+        if group.tracking_identifier != PRIORITY_TRACKING_ID:
+            continue
+        scores = group.get_measurements(name=OOD_SCORE)
+        flags = group.get_qualitative_evaluations(name=LOW_CONFIDENCE)
+        if not scores and not flags:
+            return None
+        if len(scores) != 1 or len(flags) != 1:
+            raise DicomOutputError("SR priority group: expected one OOD score and one flag")
+        value = flags[0].value
+        return float(scores[0].value), (value.value, value.scheme_designator) == (
+            PRESENT.value,
+            PRESENT.scheme_designator,
+        )
+    raise DicomOutputError("SR holds no study priority group")
+
+
 __all__ = [
     "MANUFACTURER",
     "NOT_FOR_DIAGNOSTIC_USE",
@@ -1224,5 +1286,6 @@ __all__ = [
     "default_device_uid",
     "finding_code",
     "findings_from_sr",
+    "low_confidence_from_sr",
     "priority_from_sr",
 ]

@@ -340,6 +340,18 @@ class Predictor:
         features = np.ascontiguousarray(torch.cat(captured).numpy(), dtype=np.float32)
         return probs, features
 
+    def ood_scores(self, batch: torch.Tensor) -> np.ndarray | None:
+        """Out-of-distribution scores ``(N,)`` (:mod:`triage_core.ood`) for a ``(N, 3, S, S)``
+        batch, or ``None`` when the checkpoint has no OOD reference. Runs the fp32 model (one
+        forward pass); :meth:`predict_with_features` gives the same scores' inputs for free."""
+        from triage_core import ood
+
+        if not self.spec.ood:
+            return None
+        with self._lock:
+            pooled = ood.pooled_features(self.model, self.spec, batch, self.batch_size)
+        return ood.scores_from_features(self.spec, pooled)
+
     def predict_images(self, images: Sequence[np.ndarray]) -> np.ndarray:
         """Calibrated probabilities ``(N, C)`` for display-ready ``H x W`` images in [0, 1].
 

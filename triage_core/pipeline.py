@@ -7,7 +7,10 @@
 2. **select**: ``imaging.check_eligibility``; a non-eligible image keeps its ``reason``;
 3. **preprocess**: ``imaging.load_image`` + ``imaging.to_tensor`` for the eligible ones (a pixel
    decoding failure is again an ``error`` on that image);
-4. **infer**: one batched :meth:`Predictor.predict_tensors` call: calibrated probabilities;
+4. **infer**: one batched :meth:`Predictor.predict_with_features` call: calibrated
+   probabilities, and the out-of-distribution score of each image (:mod:`triage_core.ood`) from
+   the same pass's activations; above the checkpoint's threshold an image is
+   ``low_confidence`` (and so is the study: ``StudyResult.low_confidence``);
 5. **aggregate + score**: ``inference.aggregate_study`` (per finding, the maximum over the
    eligible images, remembering the image) and ``priority.score_study``;
 6. **explain**: Grad-CAM, for the top finding's class, on the image that gave the top finding,
@@ -38,6 +41,8 @@ from triage_core.errors import ImageReadError, TriageError
 from triage_core.spec import Finding, ImageResult, StudyResult
 
 if TYPE_CHECKING:
+    import torch
+
     from triage_core.inference import Predictor
 
 logger = logging.getLogger(__name__)
@@ -91,6 +96,16 @@ def _join_reasons(images: Sequence[ImageResult]) -> str:
     return "; ".join(parts) or "no instances"
 
 
+@dataclass
+class _Batch:
+    """The eligible images of a study on their way through preprocessing and inference."""
+
+    uids: list[str] = field(default_factory=list)
+    images: dict[str, np.ndarray] = field(default_factory=dict)
+    tensors: list[torch.Tensor] = field(default_factory=list)
+    features: np.ndarray | None = None
+
+
 def triage_study(
     study_uid: str,
     instances: Sequence[tuple[str, Path]],
@@ -119,15 +134,72 @@ def triage_study(
     StudyOutput
         Never raises for bad input files: they are recorded per image.
     """
-    from triage_core.imaging import check_eligibility, load_image, read_dataset, to_tensor
     from triage_core.inference import aggregate_study
     from triage_core.priority import score_study
 
     spec = predictor.spec
     timings: dict[str, float] = {}
     started = time.perf_counter()
+    results, datasets, eligible = _read_and_select(study_uid, instances)
+    timings["read"] = time.perf_counter() - started
 
-    # 1-2. read and select
+    mark = time.perf_counter()
+    batch = _preprocess(study_uid, eligible, datasets, predictor, results)
+    timings["preprocess"] = time.perf_counter() - mark
+
+    mark = time.perf_counter()
+    _infer(batch, predictor, results)
+    timings["inference"] = time.perf_counter() - mark
+
+    ordered = tuple(results.values())  # instance order, duplicates dropped
+    findings = aggregate_study(ordered, spec)
+    score, level = score_study(findings, spec)
+
+    mark = time.perf_counter()
+    explained = _explain(study_uid, findings, batch, predictor, cam_max_side) if with_cam else None
+    timings["cam"] = time.perf_counter() - mark
+    timings["total"] = time.perf_counter() - started
+
+    status = "done" if findings else "not_eligible"
+    result = StudyResult(
+        study_uid=study_uid,
+        status=status,
+        reason="" if findings else _join_reasons(ordered),
+        findings=findings,
+        priority_score=score,
+        priority_level=level,
+        images=ordered,
+        model_name=spec.name or spec.arch,
+        model_version=spec.version,
+        timings=timings,
+    )
+    logger.info(
+        "study %s: %s, priority %.1f (%s), %d/%d images used%s, %.2f s",
+        study_uid,
+        status,
+        score,
+        level,
+        len(batch.uids),
+        len(instances),
+        ", LOW CONFIDENCE (unlike the training images)" if result.low_confidence else "",
+        timings["total"],
+    )
+    output = StudyOutput(result=result, datasets=datasets)
+    if explained is not None:
+        output.cam_overlay, output.cam_source_uid, output.cam_finding = explained
+    return output
+
+
+def _read_and_select(
+    study_uid: str, instances: Sequence[tuple[str, Path]]
+) -> tuple[dict[str, ImageResult], dict[str, Dataset], list[str]]:
+    """Stages 1-2: read every instance and check its eligibility.
+
+    Returns the per-image results so far (in instance order, duplicates dropped), the data sets
+    that could be read and the UIDs of the eligible ones.
+    """
+    from triage_core.imaging import check_eligibility, read_dataset
+
     results: dict[str, ImageResult] = {}
     datasets: dict[str, Dataset] = {}
     eligible: list[str] = []
@@ -153,99 +225,86 @@ def triage_study(
         results[uid] = ImageResult(uid=uid, eligible=ok, reason=reason)
         if ok:
             eligible.append(uid)
-    timings["read"] = time.perf_counter() - started
+    return results, datasets, eligible
 
-    # 3. preprocess
-    mark = time.perf_counter()
-    images: dict[str, np.ndarray] = {}
-    tensors = []
+
+def _preprocess(
+    study_uid: str,
+    eligible: Sequence[str],
+    datasets: dict[str, Dataset],
+    predictor: Predictor,
+    results: dict[str, ImageResult],
+) -> _Batch:
+    """Stage 3: pixels to model tensors; an undecodable image becomes an error in ``results``."""
+    from triage_core.imaging import load_image, to_tensor
+
+    batch = _Batch()
     for uid in eligible:
         try:
             image = load_image(datasets[uid])
-            tensor = to_tensor(image, spec)
+            tensor = to_tensor(image, predictor.spec)
         except _UNDECODABLE as exc:
             logger.warning("study %s: instance %s not decodable: %s", study_uid, uid, exc)
             results[uid] = ImageResult(
                 uid=uid, eligible=False, reason="pixel data not decodable", error=str(exc)
             )
             continue
-        images[uid] = image
-        tensors.append(tensor)
-    timings["preprocess"] = time.perf_counter() - mark
+        batch.uids.append(uid)
+        batch.images[uid] = image
+        batch.tensors.append(tensor)
+    return batch
 
-    # 4. infer
-    mark = time.perf_counter()
-    used = list(images)
-    features: np.ndarray | None = None
-    if used:
-        import torch
 
-        probs, features = predictor.predict_with_features(torch.stack(tensors))
-        for uid, row in zip(used, probs, strict=True):
-            results[uid] = ImageResult(
-                uid=uid,
-                eligible=True,
-                probabilities={
-                    name: float(p) for name, p in zip(spec.class_names, row, strict=True)
-                },
-            )
-    timings["inference"] = time.perf_counter() - mark
+def _infer(batch: _Batch, predictor: Predictor, results: dict[str, ImageResult]) -> None:
+    """Stage 4: one batched pass; probabilities, OOD scores and CAM activations."""
+    if not batch.uids:
+        return
+    import torch
 
-    # 5. aggregate and score
-    ordered = tuple(results.values())  # instance order, duplicates dropped
-    findings = aggregate_study(ordered, spec)
-    score, level = score_study(findings, spec)
+    from triage_core import ood
 
-    # 6. explain
-    mark = time.perf_counter()
-    overlay: np.ndarray | None = None
-    cam_uid = ""
-    cam_finding: Finding | None = None
-    if with_cam and findings:
-        top = max(findings, key=lambda f: f.probability)
-        try:
-            index = used.index(top.source_uid)
-            cam = predictor.explainer().explain(
-                images[top.source_uid],
-                spec.class_names.index(top.name),
-                tensor=tensors[index],
-                features=features[index] if features is not None else None,
-                max_side=cam_max_side,
-            )
-        except TriageError as exc:
-            logger.error("study %s: Grad-CAM failed: %s", study_uid, exc)
-        else:
-            overlay, cam_uid, cam_finding = cam.overlay, top.source_uid, top
-    timings["cam"] = time.perf_counter() - mark
-    timings["total"] = time.perf_counter() - started
+    stacked = torch.stack(batch.tensors)
+    probs, batch.features = predictor.predict_with_features(stacked)
+    spec = predictor.spec
+    scores: np.ndarray | None = None
+    if spec.ood:
+        if batch.features is not None:
+            scores = ood.scores_from_features(spec, batch.features)
+        else:  # the compiled graph kept no activations: one more (fp32) pass
+            scores = predictor.ood_scores(stacked)
+    limit = ood.threshold(spec)
+    for i, (uid, row) in enumerate(zip(batch.uids, probs, strict=True)):
+        score = None if scores is None else float(scores[i])
+        results[uid] = ImageResult(
+            uid=uid,
+            eligible=True,
+            probabilities={name: float(p) for name, p in zip(spec.class_names, row, strict=True)},
+            ood_score=score,
+            low_confidence=score is not None and limit is not None and score > limit,
+        )
 
-    status = "done" if findings else "not_eligible"
-    result = StudyResult(
-        study_uid=study_uid,
-        status=status,
-        reason="" if findings else _join_reasons(ordered),
-        findings=findings,
-        priority_score=score,
-        priority_level=level,
-        images=ordered,
-        model_name=spec.name or spec.arch,
-        model_version=spec.version,
-        timings=timings,
-    )
-    logger.info(
-        "study %s: %s, priority %.1f (%s), %d/%d images used, %.2f s",
-        study_uid,
-        status,
-        score,
-        level,
-        len(used),
-        len(instances),
-        timings["total"],
-    )
-    return StudyOutput(
-        result=result,
-        cam_overlay=overlay,
-        cam_source_uid=cam_uid,
-        cam_finding=cam_finding,
-        datasets=datasets,
-    )
+
+def _explain(
+    study_uid: str,
+    findings: Sequence[Finding],
+    batch: _Batch,
+    predictor: Predictor,
+    cam_max_side: int | None,
+) -> tuple[np.ndarray, str, Finding] | None:
+    """Stage 6: Grad-CAM of the top finding on the image that gave it (``None`` on failure)."""
+    if not findings:
+        return None
+    top = max(findings, key=lambda f: f.probability)
+    try:
+        index = batch.uids.index(top.source_uid)
+        cam = predictor.explainer().explain(
+            batch.images[top.source_uid],
+            predictor.spec.class_names.index(top.name),
+            tensor=batch.tensors[index],
+            features=batch.features[index] if batch.features is not None else None,
+            max_side=cam_max_side,
+        )
+    except TriageError as exc:
+        logger.error("study %s: Grad-CAM failed: %s", study_uid, exc)
+        return None
+    return cam.overlay, top.source_uid, top

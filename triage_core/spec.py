@@ -42,6 +42,57 @@ def _float_tuple(name: str, value: Any, length: int | None = None) -> tuple[floa
     return out
 
 
+#: Keys of a non-empty ``ModelSpec.ood`` (see ``triage_core.ood``).
+OOD_KEYS: tuple[str, ...] = (
+    "method",
+    "features",
+    "components",
+    "mean",
+    "basis",
+    "variances",
+    "residual_scale",
+    "threshold",
+)
+
+
+def _check_ood(ood: Mapping[str, Any]) -> None:
+    """Shape and type checks of the OOD reference (decoding is ``triage_core.ood``'s)."""
+    import base64
+    import binascii
+
+    missing = [k for k in OOD_KEYS if k not in ood]
+    if missing:
+        raise SpecMismatchError(f"ood.{missing[0]}", "missing")
+    unknown = sorted(set(ood) - set(OOD_KEYS) - {"reference"})
+    if unknown:
+        raise SpecMismatchError(f"ood.{unknown[0]}", "unknown field")
+    if ood["method"] != "pca_mahalanobis":
+        raise SpecMismatchError("ood.method", f"expected 'pca_mahalanobis', got {ood['method']!r}")
+    for name in ("features", "components"):
+        value = ood[name]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise SpecMismatchError(f"ood.{name}", f"expected a positive integer, got {value!r}")
+    if ood["components"] > ood["features"]:
+        raise SpecMismatchError("ood.components", "more components than features")
+    sizes = {"mean": ood["features"], "basis": ood["features"] * ood["components"]}
+    for name, count in sizes.items():
+        try:
+            raw = base64.b64decode(str(ood[name]), validate=True)
+        except (binascii.Error, ValueError) as exc:
+            raise SpecMismatchError(f"ood.{name}", f"not base64 ({exc})") from exc
+        if len(raw) != 2 * count:  # float16
+            raise SpecMismatchError(
+                f"ood.{name}", f"expected {count} float16 values, got {len(raw)} bytes"
+            )
+    variances = _float_tuple("ood.variances", ood["variances"], ood["components"])
+    if min(variances) <= 0:
+        raise SpecMismatchError("ood.variances", "must be positive")
+    for name in ("residual_scale", "threshold"):
+        value = _float_tuple(f"ood.{name}", [ood[name]], 1)[0]
+        if value <= 0:
+            raise SpecMismatchError(f"ood.{name}", f"must be positive, got {value}")
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """Everything needed to use a set of weights correctly.
@@ -72,6 +123,10 @@ class ModelSpec:
         Training summary (data, split sizes, epochs, seed, command...).
     metrics : dict
         Validation / test metrics recorded at training time.
+    ood : dict
+        Out-of-distribution reference (``triage_core.ood.fit_reference``): the training images'
+        pooled features summarised by a mean and a PCA basis, and the score ``threshold`` above
+        which an image is reported as low confidence. Empty: no OOD score.
     code_version : str
         Version of cxr-triage that produced the checkpoint.
     """
@@ -90,6 +145,7 @@ class ModelSpec:
     version: str = "0"
     training: Mapping[str, Any] = field(default_factory=dict)
     metrics: Mapping[str, Any] = field(default_factory=dict)
+    ood: Mapping[str, Any] = field(default_factory=dict)
     code_version: str = ""
     format_version: int = SPEC_FORMAT_VERSION
 
@@ -155,9 +211,11 @@ class ModelSpec:
             raise SpecMismatchError("name", f"expected a string, got {self.name!r}")
         if not isinstance(self.version, str):
             raise SpecMismatchError("version", f"expected a string, got {self.version!r}")
-        for name in ("training", "metrics"):
+        for name in ("training", "metrics", "ood"):
             if not isinstance(getattr(self, name), Mapping):
                 raise SpecMismatchError(name, "expected a JSON object")
+        if self.ood:
+            _check_ood(self.ood)
         if self.format_version != SPEC_FORMAT_VERSION:
             raise SpecMismatchError(
                 "format_version",
@@ -169,6 +227,7 @@ class ModelSpec:
         out = asdict(self)
         out["training"] = dict(self.training)
         out["metrics"] = dict(self.metrics)
+        out["ood"] = dict(self.ood)
         return out
 
     @classmethod
@@ -236,6 +295,10 @@ class ImageResult:
     reason: str = ""
     probabilities: Mapping[str, float] = field(default_factory=dict)
     error: str = ""
+    #: Out-of-distribution score (``triage_core.ood``); ``None`` when the model has no reference.
+    ood_score: float | None = None
+    #: The score is above the checkpoint's threshold: the image is unlike the training images.
+    low_confidence: bool = False
 
 
 @dataclass(frozen=True)
@@ -252,6 +315,21 @@ class StudyResult:
     model_name: str = ""
     model_version: str = ""
     timings: Mapping[str, float] = field(default_factory=dict)
+
+    @property
+    def low_confidence(self) -> bool:
+        """Some eligible image scored above the out-of-distribution threshold."""
+        return any(im.low_confidence for im in self.images if im.eligible and not im.error)
+
+    @property
+    def ood_score(self) -> float | None:
+        """The highest out-of-distribution score of the eligible images (``None``: unscored)."""
+        scores = [
+            im.ood_score
+            for im in self.images
+            if im.eligible and not im.error and im.ood_score is not None
+        ]
+        return max(scores) if scores else None
 
     @property
     def top_finding(self) -> Finding | None:

@@ -30,6 +30,7 @@ from triage_core.dicom_out import (
     default_device_uid,
     finding_code,
     findings_from_sr,
+    low_confidence_from_sr,
     priority_from_sr,
 )
 from triage_core.errors import DicomOutputError, TriageError
@@ -325,6 +326,58 @@ def test_report_builder_gives_build_srs_content(
                 report = hd.sr.Comprehensive3DSR.from_dataset(back)
                 assert report.SOPClassUID == COMPREHENSIVE_3D_SR
     assert len(builder._layouts) == 2  # two layouts among the three results
+
+
+def _with_ood_reference(spec: ModelSpec, threshold: float) -> ModelSpec:
+    """The spec with a (made-up, well-formed) OOD reference: the SR only reports its outcome."""
+    from triage_core.ood import _encode
+
+    reference = {
+        "method": "pca_mahalanobis",
+        "features": 4,
+        "components": 2,
+        "mean": _encode(np.zeros(4)),
+        "basis": _encode(np.eye(2, 4)),
+        "variances": [1.0, 1.0],
+        "residual_scale": 1.0,
+        "threshold": threshold,
+    }
+    return spec.replace(ood=reference)
+
+
+@pytest.mark.parametrize("flagged", [True, False])
+def test_sr_reports_low_confidence(
+    flagged: bool, header: Callable[[str], Dataset], spec: ModelSpec, tmp_path: Path
+) -> None:
+    from triage_core.spec import ImageResult
+
+    source = header(RG1)
+    ood_spec = _with_ood_reference(spec, threshold=3.0)
+    score = 7.25 if flagged else 1.5
+    image = ImageResult(
+        uid=str(source.SOPInstanceUID),
+        eligible=True,
+        probabilities={"Atelectasis": 0.8},
+        ood_score=score,
+        low_confidence=score > 3.0,
+    )
+    result = _result(
+        source.StudyInstanceUID, _findings(ood_spec, source.SOPInstanceUID), images=(image,)
+    )
+    assert result.low_confidence is flagged
+    builder = ReportBuilder(ood_spec, device_uid=DEVICE_UID)
+    for name, sr in (
+        ("plain", build_sr(result, [source], ood_spec, device_uid=DEVICE_UID)),
+        ("fast", builder.build(result, [source])),
+    ):
+        path = _save(sr, tmp_path / f"{name}.dcm")
+        _dciodvfy(path)
+        back = pydicom.dcmread(path)
+        assert low_confidence_from_sr(back) == (score, flagged)
+        assert priority_from_sr(back) == (result.priority_score, result.priority_level)
+    # a model without a reference writes neither item
+    plain = build_sr(result, [source], spec, device_uid=DEVICE_UID)
+    assert low_confidence_from_sr(plain) is None
 
 
 def test_report_builder_shares_nothing_between_reports(

@@ -69,6 +69,8 @@ def test_mixed_inputs_json_lines(
         assert record["findings"] == present
         assert 0.0 <= record["priority_score"] <= 100.0
         assert record["priority_level"] in ("routine", "urgent", "critical")
+        # the tiny model has no OOD reference: no score, never flagged
+        assert record["ood_score"] is None and record["low_confidence"] is False
         # one overlay PNG per eligible input, at the source resolution
         cam = Path(record["cam"])
         assert cam.parent == cam_dir and cam.suffix == ".png"
@@ -165,3 +167,49 @@ def test_through_the_triage_command(
     assert args._module == "dicom_node.cmd_predict"
     assert cli.main(["predict", "--model", str(tiny_checkpoint), str(dicom_dir / HIP[0])]) == 0
     assert json.loads(capsys.readouterr().out)["reason"] == "body part HIP"
+
+
+def test_low_confidence_in_json_and_table(
+    dicom_dir: Path,
+    cxr14_dir: Path,
+    tiny_checkpoint: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A checkpoint with an OOD reference (fitted on chest PNGs, threshold set between the
+    chest films' scores and a noise image's): the noise image is flagged, the chest one is not."""
+    import numpy as np
+    import torch
+
+    from triage_core import ood
+    from triage_core.imaging import load_image, to_tensor
+    from triage_core.models import load_checkpoint, save_checkpoint
+
+    model, spec = load_checkpoint(tiny_checkpoint)
+    pngs = sorted((cxr14_dir / "256").glob("*.png"))[:24]
+    tensors = torch.stack([to_tensor(load_image(p), spec) for p in pngs])
+    reference = ood.fit_reference(model, spec, tensors, components=4, quantile=0.99)
+    noise = tmp_path / "noise.png"
+    rng = np.random.default_rng(1)
+    Image.fromarray(rng.integers(0, 256, (64, 64), dtype=np.uint8)).save(noise)
+    chest = dicom_dir / CHEST[1]
+    with_ood = spec.replace(ood=reference)
+    scores = ood.scores_from_features(
+        with_ood,
+        ood.pooled_features(
+            model, spec, torch.stack([to_tensor(load_image(p), spec) for p in (chest, noise)])
+        ),
+    )
+    assert scores is not None and scores[1] > scores[0]
+    limit = float((scores[0] + scores[1]) / 2)
+    checkpoint = save_checkpoint(
+        model, with_ood.replace(ood={**reference, "threshold": limit}), tmp_path / "ood"
+    )
+    assert _run(["--model", str(checkpoint), str(chest), str(noise)]) == 0
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["low_confidence"] for r in records] == [False, True]
+    assert records[0]["ood_score"] < limit < records[1]["ood_score"]
+    assert _run(["--model", str(checkpoint), "--format", "table", str(chest), str(noise)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert " ok " in out[1] and "LOW CONFIDENCE" in out[2]
+    assert out[-1].startswith("LOW CONFIDENCE: the image is unlike")

@@ -1,0 +1,258 @@
+"""Out-of-distribution score: how unlike the training images an input looks to the model.
+
+A classifier gives confident-looking probabilities for anything, a hip film or a photograph
+included. The score here measures the distance of the image's pooled features (the global
+average of the Grad-CAM target layer, i.e. what the classifier head sees) from the training
+images' features:
+
+* the training features are summarised by their mean and the ``k`` leading principal
+  components (a full covariance of 1280 features cannot be estimated from a few hundred images);
+* an image's score combines the Mahalanobis distance inside that subspace (Hotelling's T^2) and
+  the squared residual outside it (the Q statistic, scaled by its training mean), normalised so
+  that a typical training image scores about 1:
+  ``score = sqrt((T^2 + Q / mean_train(Q)) / (k + 1))``;
+* the threshold is a high quantile of the scores of held-out in-distribution images (the
+  validation split), so about ``1 - quantile`` of ordinary chest films are flagged.
+
+(Lee et al. 2018 use class-conditional Mahalanobis distances with a shared covariance; with three
+overlapping labels and a few hundred images a single Gaussian in a PCA subspace is what the data
+supports. PCA T^2 + Q is the classical pair from multivariate process monitoring.)
+
+The reference lives in ``ModelSpec.ood`` (float16 arrays, base64), written at export time by
+:func:`fit_reference`; :func:`scores` applies it. Above ``threshold`` an image is reported as low
+confidence (SR, worklist, API, ``triage predict``).
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from triage_core.errors import SpecMismatchError
+from triage_core.spec import ModelSpec
+
+if TYPE_CHECKING:
+    import torch
+
+logger = logging.getLogger(__name__)
+
+METHOD = "pca_mahalanobis"
+#: Principal components kept by default (measured: 8-32 separate the shared hip film and a
+#: photograph from chest films alike; 16 keeps the spec small, ~45 KB).
+DEFAULT_COMPONENTS = 16
+#: Default quantile of the held-out scores used as the threshold.
+DEFAULT_QUANTILE = 0.99
+
+
+@dataclass(frozen=True)
+class Reference:
+    """Decoded ``ModelSpec.ood``."""
+
+    mean: np.ndarray  # (D,)
+    basis: np.ndarray  # (k, D), orthonormal rows
+    variances: np.ndarray  # (k,)
+    residual_scale: float
+    threshold: float
+
+    @classmethod
+    def from_spec(cls, spec: ModelSpec) -> Reference | None:
+        """The reference of ``spec``, or ``None`` when the checkpoint has none."""
+        ood = spec.ood
+        if not ood:
+            return None
+        features, k = int(ood["features"]), int(ood["components"])
+        return cls(
+            mean=_decode(ood["mean"], (features,)),
+            basis=_decode(ood["basis"], (k, features)),
+            variances=np.asarray(ood["variances"], dtype=np.float64),
+            residual_scale=float(ood["residual_scale"]),
+            threshold=float(ood["threshold"]),
+        )
+
+    def scores(self, pooled: np.ndarray) -> np.ndarray:
+        """Scores ``(N,)`` for pooled features ``(N, D)``."""
+        x = np.asarray(pooled, dtype=np.float64)
+        if x.ndim != 2 or x.shape[1] != self.mean.shape[0]:
+            raise ValueError(
+                f"expected pooled features of shape (N, {self.mean.shape[0]}), got {x.shape}"
+            )
+        centred = x - self.mean
+        coords = centred @ self.basis.T
+        t2 = (coords**2 / self.variances).sum(axis=1)
+        residual = ((centred - coords @ self.basis) ** 2).sum(axis=1)
+        k = self.basis.shape[0]
+        out: np.ndarray = np.sqrt((t2 + residual / self.residual_scale) / (k + 1))
+        return out
+
+
+def _encode(values: np.ndarray) -> str:
+    return base64.b64encode(np.asarray(values, dtype="<f2").tobytes()).decode("ascii")
+
+
+def _decode(text: str, shape: tuple[int, ...]) -> np.ndarray:
+    raw = base64.b64decode(text, validate=True)
+    values = np.frombuffer(raw, dtype="<f2").astype(np.float64)
+    if values.size != int(np.prod(shape)):
+        raise SpecMismatchError("ood", f"expected {shape} values, got {values.size}")
+    return values.reshape(shape)
+
+
+def pooled_features(
+    model: torch.nn.Module, spec: ModelSpec, tensors: torch.Tensor, batch_size: int = 32
+) -> np.ndarray:
+    """Global-average-pooled activations of the Grad-CAM target layer, ``(N, D)`` float32.
+
+    ``tensors`` are ``(N, 3, S, S)`` from ``imaging.to_tensor`` (fp16 caches are accepted).
+    The model is run in eval mode, fp32, without gradients.
+    """
+    import torch
+
+    from triage_core.models import cam_target_layers
+
+    layer = cam_target_layers(model, spec.arch)[0]
+    captured: list[torch.Tensor] = []
+
+    def keep(_module: Any, _inputs: Any, output: torch.Tensor) -> None:
+        captured.append(output.detach().float().mean(dim=(2, 3)).cpu())
+
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    handle = layer.register_forward_hook(keep)
+    try:
+        with torch.inference_mode():
+            for start in range(0, tensors.shape[0], batch_size):
+                batch = tensors[start : start + batch_size].to(device, torch.float32)
+                model(batch)
+    finally:
+        handle.remove()
+        model.train(was_training)
+    if not captured:
+        return np.zeros((0, 0), dtype=np.float32)
+    return np.ascontiguousarray(torch.cat(captured).numpy(), dtype=np.float32)
+
+
+def fit_reference(
+    model: torch.nn.Module,
+    spec: ModelSpec,
+    train: torch.Tensor,
+    held_out: torch.Tensor | None = None,
+    *,
+    components: int = DEFAULT_COMPONENTS,
+    quantile: float = DEFAULT_QUANTILE,
+) -> dict[str, Any]:
+    """The ``ModelSpec.ood`` entry for ``model``: ``spec.replace(ood=fit_reference(...))``.
+
+    Parameters
+    ----------
+    model, spec : the trained model (any registered architecture) and its spec.
+    train : torch.Tensor
+        ``(N, 3, S, S)`` training-split tensors (``imaging.to_tensor``, no augmentation).
+    held_out : torch.Tensor, optional
+        Validation-split tensors; the threshold is their ``quantile`` score. Without them the
+        training scores are used (optimistic: the reference was fitted on them).
+    components : int
+        Principal components kept (at most ``N - 1``).
+    quantile : float
+        In (0, 1): the share of ordinary images expected below the threshold.
+
+    Returns
+    -------
+    dict
+        JSON-serialisable; ``reference`` records how it was made.
+
+    Raises
+    ------
+    ValueError
+        Too few images, bad ``components`` or ``quantile``.
+    """
+    if not 0.0 < quantile < 1.0:
+        raise ValueError(f"quantile must lie in (0, 1), got {quantile!r}")
+    n = int(train.shape[0])
+    if n < 3:
+        raise ValueError(f"an OOD reference needs at least 3 training images, got {n}")
+    if not isinstance(components, int) or not 1 <= components < n:
+        raise ValueError(f"components must be an integer in [1, {n - 1}], got {components!r}")
+    feats = pooled_features(model, spec, train).astype(np.float64)
+    mean = feats.mean(axis=0)
+    _, singular, vt = np.linalg.svd(feats - mean, full_matrices=False)
+    k = min(components, vt.shape[0])
+    basis = vt[:k]
+    variances = np.maximum(singular[:k] ** 2 / (n - 1), 1e-12)
+    # the stored (float16) arrays are the ones used from now on: fit the scales with them
+    mean16 = mean.astype(np.float16).astype(np.float64)
+    basis16 = basis.astype(np.float16).astype(np.float64)
+    centred = feats - mean16
+    coords = centred @ basis16.T
+    residual = ((centred - coords @ basis16) ** 2).sum(axis=1)
+    residual_scale = float(max(residual.mean(), 1e-12))
+    ref = Reference(mean16, basis16, variances, residual_scale, threshold=1.0)
+    if held_out is not None and held_out.shape[0] > 0:
+        calib = ref.scores(pooled_features(model, spec, held_out))
+        source = "held_out"
+    else:
+        calib = ref.scores(feats)
+        source = "train"
+    threshold = float(np.quantile(calib, quantile))
+    logger.info(
+        "OOD reference: %d images, %d features, %d components, threshold %.3f (%s q%.3f)",
+        n,
+        feats.shape[1],
+        k,
+        threshold,
+        source,
+        quantile,
+    )
+    return {
+        "method": METHOD,
+        "features": int(feats.shape[1]),
+        "components": int(k),
+        "mean": _encode(mean),
+        "basis": _encode(basis),
+        "variances": [float(v) for v in variances],
+        "residual_scale": residual_scale,
+        "threshold": threshold,
+        "reference": {
+            "train_images": n,
+            "threshold_from": source,
+            "threshold_images": int(calib.shape[0]),
+            "quantile": quantile,
+        },
+    }
+
+
+def scores_from_features(spec: ModelSpec, features: np.ndarray) -> np.ndarray | None:
+    """Scores for ``(N, K, h, w)`` activations or ``(N, K)`` pooled features; ``None`` without a
+    reference in ``spec``."""
+    ref = _reference(spec)
+    if ref is None:
+        return None
+    x = np.asarray(features, dtype=np.float32)
+    pooled = x.mean(axis=(2, 3)) if x.ndim == 4 else x
+    return ref.scores(pooled)
+
+
+_CACHE: dict[int, tuple[ModelSpec, Reference | None]] = {}
+
+
+def _reference(spec: ModelSpec) -> Reference | None:
+    """Decoded once per spec object (specs are frozen)."""
+    hit = _CACHE.get(id(spec))
+    if hit is not None and hit[0] is spec:
+        return hit[1]
+    ref = Reference.from_spec(spec)
+    if len(_CACHE) > 16:
+        _CACHE.clear()
+    _CACHE[id(spec)] = (spec, ref)
+    return ref
+
+
+def threshold(spec: ModelSpec) -> float | None:
+    """The checkpoint's OOD threshold, or ``None`` without a reference."""
+    ood: Mapping[str, Any] = spec.ood
+    return float(ood["threshold"]) if ood else None
