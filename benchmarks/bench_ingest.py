@@ -5,8 +5,8 @@ synthetic plumbing instances (distinct SOP Instance UIDs, noise pixels) in one a
 
 * DCMTK ``storescp`` writing each file to disk (page cache: it never fsyncs),
 * ``triage serve --workers 0`` (ingest only), durable: success is answered once the instance
-  is on stable storage (small instances: a flushed receipt-journal record; large ones: the
-  spool file fsynced and renamed, its folder fsynced, its row committed), and
+  is on stable storage (the spool file fsynced and renamed, its folder fsynced, its row
+  committed: docs/durability.md), and
 * the same ``triage serve`` with ``TRIAGE_SPOOL_FSYNC=false``, which gives storescp's guarantee
   (page cache only): the difference between the two is the price of durability on this disk,
 

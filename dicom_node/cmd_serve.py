@@ -140,21 +140,21 @@ def build_node(settings: NodeSettings, model_path: Path | None) -> Node:
     from dicom_node.api import HttpApi
     from dicom_node.jobs import Jobs, lease_job, purge_job, stable_job
     from dicom_node.node import Node, open_parts, processing_components
-    from dicom_node.service import Ingest
+    from dicom_node.receiver import Receiver
 
     parts = open_parts(settings)
     worklist, wakeups = parts.worklist, parts.wakeups
     jobs = [stable_job(settings, worklist, wakeups), lease_job(settings, worklist, wakeups)]
     if settings.retention_days:
         jobs.append(purge_job(settings, worklist))
-    ingest = Ingest(settings, worklist, parts.metrics)
     components = [
         *processing_components(parts, model_path),
         Jobs(jobs),
         HttpApi(settings, worklist, parts.metrics),
-        ingest,  # the DICOM port opens last: a C-ECHO answer means ready
+        # recovery, then the DICOM port, last: a C-ECHO answer means ready
+        Receiver(settings, worklist, parts.metrics),
     ]
-    return Node("serve", parts, components, after_close=[ingest.write_clean_marker])
+    return Node("serve", parts, components)
 
 
 def run_node(

@@ -162,17 +162,8 @@ class Metrics:
         self._collector = _WorklistCollector(worklist)
         self.registry.register(self._collector)  # type: ignore[arg-type]
 
-    def attach_receiver(
-        self, pending: Callable[[], float], associations: Callable[[], float]
-    ) -> None:
-        """Gauges of the receive path, read at scrape time: instances acknowledged through the
-        receipt journal but not yet in the spool and the worklist, and open associations."""
-        journal = Gauge(
-            "triage_journal_pending",
-            "Instances acknowledged through the receipt journal, not yet in spool and worklist",
-            registry=self.registry,
-        )
-        journal.set_function(pending)
+    def attach_receiver(self, associations: Callable[[], float]) -> None:
+        """Gauge of the receive path, read at scrape time: open associations."""
         open_associations = Gauge(
             "triage_associations_open",
             "DICOM associations being served",

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from dicom_node.handlers import write_durable
+from dicom_node.ingest.durable import write_durable
 
 if TYPE_CHECKING:
     import numpy as np

@@ -4,7 +4,7 @@ Joins the network layer (:mod:`dicom_node.net`) to the receive path: every stora
 class is accepted (what is not a chest radiograph is stored and later marked not eligible),
 each with the transfer syntaxes of :data:`dicom_node.net.negotiation.TRANSFER_SYNTAXES`;
 associations are admitted by :class:`~dicom_node.net.policy.AccessPolicy`; each C-STORE data
-set goes to an :class:`~dicom_node.handlers.IncomingInstance`.
+set goes to an :class:`~dicom_node.ingest.incoming.IncomingInstance`.
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ import functools
 import logging
 from typing import TYPE_CHECKING
 
-from dicom_node.handlers import IncomingInstance, StoreContext
+from dicom_node.ingest.incoming import IncomingInstance
+from dicom_node.ingest.spool import StoreContext
 from dicom_node.net.policy import AccessPolicy
 from dicom_node.net.server import StorageServer
 from dicom_node.net.tls import server_context

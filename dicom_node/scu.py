@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dicom_node.handlers import handle_conn_open
+from dicom_node.net.tuning import handle_conn_open
 from triage_core.errors import DeliveryError
 
 if TYPE_CHECKING:

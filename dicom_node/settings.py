@@ -237,32 +237,13 @@ class NodeSettings(BaseSettings):
     sqlite_synchronous: Literal["FULL", "NORMAL"] = Field(
         "NORMAL",
         description="SQLite commit durability; NORMAL relies on the fsynced spool files as the "
-        "journal (a start after an unclean stop re-records them)",
+        "journal (every start re-records spooled instances whose rows a power cut took back)",
     )
     tcp_nodelay: bool = Field(
         True, description="disable Nagle on DICOM sockets (off only to measure its effect)"
     )
     spool_fsync: bool = Field(
         True, description="fsync spooled files before answering (turn off for benchmarks only)"
-    )
-    receipt_journal: bool = Field(
-        True,
-        description="acknowledge small instances through the group-committed receipt journal "
-        "(one flush per C-STORE instead of file fsync + folder fsync + commit)",
-    )
-    journal_max_instance: int = Field(
-        1 << 20,
-        ge=0,
-        le=16 << 20,
-        description="largest instance (bytes) acknowledged through the receipt journal; "
-        "larger ones are streamed to their spool file and fsynced",
-    )
-    journal_batch_window: float = Field(
-        0.05,
-        ge=0.0,
-        le=60.0,
-        description="seconds the receipt journal gathers acknowledged instances before it "
-        "writes them to the spool and the worklist in one batch",
     )
 
     @model_validator(mode="after")
@@ -375,6 +356,30 @@ def read_toml(path: Path) -> dict[str, Any]:
     return data
 
 
+#: Settings that existed once and were removed: refused with the reason, wherever they are set.
+REMOVED_SETTINGS: dict[str, str] = {
+    name: "the receipt journal was removed: every C-STORE is made durable one way (fsync, "
+    "rename, folder fsync, row commit; docs/durability.md); delete this setting"
+    for name in ("receipt_journal", "journal_max_instance", "journal_batch_window")
+}
+
+
+def _refuse_removed(toml_data: Mapping[str, Any], flags: Mapping[str, Any]) -> None:
+    for name, why in REMOVED_SETTINGS.items():
+        env = f"TRIAGE_{name.upper()}"
+        where = [
+            w
+            for w, present in (
+                ("the TOML file", name in toml_data),
+                ("the command line", name in flags),
+                (f"the environment ({env})", env in os.environ),
+            )
+            if present
+        ]
+        if where:
+            raise ConfigError(f"setting {name!r} in {' and '.join(where)}: {why}")
+
+
 def load_settings(
     config: Path | str | None = None, overrides: Mapping[str, Any] | None = None
 ) -> NodeSettings:
@@ -394,6 +399,7 @@ def load_settings(
     """
     toml_data = read_toml(Path(config)) if config is not None else {}
     flags = {k: v for k, v in (overrides or {}).items() if v is not None}
+    _refuse_removed(toml_data, flags)
 
     class _Layered(NodeSettings):
         @classmethod

@@ -13,8 +13,8 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
+from dicom_node.implementation import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from dicom_node.net import limits
-from dicom_node.net.identity import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from dicom_node.net.pdu import (
     APPLICATION_CONTEXT_NOT_SUPPORTED,
     PROTOCOL_VERSION_NOT_SUPPORTED,

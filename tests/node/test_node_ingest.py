@@ -20,12 +20,14 @@ from test_node_support import (
     synthetic_cr,
 )
 
-from dicom_node.handlers import StoreContext, is_valid_uid, scan_dataset
-from dicom_node.journal import ReceiptJournal
+from dicom_node.ingest.incoming import IncomingInstance
+from dicom_node.ingest.scanner import scan_dataset
+from dicom_node.ingest.spool import GroupCommitter, StoreContext, make_record_many, make_recorder
 from dicom_node.scp import start_scp
-from dicom_node.service import make_record_many, make_recorder, open_worklist
+from dicom_node.service import open_worklist
 from dicom_node.settings import load_settings
 from triage_core.errors import ImageReadError, TruncatedFileError
+from triage_core.uids import is_valid_uid
 
 
 @dataclass
@@ -35,20 +37,12 @@ class Node:
     worklist: object
     store: StoreContext
     server: object
-    journal: ReceiptJournal | None = None
-
-    def settle(self, timeout: float = 10.0) -> None:
-        """Wait until journaled instances are materialised (spool file and row)."""
-        deadline = time.monotonic() + timeout
-        while self.journal is not None and self.journal.pending:
-            assert time.monotonic() < deadline, "journal not materialised in time"
-            time.sleep(0.01)
 
 
-@pytest.fixture(params=["file", "journal"])
-def node(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Node]:
-    """The SCP with each acknowledgement path: every instance through its own fsynced file,
-    or small ones through the receipt journal (the ``triage serve`` default)."""
+@pytest.fixture
+def node(tmp_path: Path) -> Iterator[Node]:
+    """The SCP as ``triage serve`` runs it: every instance through its own fsynced file, rows
+    through the group committer."""
     storage = tmp_path / "storage"
     settings = load_settings(
         None,
@@ -60,23 +54,14 @@ def node(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Node]:
         },
     )
     worklist = open_worklist(settings)
-    store = StoreContext(
-        storage=storage,
-        record=make_recorder(worklist),
-        record_many=make_record_many(worklist),
-    )
-    journal = None
-    if request.param == "journal":
-        journal = ReceiptJournal(storage / "journal", store.materialize, segment_size=8 << 20)
-        store.journal = journal.open()
+    committer = GroupCommitter(make_record_many(worklist))
+    store = StoreContext(storage=storage, record=make_recorder(worklist), committer=committer)
     server = start_scp(settings, store)
     try:
-        yield Node(settings.port, storage, worklist, store, server, journal)
+        yield Node(settings.port, storage, worklist, store, server)
     finally:
         server.shutdown()
-        if journal is not None:
-            journal.close()
-            assert not list((storage / "journal").glob("*.wal")), "segments left after close"
+        committer.close()
         worklist.dispose()
 
 
@@ -105,7 +90,6 @@ def test_every_shared_transfer_syntax_is_stored_byte_for_byte(node: Node, dicom_
             continue
         first_sent.setdefault(str(ds.SOPInstanceUID), path)
     assert [p.name for p in refused] == ["CR-ModalitySequenceLUT.dcm"]
-    node.settle()
     spooled = _spooled(node.storage)
     assert set(spooled) == set(first_sent)
     for sop_uid, path in first_sent.items():
@@ -152,7 +136,6 @@ def test_received_bytes_are_written_as_received(node: Node, tmp_path: Path) -> N
         tmp_path,
     )
     assert status == 0x0000
-    node.settle()
     stored = _spooled(node.storage)[str(ds.SOPInstanceUID)]
     assert dataset_bytes(stored) == payload
 
@@ -163,7 +146,6 @@ def test_repeated_instance_is_idempotent(node: Node, tmp_path: Path) -> None:
     assert storescu(node.port, [path]).returncode == 0
     assert storescu(node.port, [path]).returncode == 0
     assert node.store.stats == {"stored": 1, "duplicate": 1}
-    node.settle()
     assert len(_spooled(node.storage)) == 1
     row = node.worklist.list_worklist()  # type: ignore[attr-defined]
     assert len(row) == 1 and row[0]["num_instances"] == 1
@@ -229,14 +211,11 @@ def test_malformed_truncated_and_hostile_uid_are_refused(node: Node, tmp_path: P
     assert new_outside == outside_before
     # and the next association still succeeds
     assert storescu(node.port, [good]).returncode == 0
-    node.settle()
     assert sop_uid in _spooled(node.storage)
 
 
 def _receive(ctx: StoreContext, path: Path, pieces: int = 3) -> int:
     """Drive one IncomingInstance with a file's data set, in ``pieces`` fragments."""
-    from dicom_node.handlers import IncomingInstance
-
     ds = pydicom.dcmread(path, stop_before_pixels=True)
     payload = memoryview(dataset_bytes(path))
     incoming = IncomingInstance.open(
@@ -296,8 +275,6 @@ def test_incoming_instance_is_written_as_received(tmp_path: Path) -> None:
     assert _receive(ctx, good) == 0x0000
     assert recorded[1] == recorded[0]
     # an instance whose association ended early leaves nothing behind
-    from dicom_node.handlers import IncomingInstance
-
     partial = IncomingInstance.open(
         ctx, sop_class_uid="1.2.3", sop_instance_uid="1.2.4", transfer_syntax="1.2.840.10008.1.2.1",
         calling_ae="T",
@@ -348,9 +325,6 @@ def test_group_commit_batches_parallel_associations(tmp_path: Path) -> None:
 
     from test_node_support import STORESCU, dcmtk_env
 
-    from dicom_node.handlers import GroupCommitter
-    from dicom_node.service import make_record_many
-
     storage = tmp_path / "storage"
     settings = load_settings(
         None, {"port": free_port(), "bind_address": "127.0.0.1", "storage": storage}
@@ -392,10 +366,11 @@ def test_group_commit_batches_parallel_associations(tmp_path: Path) -> None:
     worklist.dispose()
 
 
-def test_spool_reconciliation_rerecords_lost_rows(tmp_path: Path) -> None:
+def test_recovery_rerecords_lost_rows_and_removes_leftovers(tmp_path: Path) -> None:
     """A power cut may lose the last SQLite commits (synchronous=NORMAL), never the spooled
-    files: the start after an unclean stop re-records them from the spool paths."""
-    from dicom_node.service import reconcile_spool
+    files: every start re-records them from the spool paths and deletes what was never
+    acknowledged (partial instances, interrupted writes)."""
+    from dicom_node.ingest.recovery import recover_storage
 
     storage = tmp_path / "storage"
     spool = storage / "spool"
@@ -408,17 +383,186 @@ def test_spool_reconciliation_rerecords_lost_rows(tmp_path: Path) -> None:
         paths.append(src.rename(target / f"{ds.SOPInstanceUID}.dcm"))
     stale = paths[0].parent / ".x.dcm.deadbeef.tmp"
     stale.write_bytes(b"partial")
+    (spool / ".incoming").mkdir()
+    part = spool / ".incoming" / "0123.part"
+    part.write_bytes(b"half an instance")
+    (storage / "quarantine").mkdir()
+    quarantine_tmp = storage / "quarantine" / ".q.txt.cafe.tmp"
+    quarantine_tmp.write_bytes(b"x")
     (spool / "not-a-uid").mkdir()
+    (storage / ".clean-shutdown").write_bytes(b"clean\n")  # an earlier version's marker
     settings = load_settings(None, {"storage": storage})
     worklist = open_worklist(settings)
     worklist.record_instance(
         paths[0].parent.parent.name, paths[0].stem, paths[0], series_uid=paths[0].parent.name
     )
-    assert reconcile_spool(worklist, spool) == 2
-    assert reconcile_spool(worklist, spool) == 0  # idempotent
-    assert not stale.exists()
+    found = recover_storage(storage, worklist)
+    assert (found.partials, found.temporaries, found.rerecorded) == (1, 2, 2)
+    again = recover_storage(storage, worklist)  # idempotent
+    assert (again.partials, again.temporaries, again.rerecorded) == (0, 0, 0)
+    assert not stale.exists() and not part.exists() and not quarantine_tmp.exists()
+    assert not (storage / ".clean-shutdown").exists()
+    assert all(p.is_file() for p in paths)
     assert len(worklist.list_worklist()) == 3
     worklist.dispose()
+
+
+def test_recovery_refuses_an_earlier_versions_journal(tmp_path: Path) -> None:
+    """Segments of the removed receipt journal may hold acknowledged instances: refuse to start
+    over them (clear message) instead of losing them; an empty journal folder just goes."""
+    from dicom_node.ingest.recovery import recover_storage
+    from triage_core.errors import ConfigError
+
+    storage = tmp_path / "storage"
+    (storage / "journal").mkdir(parents=True)
+    (storage / "journal" / "segment-00000001.wal").write_bytes(b"CXRJ")
+    worklist = open_worklist(load_settings(None, {"storage": storage}))
+    try:
+        with pytest.raises(ConfigError, match="receipt-journal segment"):
+            recover_storage(storage, worklist)
+        (storage / "journal" / "segment-00000001.wal").unlink()
+        recover_storage(storage, worklist)
+        assert not (storage / "journal").exists()
+    finally:
+        worklist.dispose()
+
+
+@pytest.mark.parametrize(
+    "name", ["receipt_journal", "journal_max_instance", "journal_batch_window"]
+)
+def test_removed_journal_settings_are_refused_clearly(
+    name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from triage_core.errors import ConfigError
+
+    toml = tmp_path / "triage.toml"
+    toml.write_text(f"{name} = 1\n")
+    with pytest.raises(ConfigError, match=f"{name}.*the TOML file.*receipt journal was removed"):
+        load_settings(toml)
+    monkeypatch.setenv(f"TRIAGE_{name.upper()}", "1")
+    with pytest.raises(ConfigError, match=f"TRIAGE_{name.upper()}"):
+        load_settings(None)
+
+
+def _fail_fsync(monkeypatch: pytest.MonkeyPatch, module: object, name: str) -> list[object]:
+    """Make ``module.name`` (an fsync) fail with EIO, as after a lost write-back; returns the
+    list of its calls' arguments."""
+    import errno
+
+    calls: list[object] = []
+
+    def failing(arg: object) -> None:
+        calls.append(arg)
+        raise OSError(errno.EIO, "Input/output error (injected)")
+
+    monkeypatch.setattr(module, name, failing)
+    return calls
+
+
+def test_failed_file_fsync_is_fatal_for_that_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A failed fsync of the received file: 0xA700, the file removed (never renamed into the
+    spool), never fsynced a second time, nothing recorded; the next C-STORE of the same
+    instance succeeds into a fresh file."""
+    import os
+
+    from dicom_node.ingest import incoming as incoming_module
+
+    good = synthetic_cr(tmp_path / "good.dcm")
+    recorded: list[Path] = []
+
+    def record(info: object, path: Path, size: int, ae: str) -> bool:
+        recorded.append(path)
+        return True
+
+    ctx = StoreContext(storage=tmp_path / "storage", record=record)
+    with monkeypatch.context() as patch:
+        calls = _fail_fsync(patch, incoming_module.os, "fsync")
+        assert _receive(ctx, good) == 0xA700
+    assert len(calls) == 1, "the failed fsync was retried"
+    assert recorded == [] and _spooled(ctx.storage) == {}
+    assert not list(ctx.incoming.iterdir())
+    assert ctx.stats == {"failed": 1}
+    assert os.fsync is not None and _receive(ctx, good) == 0x0000
+    assert len(recorded) == 1 and recorded[0].read_bytes().endswith(dataset_bytes(good))
+
+
+def test_failed_folder_fsync_removes_the_renamed_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A failed fsync of the spool folder (the rename may not be durable): 0xA700 and the
+    renamed file removed, nothing recorded, alone and through the group committer."""
+    from dicom_node.ingest import incoming as incoming_module
+    from dicom_node.ingest import spool as spool_module
+
+    good = synthetic_cr(tmp_path / "good.dcm")
+    recorded: list[object] = []
+
+    def record(info: object, path: Path, size: int, ae: str) -> bool:
+        recorded.append(path)
+        return True
+
+    ctx = StoreContext(storage=tmp_path / "storage", record=record)
+    with monkeypatch.context() as patch:
+        calls = _fail_fsync(patch, incoming_module, "fsync_dir")
+        assert _receive(ctx, good) == 0xA700
+    assert len(calls) == 1 and recorded == [] and _spooled(ctx.storage) == {}
+
+    def record_many(items: list[object]) -> list[bool]:
+        recorded.extend(items)
+        return [True] * len(items)
+
+    committer = GroupCommitter(record_many)
+    ctx2 = StoreContext(storage=tmp_path / "storage2", record=record, committer=committer)
+    ctx2.enter()  # another C-STORE in flight: this one goes through the committer
+    try:
+        with monkeypatch.context() as patch:
+            _fail_fsync(patch, spool_module, "fsync_dir")
+            assert _receive(ctx2, good) == 0xA700
+    finally:
+        ctx2.leave()
+        committer.close()
+    assert recorded == [] and _spooled(ctx2.storage) == {}
+
+
+@needs_dcmtk
+def test_serve_killed_right_after_its_answers_keeps_every_instance(tmp_path: Path) -> None:
+    """SIGKILL of a real ``triage serve`` right after storescu got its success statuses: after a
+    restart every acknowledged instance is in the spool (byte for byte) and the worklist, and
+    what was never acknowledged (a partial instance) is gone."""
+    from test_node_support import ServeProcess
+
+    storage = tmp_path / "storage"
+    port = free_port()
+    args = [
+        "serve", "--port", str(port), "--bind-address", "127.0.0.1", "--storage", str(storage),
+        "--workers", "0", "--http-port", "0", "--stable-age", "3600",
+    ]  # fmt: skip
+    files = [synthetic_cr(tmp_path / f"{i}.dcm", size=64, seed=10 + i) for i in range(12)]
+    serve = ServeProcess(args, tmp_path / "serve.log").start()
+    try:
+        serve.wait_ready(port)
+        proc = storescu(port, files)
+        assert proc.returncode == 0, proc.stderr
+        serve.kill9()
+        (storage / "spool" / ".incoming" / "cut.part").write_bytes(b"never acknowledged")
+        serve = ServeProcess(args, tmp_path / "serve2.log").start()
+        serve.wait_ready(port)
+        assert "storage recovery: 1 partial instance(s)" in serve.log()
+    finally:
+        serve.stop()
+    worklist = open_worklist(load_settings(None, {"storage": storage}))
+    try:
+        rows = worklist.list_worklist(limit=100)
+        assert sum(r["num_instances"] for r in rows) == len(files)
+    finally:
+        worklist.dispose()
+    spooled = _spooled(storage)
+    for path in files:
+        ds = pydicom.dcmread(path)
+        assert dataset_bytes(spooled[str(ds.SOPInstanceUID)]) == dataset_bytes(path)
+    assert not list((storage / "spool" / ".incoming").iterdir())
 
 
 def test_tcp_nodelay_on_accepted_and_requested_sockets(node: Node) -> None:
@@ -426,7 +570,7 @@ def test_tcp_nodelay_on_accepted_and_requested_sockets(node: Node) -> None:
 
     from pynetdicom import AE, evt
 
-    from dicom_node.handlers import handle_conn_open
+    from dicom_node.net.tuning import handle_conn_open
 
     ae = AE(ae_title="ECHOSCU")
     ae.add_requested_context("1.2.840.10008.1.1")
@@ -492,7 +636,6 @@ def test_uncompressed_variants_are_stored_as_negotiated(
     proc = storescu(node.port, [path], extra=[flag, "-R"])
     assert proc.returncode == 0, proc.stderr
     ds = pydicom.dcmread(path)
-    node.settle()
     stored = pydicom.dcmread(_spooled(node.storage)[str(ds.SOPInstanceUID)])
     assert stored.file_meta.TransferSyntaxUID == syntax
     assert np.array_equal(stored.pixel_array, ds.pixel_array)

@@ -6,9 +6,9 @@ import hashlib
 import stat
 from pathlib import Path
 
-from dicom_node.handlers import phi_hash
-from dicom_node.service import SALT_FILE, installation_salt
-from triage_core.worklist import hash_identifier
+from dicom_node.ingest.scanner import HeaderInfo
+from dicom_node.ingest.spool import SALT_FILE, StoreContext, installation_salt
+from triage_core.uids import hash_identifier
 
 
 def test_salt_is_created_once_private_and_per_installation(tmp_path: Path) -> None:
@@ -23,13 +23,15 @@ def test_salt_is_created_once_private_and_per_installation(tmp_path: Path) -> No
     assert mode == 0o600
 
 
-def test_salted_hashes_differ_from_plain_sha256() -> None:
+def test_salted_hashes_differ_from_plain_sha256(tmp_path: Path) -> None:
+    """One identifier hash for rows and log lines, salted per installation."""
     accession = "A12345"
     plain = hashlib.sha256(accession.encode()).hexdigest()
-    salted_log = phi_hash(accession, "secret")
-    salted_row = hash_identifier(accession, "secret")
-    assert not plain.startswith(salted_log)
-    assert not plain.startswith(salted_row)
-    assert phi_hash(accession, "secret") == salted_log  # stable for correlation
-    assert phi_hash(accession, "other") != salted_log
-    assert phi_hash("", "secret") == "-"
+    salted = hash_identifier(accession, "secret")
+    assert not plain.startswith(salted)
+    assert hash_identifier(accession, "secret") == salted  # stable for correlation
+    assert hash_identifier(accession, "other") != salted
+    ctx = StoreContext(storage=tmp_path, record=lambda *_: True, salt="secret")
+    line = ctx.describe(HeaderInfo(accession_number=accession, patient_id=""))
+    assert line == f"accession#={salted} patient#=-"  # the log shows the row's hash
+    assert accession not in line

@@ -16,11 +16,11 @@ import pydicom
 import pytest
 from test_node_support import dataset_bytes, free_port, needs_dcmtk, storescu, synthetic_cr
 
-from dicom_node.handlers import StoreContext
+from dicom_node.ingest.spool import StoreContext, make_recorder
 from dicom_node.net.dimse import decode_command
 from dicom_node.net.server import StorageServer
 from dicom_node.scp import start_scp
-from dicom_node.service import make_record_many, make_recorder, open_worklist
+from dicom_node.service import open_worklist
 from dicom_node.settings import load_settings
 
 VERIFICATION = "1.2.840.10008.1.1"
@@ -56,9 +56,7 @@ def running_scp(tmp_path: Path, **overrides: object) -> Iterator[Scp]:
         },
     )
     worklist = open_worklist(settings)
-    store = StoreContext(
-        storage=storage, record=make_recorder(worklist), record_many=make_record_many(worklist)
-    )
+    store = StoreContext(storage=storage, record=make_recorder(worklist))
     server = start_scp(settings, store)
     try:
         yield Scp(settings.port, storage, store, worklist, server)
