@@ -2,7 +2,9 @@
 
 Each subcommand module exposes ``add_arguments(parser)`` and ``run(args) -> int``. Only
 ``argparse`` work happens at parse time; every module imports its heavy stack (torch,
-pynetdicom, SQLAlchemy...) inside ``run``. Logging handlers are configured here and nowhere else.
+pynetdicom, SQLAlchemy...) inside ``run``. Logging handlers are configured here and nowhere else,
+PHI-safe (:mod:`dicom_node.logsafe`: library warnings captured, quoted values redacted) unless
+the service's ``--log-phi`` setting says otherwise.
 """
 
 from __future__ import annotations
@@ -46,12 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def configure_logging(verbosity: int) -> None:
+    """One stderr handler with the PHI filter, warnings captured (see :mod:`dicom_node.logsafe`)."""
+    from dicom_node import logsafe
+
     level = logging.WARNING if verbosity <= 0 else logging.INFO if verbosity == 1 else logging.DEBUG
-    logging.basicConfig(
-        level=level,
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    logsafe.install(level)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -175,6 +175,9 @@ def run_node(
     except ConfigError as exc:
         print(f"triage {command}: error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    from dicom_node.logsafe import set_show_phi
+
+    set_show_phi(settings.log_phi)
     stop_requested = threading.Event()
     node: Node | None = None
 

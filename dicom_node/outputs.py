@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from dicom_node import logsafe
 from dicom_node.ingest.durable import write_durable
 
 if TYPE_CHECKING:
@@ -141,9 +142,15 @@ def watch_parent(parent_pid: int) -> None:
     threading.Thread(target=wait_for_parent, name="parent-watch", daemon=True).start()
 
 
-def _init_outputs_process(parent_pid: int) -> None:
-    """Initializer of the outputs process: watch the parent, then pay the imports once."""
+def _init_outputs_process(
+    parent_pid: int, log_config: tuple[int, bool] = (logging.WARNING, False)
+) -> None:
+    """Initializer of the outputs process: watch the parent, PHI-safe logging (highdicom's
+    warnings, which quote person names, are raised here), then pay the imports once."""
     watch_parent(parent_pid)
+    from dicom_node import logsafe
+
+    logsafe.install(*log_config)
     import highdicom  # noqa: F401
 
     from triage_core import dicom_out  # noqa: F401
@@ -179,7 +186,7 @@ class OutputsProcess:
                 max_workers=1,
                 mp_context=multiprocessing.get_context("spawn"),
                 initializer=_init_outputs_process,
-                initargs=(os.getpid(),),
+                initargs=(os.getpid(), logsafe.current_config()),
             )
             self.pid = pool.submit(_ready).result(timeout=START_TIMEOUT)
             self._pool = pool
