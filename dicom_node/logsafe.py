@@ -128,20 +128,32 @@ def _log_uncaught_in_thread(args: threading.ExceptHookArgs) -> None:
 
 
 def install(level: int = logging.WARNING, show_phi: bool = False) -> None:
-    """Configure the root logger for this process: one stderr handler with :class:`PhiFilter`,
-    warnings captured, uncaught exceptions logged. Replaces handlers installed before."""
+    """Configure logging for this process: one stderr handler with :class:`PhiFilter` on the
+    root logger (replacing the one an earlier call installed; handlers someone else installed
+    get the filter too), warnings captured, uncaught exceptions logged."""
     set_show_phi(show_phi)
     root = logging.getLogger()
     for old in list(root.handlers):
-        root.removeHandler(old)
+        if getattr(old, "_cxr_triage", False):
+            root.removeHandler(old)
+        elif not any(isinstance(f, PhiFilter) for f in old.filters):
+            old.addFilter(PhiFilter())
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter(FORMAT))
     handler.addFilter(PhiFilter())
+    handler._cxr_triage = True  # type: ignore[attr-defined]
     root.addHandler(handler)
     root.setLevel(level)
-    logging.captureWarnings(True)
+    capture_warnings()
     sys.excepthook = _log_uncaught
     threading.excepthook = _log_uncaught_in_thread
+
+
+def capture_warnings() -> None:
+    """Route ``warnings.warn`` into logging (``py.warnings``), also when something (a test
+    runner's ``catch_warnings``) restored ``warnings.showwarning`` behind logging's back."""
+    logging.captureWarnings(False)
+    logging.captureWarnings(True)
 
 
 def add_handler(handler: logging.Handler) -> None:

@@ -104,7 +104,7 @@ def captured() -> Iterator[io.StringIO]:
         logger.addHandler(handler)
         logger.setLevel(logging.DEBUG)
         logger.propagate = False
-    logging.captureWarnings(True)
+    logsafe.capture_warnings()
     try:
         yield stream
     finally:
