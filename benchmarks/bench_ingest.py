@@ -150,7 +150,7 @@ def send(port: int, files: Sequence[Path], parallel: int) -> float:
                 "-aet",
                 "BENCH",
                 "-aec",
-                "ANY",
+                "CXR_TRIAGE",
                 "-xe",
                 "--max-pdu",
                 "131072",
@@ -176,7 +176,8 @@ def send(port: int, files: Sequence[Path], parallel: int) -> float:
 def dcmtk_storescp(out: Path, port: int) -> Iterator[None]:
     out.mkdir(parents=True, exist_ok=True)
     proc = subprocess.Popen(
-        [STORESCP, "-aet", "ANY", "-od", str(out), "--fork", "--max-pdu", "131072", str(port)],
+        [STORESCP, "-aet", "CXR_TRIAGE", "-od", str(out), "--fork", "--max-pdu", "131072",
+         str(port)],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dcmtk_env(),
         start_new_session=True,
     )  # fmt: skip
