@@ -7,12 +7,20 @@ images' features:
 
 * the training features are summarised by their mean and the ``k`` leading principal
   components (a full covariance of 1280 features cannot be estimated from a few hundred images);
-* an image's score combines the Mahalanobis distance inside that subspace (Hotelling's T^2) and
-  the squared residual outside it (the Q statistic, scaled by its training mean), normalised so
-  that a typical training image scores about 1:
-  ``score = sqrt((T^2 + Q / mean_train(Q)) / (k + 1))``;
-* the threshold is a high quantile of the scores of held-out in-distribution images (the
-  validation split), so about ``1 - quantile`` of ordinary chest films are flagged.
+* two distances are measured: the Mahalanobis distance inside that subspace (Hotelling's T^2,
+  per component: ``sqrt(T^2 / k)``) and the distance outside it (the residual norm,
+  ``sqrt(Q)``); each is divided by its median over held-out in-distribution images, and the
+  score is the larger of the two, so a typical chest film scores about 1 and an image that is
+  atypical in either way scores high:
+  ``score = max(sqrt(T^2 / k) / t2_scale, sqrt(Q) / residual_scale)``;
+* the threshold is a high quantile of the held-out images' scores (the validation split), so
+  about ``1 - quantile`` of ordinary chest films are flagged.
+
+Measured with ImageNet EfficientNet-Lite0 features (``k = 16``, 0.99 quantile of 117 validation
+images): the shared chest DICOMs scored at most 0.88 x the threshold, the hip film 1.27 x, the
+dental film 1.2 x, ``grace_hopper.jpg`` 1.43 x, and none of the 116 test PNGs was flagged. The
+combined ``sqrt((T^2 + Q) / (k + 1))`` separated them less well (the hip at 0.87 x): the residual
+carries most of the signal, the T^2 part guards against atypical images inside the subspace.
 
 (Lee et al. 2018 use class-conditional Mahalanobis distances with a shared covariance; with three
 overlapping labels and a few hundred images a single Gaussian in a PCA subspace is what the data
@@ -56,6 +64,7 @@ class Reference:
     mean: np.ndarray  # (D,)
     basis: np.ndarray  # (k, D), orthonormal rows
     variances: np.ndarray  # (k,)
+    t2_scale: float
     residual_scale: float
     threshold: float
 
@@ -70,12 +79,19 @@ class Reference:
             mean=_decode(ood["mean"], (features,)),
             basis=_decode(ood["basis"], (k, features)),
             variances=np.asarray(ood["variances"], dtype=np.float64),
+            t2_scale=float(ood["t2_scale"]),
             residual_scale=float(ood["residual_scale"]),
             threshold=float(ood["threshold"]),
         )
 
     def scores(self, pooled: np.ndarray) -> np.ndarray:
         """Scores ``(N,)`` for pooled features ``(N, D)``."""
+        t2, residual = self.distances(pooled)
+        out: np.ndarray = np.maximum(t2 / self.t2_scale, residual / self.residual_scale)
+        return out
+
+    def distances(self, pooled: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(sqrt(T^2 / k), sqrt(Q))`` for pooled features ``(N, D)``, before scaling."""
         x = np.asarray(pooled, dtype=np.float64)
         if x.ndim != 2 or x.shape[1] != self.mean.shape[0]:
             raise ValueError(
@@ -83,11 +99,9 @@ class Reference:
             )
         centred = x - self.mean
         coords = centred @ self.basis.T
-        t2 = (coords**2 / self.variances).sum(axis=1)
+        t2 = (coords**2 / self.variances).sum(axis=1) / self.basis.shape[0]
         residual = ((centred - coords @ self.basis) ** 2).sum(axis=1)
-        k = self.basis.shape[0]
-        out: np.ndarray = np.sqrt((t2 + residual / self.residual_scale) / (k + 1))
-        return out
+        return np.sqrt(t2), np.sqrt(residual)
 
 
 def _encode(values: np.ndarray) -> str:
@@ -185,19 +199,23 @@ def fit_reference(
     basis = vt[:k]
     variances = np.maximum(singular[:k] ** 2 / (n - 1), 1e-12)
     # the stored (float16) arrays are the ones used from now on: fit the scales with them
-    mean16 = mean.astype(np.float16).astype(np.float64)
-    basis16 = basis.astype(np.float16).astype(np.float64)
-    centred = feats - mean16
-    coords = centred @ basis16.T
-    residual = ((centred - coords @ basis16) ** 2).sum(axis=1)
-    residual_scale = float(max(residual.mean(), 1e-12))
-    ref = Reference(mean16, basis16, variances, residual_scale, threshold=1.0)
+    ref = Reference(
+        mean=mean.astype(np.float16).astype(np.float64),
+        basis=basis.astype(np.float16).astype(np.float64),
+        variances=variances,
+        t2_scale=1.0,
+        residual_scale=1.0,
+        threshold=1.0,
+    )
     if held_out is not None and held_out.shape[0] > 0:
-        calib = ref.scores(pooled_features(model, spec, held_out))
+        t2, residual = ref.distances(pooled_features(model, spec, held_out))
         source = "held_out"
     else:
-        calib = ref.scores(feats)
+        t2, residual = ref.distances(feats)
         source = "train"
+    t2_scale = float(max(np.median(t2), 1e-12))
+    residual_scale = float(max(np.median(residual), 1e-12))
+    calib = np.maximum(t2 / t2_scale, residual / residual_scale)
     threshold = float(np.quantile(calib, quantile))
     logger.info(
         "OOD reference: %d images, %d features, %d components, threshold %.3f (%s q%.3f)",
@@ -215,6 +233,7 @@ def fit_reference(
         "mean": _encode(mean),
         "basis": _encode(basis),
         "variances": [float(v) for v in variances],
+        "t2_scale": t2_scale,
         "residual_scale": residual_scale,
         "threshold": threshold,
         "reference": {

@@ -50,6 +50,7 @@ OOD_KEYS: tuple[str, ...] = (
     "mean",
     "basis",
     "variances",
+    "t2_scale",
     "residual_scale",
     "threshold",
 )
@@ -87,7 +88,7 @@ def _check_ood(ood: Mapping[str, Any]) -> None:
     variances = _float_tuple("ood.variances", ood["variances"], ood["components"])
     if min(variances) <= 0:
         raise SpecMismatchError("ood.variances", "must be positive")
-    for name in ("residual_scale", "threshold"):
+    for name in ("t2_scale", "residual_scale", "threshold"):
         value = _float_tuple(f"ood.{name}", [ood[name]], 1)[0]
         if value <= 0:
             raise SpecMismatchError(f"ood.{name}", f"must be positive, got {value}")

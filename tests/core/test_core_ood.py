@@ -71,9 +71,8 @@ def test_reference_round_trips_through_the_spec_json(
     limit = float(again.ood["threshold"])
     assert limit == pytest.approx(float(np.quantile(held_out, 0.9)), rel=1e-6)
     assert 1 <= int((held_out > limit).sum()) <= 2
-    # training images score about 1 by construction
-    train = predictor.ood_scores(chest_tensors[:32])
-    assert train is not None and 0.5 < float(np.median(train)) < 1.5
+    # held-out images score about 1 by construction (each distance over its held-out median)
+    assert 1.0 <= float(np.median(held_out)) < 1.5
 
 
 def test_noise_scores_far_above_chest_films(

@@ -339,6 +339,7 @@ def _with_ood_reference(spec: ModelSpec, threshold: float) -> ModelSpec:
         "mean": _encode(np.zeros(4)),
         "basis": _encode(np.eye(2, 4)),
         "variances": [1.0, 1.0],
+        "t2_scale": 1.0,
         "residual_scale": 1.0,
         "threshold": threshold,
     }
