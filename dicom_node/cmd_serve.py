@@ -138,17 +138,18 @@ def start_banner(settings: Any, model_path: Any) -> str:
 def build_node(settings: NodeSettings, model_path: Path | None) -> Node:
     """``triage serve``: outputs, workers, delivery, every job, the HTTP API, then ingest."""
     from dicom_node.api import HttpApi
-    from dicom_node.jobs import Jobs, lease_job, purge_job, stable_job
+    from dicom_node.jobs import Jobs, StableStudies, lease_job, purge_job
     from dicom_node.node import Node, open_parts, processing_components
     from dicom_node.receiver import Receiver
 
     parts = open_parts(settings)
-    worklist, wakeups = parts.worklist, parts.wakeups
-    jobs = [stable_job(settings, worklist, wakeups), lease_job(settings, worklist, wakeups)]
+    worklist = parts.worklist
+    jobs = [lease_job(settings, worklist)]
     if settings.retention_days:
         jobs.append(purge_job(settings, worklist))
     components = [
         *processing_components(parts, model_path),
+        StableStudies(settings, worklist, parts.wakeups),
         Jobs(jobs),
         HttpApi(settings, worklist, parts.metrics),
         # recovery, then the DICOM port, last: a C-ECHO answer means ready

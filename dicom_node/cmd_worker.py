@@ -34,7 +34,7 @@ def build_node(settings: NodeSettings, model_path: Path | None) -> Node:
     parts = open_parts(settings)
     components = [
         *processing_components(parts, model_path),
-        Jobs([lease_job(settings, parts.worklist, parts.wakeups)]),
+        Jobs([lease_job(settings, parts.worklist)]),
     ]
     return Node("worker", parts, components)
 

@@ -1,12 +1,11 @@
 """The delivery stage: the outbox sender.
 
 One thread sends the due deliveries by C-STORE (:mod:`dicom_node.scu`), one association per
-destination and pass (every due object of that destination, SR before SC). It sleeps on the
-``deliveries`` wake-up (:mod:`dicom_node.wakeup`), notified when a study completes with outputs
-(so delivery overlaps the next study's processing); it also looks every
-:data:`RETRY_PERIOD` seconds, which keeps the retries with backoff going (which rows are due is
-the worklist's business, ``next_attempt_at``). A failed send is retried with backoff; a refusal
-that cannot change (:data:`PERMANENT_REFUSALS`) fails the delivery at once.
+destination and pass (every due object of that destination, SR before SC). Between passes it
+sleeps until the worklist announces a due delivery (a study completed with outputs, in any
+process: :mod:`dicom_node.wakeup`), so delivery overlaps the next study's processing, or until
+the next retry is due (``next_attempt_at``, backoff). A failed send is retried with backoff; a
+refusal that cannot change (:data:`PERMANENT_REFUSALS`) fails the delivery at once.
 """
 
 from __future__ import annotations
@@ -31,9 +30,6 @@ logger = logging.getLogger(__name__)
 
 #: Most deliveries claimed (and sent, one association per destination) in one pass.
 BATCH = 200
-
-#: Longest sleep between two passes without a notification (due retries are found then).
-RETRY_PERIOD = 1.0
 
 #: C-STORE statuses after which sending the same object again is pointless.
 PERMANENT_REFUSALS = (0xA900, 0xC000)
@@ -69,21 +65,28 @@ class Delivery:
 
     def stop(self, deadline: float) -> None:
         self._stop.set()
-        self.wakeups.deliveries.notify()
+        self.wakeups.wake_all()
         if self._thread is not None:
             self._thread.join(max(0.0, deadline - time.monotonic()))
             self._thread = None
 
     def _run(self) -> None:
-        signal = self.wakeups.deliveries
+        waiter = self.wakeups.delivery_waiter()  # made before the first look: nothing is missed
         while not self._stop.is_set():
-            mark = signal.mark()
             try:
                 while self.deliver_due() >= BATCH and not self._stop.is_set():
                     pass  # a full batch: more may be due
             except Exception:  # noqa: BLE001 - deliver_due records its errors; keep serving
                 logger.exception("delivery pass failed")
-            signal.wait(mark, min(RETRY_PERIOD, self.wakeups.fallback))
+            waiter.wait(self.wakeups.bounded(self._next_due_in()))
+
+    def _next_due_in(self) -> float | None:
+        """Seconds until the next retry is due (``None``: nothing pending)."""
+        try:
+            return self.worklist.deliveries.next_due_in()
+        except WorklistError as exc:
+            logger.error("delivery schedule unavailable: %s", exc)
+            return None
 
     def deliver_due(self) -> int:
         """Send the due deliveries, one association per destination; returns objects sent."""

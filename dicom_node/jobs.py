@@ -1,18 +1,20 @@
-"""Periodic jobs (APScheduler 3, ``BackgroundScheduler``): work that is due with time.
+"""Work that becomes due with time.
 
-* :func:`queue_stable`: studies without new instances for ``stable_age`` seconds are queued
-  (and the workers woken);
-* :func:`recover_leases`: studies whose worker vanished go back to ``queued``, ``failed`` after
-  ``max_attempts``;
-* :func:`purge`: optional retention purge of finished studies.
-
-``triage serve`` schedules all three, ``triage worker`` only the lease recovery (safe with
-several processes). :class:`Jobs` is the component that runs the ones it is given.
+* :class:`StableStudies` (``triage serve``): a thread that queues the studies without new
+  instances for ``stable_age`` seconds (:func:`queue_stable`; the commit wakes the workers). It
+  sleeps until the oldest receiving study is due, and a newly recorded instance only brings that
+  time forward to ``stable_age`` from now: no polling, no query per instance.
+* Periodic jobs (APScheduler 3, ``BackgroundScheduler``, component :class:`Jobs`):
+  :func:`recover_leases` (studies whose worker vanished go back to ``queued``, ``failed`` after
+  ``max_attempts``; ``serve`` and ``worker``, safe with several processes) and the optional
+  retention :func:`purge` (``serve``).
 """
 
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -63,32 +65,65 @@ class Jobs:
             self._scheduler = None
 
 
-def stable_job(settings: NodeSettings, worklist: Worklist, wakeups: Wakeups) -> Job:
-    return Job(
-        "stable studies",
-        lambda: queue_stable(settings, worklist, wakeups),
-        settings.scheduler_interval,
-    )
-
-
-def lease_job(settings: NodeSettings, worklist: Worklist, wakeups: Wakeups) -> Job:
+def lease_job(settings: NodeSettings, worklist: Worklist) -> Job:
     period = max(settings.scheduler_interval, min(5.0, settings.lease_seconds / 4))
-    return Job("expired leases", lambda: recover_leases(settings, worklist, wakeups), period)
+    return Job("expired leases", lambda: recover_leases(settings, worklist), period)
 
 
 def purge_job(settings: NodeSettings, worklist: Worklist) -> Job:
     return Job("retention purge", lambda: purge(settings, worklist), 3600.0)
 
 
-def queue_stable(settings: NodeSettings, worklist: Worklist, wakeups: Wakeups) -> list[str]:
-    """Queue studies without new instances for ``stable_age`` seconds; wake the workers."""
+class StableStudies:
+    """The thread that queues stable studies (see the module docstring)."""
+
+    def __init__(self, settings: NodeSettings, worklist: Worklist, wakeups: Wakeups) -> None:
+        self.settings = settings
+        self.worklist = worklist
+        self.wakeups = wakeups
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="stable-studies", daemon=True)
+        self._thread.start()
+
+    def stop(self, deadline: float) -> None:
+        self._stop.set()
+        self.wakeups.wake_all()
+        if self._thread is not None:
+            self._thread.join(max(0.0, deadline - time.monotonic()))
+            self._thread = None
+
+    def _run(self) -> None:
+        waiter = self.wakeups.instance_waiter()
+        stable_age = self.settings.stable_age
+        due = time.monotonic()  # look at once: studies received before a restart
+        while not self._stop.is_set():
+            if time.monotonic() >= due:
+                queue_stable(self.settings, self.worklist)
+                due = time.monotonic() + self.wakeups.bounded(self._next_stable_in())
+            if waiter.wait(max(0.0, due - time.monotonic())):
+                # a new instance: its study is stable stable_age from now at the earliest
+                due = min(due, time.monotonic() + stable_age)
+
+    def _next_stable_in(self) -> float | None:
+        try:
+            return self.worklist.queue.next_stable_in(self.settings.stable_age)
+        except WorklistError as exc:
+            logger.error("stable-study detection failed: %s", exc)
+            return None
+
+
+def queue_stable(settings: NodeSettings, worklist: Worklist) -> list[str]:
+    """Queue studies without new instances for ``stable_age`` seconds (the commit wakes the
+    workers); log each one's ``queued`` stage."""
     try:
         queued = worklist.queue_stable_studies(settings.stable_age)
     except WorklistError as exc:
         logger.error("stable-study detection failed: %s", exc)
         return []
     if queued:
-        wakeups.studies.notify()
         for study_uid in queued:
             log_received(worklist, study_uid, settings.stable_age)
     return queued
@@ -118,8 +153,9 @@ def log_received(worklist: Worklist, study_uid: str, stable_age: float) -> None:
     )
 
 
-def recover_leases(settings: NodeSettings, worklist: Worklist, wakeups: Wakeups) -> None:
-    """Studies whose worker vanished go back to ``queued`` (or ``failed``); wake the workers."""
+def recover_leases(settings: NodeSettings, worklist: Worklist) -> None:
+    """Studies whose worker vanished go back to ``queued`` (or ``failed``; the commit wakes the
+    workers)."""
     try:
         recovered = worklist.recover_expired_leases()
     except WorklistError as exc:
@@ -131,8 +167,6 @@ def recover_leases(settings: NodeSettings, worklist: Worklist, wakeups: Wakeups)
         logger.error(
             "study %s stage=failed (lease expired %d times)", study_uid, settings.max_attempts
         )
-    if recovered.requeued:
-        wakeups.studies.notify()
 
 
 def purge(settings: NodeSettings, worklist: Worklist) -> int:

@@ -7,10 +7,12 @@ flow (see DESIGN.md section 1):
 =====================  ================================================  =======  ========
 component              what it does                                      serve    worker
 =====================  ================================================  =======  ========
+``Wakeups``            listens for other processes' work (PostgreSQL)    yes      yes
 ``OutputsProcess``     child process that builds and writes SR and SC    yes      yes
 ``Processing``         workers: claim -> triage_study -> outputs         yes      yes
 ``Delivery``           the outbox sender (C-STORE to destinations)       yes      yes
-``Jobs``               stable studies, expired leases, retention         all      leases
+``StableStudies``      queues studies without new instances              yes      no
+``Jobs``               expired leases, retention purge                   both     leases
 ``HttpApi``            read-only JSON API, metrics, health               yes      no
 ``Ingest``             C-STORE SCP, spool, instance rows, recovery       yes      no
 =====================  ================================================  =======  ========
@@ -42,9 +44,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-#: Safety-net period of the wake-ups when every producer of work notifies (seconds).
-IDLE_FALLBACK = 5.0
-
 
 class Component(Protocol):
     """A part of a node with a life cycle."""
@@ -59,16 +58,11 @@ def new_node_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
 
 
-def make_wakeups(settings: NodeSettings) -> Wakeups:
-    """The wake-ups of a process.
-
-    With SQLite every producer of work lives in this process and notifies in-process, so the
-    waiters' safety net can be slow. A PostgreSQL database may be shared with other processes;
-    until a ``LISTEN`` source is attached their work is found by looking every
-    ``scheduler_interval`` seconds.
-    """
+def make_wakeups(settings: NodeSettings, worklist: Worklist) -> Wakeups:
+    """The wake-ups of a process: PostgreSQL may be shared with other processes (then their
+    notifications are listened for); with SQLite every producer of work is in this process."""
     shared = not settings.database_url.startswith("sqlite")
-    return Wakeups(settings.scheduler_interval if shared else IDLE_FALLBACK)
+    return Wakeups(worklist, shared=shared, poll=settings.scheduler_interval)
 
 
 @dataclass
@@ -89,14 +83,15 @@ def open_parts(settings: NodeSettings) -> NodeParts:
 
     worklist = open_worklist(settings)
     logger.info("worklist %s", settings.redacted_url())
-    return NodeParts(settings, worklist, Metrics(worklist), make_wakeups(settings), new_node_id())
+    wakeups = make_wakeups(settings, worklist)
+    return NodeParts(settings, worklist, Metrics(worklist), wakeups, new_node_id())
 
 
 def processing_components(parts: NodeParts, model_path: Path | None) -> list[Component]:
-    """Outputs process and workers (none when ``workers = 0``), then the delivery thread."""
+    """Wake-ups, outputs process and workers (none when ``workers = 0``), delivery thread."""
     from dicom_node.delivery import Delivery
 
-    components: list[Component] = []
+    components: list[Component] = [parts.wakeups]
     if parts.settings.workers > 0:
         from dicom_node.outputs import OutputsProcess
         from dicom_node.processing import Processing
@@ -161,18 +156,17 @@ class Node:
         )
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Stop what was started (last first), close the wake-ups and the worklist."""
+        """Stop what was started (last first), then close the worklist."""
         self._stop.set()
         deadline = time.monotonic() + timeout
-        self.parts.wakeups.notify_all()
+        self.parts.wakeups.wake_all()
         while self._started:
             component = self._started.pop()
             try:
                 component.stop(deadline)
             except Exception:  # noqa: BLE001 - the other components must still stop
                 logger.exception("%s did not stop cleanly", type(component).__name__)
-        self.parts.wakeups.close()
-        self.parts.worklist.dispose()
+        self.parts.worklist.dispose()  # stops the LISTEN thread too
         for callback in self.after_close:
             callback()
         logger.info("%s %s stopped", self.name, self.parts.node_id)

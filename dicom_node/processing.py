@@ -3,11 +3,12 @@
 * Each worker thread claims a queued study (a lease), runs
   :func:`triage_core.pipeline.triage_study` (inference and Grad-CAM from the same pass) and
   hands the result to the outputs thread, then claims the next study. When nothing is queued it
-  sleeps on the ``studies`` wake-up (:mod:`dicom_node.wakeup`), not on a poll.
+  sleeps until the worklist announces a claimable study (:mod:`dicom_node.wakeup`), not on a
+  poll.
 * The outputs thread has the SR and SC built and written by the outputs process
-  (:class:`dicom_node.outputs.OutputsProcess`), records the result and one delivery row per
-  object and destination in one transaction, and wakes the delivery thread.
-* One :class:`LeaseKeeper` thread per process renews the leases of every study in hand.
+  (:class:`dicom_node.outputs.OutputsProcess`) and records the result and one delivery row per
+  object and destination in one transaction (whose commit wakes the delivery thread).
+* One :class:`LeaseKeeper` thread per process renews the leases of all its workers at once.
 
 The worker threads share one :class:`~triage_core.inference.Predictor` (forward passes are
 serialised by its lock; Grad-CAM runs on the explainer's private copy of the model). Every
@@ -62,32 +63,21 @@ class Triaged:
 
 
 class LeaseKeeper:
-    """One thread that renews the lease of every study this process holds.
+    """One thread that renews the leases of every worker thread of this process.
 
-    Renewal happens every third of the lease, so a worker that died (its process gone) loses
-    its studies after at most one lease; a lease found lost is dropped and logged.
+    Every third of the lease, one statement (:meth:`~triage_core.worklist.Worklist.renew_leases`)
+    extends each lease held by one of ``worker_ids``; a study whose lease expired and was
+    recovered elsewhere is no longer held and is not renewed (its worker learns it when it
+    completes). A process that died stops renewing: its studies go back to the queue after at
+    most one lease.
     """
 
-    def __init__(self, worklist: Worklist, lease_seconds: float) -> None:
+    def __init__(self, worklist: Worklist, worker_ids: list[str], lease_seconds: float) -> None:
         self._worklist = worklist
+        self.worker_ids = worker_ids
         self._lease = lease_seconds
-        self._held: dict[str, str] = {}  # study UID -> worker id
-        self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-
-    def hold(self, study_uid: str, worker_id: str) -> None:
-        with self._lock:
-            self._held[study_uid] = worker_id
-
-    def release(self, study_uid: str) -> None:
-        with self._lock:
-            self._held.pop(study_uid, None)
-
-    def held(self) -> dict[str, str]:
-        """The studies whose lease is being kept: study UID -> worker id."""
-        with self._lock:
-            return dict(self._held)
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="lease-keeper", daemon=True)
@@ -99,16 +89,13 @@ class LeaseKeeper:
             self._thread.join(5.0)
             self._thread = None
 
-    def renew_all(self) -> None:
-        """Renew every held lease now (one pass; the thread calls it periodically)."""
-        with self._lock:
-            held = list(self._held.items())
-        for study_uid, worker_id in held:
-            try:
-                self._worklist.renew_lease(study_uid, worker_id, self._lease)
-            except WorklistError as exc:
-                logger.warning("study %s: lease renewal failed: %s", study_uid, exc)
-                self.release(study_uid)
+    def renew_all(self) -> list[str]:
+        """Renew every lease of this process now; returns the studies renewed."""
+        try:
+            return self._worklist.renew_leases(self.worker_ids, self._lease)
+        except WorklistError as exc:
+            logger.warning("lease renewal failed: %s", exc)
+            return []
 
     def _run(self) -> None:
         while not self._stop.wait(max(0.5, self._lease / 3)):
@@ -126,9 +113,9 @@ class Processing:
     worklist : Worklist
         The process's worklist.
     wakeups : Wakeups
-        Workers wait on ``studies``; a completed study with outputs notifies ``deliveries``.
+        What idle workers wait on (a study becoming claimable).
     node_id : str
-        Prefix of the worker ids that hold the leases.
+        Prefix of the worker ids (``NODE/w0``...) that hold the leases.
     model_path : Path, optional
         Checkpoint loaded by :meth:`start` (``None``: the default checkpoint).
     predictor : Predictor, optional
@@ -158,7 +145,8 @@ class Processing:
         self.node_id = node_id
         self.outputs = outputs
         self.metrics = metrics
-        self.leases = LeaseKeeper(worklist, settings.lease_seconds)
+        self.worker_ids = [f"{node_id}/w{index}" for index in range(settings.workers)]
+        self.leases = LeaseKeeper(worklist, self.worker_ids, settings.lease_seconds)
         self.processed = 0
         self._stop = threading.Event()
         self._workers: list[threading.Thread] = []
@@ -184,9 +172,12 @@ class Processing:
             target=self._outputs_loop, name="triage-outputs", daemon=True
         )
         self._outputs_thread.start()
-        for index in range(self.settings.workers):
+        for index, worker_id in enumerate(self.worker_ids):
             thread = threading.Thread(
-                target=self._worker_loop, args=(index,), name=f"triage-worker-{index}", daemon=True
+                target=self._worker_loop,
+                args=(worker_id,),
+                name=f"triage-worker-{index}",
+                daemon=True,
             )
             thread.start()
             self._workers.append(thread)
@@ -194,7 +185,7 @@ class Processing:
     def stop(self, deadline: float) -> None:
         """Let the workers finish their study and the outputs thread what it was handed."""
         self._stop.set()
-        self.wakeups.studies.notify()
+        self.wakeups.wake_all()
         for thread in self._workers:
             thread.join(max(0.0, deadline - time.monotonic()))
         self._workers = [t for t in self._workers if t.is_alive()]
@@ -208,7 +199,7 @@ class Processing:
         self.leases.stop()
 
     # ------------------------------------------------------------------ threads
-    def _worker_loop(self, index: int) -> None:
+    def _worker_loop(self, worker_id: str) -> None:
         """Claim a study, triage it (inference + Grad-CAM), hand it to the outputs thread.
 
         The outputs thread builds, writes and records the study while this thread already
@@ -216,10 +207,8 @@ class Processing:
         pass, so the two overlap on two cores). The hand-over queue is short: a worker never
         runs more than a couple of studies ahead of their outputs.
         """
-        worker_id = f"{self.node_id}/w{index}"
-        signal = self.wakeups.studies
+        waiter = self.wakeups.study_waiter()  # a study queued during the claim wakes it too
         while not self._stop.is_set():
-            mark = signal.mark()  # before the claim: a study queued meanwhile wakes us
             try:
                 claimed = self.worklist.claim_study(worker_id, self.settings.lease_seconds)
             except WorklistError as exc:
@@ -227,7 +216,7 @@ class Processing:
                 self._stop.wait(1.0)
                 continue
             if claimed is None:
-                signal.wait(mark, self.wakeups.fallback)
+                waiter.wait(self.wakeups.fallback)
                 continue
             triaged = self.triage(claimed)
             if isinstance(triaged, Triaged):
@@ -265,7 +254,6 @@ class Processing:
             claimed.attempts,
             claimed.worker_id,
         )
-        self.leases.hold(study_uid, claimed.worker_id)
         try:
             out = triage_study(
                 study_uid,
@@ -308,10 +296,6 @@ class Processing:
         except WorklistError as exc:
             logger.error("study %s: could not record the result: %s", study_uid, exc)
             return ProcessOutcome(study_uid, "lost-lease", (), time.perf_counter() - started)
-        finally:
-            self.leases.release(study_uid)
-        if deliveries:
-            self.wakeups.deliveries.notify()
         seconds = time.perf_counter() - started
         timings = " ".join(f"{k}={v * 1e3:.0f}ms" for k, v in result.timings.items())
         top = result.top_finding
@@ -336,7 +320,6 @@ class Processing:
     def _fail(
         self, claimed: ClaimedStudy, error: str, retry: bool, started: float
     ) -> ProcessOutcome:
-        self.leases.release(claimed.study_uid)
         try:
             status = self.worklist.fail_study(
                 claimed.study_uid, claimed.worker_id, error, retry=retry
@@ -347,8 +330,6 @@ class Processing:
         logger.error("study %s stage=%s: %s", claimed.study_uid, status, error)
         if self.metrics is not None and status == "failed":
             self.metrics.studies_processed.labels(status="failed").inc()
-        if status == "queued":
-            self.wakeups.studies.notify()
         return ProcessOutcome(claimed.study_uid, status, (), time.perf_counter() - started)
 
     def _write_outputs(self, triaged: Triaged) -> list[tuple[str, Path]]:

@@ -218,7 +218,9 @@ class NodeSettings(BaseSettings):
     delivery_max_attempts: int = Field(10, ge=1, le=1000)
     delivery_backoff: float = Field(2.0, gt=0.0, description="first retry delay (s), doubles")
     delivery_backoff_max: float = Field(600.0, gt=0.0)
-    scheduler_interval: float = Field(0.2, gt=0.0, le=60.0, description="poll period (s)")
+    scheduler_interval: float = Field(
+        0.2, gt=0.0, le=60.0, description="look-for-work period (s) without LISTEN/NOTIFY"
+    )
     retention_days: float | None = Field(None, gt=0.0, description="purge spool after N days")
     device: str = Field("cpu", description="torch device for inference")
     threads: int | None = Field(

@@ -1,108 +1,101 @@
-"""Wake-ups: how the workers and the delivery thread learn that there is work, without polling.
+"""Wake-ups: how the node's threads learn that there is work, without polling the database.
 
-A :class:`Wakeups` object has one :class:`Signal` per kind of work: ``studies`` (a study was
-queued or requeued: workers claim) and ``deliveries`` (result objects are due: the delivery
-thread sends). Whoever makes work notifies the signal in-process; across processes a *source*
-(PostgreSQL ``LISTEN``, see :meth:`Wakeups.add_source`) turns the database's notifications into
-the same calls. Waiters still wake after ``fallback`` seconds, as a safety net for a missed
-notification and for work that becomes due with time (delivery backoff); that period is long
-when every producer can notify (one process, or a source attached) and short otherwise.
+The worklist announces work itself, right after the commit that made it
+(:mod:`triage_core.worklist.wakeup`): a study became claimable (queued, re-queued after a
+failure or an expired lease), a delivery became due (a study completed with outputs), an
+instance was recorded. In one process that is a signal; across processes on PostgreSQL the same
+transaction runs ``NOTIFY`` and one ``LISTEN`` thread per process turns it into the signal.
+
+:class:`Wakeups` is the node's side of it, the one object the threads wait through:
+
+* each waiting thread makes its waiter once (:meth:`Wakeups.study_waiter` for the workers,
+  :meth:`~Wakeups.delivery_waiter` for the delivery thread, :meth:`~Wakeups.instance_waiter`
+  for stable-study detection) and, after each look at the database, waits on it; a waiter never
+  misses an announcement made while its thread was looking;
+* every wait is bounded by :attr:`Wakeups.fallback`, the safety net for what cannot be announced
+  (another process on SQLite, a notification lost while the LISTEN connection was down):
+  :data:`IDLE_FALLBACK` when every producer can announce, ``scheduler_interval`` otherwise;
+* :meth:`Wakeups.wake_all` wakes every waiter of the process (at stop, so that threads see their
+  stop flag at once).
 """
 
 from __future__ import annotations
 
 import logging
-import threading
-from collections.abc import Callable
-from typing import Protocol
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from triage_core.worklist import Worklist
+    from triage_core.worklist.wakeup import Waiter
 
 logger = logging.getLogger(__name__)
 
-STUDIES = "studies"
-DELIVERIES = "deliveries"
-TOPICS = (STUDIES, DELIVERIES)
+#: Safety-net period of the waits when every producer of work announces it (seconds).
+IDLE_FALLBACK = 5.0
 
-
-class Signal:
-    """A wake-up that no waiter can miss.
-
-    A waiter takes :meth:`mark` *before* it looks for work and passes it to :meth:`wait`, which
-    returns at once if :meth:`notify` was called since: a notification that arrives while the
-    waiter is busy looking is not lost (a plain ``threading.Event`` cleared by one waiter would
-    lose it for the others).
-    """
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._generation = 0
-
-    def mark(self) -> int:
-        with self._cond:
-            return self._generation
-
-    def notify(self) -> None:
-        """Wake every waiter."""
-        with self._cond:
-            self._generation += 1
-            self._cond.notify_all()
-
-    def wait(self, mark: int, timeout: float) -> bool:
-        """Block until a notification newer than ``mark`` or ``timeout`` s; True if notified."""
-        with self._cond:
-            return self._cond.wait_for(lambda: self._generation != mark, timeout)
-
-
-class Source(Protocol):
-    """Turns another process's notifications into :meth:`Wakeups.notify` calls."""
-
-    def start(self, notify: Callable[[str], None]) -> None: ...
-
-    def stop(self) -> None: ...
+#: Shortest wait between two looks (guards against a busy loop on clock skew).
+MIN_WAIT = 0.01
 
 
 class Wakeups:
-    """The process's wake-up signals (``studies``, ``deliveries``) and their sources.
+    """The wake-ups of one node process (see the module docstring).
 
     Parameters
     ----------
-    fallback : float
-        Seconds after which a waiter looks for work even without a notification.
+    worklist : Worklist
+        The process's worklist, which announces work after its commits.
+    shared : bool
+        Whether other processes may make work (a PostgreSQL database): then :meth:`start`
+        listens for their notifications, and without them waiters look every ``poll``
+        seconds.
+    poll : float
+        Fallback period when another process's work cannot be announced.
     """
 
-    def __init__(self, fallback: float) -> None:
-        self.studies = Signal()
-        self.deliveries = Signal()
-        self.fallback = fallback
-        self._sources: list[Source] = []
+    def __init__(self, worklist: Worklist, *, shared: bool, poll: float) -> None:
+        self.worklist = worklist
+        self.shared = shared
+        self.poll = poll
+        self.fallback = poll if shared else IDLE_FALLBACK
 
-    def signal(self, topic: str) -> Signal:
-        if topic == STUDIES:
-            return self.studies
-        if topic == DELIVERIES:
-            return self.deliveries
-        raise ValueError(f"unknown wake-up topic {topic!r}; use one of {', '.join(TOPICS)}")
+    def start(self) -> None:
+        """Listen for other processes' notifications (PostgreSQL) before work is claimed."""
+        if not self.shared:
+            return
+        if self.worklist.start_listening():
+            self.fallback = IDLE_FALLBACK
+            logger.info("wake-ups: listening for the database's notifications")
+        else:
+            self.fallback = self.poll
+            logger.warning(
+                "wake-ups: the database's notifications are not available; looking for work "
+                "every %.1f s",
+                self.poll,
+            )
 
-    def notify(self, topic: str) -> None:
-        """Wake the waiters of ``topic`` (``studies`` or ``deliveries``)."""
-        self.signal(topic).notify()
+    def stop(self, deadline: float) -> None:
+        self.wake_all()
 
-    def notify_all(self) -> None:
-        """Wake everyone (at stop, so that waiters see their stop flag at once)."""
-        for topic in TOPICS:
-            self.signal(topic).notify()
+    def study_waiter(self) -> Waiter:
+        """For a worker thread: woken when a study becomes claimable."""
+        return self.worklist.study_waiter()
 
-    def add_source(self, source: Source, fallback: float | None = None) -> None:
-        """Start ``source`` (e.g. a PostgreSQL listener); optionally lengthen the fallback."""
-        source.start(self.notify)
-        self._sources.append(source)
-        if fallback is not None:
-            self.fallback = fallback
+    def delivery_waiter(self) -> Waiter:
+        """For the delivery thread: woken when a delivery becomes due now."""
+        return self.worklist.delivery_waiter()
 
-    def close(self) -> None:
-        for source in self._sources:
-            try:
-                source.stop()
-            except Exception:  # noqa: BLE001 - stopping must go on with the next source
-                logger.exception("wake-up source did not stop cleanly")
-        self._sources = []
-        self.notify_all()
+    def instance_waiter(self) -> Waiter:
+        """For stable-study detection: woken when this process records an instance."""
+        return self.worklist.instance_waiter()
+
+    def bounded(self, seconds: float | None) -> float:
+        """A wait of ``seconds`` (``None``: nothing expected) within the fallback period."""
+        if seconds is None:
+            return self.fallback
+        return max(MIN_WAIT, min(seconds, self.fallback))
+
+    def wake_all(self) -> None:
+        """Wake every waiter of this process."""
+        from triage_core.worklist.wakeup import CHANNELS
+
+        self.worklist.wakeups.fire(CHANNELS)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 import pydicom
 import pytest
@@ -79,7 +80,7 @@ def test_worker_pass_writes_sr_and_a_scaled_down_sc(tmp_path: Path, tiny_checkpo
     processing = Processing(
         settings,
         worklist,
-        Wakeups(fallback=5.0),
+        Wakeups(worklist, shared=False, poll=0.2),
         "test-node",
         predictor=Predictor(tiny_checkpoint, mode="eager"),
         outputs=outputs,
@@ -102,79 +103,90 @@ def test_worker_pass_writes_sr_and_a_scaled_down_sc(tmp_path: Path, tiny_checkpo
     worklist.dispose()
 
 
-def test_a_notification_during_the_search_for_work_is_not_lost() -> None:
-    import threading
+def _record_study(worklist: Any, folder: Path, seed: int, size: int = 32) -> str:
+    path = synthetic_cr(folder / f"{seed}.dcm", size=size, seed=seed)
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    worklist.record_instance(str(ds.StudyInstanceUID), str(ds.SOPInstanceUID), path)
+    return str(ds.StudyInstanceUID)
 
-    from dicom_node.wakeup import Signal
 
-    signal = Signal()
-    mark = signal.mark()  # a waiter looks for work ...
-    signal.notify()  # ... while work arrives: its wait must return at once
+def _wait_status(worklist: Any, study_uid: str, statuses: set[str], timeout: float) -> float:
+    """Seconds until the study reached one of ``statuses``; fails after ``timeout``."""
     started = time.monotonic()
-    assert signal.wait(mark, timeout=5.0)
-    assert time.monotonic() - started < 1.0
-    assert not signal.wait(signal.mark(), timeout=0.05)  # nothing new: times out
-    woken: list[bool] = []
-    mark = signal.mark()
-    waiters = [
-        threading.Thread(target=lambda: woken.append(signal.wait(mark, 5.0))) for _ in range(3)
-    ]
-    for thread in waiters:
-        thread.start()
-    signal.notify()  # one notification wakes every waiter
-    for thread in waiters:
-        thread.join(5.0)
-    assert woken == [True, True, True]
+    while time.monotonic() - started < timeout:
+        detail = worklist.study_detail(study_uid)
+        if detail is not None and detail["status"] in statuses:
+            return time.monotonic() - started
+        time.sleep(0.02)
+    raise AssertionError(f"study {study_uid} not {statuses} after {timeout} s")
 
 
-def test_wakeups_reject_an_unknown_topic_and_wake_from_a_source() -> None:
-    from collections.abc import Callable
+def test_an_idle_worker_is_woken_by_a_queued_study_not_by_a_poll(
+    tmp_path: Path, tiny_checkpoint: Path
+) -> None:
+    from triage_core.inference import Predictor
 
-    from dicom_node.wakeup import DELIVERIES, Wakeups
-
-    class Source:
-        notify: Callable[[str], None]
-        stopped = False
-
-        def start(self, notify: Callable[[str], None]) -> None:
-            self.notify = notify
-
-        def stop(self) -> None:
-            self.stopped = True
-
-    wakeups = Wakeups(fallback=0.2)
-    with pytest.raises(ValueError, match="unknown wake-up topic 'studys'"):
-        wakeups.notify("studys")
-    source = Source()
-    wakeups.add_source(source, fallback=30.0)
-    assert wakeups.fallback == 30.0
-    mark = wakeups.deliveries.mark()
-    source.notify(DELIVERIES)  # e.g. a NOTIFY from another process
-    assert wakeups.deliveries.wait(mark, 1.0)
-    wakeups.close()
-    assert source.stopped
+    settings = load_settings(None, {"storage": tmp_path / "storage", "workers": 1})
+    worklist = open_worklist(settings)
+    wakeups = Wakeups(worklist, shared=False, poll=0.2)
+    wakeups.fallback = 120.0  # a poll would take two minutes: only the wake-up can be quick
+    processing = Processing(
+        settings, worklist, wakeups, "node", predictor=Predictor(tiny_checkpoint, mode="eager")
+    )
+    processing.start()
+    try:
+        time.sleep(0.5)  # the worker found nothing and sleeps
+        study_uid = _record_study(worklist, tmp_path, seed=1, size=64)
+        assert worklist.queue_stable_studies(0.0) == [study_uid]
+        assert _wait_status(worklist, study_uid, {"done", "not_eligible"}, 30.0) < 30.0
+        assert processing.processed == 1
+    finally:
+        processing.stop(time.monotonic() + 10)
+    assert not any(t.is_alive() for t in processing._workers)  # woken at stop, not at 120 s
+    worklist.dispose()
 
 
-def test_one_lease_keeper_renews_every_held_study_and_drops_a_lost_one(tmp_path: Path) -> None:
+def test_stable_studies_are_queued_after_stable_age_without_polling(tmp_path: Path) -> None:
+    from dicom_node.jobs import StableStudies
+
+    settings = load_settings(None, {"storage": tmp_path / "storage", "stable_age": 0.5})
+    worklist = open_worklist(settings)
+    wakeups = Wakeups(worklist, shared=False, poll=0.2)
+    wakeups.fallback = 120.0
+    stable = StableStudies(settings, worklist, wakeups)
+    stable.start()
+    try:
+        time.sleep(0.3)  # nothing receiving: the thread sleeps (up to the fallback)
+        study_uid = _record_study(worklist, tmp_path, seed=2)  # the instance wakes it
+        seconds = _wait_status(worklist, study_uid, {"queued"}, 10.0)
+        assert 0.3 <= seconds < 3.0, seconds  # stable_age after the instance, not 120 s
+    finally:
+        stop_at = time.monotonic()
+        stable.stop(stop_at + 10)
+    assert time.monotonic() - stop_at < 2.0
+    worklist.dispose()
+
+
+def test_one_lease_keeper_renews_every_lease_of_its_process(tmp_path: Path) -> None:
     from dicom_node.processing import LeaseKeeper
 
     settings = load_settings(None, {"storage": tmp_path / "storage", "workers": 0})
     worklist = open_worklist(settings)
-    for i in range(2):
-        path = synthetic_cr(tmp_path / f"{i}.dcm", size=32, seed=i)
-        ds = pydicom.dcmread(path, stop_before_pixels=True)
-        worklist.record_instance(str(ds.StudyInstanceUID), str(ds.SOPInstanceUID), path)
+    for i in range(3):
+        _record_study(worklist, tmp_path, seed=10 + i)
     worklist.queue_stable_studies(0.0)
-    first, second = worklist.claim_study("w1", 2.0), worklist.claim_study("w2", 2.0)
-    assert first is not None and second is not None
-    keeper = LeaseKeeper(worklist, lease_seconds=600.0)
-    keeper.hold(first.study_uid, "w1")
-    keeper.hold(second.study_uid, "someone-else")  # not the holder: renewal fails
-    keeper.renew_all()
-    expiries = {
-        uid: worklist.study_detail(uid)["lease_expires_at"]  # type: ignore[index]
-        for uid in (first.study_uid, second.study_uid)
+    claims = [worklist.claim_study(w, 2.0) for w in ("node/w0", "node/w1", "other/w0")]
+    assert all(c is not None for c in claims)
+    keeper = LeaseKeeper(worklist, ["node/w0", "node/w1"], lease_seconds=600.0)
+    renewed = keeper.renew_all()  # one statement for the whole process
+    ours = sorted(c.study_uid for c in claims[:2] if c is not None)
+    assert renewed == ours
+    expiry = {
+        c.study_uid: worklist.study_detail(c.study_uid)["lease_expires_at"]  # type: ignore[index]
+        for c in claims
+        if c is not None
     }
-    assert expiries[first.study_uid] > expiries[second.study_uid]  # renewed to +600 s
-    assert keeper.held() == {first.study_uid: "w1"}  # the lost lease is no longer renewed
+    other = claims[2]
+    assert other is not None
+    assert all(expiry[uid] > expiry[other.study_uid] for uid in ours)  # +600 s against +2 s
     worklist.dispose()
