@@ -83,4 +83,6 @@ def test_two_worker_processes_process_each_study_once(
     merged = per_worker[0] + per_worker[1]
     assert sorted(merged) == sorted(studies)
     assert all(per_worker), [len(p) for p in per_worker]
+    # idle workers were woken by the database's notifications (LISTEN/NOTIFY), not a 0.2 s poll
+    assert all("wake-ups: listening for the database's notifications" in w.log() for w in workers)
     worklist.dispose()
