@@ -16,12 +16,12 @@ import time
 from collections import defaultdict
 from typing import TYPE_CHECKING
 
+from dicom_node.scu import SendResult, send_files
 from dicom_node.settings import Destination
 from triage_core.errors import DeliveryError, WorklistError
 
 if TYPE_CHECKING:
     from dicom_node.metrics import Metrics
-    from dicom_node.scu import SendResult
     from dicom_node.settings import NodeSettings
     from dicom_node.wakeup import Wakeups
     from triage_core.worklist import DeliveryRow, Worklist
@@ -104,8 +104,6 @@ class Delivery:
 
     def _send(self, destination_text: str, group: list[DeliveryRow]) -> int:
         """One association to one destination; returns the objects sent and recorded."""
-        from dicom_node.scu import send_files
-
         started = time.perf_counter()
         try:
             results = send_files(

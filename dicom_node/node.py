@@ -35,10 +35,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
+from dicom_node.delivery import Delivery
+from dicom_node.metrics import Metrics
+from dicom_node.outputs import OutputsProcess
+from dicom_node.processing import Processing
+from dicom_node.service import open_worklist
 from dicom_node.wakeup import Wakeups
 
 if TYPE_CHECKING:
-    from dicom_node.metrics import Metrics
     from dicom_node.settings import NodeSettings
     from triage_core.worklist import Worklist
 
@@ -78,9 +82,6 @@ class NodeParts:
 
 def open_parts(settings: NodeSettings) -> NodeParts:
     """Open the worklist (schema created if needed) and the shared objects."""
-    from dicom_node.metrics import Metrics
-    from dicom_node.service import open_worklist
-
     worklist = open_worklist(settings)
     logger.info("worklist %s", settings.redacted_url())
     wakeups = make_wakeups(settings, worklist)
@@ -89,13 +90,8 @@ def open_parts(settings: NodeSettings) -> NodeParts:
 
 def processing_components(parts: NodeParts, model_path: Path | None) -> list[Component]:
     """Wake-ups, outputs process and workers (none when ``workers = 0``), delivery thread."""
-    from dicom_node.delivery import Delivery
-
     components: list[Component] = [parts.wakeups]
     if parts.settings.workers > 0:
-        from dicom_node.outputs import OutputsProcess
-        from dicom_node.processing import Processing
-
         outputs = OutputsProcess()
         components += [
             outputs,

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import io
 import logging
+import multiprocessing
 import os
 import select
 import threading
@@ -175,8 +176,6 @@ class OutputsProcess:
         self.pid: int | None = None
 
     def start(self) -> None:
-        import multiprocessing
-
         with self._lock:
             old, self._pool = self._pool, None
             if old is not None:

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from dicom_node.model import load_predictor
 from dicom_node.outputs import OutputJob, header_only, write_study_outputs
 from triage_core.errors import TriageError, WorklistError
 
@@ -164,8 +165,6 @@ class Processing:
     def start(self) -> None:
         """Load and warm up the model, then start the lease keeper, outputs and workers."""
         if self._predictor is None:
-            from dicom_node.model import load_predictor
-
             self._predictor = load_predictor(self.settings, self.model_path)
         self.leases.start()
         self._outputs_thread = threading.Thread(

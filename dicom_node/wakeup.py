@@ -24,6 +24,8 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
+from triage_core.worklist.wakeup import CHANNELS
+
 if TYPE_CHECKING:
     from triage_core.worklist import Worklist
     from triage_core.worklist.wakeup import Waiter
@@ -96,6 +98,4 @@ class Wakeups:
 
     def wake_all(self) -> None:
         """Wake every waiter of this process."""
-        from triage_core.worklist.wakeup import CHANNELS
-
         self.worklist.wakeups.fire(CHANNELS)
