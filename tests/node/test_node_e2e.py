@@ -228,9 +228,18 @@ def test_destination_down_then_up_receives_everything(
             "retried deliveries",
             node.proc.log,
         )
+        # recorded once the association is released (the destination must still be up)
+        deliveries = wait_for(
+            lambda: (
+                all(d["status"] == "sent" for d in node.study(study_uid)["deliveries"])
+                and node.study(study_uid)["deliveries"]
+            ),
+            30,
+            "deliveries recorded as sent",
+            node.proc.log,
+        )
     assert len(received) == 2
-    deliveries = node.study(study_uid)["deliveries"]
-    assert all(d["status"] == "sent" for d in deliveries), deliveries
+    assert len(deliveries) == 2 and all(d["status"] == "sent" for d in deliveries), deliveries
 
 
 def test_kill9_during_processing_then_restart_completes(
