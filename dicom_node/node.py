@@ -14,7 +14,7 @@ component              what it does                                      serve  
 ``StableStudies``      queues studies without new instances              yes      no
 ``Jobs``               expired leases, retention purge                   both     leases
 ``HttpApi``            read-only JSON API, metrics, health               yes      no
-``Ingest``             C-STORE SCP, spool, instance rows, recovery       yes      no
+``Receiver``           recovery, C-STORE SCP, spool, instance rows       yes      no
 =====================  ================================================  =======  ========
 
 They share the process's :class:`~triage_core.worklist.Worklist`, its
@@ -30,7 +30,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -120,8 +120,6 @@ class Node:
         The shared worklist, metrics and wake-ups (closed by :meth:`stop`).
     components : sequence of Component
         In start order.
-    after_close : sequence of callables
-        Run after the worklist is closed (e.g. the clean-shutdown marker of ingest).
     """
 
     def __init__(
@@ -129,12 +127,10 @@ class Node:
         name: str,
         parts: NodeParts,
         components: Sequence[Component],
-        after_close: Sequence[Callable[[], None]] = (),
     ) -> None:
         self.name = name
         self.parts = parts
         self.components = list(components)
-        self.after_close = list(after_close)
         self._started: list[Component] = []
         self._stop = threading.Event()
 
@@ -163,8 +159,6 @@ class Node:
             except Exception:  # noqa: BLE001 - the other components must still stop
                 logger.exception("%s did not stop cleanly", type(component).__name__)
         self.parts.worklist.dispose()  # stops the LISTEN thread too
-        for callback in self.after_close:
-            callback()
         logger.info("%s %s stopped", self.name, self.parts.node_id)
 
     def wait(self) -> None:
