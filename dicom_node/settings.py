@@ -494,6 +494,17 @@ def check_port(host: str, port: int, what: str) -> None:
         raise ConfigError(f"{what} {host}:{port} cannot be used: {exc}") from exc
 
 
+def check_tls(settings: NodeSettings, *, need_scp: bool = True) -> None:
+    """Load every TLS certificate, key and CA once (raises ConfigError naming the file)."""
+    from dicom_node.net.tls import client_context, server_context
+
+    if need_scp and settings.tls_cert is not None and settings.tls_key is not None:
+        server_context(settings.tls_cert, settings.tls_key, settings.tls_ca)
+    for destination in settings.destinations:
+        if destination.tls_ca is not None:
+            client_context(destination.tls_ca, destination.tls_cert, destination.tls_key)
+
+
 def check_runtime(
     settings: NodeSettings, *, need_scp: bool = True, need_model: bool = True
 ) -> Path | None:
@@ -507,6 +518,7 @@ def check_runtime(
     check_storage(settings.storage)
     model_path = check_model(settings.model) if need_model else None
     check_database(settings.database_url)
+    check_tls(settings, need_scp=need_scp)
     if need_scp:
         check_port(settings.bind_address, settings.port, "DICOM port")
         if settings.http_port:

@@ -80,11 +80,16 @@ class Negotiated:
     ac_pdu: bytes
 
 
+#: Bytes that are not allowed in an AE title (PS3.5 AE: printable ASCII, no backslash) become
+#: "?", so that a hostile title can neither match an allowed one nor forge a log line.
+_AE_BYTES = bytes(c if 0x20 <= c <= 0x7E and c != 0x5C else 0x3F for c in range(256))
+
+
 def ae_titles(rq: bytes) -> tuple[str, str]:
     """``(calling, called)`` AE titles of an A-ASSOCIATE-RQ PDU (read before any decoding)."""
     return (
-        rq[CALLING_AE].decode("ascii", "replace").strip(" \x00"),
-        rq[CALLED_AE].decode("ascii", "replace").strip(" \x00"),
+        rq[CALLING_AE].translate(_AE_BYTES).decode("ascii").strip(" "),
+        rq[CALLED_AE].translate(_AE_BYTES).decode("ascii").strip(" "),
     )
 
 

@@ -292,9 +292,9 @@ class Association:
             if self.incoming is not None:
                 self.incoming.discard("association ended inside a data set")
                 self.incoming = None
-            self.server.leave(self)
             self._log_end()
             self._close(linger=sent_last_pdu)
+            self.server.leave(self)  # only now: a lingering connection still counts
 
     def evict(self) -> None:
         """Close a connection that has not associated yet (the pending cap was reached)."""

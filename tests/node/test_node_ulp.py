@@ -457,3 +457,16 @@ def test_storescu_fills_our_smallest_pdu_without_an_abort(tmp_path: Path) -> Non
         proc = storescu(scp.port, files)
         assert proc.returncode == 0, proc.stderr
         assert len(list((scp.storage / "spool").rglob("*.dcm"))) == 3
+
+
+def test_hostile_ae_title_bytes_neither_match_nor_reach_the_log(
+    scp: Scp, caplog: pytest.LogCaptureFixture
+) -> None:
+    rq = bytearray(associate_rq())
+    rq[26:42] = b"RAWSCU\nINFO fake"  # a newline to forge a log line
+    peer = Peer(scp.port)
+    peer.send(bytes(rq))
+    assert _reject_codes(peer) == (1, 1, 3)
+    time.sleep(0.2)
+    text = "\n".join(r.getMessage() for r in caplog.records)
+    assert "RAWSCU?INFO fake -> CXR_TRIAGE" in text and "RAWSCU\nINFO" not in text

@@ -1,0 +1,43 @@
+"""Our storage SCP alone in a process, for the fuzz suite (``python fuzz_scp.py PORT STORAGE``).
+
+Prints ``ready`` once listening and runs until its standard input closes. Settings come as
+``KEY=VALUE`` arguments after the storage folder (``artim_timeout=1``).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+from dicom_node.handlers import StoreContext
+from dicom_node.scp import start_scp
+from dicom_node.service import make_record_many, make_recorder, open_worklist
+from dicom_node.settings import load_settings
+
+
+def main(argv: list[str]) -> int:
+    logging.basicConfig(level=logging.DEBUG, format="%(levelname)s %(name)s: %(message)s")
+    port, storage, *pairs = argv
+    overrides: dict[str, object] = dict(pair.split("=", 1) for pair in pairs)
+    settings = load_settings(
+        None,
+        {"port": int(port), "bind_address": "127.0.0.1", "storage": Path(storage), **overrides},
+    )
+    settings.storage.mkdir(parents=True, exist_ok=True)
+    worklist = open_worklist(settings)
+    store = StoreContext(
+        storage=settings.storage,
+        record=make_recorder(worklist),
+        record_many=make_record_many(worklist),
+    )
+    server = start_scp(settings, store)
+    print("ready", flush=True)
+    sys.stdin.read()
+    server.shutdown()
+    worklist.dispose()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
