@@ -1,5 +1,12 @@
 """The DICOM network layer of the node: upper layer (PS3.8), DIMSE (PS3.7), access policy, TLS.
 
 Modules, from the wire up: :mod:`~dicom_node.net.limits` (every bound in one place),
-:mod:`~dicom_node.net.policy` (who may associate, and the PS3.8 Table 9-21 rejection codes).
+:mod:`~dicom_node.net.pdu` (PDU types, A-ASSOCIATE-RJ and A-ABORT codes, the bounded check of
+the A-ASSOCIATE-RQ), :mod:`~dicom_node.net.dimse` (command sets and statuses),
+:mod:`~dicom_node.net.negotiation` (what we accept, the A-ASSOCIATE-AC),
+:mod:`~dicom_node.net.policy` (who may associate), :mod:`~dicom_node.net.tls` (TLS contexts),
+:mod:`~dicom_node.net.ulp` (one connection, Sta2 to Sta13), :mod:`~dicom_node.net.server`
+(accepting, the caps) and :mod:`~dicom_node.net.tuning` (pynetdicom socket hooks of the SCU).
+The storage path is reached only through the ``open_instance`` callable the SCP glue
+(:mod:`dicom_node.scp`) passes in.
 """

@@ -10,9 +10,9 @@ import logging
 import sys
 from pathlib import Path
 
-from dicom_node.handlers import StoreContext
+from dicom_node.ingest.spool import StoreContext, make_recorder
 from dicom_node.scp import start_scp
-from dicom_node.service import make_record_many, make_recorder, open_worklist
+from dicom_node.service import open_worklist
 from dicom_node.settings import load_settings
 
 
@@ -26,11 +26,7 @@ def main(argv: list[str]) -> int:
     )
     settings.storage.mkdir(parents=True, exist_ok=True)
     worklist = open_worklist(settings)
-    store = StoreContext(
-        storage=settings.storage,
-        record=make_recorder(worklist),
-        record_many=make_record_many(worklist),
-    )
+    store = StoreContext(storage=settings.storage, record=make_recorder(worklist))
     server = start_scp(settings, store)
     print("ready", flush=True)
     sys.stdin.read()

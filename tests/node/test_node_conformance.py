@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from dicom_node.implementation import IMPLEMENTATION_CLASS_UID
 from dicom_node.net import dimse, limits, negotiation, pdu
-from dicom_node.net.identity import IMPLEMENTATION_CLASS_UID
 from dicom_node.settings import NodeSettings
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "conformance.md"
