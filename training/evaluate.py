@@ -9,7 +9,12 @@ an external set). It writes into the output folder:
 * ``predictions.csv``: one row per image: ``Image Index``, ``Patient ID``, ``Finding Labels``,
   the 0/1 target per class and the calibrated probability per class;
 * ``roc.png``, ``reliability.png``, ``confusion.png`` (multiclass) and ``cam_grid.png``
-  (Grad-CAM of a few test images, when ``triage_core.cam`` is available).
+  (Grad-CAM of a few test images, when ``triage_core.cam`` is available, with the radiologists'
+  boxes drawn on the images that have some);
+* with a box file (``BBox_List_2017.csv``, by default next to the labels): the pointing game
+  (:mod:`training.pointing`) in ``metrics.json["pointing_game"]`` (Grad-CAM maximum inside the
+  box vs the image centre) and ``pointing_grid.png`` (every boxed image: map, box, maximum and
+  centre).
 
 Metric definitions
 ------------------
@@ -37,6 +42,15 @@ import numpy as np
 
 from training.calibrate import expected_calibration_error, probabilities, reliability_pairs
 from training.data import DatasetError, LabelRecord, TaskData
+from training.pointing import (
+    NIH_SIDE,
+    Box,
+    boxes_by_image,
+    draw_box,
+    format_pointing,
+    pointing_game,
+    read_boxes,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -316,10 +330,13 @@ def plot_cam_grid(
     records: Sequence[LabelRecord],
     probs: np.ndarray,
     max_images: int = 8,
+    boxes: Mapping[str, Sequence[Box]] | None = None,
 ) -> bool:
     """Grad-CAM of the top class for up to ``max_images`` images, with labels and
     probabilities; uses ``triage_core.cam.CamExplainer`` (which releases its hooks after every
-    map). Returns False (and logs why) when unavailable."""
+    map). Images with radiologists' ``boxes`` (by image name) come first and show them (the
+    explained class's boxes in green, others dashed). Returns False (and logs why) when
+    unavailable."""
     try:
         from triage_core import cam as cam_module
     except ImportError as exc:
@@ -332,6 +349,8 @@ def plot_cam_grid(
         logger.warning("Grad-CAM grid skipped: triage_core.cam has no CamExplainer")
         return False
     plt = _pyplot()
+    boxes = boxes or {}
+    order = sorted(range(len(image_paths)), key=lambda j: records[j].image_index not in boxes)
     n = min(max_images, len(image_paths))
     if n == 0:
         return False
@@ -344,24 +363,97 @@ def plot_cam_grid(
         ax.axis("off")
         if i >= n:
             continue
-        image = load_image(image_paths[i])
-        top = int(np.argmax(probs[i]))
-        truth = ",".join(lab for lab in records[i].labels if lab in spec.class_names)
+        j = order[i]
+        image = load_image(image_paths[j])
+        top = int(np.argmax(probs[j]))
+        truth = ",".join(lab for lab in records[j].labels if lab in spec.class_names)
         title = (
-            f"{records[i].image_index}\ntrue: {truth or 'none of 3'}\n"
-            f"{spec.class_names[top]} p={probs[i, top]:.2f}"
+            f"{records[j].image_index}\ntrue: {truth or 'none of 3'}\n"
+            f"{spec.class_names[top]} p={probs[j, top]:.2f}"
         )
         try:
             ax.imshow(explainer.explain(image, top).overlay)
         except cam_module.ExplanationError as exc:
-            logger.warning("Grad-CAM failed for %s: %s", records[i].image_index, exc)
+            logger.warning("Grad-CAM failed for %s: %s", records[j].image_index, exc)
             ax.imshow(image, cmap="gray")
             title += " (no CAM)"
+        for box in boxes.get(records[j].image_index, ()):
+            dashed = box.label != spec.class_names[top]
+            draw_box(ax, box, image.shape[0], image.shape[1], linestyle="--" if dashed else "-")
         ax.set_title(title, fontsize=7)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
     return True
+
+
+def plot_pointing_grid(
+    path: Path,
+    model: torch.nn.Module,
+    spec: ModelSpec,
+    result: Mapping[str, Any],
+    images: Mapping[str, Path],
+) -> bool:
+    """Every pointing-game item: the map of the boxed class, the box (green), the map's
+    maximum (white cross: hit, red cross: miss) and the image centre (cyan circle)."""
+    from triage_core.cam import CamExplainer
+    from triage_core.imaging import load_image
+
+    items = list(result.get("items", ()))
+    if not items:
+        return False
+    plt = _pyplot()
+    cols = min(4, len(items))
+    rows = math.ceil(len(items) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3.3 * rows), dpi=100, squeeze=False)
+    explainer = CamExplainer(model, spec, device="cpu")
+    for i in range(rows * cols):
+        ax = axes[i // cols][i % cols]
+        ax.axis("off")
+        if i >= len(items):
+            continue
+        item = items[i]
+        image = load_image(images[item["image"]])
+        height, width = image.shape
+        ax.imshow(explainer.explain(image, spec.class_names.index(item["class"])).overlay)
+        draw_box(ax, Box(item["image"], item["class"], *item["box"]), height, width)
+        sx, sy = width / NIH_SIDE, height / NIH_SIDE
+        if item["peak"] is not None:  # an empty map points nowhere
+            ax.plot(item["peak"][0] * sx, item["peak"][1] * sy, "x", ms=9, mew=2,
+                    color="white" if item["hit"] else "red")  # fmt: skip
+        ax.plot(width / 2, height / 2, "o", ms=6, mfc="none", mew=1.5, color="cyan")
+        verdict = "hit" if item["hit"] else "miss"
+        ax.set_title(f"{item['image']}\n{item['class']}: {verdict}", fontsize=7)
+    fig.suptitle(format_pointing(result), fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
+def _pointing(
+    model: torch.nn.Module,
+    spec: ModelSpec,
+    labels: Path,
+    images: Path,
+    bbox_csv: Path | None,
+    bbox_images: Sequence[Path],
+) -> tuple[dict[str, Any] | None, dict[str, list[Box]], dict[str, Path]]:
+    """Pointing game over the boxed images found in ``images`` and ``bbox_images``."""
+    from training.data import index_images
+
+    path = bbox_csv if bbox_csv is not None else labels.parent / "BBox_List_2017.csv"
+    if not path.is_file():
+        if bbox_csv is not None:
+            raise DatasetError(f"box file {bbox_csv} does not exist")
+        return None, {}, {}
+    boxes = read_boxes(path)
+    index: dict[str, Path] = {}
+    for folder in (*bbox_images, images):  # the evaluated folder wins on duplicate names
+        index.update(index_images(folder))
+    result = pointing_game(model, spec, boxes, index)
+    logger.info("%s", format_pointing(result))
+    return result, boxes_by_image(boxes, spec.class_names), index
 
 
 # --------------------------------------------------------------------------------------------
@@ -422,8 +514,14 @@ def evaluate_checkpoint(
     seed: int = 0,
     cam_images: int = 8,
     progress: bool = False,
+    bbox_csv: Path | None = None,
+    bbox_images: Sequence[Path] = (),
 ) -> dict[str, Any]:
     """Evaluate ``checkpoint`` on a split and write the files of the module docstring.
+
+    ``bbox_csv`` (default: ``BBox_List_2017.csv`` beside ``labels``, when present) turns on the
+    pointing game over every boxed image found in ``images`` and ``bbox_images`` (all of them,
+    whatever their split: boxed images are rare; each item names its image).
 
     Returns
     -------
@@ -471,8 +569,13 @@ def evaluate_checkpoint(
     if spec.task == "multiclass":
         plot_confusion(out / "confusion.png", metrics["confusion_matrix"], spec.class_names, title)
         plots["confusion"] = "confusion.png"
+    pointing, boxes, boxed = _pointing(model, spec, labels, images, bbox_csv, bbox_images)
+    if pointing is not None:
+        metrics["pointing_game"] = pointing
+        if plot_pointing_grid(out / "pointing_grid.png", model, spec, pointing, boxed):
+            plots["pointing_grid"] = "pointing_grid.png"
     if cam_images > 0 and plot_cam_grid(
-        out / "cam_grid.png", model, spec, paths, data.records, probs, cam_images
+        out / "cam_grid.png", model, spec, paths, data.records, probs, cam_images, boxes
     ):
         plots["cam_grid"] = "cam_grid.png"
     metrics["plots"] = plots
