@@ -36,7 +36,7 @@ from triage_core.worklist.wakeup import (
 logger = logging.getLogger(__name__)
 
 #: ``(sop_uid, path, destination)`` of an output object to send.
-DeliverySpec = tuple[str, "str | Path", str]
+DeliverySpec = tuple[str, str | Path, str]
 
 
 @dataclass(frozen=True)
