@@ -80,6 +80,14 @@ class WorklistRow(BaseModel):
     priority_score: float | None = Field(description="0-100, null before inference")
     effective_priority: float | None = Field(description="score plus aging")
     priority_level: str | None = Field(description="routine, urgent or critical")
+    low_confidence: bool = Field(
+        description="some image is unlike the model's training images (out-of-distribution "
+        "score above the checkpoint's threshold): do not trust its scores"
+    )
+    ood_score: float | None = Field(
+        description="highest out-of-distribution score of the study's images (about 1 for a "
+        "typical chest film); null when the model has no reference"
+    )
     findings: dict[str, FindingSummary]
     model_name: str
     model_version: str

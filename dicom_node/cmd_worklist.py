@@ -77,7 +77,8 @@ def format_table(rows: list[dict[str, Any]]) -> str:
             _top_finding(r["findings"]),
             (r["received_at"] or "-").replace("T", " ")[:19],
             r["study_uid"],
-            r["reason"] or r["error"] or "",
+            ("LOW CONFIDENCE " if r.get("low_confidence") else "")
+            + (r["reason"] or r["error"] or ""),
         )
         for r in rows
     ]

@@ -173,3 +173,46 @@ def test_shipped_default_flags_non_chest_images(dicom_dir: Path) -> None:
     other = scores[len(CHEST_DICOMS) :]
     assert (chest <= limit).all(), dict(zip(CHEST_DICOMS, chest.round(2), strict=True))
     assert (other > limit).all(), other.round(2)
+
+
+def test_worklist_rows_carry_low_confidence(tmp_path: Path) -> None:
+    """The worklist (rows, study detail) keeps the study's OOD outcome (schema revision 0003)."""
+    from triage_core.spec import Finding, ImageResult, StudyResult
+    from triage_core.worklist import Worklist
+
+    wl = Worklist(Worklist.sqlite_url(tmp_path / "storage"))
+    wl.create_all()
+    try:
+        for n, (score, flagged) in enumerate(((7.5, True), (0.9, False), (None, False)), 1):
+            study, sop = f"1.2.3.{n}", f"1.2.3.{n}.1"
+            wl.record_instance(study, sop, f"/spool/{n}.dcm", now=10.0)
+            wl.queue_stable_studies(1, now=20.0)
+            claimed = wl.claim_study("w", 30, now=21.0)
+            assert claimed is not None and claimed.study_uid == study
+            image = ImageResult(
+                uid=sop,
+                eligible=True,
+                probabilities={"Effusion": 0.7},
+                ood_score=score,
+                low_confidence=flagged,
+            )
+            result = StudyResult(
+                study_uid=study,
+                status="done",
+                findings=(Finding("Effusion", 0.7, 0.5, True, sop),),
+                priority_score=50.0,
+                priority_level="urgent",
+                images=(image,),
+            )
+            wl.complete_study(study, "w", result, now=22.0)
+        rows = {r["study_uid"]: r for r in wl.list_worklist()}
+        assert rows["1.2.3.1"]["low_confidence"] is True and rows["1.2.3.1"]["ood_score"] == 7.5
+        assert rows["1.2.3.2"]["low_confidence"] is False and rows["1.2.3.2"]["ood_score"] == 0.9
+        assert rows["1.2.3.3"]["low_confidence"] is False and rows["1.2.3.3"]["ood_score"] is None
+        assert wl.study_detail("1.2.3.1")["low_confidence"] is True
+        from dicom_node.cmd_worklist import format_table
+
+        table = format_table(list(rows.values())).splitlines()
+        assert sum("LOW CONFIDENCE" in line for line in table) == 1
+    finally:
+        wl.dispose()

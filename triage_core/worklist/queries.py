@@ -79,6 +79,8 @@ def _row_dict(row: Any, findings: dict[str, Any], count: int, eff: float | None)
         "priority_score": row.priority_score,
         "effective_priority": eff,
         "priority_level": row.priority_level,
+        "low_confidence": bool(row.low_confidence),
+        "ood_score": row.ood_score,
         "findings": findings,
         "model_name": row.model_name,
         "model_version": row.model_version,

@@ -141,6 +141,8 @@ def _finish(
             error="",
             priority_score=rows.score,
             priority_level=result.priority_level,
+            low_confidence=result.low_confidence,
+            ood_score=result.ood_score,
             model_name=result.model_name,
             model_version=result.model_version,
             timings=rows.timings,

@@ -35,6 +35,7 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    false,
     inspect,
     select,
     text,
@@ -43,9 +44,9 @@ from sqlalchemy import (
 from triage_core.errors import WorklistError
 
 #: Value of ``worklist_meta.schema_version`` at the newest revision (``1`` before Alembic).
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 #: The newest Alembic revision.
-HEAD_REVISION = "0002"
+HEAD_REVISION = "0003"
 #: The revision whose layout equals that of a schema-version-1 database made before Alembic.
 LEGACY_REVISION = "0001"
 MIGRATIONS_DIR = Path(__file__).with_name("migrations")
@@ -96,6 +97,9 @@ def build_tables() -> Tables:
         Column("rerun", Boolean, nullable=False, default=False),
         Column("priority_score", Double, nullable=True),
         Column("priority_level", String(16), nullable=True),
+        # revision 0003: out-of-distribution outcome (triage_core.ood); false/null before
+        Column("low_confidence", Boolean, nullable=False, default=False, server_default=false()),
+        Column("ood_score", Double, nullable=True),
         Column("model_name", String(128), nullable=False, default=""),
         Column("model_version", String(64), nullable=False, default=""),
         Column("timings", Text, nullable=False, default="{}"),
