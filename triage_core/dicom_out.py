@@ -1045,34 +1045,66 @@ def build_sc(
     DicomOutputError
         When an input is invalid; the message names the value.
     """
-    import highdicom as hd
-    from pydicom.uid import ExplicitVRLittleEndian
+    pixels = _check_sc_inputs(overlay, source, finding, spec, series_number, instance_number)
+    captions = _caption(finding)
+    captioned, burned = burn_in_caption(pixels, captions)
+    reference = _sanitized_reference(source, "source")
+    sc = _sc_image(source, reference, captioned, spec, series_number, instance_number)
+    _describe_sc(sc, reference, finding, spec, captions, burned)
+    _reference_source(sc, reference, source)
+    logger.debug(
+        "built SC %s for %s (%s, caption burned in: %s)",
+        sc.SOPInstanceUID,
+        source.SOPInstanceUID,
+        finding.name,
+        burned,
+    )
+    return sc
 
+
+def _check_sc_inputs(
+    overlay: object,
+    source: object,
+    finding: object,
+    spec: object,
+    series_number: object,
+    instance_number: object,
+) -> np.ndarray:
+    """:func:`build_sc`'s argument checks; returns the overlay as a uint8 array."""
     pixels = _check_overlay(overlay)
     if not isinstance(spec, ModelSpec):
         raise DicomOutputError(f"spec: expected a ModelSpec, got {type(spec).__name__}")
     if not isinstance(source, Dataset):
         raise DicomOutputError(f"source: expected a pydicom Dataset, got {type(source).__name__}")
     _require_attrs(source, "source", ("StudyInstanceUID", "SOPInstanceUID", "SOPClassUID"))
-    _check_finding(finding, spec, "finding")
-    if _is_uid(finding.source_uid) and finding.source_uid != source.SOPInstanceUID:
+    checked = _check_finding(finding, spec, "finding")
+    if _is_uid(checked.source_uid) and checked.source_uid != source.SOPInstanceUID:
         raise DicomOutputError(
-            f"finding {finding.name} comes from image {finding.source_uid}, but the overlay's "
+            f"finding {checked.name} comes from image {checked.source_uid}, but the overlay's "
             f"source is {source.SOPInstanceUID}"
         )
     _check_number("series_number", series_number)
     _check_number("instance_number", instance_number)
+    return pixels
 
-    captions = _caption(finding)
-    captioned, burned = burn_in_caption(pixels, captions)
-    reference = _sanitized_reference(source, "source")
-    orientation = _orientation(source)
-    model_name = _model_name(spec)
-    device_uid = default_device_uid(spec)
+
+def _sc_image(
+    source: Dataset,
+    reference: Dataset,
+    pixels: np.ndarray,
+    spec: ModelSpec,
+    series_number: int,
+    instance_number: int,
+) -> Dataset:
+    """The highdicom ``SCImage`` (new series, same study) around the captioned pixels."""
+    import highdicom as hd
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    laterality = reference.get("Laterality")
     try:
         sc = hd.sc.SCImage.from_ref_dataset(
             ref_dataset=reference,
-            pixel_array=captioned,
+            pixel_array=pixels,
             photometric_interpretation="RGB",
             bits_allocated=8,
             coordinate_system="PATIENT",
@@ -1081,15 +1113,13 @@ def build_sc(
             sop_instance_uid=hd.UID(),
             instance_number=instance_number,
             manufacturer=MANUFACTURER,
-            # Placeholder for highdicom's check; replaced below by the source's value or empty.
+            # Placeholder for highdicom's check; replaced by the source's value or empty.
             patient_orientation=("L", "F"),
-            laterality=reference.get("Laterality")
-            if reference.get("Laterality") in ("R", "L")
-            else None,
+            laterality=laterality if laterality in ("R", "L") else None,
             transfer_syntax_uid=ExplicitVRLittleEndian,
-            contributing_equipment=[_algorithm_equipment(spec, device_uid)],
+            contributing_equipment=[_algorithm_equipment(spec, default_device_uid(spec))],
             series_description=SC_SERIES_DESCRIPTION,
-            manufacturer_model_name=model_name,
+            manufacturer_model_name=_model_name(spec),
             software_versions=_software_versions(spec),
             coding_schemes=_coding_schemes(),
         )
@@ -1097,9 +1127,21 @@ def build_sc(
         raise DicomOutputError(
             f"source {source.SOPInstanceUID}: Secondary Capture could not be built: {exc}"
         ) from exc
-
     # Type 2: the source's orientation when it is valid, otherwise present but empty.
+    orientation = _orientation(source)
     sc["PatientOrientation"].value = orientation if orientation is not None else ""
+    return sc
+
+
+def _describe_sc(
+    sc: Dataset,
+    reference: Dataset,
+    finding: Finding,
+    spec: ModelSpec,
+    captions: Sequence[str],
+    burned: bool,
+) -> None:
+    """Body part, burned-in annotation flag, caption and derivation description."""
     body_part = str(reference.get("BodyPartExamined", "") or "")
     sc.BodyPartExamined = body_part if _CS_RE.match(body_part) else "CHEST"
     sc.BurnedInAnnotation = (
@@ -1112,6 +1154,12 @@ def build_sc(
         f"over the source image; {RESEARCH_STATEMENT}",
         1024,
     )
+
+
+def _reference_source(sc: Dataset, reference: Dataset, source: Dataset) -> None:
+    """Source Image Sequence, and the lossy-compression flag inherited from the source."""
+    import highdicom as hd
+
     item = Dataset()
     item.ReferencedSOPClassUID = source.SOPClassUID
     item.ReferencedSOPInstanceUID = source.SOPInstanceUID
@@ -1123,14 +1171,6 @@ def build_sc(
         for keyword in ("LossyImageCompressionRatio", "LossyImageCompressionMethod"):
             if keyword in reference:
                 sc[keyword] = reference[keyword]
-    logger.debug(
-        "built SC %s for %s (%s, caption burned in: %s)",
-        sc.SOPInstanceUID,
-        source.SOPInstanceUID,
-        finding.name,
-        burned,
-    )
-    return sc
 
 
 # --------------------------------------------------------------------------------------------
