@@ -4,6 +4,7 @@ send, and a bounded structural check of the A-ASSOCIATE-RQ before anything decod
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import IntEnum
 
@@ -140,9 +141,11 @@ def check_associate_rq(body: bytes) -> None:
     Every item length must fit its parent; there are at most
     :data:`~dicom_node.net.limits.MAX_PRESENTATION_CONTEXTS` presentation contexts, each with
     one abstract syntax and 1 to :data:`~dicom_node.net.limits.MAX_TRANSFER_SYNTAXES`
-    transfer syntaxes, and one application context. Raises :class:`ProtocolError` otherwise,
-    so that pynetdicom's decoder (which validates every UID, ~4 us a byte) only sees requests
-    of a bounded shape.
+    transfer syntaxes, one application context, and at most
+    :data:`~dicom_node.net.limits.MAX_USER_INFORMATION_ITEMS` user information sub-items.
+    Raises :class:`ProtocolError` (malformed) or :class:`LimitExceeded` (over a bound)
+    otherwise, so that pynetdicom's decoder (which validates every UID, ~4 us a byte) only
+    sees requests of a bounded shape.
     """
     if len(body) < limits.ASSOCIATE_RQ_FIXED:
         raise ProtocolError(f"A-ASSOCIATE-RQ of {len(body)} bytes", ABORT_BY_USER)
@@ -154,19 +157,22 @@ def check_associate_rq(body: bytes) -> None:
             contexts += 1
             if end - start < 4:
                 raise ProtocolError("presentation context item shorter than 4 bytes", ABORT_BY_USER)
-            kinds = [kind for kind, _s, _e in _items(body, start + 4, end)]
-            syntaxes = kinds.count(0x40)
-            if kinds.count(0x30) != 1 or not syntaxes:
+            abstract = syntaxes = 0
+            for kind, _s, _e in _items(body, start + 4, end):
+                abstract += kind == 0x30
+                syntaxes += kind == 0x40
+            if abstract != 1 or not syntaxes:
                 raise ProtocolError(
-                    f"presentation context with {kinds.count(0x30)} abstract syntaxes and "
+                    f"presentation context with {abstract} abstract syntaxes and "
                     f"{syntaxes} transfer syntaxes",
                     ABORT_BY_USER,
                 )
             if syntaxes > limits.MAX_TRANSFER_SYNTAXES:
                 raise LimitExceeded(f"a presentation context proposes {syntaxes} transfer syntaxes")
         elif item_type == 0x50:
-            for _kind, _s, _e in _items(body, start, end):
-                pass
+            sub_items = sum(1 for _item in _items(body, start, end))
+            if sub_items > limits.MAX_USER_INFORMATION_ITEMS:
+                raise LimitExceeded(f"{sub_items} user information sub-items")
     if contexts > limits.MAX_PRESENTATION_CONTEXTS:
         raise LimitExceeded(f"{contexts} presentation contexts proposed")
     if application != 1 or not contexts:
@@ -177,10 +183,9 @@ def check_associate_rq(body: bytes) -> None:
         )
 
 
-def _items(data: bytes, start: int, end: int) -> list[tuple[int, int, int]]:
+def _items(data: bytes, start: int, end: int) -> Iterator[tuple[int, int, int]]:
     """``(type, value start, value end)`` of the items in ``data[start:end]`` (each item:
-    type (1), reserved (1), length (2), value)."""
-    out = []
+    type (1), reserved (1), length (2), value), one at a time (nothing is collected)."""
     pos = start
     while pos < end:
         if pos + 4 > end:
@@ -190,6 +195,5 @@ def _items(data: bytes, start: int, end: int) -> list[tuple[int, int, int]]:
             raise ProtocolError(
                 f"item 0x{item_type:02X} of {length} bytes overruns its parent", ABORT_BY_USER
             )
-        out.append((item_type, pos + 4, pos + 4 + length))
+        yield item_type, pos + 4, pos + 4 + length
         pos += 4 + length
-    return out

@@ -70,6 +70,7 @@ def test_limits_table_holds_the_code_values() -> None:
         seen.add(where.strip("`"))
     # every bound of limits.py that a peer can reach is documented
     for name in ("MAX_ASSOCIATE_RQ", "MAX_PRESENTATION_CONTEXTS", "MAX_TRANSFER_SYNTAXES",
+                 "MAX_USER_INFORMATION_ITEMS",
                  "CONTROL_PDU_BODY", "MAX_COMMAND_SET", "READ_BUFFER_PENDING", "READ_BUFFER",
                  "MIN_PDU", "MAX_PDU", "CLOSE_LINGER"):  # fmt: skip
         assert f"limits.{name}" in seen, name

@@ -353,6 +353,14 @@ def test_protocol_version_and_oversized_requests_are_rejected(scp: Scp) -> None:
     peer = Peer(scp.port)
     peer.send(associate_rq(contexts=many))
     assert _reject_codes(peer) == (1, 3, 2)
+    rq = associate_rq()
+    user_info = rq.rindex(b"\x50\x00")  # the last item: append 513 empty sub-items to it
+    extra = b"\x55\x00\x00\x00" * 513
+    length = struct.unpack(">H", rq[user_info + 2 : user_info + 4])[0] + len(extra)
+    body = rq[6:user_info] + b"\x50\x00" + struct.pack(">H", length) + rq[user_info + 4 :] + extra
+    peer = Peer(scp.port)
+    peer.send(pdu(0x01, body))
+    assert _reject_codes(peer) == (1, 3, 2)
     _still_serves(scp.port)
 
 
