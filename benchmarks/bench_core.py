@@ -5,6 +5,11 @@ Run from the repository root::
     .venv/bin/python benchmarks/bench_core.py            # full run (~5-10 min on 2 cores)
     .venv/bin/python benchmarks/bench_core.py --quick    # fewer repetitions
     .venv/bin/python benchmarks/bench_core.py --no-compile   # skip torch.compile (~20 s/shape)
+    .venv/bin/python benchmarks/bench_core.py --arch efficientnet_lite0 --int8   # one arch, + int8
+
+``--int8`` adds a static int8 path (FX graph mode, x86 backend, ``benchmarks/int8_cpu.py``) and,
+for a trained checkpoint, the adoption check of issue 8: per-class AUROC of fp32 and int8 on the
+checkpoint's test split and the share of flipped decisions (adopt only within 0.01 and 1 %).
 
 ONNX Runtime rows are measured only when ``onnxruntime`` and ``onnx`` are importable (they are
 not project dependencies; e.g. ``pip install --target /tmp/ort onnxruntime onnx protobuf
@@ -22,6 +27,7 @@ import argparse
 import copy
 import json
 import logging
+import os
 import statistics
 import sys
 import tempfile
@@ -39,6 +45,7 @@ if str(REPO) not in sys.path:
 logger = logging.getLogger("bench_core")
 
 TOLERANCE = 0.01
+ARCHS = ("resnet18", "efficientnet_b0", "efficientnet_lite0")
 
 
 def _median_seconds(fn: Callable[[], object], reps: int, warmup: int = 1) -> float:
@@ -94,14 +101,16 @@ def bench_preprocessing(data: Path, size: int, reps: int) -> list[dict[str, Any]
     return rows
 
 
-def _inputs(data: Path | None, size: int, n: int) -> Any:
+def _inputs(data: Path | None, spec: Any, n: int, offset: int = 0) -> Any:
+    """``n`` real NIH PNGs (from the ``offset``-th) through ``to_tensor`` with ``spec``'s
+    size and normalisation, or random tensors without the shared data."""
     import torch
 
     from triage_core.imaging import load_image, to_tensor
-    from triage_core.models import default_spec
 
-    spec = default_spec("resnet18").replace(input_size=size)
-    pngs = sorted((data / "cxr14" / "256").glob("*.png"))[:n] if data is not None else []
+    size = spec.input_size
+    pngs = sorted((data / "cxr14" / "256").glob("*.png")) if data is not None else []
+    pngs = pngs[offset : offset + n]
     if len(pngs) == n:
         return torch.stack([to_tensor(load_image(p), spec) for p in pngs]), "real NIH PNGs"
     gen = torch.Generator().manual_seed(0)
@@ -160,7 +169,6 @@ def _onnx_runner(model: Any, size: int, threads: int) -> Callable[[Any], Any] | 
 
 def bench_paths(
     arch: str,
-    x16: Any,
     size: int,
     reps1: int,
     reps16: int,
@@ -168,6 +176,7 @@ def bench_paths(
     threads: int,
     data: Path | None,
     checkpoints: list[Path],
+    with_int8: bool = False,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """ms/image per path at batch 1 and 16, and max |p - p_eager| over the 16 images."""
     import contextlib
@@ -177,8 +186,7 @@ def bench_paths(
     from triage_core.inference import calibrate
 
     model, spec, origin = _model_and_spec(arch, size, checkpoints)
-    if spec.input_size != x16.shape[-1]:
-        x16, _ = _inputs(data, spec.input_size, 16)
+    x16, source = _inputs(data, spec, 16)  # normalised with this model's mean/std
     size = spec.input_size
     x16 = x16.contiguous()
     x1 = x16[:1].contiguous()
@@ -206,6 +214,15 @@ def bench_paths(
                 compiled(x16_cl)
             compile_seconds[name] = time.perf_counter() - start
             paths[name] = (compiled, x1_cl, x16_cl, ctx)
+    int8_model = None
+    if with_int8:
+        from int8_cpu import quantize_static
+
+        calibration, _ = _inputs(data, spec, 64, offset=16)  # not the measured images
+        start = time.perf_counter()
+        int8_model = quantize_static(model, size, calibration)
+        compile_seconds[INT8_PATH] = time.perf_counter() - start
+        paths[INT8_PATH] = (int8_model, x1, x16, none)
 
     def runner(module: Any, x: Any, ctx: Callable[[], Any]) -> Callable[[], Any]:
         def call() -> Any:
@@ -242,8 +259,36 @@ def bench_paths(
             }
         )
     bare = {name: call for name, call in calls16.items() if name in paths}
-    context = {"model": model, "spec": spec, "origin": origin, "bare": bare, "x16": x16}
+    context = {
+        "model": model,
+        "spec": spec,
+        "origin": origin,
+        "bare": bare,
+        "x16": x16,
+        "source": source,
+        "int8": int8_model,
+    }
     return rows, context
+
+
+INT8_PATH = "int8 static (FX, x86)"
+
+
+def int8_adoption(context: dict[str, Any], data: Path) -> dict[str, Any] | None:
+    """The adoption check of ``int8_cpu`` on the trained checkpoint's test split."""
+    from int8_cpu import adoption_check
+
+    from training.data import attach_images, index_images, load_tensors
+    from training.evaluate import rebuild_split
+
+    spec = context["spec"]
+    if context["int8"] is None or not context["origin"].startswith("trained"):
+        return None
+    images = data / "cxr14" / "256"
+    split = rebuild_split(spec, images, data / "cxr14" / "labels.csv", "test")
+    _, paths = attach_images(split.records, index_images(images))
+    tensors = load_tensors(paths, spec).float()
+    return adoption_check(context["model"], spec, context["int8"], tensors, split.multi_hot())
 
 
 MODE_OF_PATH = {
@@ -319,7 +364,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile paths")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     parser.add_argument("--size", type=int, default=224, help="model input size")
-    parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
+    parser.add_argument(
+        "--data",
+        type=Path,
+        default=Path(os.environ.get("CXR_TRIAGE_SHARED_DATA", REPO.parent / "shared" / "data")),
+    )
+    parser.add_argument(
+        "--arch",
+        action="append",
+        choices=ARCHS,
+        help="architecture to measure (repeatable; default: all)",
+    )
+    parser.add_argument("--int8", action="store_true", help="add the static int8 path")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument(
         "--checkpoint",
@@ -356,13 +412,11 @@ def main(argv: list[str] | None = None) -> int:
         print("\n(shared data absent: preprocessing not measured, random input tensors)")
 
     # 2. inference paths
-    x16, source = _inputs(data, args.size, 16)
     all_rows: list[dict[str, Any]] = []
     contexts = {}
-    for arch in ("resnet18", "efficientnet_b0"):
+    for arch in args.arch or ARCHS:
         rows, context = bench_paths(
             arch,
-            x16,
             args.size,
             reps1,
             reps16,
@@ -370,9 +424,11 @@ def main(argv: list[str] | None = None) -> int:
             threads,
             data,
             args.checkpoint,
+            args.int8,
         )
         all_rows.extend(rows)
         contexts[arch] = context
+    source = next(iter(contexts.values()))["source"]
     results["paths"] = all_rows
     print(f"\n## CPU inference paths ({source}; ms per image; drift vs eager fp32)\n")
     print(
@@ -392,6 +448,25 @@ def main(argv: list[str] | None = None) -> int:
         print("\nONNX Runtime: not measured (onnxruntime/onnx not importable).")
     if args.no_compile:
         print("torch.compile: not measured (--no-compile).")
+    if args.int8 and data is not None:
+        results["int8_check"] = {}
+        for arch, context in contexts.items():
+            check = int8_adoption(context, data)
+            if check is None:
+                print(f"\n{arch}: int8 adoption check needs a trained checkpoint (random weights)")
+                continue
+            results["int8_check"][arch] = check
+            deltas = ", ".join(
+                f"{name} {v['auroc_fp32']:.3f} -> {v['auroc_int8']:.3f}"
+                for name, v in check["per_class"].items()
+            )
+            verdict = "ADOPT" if check["adopt"] else "do not adopt"
+            print(
+                f"\n{arch} int8 on the test split ({check['images']} images): AUROC {deltas}; "
+                f"max |delta| {check['max_abs_auroc_delta']:.4f}; decisions flipped "
+                f"{check['flips']}/{check['decisions']} ({check['flip_rate']:.1%}); "
+                f"max |dprob| {check['max_abs_dprob']:.3f} -> {verdict} (rule: <= 0.01, <= 1 %)"
+            )
     for arch in contexts:
         origin = contexts[arch]["origin"]
         ok = [
