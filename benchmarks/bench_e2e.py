@@ -3,7 +3,10 @@
 1. **Latency**: 20 studies (2 synthetic 1024 px CR images each; plumbing only) are sent one after
    the other with DCMTK ``storescu``; for each, the time from the last C-STORE response to the
    SR arriving at the destination (DCMTK ``storescp`` in its own process, as a PACS would be),
-   minus ``--stable-age``. p50 and p95 are printed (target p95 < 1 s on the 2-core machine).
+   minus ``--stable-age``. p50 and p95 are printed (target p95 < 1 s on the 2-core machine),
+   then where that time went, from the serve log's stage lines: the waits (stable -> queued,
+   queued -> claimed, done -> SR arrived: what the wake-ups govern) and the work (claimed ->
+   done).
 2. **Throughput**: 20 more studies are sent in one burst; images/s from the moment they are
    stable until the last object of the burst (SR or Grad-CAM SC) has arrived, against the bare
    ``Predictor`` (read, decode, preprocess, batched inference, one batch per study) on the same
@@ -298,6 +301,49 @@ def print_stage_means(log: str) -> None:
         )
 
 
+def stage_times(log: str) -> dict[tuple[str, str], float]:
+    """``(study UID, stage) -> time.time()`` of the first log line of each study stage."""
+    import re
+    from datetime import datetime
+
+    times: dict[tuple[str, str], float] = {}
+    pattern = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) .*study (\S+) stage=(\w+)")
+    for line in log.splitlines():
+        match = pattern.match(line)
+        if match:
+            stamp = datetime.strptime(match.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
+            times.setdefault((match.group(2), match.group(3)), stamp)
+    return times
+
+
+def print_latency_breakdown(
+    log: str, sent: dict[str, float], sr_arrival: dict[str, float], stable_age: float
+) -> None:
+    """Where the latency of each study went: the waits between stages (what wake-ups change)
+    and the work (claim to done). Log times have millisecond resolution."""
+    times = stage_times(log)
+    parts: dict[str, list[float]] = {}
+    for uid, last in sent.items():
+        queued = times.get((uid, "queued"))
+        claimed = times.get((uid, "processing"))
+        done = times.get((uid, "done")) or times.get((uid, "not_eligible"))
+        if None in (queued, claimed, done):
+            continue
+        assert queued is not None and claimed is not None and done is not None
+        parts.setdefault("stable -> queued", []).append(queued - last - stable_age)
+        parts.setdefault("queued -> claimed", []).append(claimed - queued)
+        parts.setdefault("claimed -> done", []).append(done - claimed)
+        parts.setdefault("done -> SR arrived", []).append(sr_arrival[uid] - done)
+    if parts:
+        print(
+            "latency breakdown, mean / p95 (ms): "
+            + ", ".join(
+                f"{k} {1e3 * np.mean(v):.0f} / {1e3 * np.percentile(v, 95):.0f}"
+                for k, v in parts.items()
+            )
+        )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="8 + 8 studies")
@@ -332,11 +378,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 args.threads, args.sc_max_side,
             ) as log_path:  # fmt: skip
                 latencies = []
+                sent: dict[str, float] = {}
+                sr_arrival: dict[str, float] = {}
                 for paths in latency_set:
                     uid = study_uid(paths[0])
-                    last = send(port, paths)
+                    sent[uid] = last = send(port, paths)
                     dest.wait([uid], 2, 120, sr_only=True)
-                    latencies.append(dest.arrival(uid, "SR") - last - args.stable_age)
+                    sr_arrival[uid] = dest.arrival(uid, "SR")
+                    latencies.append(sr_arrival[uid] - last - args.stable_age)
                 dest.wait([study_uid(p[0]) for p in latency_set], 2, 120, sr_only=False)
                 uids = [study_uid(p[0]) for p in burst_set]
                 last = send(port, [p for paths in burst_set for p in paths])
@@ -361,6 +410,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"itself costs)"
         )
         print_stage_means(log_path.read_text())
+        print_latency_breakdown(log_path.read_text(), sent, sr_arrival, args.stable_age)
         if args.keep_log:
             shutil.copy(log_path, args.keep_log)
     finally:
