@@ -346,7 +346,7 @@ class Association:
 
     def _log_end(self) -> None:
         if not self.calling_ae and not self.called_ae:
-            # never sent an A-ASSOCIATE-RQ (port probe, flood, ARTIM, TLS failure)
+            # no complete A-ASSOCIATE-RQ (port probe, flood, ARTIM, TLS failure)
             logger.debug("connection from %s ended: %s", self.peer, self.ended)
             if self.ended.startswith("TLS"):
                 logger.warning("connection from %s: %s", self.peer, self.ended)
@@ -378,8 +378,8 @@ class Association:
             raise ProtocolError(f"PDU type 0x{pdu_type:02X} before A-ASSOCIATE-RQ")
         if length < limits.ASSOCIATE_RQ_FIXED:
             raise ProtocolError(f"A-ASSOCIATE-RQ of {length} bytes")
-        self.called_ae = "?"
         if length > limits.MAX_ASSOCIATE_RQ:
+            self.called_ae = "?"  # never read: the rejection is still logged as an association
             return self._reject(REQUEST_TOO_LARGE, f"A-ASSOCIATE-RQ of {length} bytes")
         rq = _HEADER.pack(pdu_type, 0, length) + self.reader.exact(length)
         self.calling_ae, self.called_ae = ae_titles(rq)
