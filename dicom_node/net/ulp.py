@@ -225,6 +225,33 @@ def _drop(_piece: memoryview) -> None:
     """Sink of a data set that is read and not kept."""
 
 
+def close(sock: socket.socket, linger: bool) -> None:
+    """Sta13: after our last PDU, let the peer read it and close first (at most
+    :data:`~dicom_node.net.limits.CLOSE_LINGER` seconds and
+    :data:`~dicom_node.net.limits.CLOSE_DRAIN` bytes read and dropped), then close."""
+    if linger:
+        try:
+            if not isinstance(sock, ssl.SSLSocket):
+                sock.shutdown(socket.SHUT_WR)
+            deadline = time.monotonic() + limits.CLOSE_LINGER
+            drained = 0
+            while drained < limits.CLOSE_DRAIN:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                sock.settimeout(remaining)
+                data = sock.recv(4096)
+                if not data:
+                    break
+                drained += len(data)
+        except (OSError, ValueError):
+            pass
+    try:
+        sock.close()
+    except OSError:
+        pass
+
+
 # ---------------------------------------------------------------------- one connection
 class Association:
     """One accepted connection, from Sta2 to Sta13."""
@@ -293,7 +320,7 @@ class Association:
                 self.incoming.discard("association ended inside a data set")
                 self.incoming = None
             self._log_end()
-            self._close(linger=sent_last_pdu)
+            close(self.sock, linger=sent_last_pdu and not self.evicted)
             self.server.leave(self)  # only now: a lingering connection still counts
 
     def evict(self) -> None:
@@ -316,31 +343,6 @@ class Association:
     def _abort(self, abort: Abort) -> None:
         try:
             self.sock.sendall(abort_pdu(abort))
-        except OSError:
-            pass
-
-    def _close(self, linger: bool) -> None:
-        """Sta13: let the peer read our last PDU and close first (bounded), then close."""
-        sock = self.sock
-        if linger and not self.evicted:
-            try:
-                if not isinstance(sock, ssl.SSLSocket):
-                    sock.shutdown(socket.SHUT_WR)
-                deadline = time.monotonic() + limits.CLOSE_LINGER
-                drained = 0
-                while drained < limits.CLOSE_DRAIN:
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
-                        break
-                    sock.settimeout(remaining)
-                    data = sock.recv(4096)
-                    if not data:
-                        break
-                    drained += len(data)
-            except (OSError, ValueError):
-                pass
-        try:
-            sock.close()
         except OSError:
             pass
 

@@ -221,7 +221,7 @@ def test_a_tls_destination_is_a_toml_table(pki: Pki, tmp_path: Path) -> None:
 def _s_client(port: int, pki: Pki, *version: str) -> str:
     key, cert = pki.client
     proc = subprocess.run(
-        [OPENSSL, "s_client", "-connect", f"127.0.0.1:{port}", "-CAfile", str(pki.ca),
+        [OPENSSL, "s_client", "-brief", "-connect", f"127.0.0.1:{port}", "-CAfile", str(pki.ca),
          "-cert", str(cert), "-key", str(key), *version],
         input="", capture_output=True, text=True, timeout=30, check=False,
     )  # fmt: skip
@@ -233,5 +233,5 @@ def test_only_tls_1_2_and_later_are_spoken(tls_scp: Scp, pki: Pki) -> None:
     # answers with the "protocol version" alert
     old = _s_client(tls_scp.port, pki, "-tls1_1", "-cipher", "DEFAULT@SECLEVEL=0")
     assert "alert protocol version" in old
-    assert "Protocol  : TLSv1.2" in _s_client(tls_scp.port, pki, "-tls1_2")
-    assert "Protocol  : TLSv1.3" in _s_client(tls_scp.port, pki, "-tls1_3")
+    assert "Protocol version: TLSv1.2" in _s_client(tls_scp.port, pki, "-tls1_2")
+    assert "Protocol version: TLSv1.3" in _s_client(tls_scp.port, pki, "-tls1_3")
