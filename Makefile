@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-APT_PACKAGES := dcmtk dicom3tools postgresql
+APT_PACKAGES := dcmtk dicom3tools postgresql chromium chromium-driver
 PACKAGES := dicom_node triage_core training
 STORAGE ?= ./triage-storage
 
@@ -14,7 +14,8 @@ help:
 	@echo "make bench   run every benchmark in benchmarks/"
 
 # Debian packages the tests use: DCMTK (independent DICOM peer), dicom3tools (dciodvfy),
-# the PostgreSQL server binaries (throwaway test clusters). Skipped when already present.
+# the PostgreSQL server binaries (throwaway test clusters), Chromium and its driver (the
+# headless browser test of the web pages). Skipped when already present.
 system-deps:
 	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
@@ -28,8 +29,15 @@ $(BIN)/python:
 
 venv: $(BIN)/python
 
-install: venv
+# The editable install is redone only when pyproject.toml changed (code changes need none):
+# the stamp file records the last install.
+STAMP := $(VENV)/.cxr-triage-installed
+
+$(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+install: $(STAMP)
 
 lint: install
 	$(BIN)/ruff check $(PACKAGES) tests benchmarks

@@ -332,18 +332,23 @@ class HttpApi:
             return
         import uvicorn
 
+        from dicom_node import web
+
+        app = create_app(self.worklist, self.metrics)
+        web.install(app, settings, self.worklist)  # pages, offline /docs, access check
         config = uvicorn.Config(
-            create_app(self.worklist, self.metrics),
+            app,
             host=settings.http_host,
             port=settings.http_port,
             log_level="warning",
             access_log=False,
             lifespan="off",
+            **web.uvicorn_options(settings),
         )
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, name="http-api", daemon=True)
         self._thread.start()
-        logger.info("HTTP API on http://%s:%d", settings.http_host, settings.http_port)
+        logger.info("HTTP pages and API on %s/", web.base_url(settings))
 
     def stop(self, deadline: float) -> None:
         if self._server is not None:

@@ -113,25 +113,48 @@ def quiet_default_logging(verbosity: int) -> None:
         logging.getLogger("apscheduler").setLevel(logging.ERROR)
 
 
+def _command_path(name: str, fallback: str) -> str:
+    """``name`` when it is on PATH, else the full path of the command (or ``fallback``)."""
+    import shutil
+
+    if shutil.which(name):
+        return name
+    beside = Path(sys.executable).parent / name  # the virtualenv's own script
+    return str(beside) if beside.is_file() else fallback
+
+
 def start_banner(settings: Any, model_path: Any) -> str:
-    """What a person needs right after start: where we listen, how to send, how to query."""
+    """What a person needs right after start: where we listen, how to send, where to look.
+
+    The send line uses DCMTK's ``dcmsend`` (it proposes each file's own transfer syntax, so
+    compressed files go as they are; ``storescu`` proposes only uncompressed ones unless told),
+    calling our AE title (the called AE is checked). Commands are given with full paths where
+    they are not on PATH.
+    """
     host = "127.0.0.1" if settings.bind_address in ("0.0.0.0", "::") else settings.bind_address
-    storage = settings.storage
+    storage = Path(settings.storage).resolve()
+    dcmsend = _command_path("dcmsend", "/usr/bin/dcmsend")
+    triage = _command_path("triage", f"{sys.executable} -m dicom_node")
     lines = [
         f"cxr-triage is listening: DICOM AE {settings.ae_title} on port {settings.port}, "
         f"storage {storage}, model {model_path or 'none (no workers)'}",
-        "Send a study (DCMTK; add -xs/-xy/-xw/-xr... for compressed files):",
-        f"  TCP_NODELAY=1 /usr/bin/storescu -aec {settings.ae_title} {host} {settings.port} "
-        "study/*.dcm",
-        "Query the worklist:",
-        f"  triage worklist --storage {storage} --format table",
+        "Send a study with DCMTK (each file in its own transfer syntax; +sd +r for a folder):",
+        f"  {dcmsend} -aec {settings.ae_title} {host} {settings.port} study/*.dcm",
     ]
     if settings.http_port:
-        lines.append(
-            f"  curl http://{settings.http_host}:{settings.http_port}/api/worklist"
-            "   (OpenAPI: /docs, metrics: /metrics)"
-        )
-    lines.append("Stop with Ctrl-C.")
+        from dicom_node.web import base_url
+
+        url = base_url(settings)
+        lines.append(f"Worklist in a browser: {url}/   (API: {url}/docs, metrics: {url}/metrics)")
+        if settings.http_token is not None:
+            lines.append(
+                "  open it once with ?token=<your http_token> (or send Authorization: Bearer)"
+            )
+    lines += [
+        "Worklist in a shell:",
+        f"  {triage} worklist --storage {storage}",
+        "Stop with Ctrl-C.",
+    ]
     return "\n".join(lines)
 
 

@@ -63,17 +63,50 @@ def _top_finding(findings: dict[str, dict[str, Any]]) -> str:
     return f"{name} {data['probability']:.2f}{mark}"
 
 
-def format_table(rows: list[dict[str, Any]]) -> str:
-    """Render worklist rows as a fixed-width text table."""
+#: Printed under the table: what its markers mean.
+LEGEND = (
+    "Legend: TOP FINDING is the most probable finding, '+' at or above its threshold (present), "
+    "'-' below. DELIVERY per destination AE: objects sent/total, '+' all sent, '~' pending "
+    "(retrying), '!' failed; '-' none (no destination, or no results yet)."
+)
+
+
+def _delivery(states: list[Any]) -> str:
+    if not states:
+        return "-"
+    mark = {"sent": "+", "pending": "~", "failed": "!"}
+    return " ".join(
+        f"{d.destination.split('@')[0]}:{d.sent}/{d.total}{mark[d.state]}" for d in states
+    )
+
+
+def format_table(rows: list[dict[str, Any]], deliveries: dict[str, list[Any]] | None = None) -> str:
+    """Render worklist rows as a fixed-width text table, then the legend line.
+
+    ``deliveries``: per study UID, the per-destination states of
+    :func:`dicom_node.web.views.delivery_states`.
+    """
     if not rows:
         return "(no studies)"
-    header = ("PRIO", "SCORE", "LEVEL", "STATUS", "TOP FINDING", "RECEIVED", "STUDY UID", "NOTE")
+    deliveries = deliveries or {}
+    header = (
+        "PRIO",
+        "SCORE",
+        "LEVEL",
+        "STATUS",
+        "DELIVERY",
+        "TOP FINDING",
+        "RECEIVED",
+        "STUDY UID",
+        "NOTE",
+    )
     lines = [
         (
             _fmt_score(r["effective_priority"]),
             _fmt_score(r["priority_score"]),
             r["priority_level"] or "-",
             r["status"],
+            _delivery(deliveries.get(r["study_uid"], [])),
             _top_finding(r["findings"]),
             (r["received_at"] or "-").replace("T", " ")[:19],
             r["study_uid"],
@@ -86,7 +119,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     out = []
     for line in [header, *lines]:
         out.append("  ".join(str(v).ljust(w) for v, w in zip(line, widths, strict=True)).rstrip())
-    return "\n".join(out)
+    return "\n".join([*out, "", LEGEND])
 
 
 def _min_priority(text: str | None) -> float | str | None:
@@ -164,6 +197,11 @@ def run(args: argparse.Namespace) -> int:
         rows = worklist.list_worklist(
             status=args.status, min_priority=min_priority, limit=args.limit, aging=aging
         )
+        deliveries: dict[str, list[Any]] = {}
+        if args.format == "table":
+            from dicom_node.web.views import delivery_states
+
+            deliveries = delivery_states(worklist, [r["study_uid"] for r in rows])
     except WorklistError as exc:
         print(f"{prog}: error: {settings.redacted_url()}: {exc}", file=sys.stderr)
         return 1
@@ -173,5 +211,5 @@ def run(args: argparse.Namespace) -> int:
     if args.format == "json":
         print(json.dumps(rows, indent=2))
     else:
-        print(format_table(rows))
+        print(format_table(rows, deliveries))
     return 0

@@ -21,6 +21,7 @@ comma-separated (``TRIAGE_DESTINATIONS=PACS@host:104,VIEWER@host2:11112``) or a 
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import os
@@ -36,6 +37,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    SecretStr,
     ValidationError,
     field_validator,
     model_validator,
@@ -145,6 +147,16 @@ def _same_host(configured: str, peer_ip: str) -> bool:
     return any(info[4][0] == peer_ip for info in infos)
 
 
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (an address or ``localhost``) only listens on this machine."""
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
 def _split_list(value: Any) -> Any:
     """Accept a list, a JSON list or a comma-separated string (environment variables)."""
     if isinstance(value, str):
@@ -212,6 +224,22 @@ class NodeSettings(BaseSettings):
     tls_ca: Path | None = Field(
         None, description="CA file: clients must present a certificate it signed (mutual TLS)"
     )
+    http_token: SecretStr | None = Field(
+        None,
+        description="access token every HTTP page and API call must carry (Authorization: "
+        "Bearer, or the cookie the page's ?token= link sets); required when http_host is not a "
+        "loopback address unless http_proxy_header is set",
+    )
+    http_proxy_header: str | None = Field(
+        None,
+        description="name of the header an authenticating reverse proxy sets (e.g. "
+        "X-Forwarded-User): requests without it are refused; only the proxy may reach the port",
+    )
+    http_tls_cert: Path | None = Field(None, description="HTTP over TLS: our certificate (PEM)")
+    http_tls_key: Path | None = Field(None, description="private key of http_tls_cert (PEM)")
+    http_tls_ca: Path | None = Field(
+        None, description="CA file: HTTP clients must present a certificate it signed"
+    )
     log_phi: bool = Field(False, description="log patient identifiers (default: UIDs only)")
     lease_seconds: float = Field(300.0, gt=0.0, description="processing lease of a worker")
     max_attempts: int = Field(3, ge=1, le=100, description="processing attempts before failed")
@@ -254,6 +282,27 @@ class NodeSettings(BaseSettings):
             raise ValueError("tls_cert and tls_key go together")
         if self.tls_ca is not None and self.tls_cert is None:
             raise ValueError("tls_ca (client authentication) needs tls_cert and tls_key")
+        return self
+
+    @model_validator(mode="after")
+    def _http_access(self) -> NodeSettings:
+        if (self.http_tls_cert is None) != (self.http_tls_key is None):
+            raise ValueError("http_tls_cert and http_tls_key go together")
+        if self.http_tls_ca is not None and self.http_tls_cert is None:
+            raise ValueError("http_tls_ca (client authentication) needs http_tls_cert")
+        if self.http_token is not None and len(self.http_token.get_secret_value()) < 16:
+            raise ValueError("http_token must be at least 16 characters")
+        if self.http_proxy_header is not None and not re.fullmatch(
+            r"[A-Za-z0-9-]{1,64}", self.http_proxy_header
+        ):
+            raise ValueError(f"http_proxy_header {self.http_proxy_header!r} is not a header name")
+        open_to_network = self.http_port and not is_loopback(self.http_host)
+        if open_to_network and self.http_token is None and self.http_proxy_header is None:
+            raise ValueError(
+                f"http_host {self.http_host!r} is not a loopback address: set http_token "
+                "(TRIAGE_HTTP_TOKEN, at least 16 characters) or http_proxy_header, or keep "
+                "http_host = 127.0.0.1"
+            )
         return self
 
     @field_validator("sc_max_side")

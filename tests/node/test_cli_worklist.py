@@ -95,7 +95,9 @@ def test_table_output(storage: Path, capsys: pytest.CaptureFixture[str]) -> None
     assert code == 0
     lines = out.strip().splitlines()
     assert lines[0].split()[:4] == ["PRIO", "SCORE", "LEVEL", "STATUS"]
-    assert [line.split()[-1] for line in lines[1:]] == [study(n) for n in (2, 3, 1, 4)]
+    assert [line.split()[-1] for line in lines[1:5]] == [study(n) for n in (2, 3, 1, 4)]
+    assert lines[0].split()[4] == "DELIVERY" and lines[-1].startswith("Legend: ")
+    assert "'+' at or above its threshold" in lines[-1] and "'!' failed" in lines[-1]
     assert "critical" in lines[1] and "Effusion 0.88+" in lines[1]
     assert "receiving" in lines[4]
     code, out, _ = run_cli(["--storage", str(storage), "--status", "failed"], capsys)

@@ -1,0 +1,116 @@
+"""The web pages of the node's HTTP server, its access rule, TLS, and ``/docs`` served offline.
+
+:func:`install` adds to the JSON API application of :mod:`dicom_node.api`:
+
+- the pages of :mod:`dicom_node.web.pages` (worklist at ``/``, a study at ``/studies/{uid}``,
+  the model card) and their own CSS and JavaScript under ``/static/``;
+- ``/docs``: Swagger UI 5 from the files the ``swagger-ui-py`` package ships, under
+  ``/static/swagger/`` (FastAPI's own ``/docs`` and ``/redoc`` load them from a CDN, which a
+  hospital network or an offline machine cannot reach; ``swagger-ui-bundle`` ships Swagger UI
+  4, which cannot read the OpenAPI 3.1 document FastAPI writes);
+- the access check of :mod:`dicom_node.web.access` on every route.
+
+:func:`uvicorn_options` gives the TLS options of the server from the ``http_tls_*`` settings.
+Nothing is imported at module import beyond the standard library.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+
+    from dicom_node.settings import NodeSettings
+    from triage_core.worklist import Worklist
+
+#: FastAPI's CDN-backed documentation routes, replaced by ours.
+_CDN_ROUTES = frozenset({"/docs", "/docs/oauth2-redirect", "/redoc"})
+DOCS_CSP = (
+    "default-src 'self'; img-src 'self' data:; style-src 'self' 'unsafe-inline'; "
+    "script-src 'self' 'unsafe-inline'; frame-ancestors 'none'"
+)
+
+
+def _add_docs(app: FastAPI) -> None:
+    from pathlib import Path
+
+    import swagger_ui
+    from fastapi.openapi.docs import get_swagger_ui_html, get_swagger_ui_oauth2_redirect_html
+    from fastapi.responses import HTMLResponse
+    from fastapi.staticfiles import StaticFiles
+
+    app.router.routes[:] = [
+        r for r in app.router.routes if getattr(r, "path", None) not in _CDN_ROUTES
+    ]
+    app.mount(
+        "/static/swagger",
+        StaticFiles(directory=str(Path(swagger_ui.__file__).resolve().parent / "static")),
+        name="swagger",
+    )
+
+    @app.get("/docs", include_in_schema=False)
+    def docs() -> HTMLResponse:
+        page = get_swagger_ui_html(
+            openapi_url=app.openapi_url or "/openapi.json",
+            title=f"{app.title} API",
+            swagger_js_url="/static/swagger/swagger-ui-bundle.js",
+            swagger_css_url="/static/swagger/swagger-ui.css",
+            swagger_favicon_url="/static/swagger/favicon-32x32.png",
+            oauth2_redirect_url="/docs/oauth2-redirect",
+        )
+        page.headers["Content-Security-Policy"] = DOCS_CSP
+        return page
+
+    @app.get("/docs/oauth2-redirect", include_in_schema=False)
+    def oauth2_redirect() -> HTMLResponse:
+        return get_swagger_ui_oauth2_redirect_html()
+
+
+def install(app: FastAPI, settings: NodeSettings, worklist: Worklist, aging: Any = None) -> None:
+    """Add the pages, static files, offline ``/docs`` and the access check to ``app``.
+
+    ``aging`` is the rule the pages order by (default: ``triage_core.priority.AgingRule()``,
+    the JSON API's default).
+    """
+    from fastapi.staticfiles import StaticFiles
+    from starlette.middleware.base import BaseHTTPMiddleware
+
+    from dicom_node.web.access import AccessGuard
+    from dicom_node.web.pages import HERE, pages_router
+
+    if aging is None:
+        from triage_core.priority import AgingRule
+
+        aging = AgingRule()
+    _add_docs(app)
+    app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
+    app.include_router(pages_router(settings, worklist, aging))
+    token = settings.http_token.get_secret_value() if settings.http_token else None
+    guard = AccessGuard(token, settings.http_proxy_header, settings.http_tls_cert is not None)
+    app.add_middleware(BaseHTTPMiddleware, dispatch=guard)
+
+
+def uvicorn_options(settings: NodeSettings) -> dict[str, Any]:
+    """``uvicorn.Config`` keyword arguments for HTTPS (empty without ``http_tls_cert``)."""
+    if settings.http_tls_cert is None:
+        return {}
+    import ssl
+
+    options: dict[str, Any] = {
+        "ssl_certfile": str(settings.http_tls_cert),
+        "ssl_keyfile": str(settings.http_tls_key),
+    }
+    if settings.http_tls_ca is not None:
+        options["ssl_ca_certs"] = str(settings.http_tls_ca)
+        options["ssl_cert_reqs"] = ssl.CERT_REQUIRED
+    return options
+
+
+def base_url(settings: NodeSettings) -> str:
+    """``http(s)://host:port`` of the pages, for the start banner."""
+    scheme = "https" if settings.http_tls_cert is not None else "http"
+    host = settings.http_host
+    if ":" in host:
+        host = f"[{host}]"
+    return f"{scheme}://{host}:{settings.http_port}"

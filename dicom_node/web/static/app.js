@@ -1,0 +1,53 @@
+// cxr-triage pages: bars drawn from data attributes (the page's CSP forbids inline styles),
+// and the worklist table refreshed in place with the page's own filters (its query string).
+(function () {
+  "use strict";
+
+  function drawBars(root) {
+    root.querySelectorAll(".bar .fill[data-width]").forEach(function (el) {
+      el.style.width = Math.max(0, Math.min(100, parseFloat(el.dataset.width))) + "%";
+    });
+    root.querySelectorAll(".bar .thr[data-left]").forEach(function (el) {
+      el.style.left = Math.max(0, Math.min(100, parseFloat(el.dataset.left))) + "%";
+    });
+  }
+
+  function startRefresh() {
+    var body = document.getElementById("worklist-rows");
+    var live = document.getElementById("live");
+    if (!body || !live) return;
+    var seconds = Math.max(2, parseInt(live.dataset.refresh, 10) || 5);
+    var url = body.dataset.partial + window.location.search;
+    function tick() {
+      if (document.hidden) return;
+      fetch(url, { credentials: "same-origin", cache: "no-store" })
+        .then(function (rsp) {
+          if (!rsp.ok) throw new Error("HTTP " + rsp.status);
+          return rsp.text();
+        })
+        .then(function (html) {
+          body.innerHTML = html;
+          live.classList.remove("stale");
+          live.textContent = "updated " + new Date().toLocaleTimeString();
+          document.body.dataset.refreshed = String((parseInt(document.body.dataset.refreshed, 10) || 0) + 1);
+        })
+        .catch(function (err) {
+          live.classList.add("stale");
+          live.textContent = "not updated: " + err.message;
+        });
+    }
+    window.setInterval(tick, seconds * 1000);
+  }
+
+  function autoSubmit() {
+    var form = document.getElementById("filters");
+    if (!form) return;
+    form.querySelectorAll("select").forEach(function (sel) {
+      sel.addEventListener("change", function () { form.submit(); });
+    });
+  }
+
+  drawBars(document);
+  startRefresh();
+  autoSubmit();
+})();
