@@ -549,6 +549,8 @@ def check_tls(settings: NodeSettings, *, need_scp: bool = True) -> None:
 
     if need_scp and settings.tls_cert is not None and settings.tls_key is not None:
         server_context(settings.tls_cert, settings.tls_key, settings.tls_ca)
+    if need_scp and settings.http_port and settings.http_tls_cert and settings.http_tls_key:
+        server_context(settings.http_tls_cert, settings.http_tls_key, settings.http_tls_ca)
     for destination in settings.destinations:
         if destination.tls_ca is not None:
             client_context(destination.tls_ca, destination.tls_cert, destination.tls_key)

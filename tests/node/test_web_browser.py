@@ -161,8 +161,9 @@ def assert_local(urls: list[str], base: str) -> None:
 
 
 def screenshot(driver: Any, folder: Path, name: str) -> Path:
-    height = driver.execute_script("return document.documentElement.scrollHeight")
-    driver.set_window_size(1400, min(max(int(height) + 40, 700), 2400))
+    for _ in range(2):  # the viewport is smaller than the window: measure again after resizing
+        height = driver.execute_script("return document.documentElement.scrollHeight")
+        driver.set_window_size(1400, min(max(int(height) + 140, 700), 2600))
     path = folder / name
     assert driver.save_screenshot(str(path)), f"no screenshot {path}"
     assert path.stat().st_size > 10_000

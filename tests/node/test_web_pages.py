@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hmac
 import re
+import ssl
 import threading
 import time
 from collections.abc import Iterator
@@ -231,3 +232,49 @@ def test_banner_suggests_dcmsend_and_full_paths(
     assert "http://127.0.0.1:8099/" in text
     shell = next(x for x in text.splitlines() if " worklist --storage " in x).strip()
     assert shell.startswith("/") and str((tmp_path / "st").resolve()) in shell
+
+
+@pytest.mark.skipif(not Path("/usr/bin/openssl").exists(), reason="openssl is not installed")
+def test_http_api_component_over_tls_with_token(wl: Worklist, tmp_path: Path) -> None:
+    """``HttpApi`` (as ``triage serve`` starts it) on HTTPS with a token: a client that trusts
+    the CA reads the worklist with the token, is refused without it; plain HTTP fails."""
+    from test_node_support import free_port
+    from test_node_tls import _ca, _issue
+
+    from dicom_node.api import HttpApi
+    from dicom_node.metrics import Metrics
+    from dicom_node.settings import check_tls
+
+    ca = _ca(tmp_path, "ca")
+    key, cert = _issue(tmp_path, "server", ca, server=True)
+    port = free_port()
+    s = NodeSettings(
+        storage=tmp_path,
+        http_host="0.0.0.0",
+        http_port=port,
+        http_token=TOKEN,
+        http_tls_cert=cert,
+        http_tls_key=key,
+    )
+    check_tls(s)
+    api = HttpApi(s, wl, Metrics(wl))
+    api.start()
+    try:
+        base = f"https://127.0.0.1:{port}"
+        trust = ssl.create_default_context(cafile=str(ca[1]))
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                rsp = httpx.get(base + "/api/worklist", verify=trust, timeout=5)
+                break
+            except httpx.ConnectError:
+                assert time.monotonic() < deadline, "HTTPS server did not start"
+                time.sleep(0.2)
+        assert rsp.status_code == 401
+        auth = {"Authorization": f"Bearer {TOKEN}"}
+        ok = httpx.get(base + "/", headers=auth, verify=trust, timeout=10)
+        assert ok.status_code == 200 and study(2) in ok.text
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(f"http://127.0.0.1:{port}/", headers=auth, timeout=5)
+    finally:
+        api.stop(time.monotonic() + 10)
