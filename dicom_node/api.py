@@ -335,7 +335,7 @@ class HttpApi:
         from dicom_node import web
 
         app = create_app(self.worklist, self.metrics)
-        web.install(app, settings, self.worklist)  # pages, offline /docs, access check
+        web.install(app, settings, self.worklist, metrics=self.metrics)  # pages, /docs, access
         config = uvicorn.Config(
             app,
             host=settings.http_host,

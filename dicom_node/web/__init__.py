@@ -3,7 +3,8 @@
 :func:`install` adds to the JSON API application of :mod:`dicom_node.api`:
 
 - the pages of :mod:`dicom_node.web.pages` (worklist at ``/``, a study at ``/studies/{uid}``,
-  the model card) and their own CSS and JavaScript under ``/static/``;
+  operations at ``/operations``, the model card) and their own CSS and JavaScript under
+  ``/static/``;
 - ``/docs``: Swagger UI 5 from the files the ``swagger-ui-py`` package ships, under
   ``/static/swagger/`` (FastAPI's own ``/docs`` and ``/redoc`` load them from a CDN, which a
   hospital network or an offline machine cannot reach; ``swagger-ui-bundle`` ships Swagger UI
@@ -21,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from fastapi import FastAPI
 
+    from dicom_node.metrics import Metrics
     from dicom_node.settings import NodeSettings
     from triage_core.worklist import Worklist
 
@@ -67,16 +69,24 @@ def _add_docs(app: FastAPI) -> None:
         return get_swagger_ui_oauth2_redirect_html()
 
 
-def install(app: FastAPI, settings: NodeSettings, worklist: Worklist, aging: Any = None) -> None:
+def install(
+    app: FastAPI,
+    settings: NodeSettings,
+    worklist: Worklist,
+    aging: Any = None,
+    metrics: Metrics | None = None,
+) -> None:
     """Add the pages, static files, offline ``/docs`` and the access check to ``app``.
 
     ``aging`` is the rule the pages order by (default: ``triage_core.priority.AgingRule()``,
-    the JSON API's default).
+    the JSON API's default). With ``metrics`` the score-drift gauges of
+    :mod:`dicom_node.web.operations` join its registry.
     """
     from fastapi.staticfiles import StaticFiles
     from starlette.middleware.base import BaseHTTPMiddleware
 
     from dicom_node.web.access import AccessGuard
+    from dicom_node.web.operations import DriftCollector, reference_shares, spec_metrics
     from dicom_node.web.pages import HERE, pages_router
 
     if aging is None:
@@ -85,7 +95,10 @@ def install(app: FastAPI, settings: NodeSettings, worklist: Worklist, aging: Any
         aging = AgingRule()
     _add_docs(app)
     app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
-    app.include_router(pages_router(settings, worklist, aging))
+    reference = reference_shares(spec_metrics(settings.model))
+    app.include_router(pages_router(settings, worklist, aging, reference))
+    if metrics is not None:
+        metrics.registry.register(DriftCollector(worklist, reference))  # type: ignore[arg-type]
     token = settings.http_token.get_secret_value() if settings.http_token else None
     guard = AccessGuard(token, settings.http_proxy_header, settings.http_tls_cert is not None)
     app.add_middleware(BaseHTTPMiddleware, dispatch=guard)

@@ -83,10 +83,22 @@ def _png(data: bytes) -> Response:
     )
 
 
-def pages_router(settings: NodeSettings, worklist: Worklist, aging: Any) -> APIRouter:
-    """Every page route (not in the OpenAPI document: it describes the JSON API)."""
+def pages_router(
+    settings: NodeSettings, worklist: Worklist, aging: Any, reference: dict[str, float]
+) -> APIRouter:
+    """Every page route (not in the OpenAPI document: it describes the JSON API).
+
+    ``reference``: per finding, the model card's share of studies flagged present
+    (:func:`dicom_node.web.operations.reference_shares`).
+    """
     router = APIRouter(include_in_schema=False)
     tpl = templates()
+
+    @router.get("/operations", response_class=HTMLResponse)
+    def operations_page(request: Request) -> Response:
+        from dicom_node.web.operations import summary
+
+        return _page(tpl, request, "operations.html", {"o": summary(worklist, reference)})
 
     def worklist_context(request: Request) -> dict[str, Any]:
         flt = _filters(request)

@@ -5,7 +5,7 @@ receives real studies sent with DCMTK ``dcmsend``; a DCMTK ``storescp`` destinat
 SR and SC, a second destination is down. The test opens the worklist, checks its order against
 ``triage worklist --format json``, that the filters survive the self-refresh, opens a study,
 checks that the Grad-CAM overlay and the source image loaded, that no request left the host and
-that no patient name is on any page, and saves screenshots.
+that no patient name is on any page, opens the operations page, and saves screenshots.
 
 ``CXR_TRIAGE_SCREENSHOTS=DIR`` saves the screenshots there (the README's come from
 ``CXR_TRIAGE_SCREENSHOTS=docs/img CXR_TRIAGE_WEB_MODEL=default``, the shipped model).
@@ -282,6 +282,15 @@ def test_worklist_and_study_pages_in_chromium(
         assert top_done in driver.page_source
         assert "random-test-model" in driver.page_source or os.environ.get("CXR_TRIAGE_WEB_MODEL")
         screenshot(driver, shots, "study.png")
+        source_pages.append(driver.page_source)
+
+        driver.get(base + "/operations")
+        tiles = driver.find_elements(By.CSS_SELECTOR, ".tile .big")
+        assert len(tiles) == 4 and tiles[0].text == "0"  # nothing queued any more
+        drift_rows = driver.find_elements(By.CSS_SELECTOR, "table.drift tr")
+        assert len(drift_rows) >= 4, "one row per finding"  # header + 3 findings
+        assert int(tiles[1].text) >= len(done)  # studies finished in the last hour
+        screenshot(driver, shots, "operations.png")
         source_pages.append(driver.page_source)
 
         driver.get(base + "/docs")

@@ -278,3 +278,51 @@ def test_http_api_component_over_tls_with_token(wl: Worklist, tmp_path: Path) ->
             httpx.get(f"http://127.0.0.1:{port}/", headers=auth, timeout=5)
     finally:
         api.stop(time.monotonic() + 10)
+
+
+def test_reference_shares_from_model_card_metrics() -> None:
+    from dicom_node.web.operations import reference_shares, spec_metrics
+
+    metrics = {
+        "test": {
+            "images": 100,
+            "per_class": {"Effusion": {"recall": 0.5, "precision": 0.25, "support": 10}},
+        }
+    }
+    assert reference_shares(metrics) == {"Effusion": pytest.approx(0.2)}  # 20 flagged of 100
+    assert reference_shares({}) == {} and reference_shares({"test": "x"}) == {}
+    shipped = reference_shares(spec_metrics(None))  # the shipped checkpoint's card
+    assert set(shipped) == {"Atelectasis", "Effusion", "Infiltration"}
+    assert all(0.0 < v <= 1.0 for v in shipped.values())
+
+
+def test_operations_page_and_drift_metric(
+    wl: Worklist, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dicom_node.metrics import Metrics
+    from dicom_node.web import operations
+
+    monkeypatch.setattr(operations, "MIN_STUDIES", 1)
+    reference = {"Effusion": 0.9, "Infiltration": 0.0}
+    data = operations.summary(wl, reference)
+    eff = data["findings"]["Effusion"]
+    assert eff["n"] == 3 and eff["present"] == 2  # scores 0.2, 0.95, 0.6 against 0.5
+    assert eff["share"] == pytest.approx(2 / 3) and eff["alarm"] is False  # 0.23 < 0.25
+    assert data["findings"]["Infiltration"]["alarm"] is False  # 0 present of 3, ref 0
+    assert data["last_day"] == 4 and data["queue_depth"] == 1
+    assert data["delivery_counts"]["failed"] == 1 and data["failed"][0]["study_uid"] == study(2)
+    assert data["inference_median"] == pytest.approx(0.25)
+    drifted = operations.summary(wl, {"Effusion": 0.1})["findings"]["Effusion"]
+    assert drifted["alarm"] is True and drifted["drift"] == pytest.approx(2 / 3 - 0.1)
+
+    s = NodeSettings(storage=tmp_path)
+    metrics = Metrics(wl)
+    app = create_app(wl, metrics)
+    web.install(app, s, wl, metrics=metrics)
+    c = TestClient(app)
+    page = c.get("/operations")
+    assert page.status_code == 200 and "association rejected" in page.text
+    assert "Effusion" in page.text and "failed deliveries" in page.text
+    text = c.get("/metrics").text
+    assert 'triage_score_drift_alarm{finding="Effusion"}' in text
+    assert 'triage_finding_present_share{finding="Effusion"} 0.666' in text

@@ -7,6 +7,9 @@
     root.querySelectorAll(".bar .fill[data-width]").forEach(function (el) {
       el.style.width = Math.max(0, Math.min(100, parseFloat(el.dataset.width))) + "%";
     });
+    root.querySelectorAll(".col[data-height]").forEach(function (el) {
+      el.style.height = Math.max(0, Math.min(100, parseFloat(el.dataset.height))) + "%";
+    });
     root.querySelectorAll(".bar .thr[data-left]").forEach(function (el) {
       el.style.left = Math.max(0, Math.min(100, parseFloat(el.dataset.left))) + "%";
     });
