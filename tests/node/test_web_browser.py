@@ -161,6 +161,7 @@ def assert_local(urls: list[str], base: str) -> None:
 
 
 def screenshot(driver: Any, folder: Path, name: str) -> Path:
+    driver.set_window_size(1400, 700)  # scrollHeight is at least the viewport: start small
     for _ in range(2):  # the viewport is smaller than the window: measure again after resizing
         height = driver.execute_script("return document.documentElement.scrollHeight")
         driver.set_window_size(1400, min(max(int(height) + 140, 700), 2600))

@@ -326,3 +326,16 @@ def test_operations_page_and_drift_metric(
     text = c.get("/metrics").text
     assert 'triage_score_drift_alarm{finding="Effusion"}' in text
     assert 'triage_finding_present_share{finding="Effusion"} 0.666' in text
+
+
+def test_low_confidence_flag_is_shown(wl: Worklist, tmp_path: Path) -> None:
+    from dicom_node.web.pages import templates
+
+    row = wl.list_worklist(limit=1)[0]
+    assert "low_confidence" in row  # the worklist's rows carry it (revision 0003)
+    row.update(low_confidence=True, waiting="1 min", waiting_class="fresh", deliveries=[])
+    html = templates().get_template("worklist_rows.html").render(rows=[row])
+    assert 'class="badge lowconf"' in html
+    row["low_confidence"] = False
+    html = templates().get_template("worklist_rows.html").render(rows=[row])
+    assert "lowconf" not in html
