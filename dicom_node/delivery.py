@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 from dicom_node.scu import SendResult, send_files
 from dicom_node.settings import Destination
+from dicom_node.wakeup import ERROR_WAIT
 from triage_core.errors import DeliveryError, WorklistError
 
 if TYPE_CHECKING:
@@ -58,6 +59,7 @@ class Delivery:
         self.metrics = metrics
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._claim_failed = False
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="triage-delivery", daemon=True)
@@ -73,11 +75,16 @@ class Delivery:
     def _run(self) -> None:
         waiter = self.wakeups.delivery_waiter()  # made before the first look: nothing is missed
         while not self._stop.is_set():
+            self._claim_failed = False
             try:
                 while self.deliver_due() >= BATCH and not self._stop.is_set():
                     pass  # a full batch: more may be due
             except Exception:  # noqa: BLE001 - deliver_due records its errors; keep serving
                 logger.exception("delivery pass failed")
+                self._claim_failed = True
+            if self._claim_failed:  # due rows we cannot take: do not spin on them
+                self._stop.wait(ERROR_WAIT)
+                continue
             waiter.wait(self.wakeups.bounded(self._next_due_in()))
 
     def _next_due_in(self) -> float | None:
@@ -96,6 +103,7 @@ class Delivery:
             )
         except WorklistError as exc:
             logger.error("delivery pass failed: %s", exc)
+            self._claim_failed = True
             return 0
         by_destination: dict[str, list[DeliveryRow]] = defaultdict(list)
         for row in rows:

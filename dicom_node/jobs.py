@@ -21,6 +21,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from dicom_node.wakeup import ERROR_WAIT
 from triage_core.errors import WorklistError
 
 if TYPE_CHECKING:
@@ -101,8 +102,10 @@ class StableStudies:
         due = time.monotonic()  # look at once: studies received before a restart
         while not self._stop.is_set():
             if time.monotonic() >= due:
-                queue_stable(self.settings, self.worklist)
-                due = time.monotonic() + self.wakeups.bounded(self._next_stable_in())
+                if queue_stable(self.settings, self.worklist) is None:
+                    due = time.monotonic() + ERROR_WAIT  # do not spin on a failing database
+                else:
+                    due = time.monotonic() + self.wakeups.bounded(self._next_stable_in())
             if waiter.wait(max(0.0, due - time.monotonic())):
                 # a new instance: its study is stable stable_age from now at the earliest
                 due = min(due, time.monotonic() + stable_age)
@@ -115,14 +118,14 @@ class StableStudies:
             return None
 
 
-def queue_stable(settings: NodeSettings, worklist: Worklist) -> list[str]:
+def queue_stable(settings: NodeSettings, worklist: Worklist) -> list[str] | None:
     """Queue studies without new instances for ``stable_age`` seconds (the commit wakes the
-    workers); log each one's ``queued`` stage."""
+    workers); log each one's ``queued`` stage. ``None`` when the database failed."""
     try:
         queued = worklist.queue_stable_studies(settings.stable_age)
     except WorklistError as exc:
         logger.error("stable-study detection failed: %s", exc)
-        return []
+        return None
     if queued:
         for study_uid in queued:
             log_received(worklist, study_uid, settings.stable_age)

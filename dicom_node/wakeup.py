@@ -38,6 +38,9 @@ IDLE_FALLBACK = 5.0
 #: Shortest wait between two looks (guards against a busy loop on clock skew).
 MIN_WAIT = 0.01
 
+#: Wait after a failed look at the database (it may say work is due that cannot be taken).
+ERROR_WAIT = 1.0
+
 
 class Wakeups:
     """The wake-ups of one node process (see the module docstring).

@@ -190,3 +190,29 @@ def test_one_lease_keeper_renews_every_lease_of_its_process(tmp_path: Path) -> N
     assert other is not None
     assert all(expiry[uid] > expiry[other.study_uid] for uid in ours)  # +600 s against +2 s
     worklist.dispose()
+
+
+def test_delivery_thread_does_not_spin_when_the_database_fails(tmp_path: Path) -> None:
+    """Due deliveries that cannot be claimed (database error) are retried after a pause, not in
+    a busy loop."""
+    from dicom_node.delivery import Delivery
+    from triage_core.errors import WorklistError
+
+    settings = load_settings(None, {"storage": tmp_path / "storage", "workers": 0})
+    worklist = open_worklist(settings)
+    calls: list[float] = []
+
+    def failing_claim(*_args: Any, **_kwargs: Any) -> Any:
+        calls.append(time.monotonic())
+        raise WorklistError("database is locked")
+
+    worklist.claim_due_deliveries = failing_claim  # type: ignore[method-assign]
+    worklist.deliveries.next_due_in = lambda now=None: 0.0  # type: ignore[method-assign]
+    delivery = Delivery(settings, worklist, Wakeups(worklist, shared=False, poll=0.2))
+    delivery.start()
+    try:
+        time.sleep(1.5)
+    finally:
+        delivery.stop(time.monotonic() + 5)
+    assert 1 <= len(calls) <= 3, len(calls)  # one look per ERROR_WAIT (1 s), not thousands
+    worklist.dispose()
