@@ -17,7 +17,6 @@ from collections import defaultdict
 from typing import TYPE_CHECKING
 
 from dicom_node.scu import SendResult, send_files
-from dicom_node.settings import Destination
 from dicom_node.wakeup import ERROR_WAIT
 from triage_core.errors import DeliveryError, WorklistError
 
@@ -115,7 +114,7 @@ class Delivery:
         started = time.perf_counter()
         try:
             results = send_files(
-                Destination.parse(destination_text),
+                self.settings.destination(destination_text),
                 [row.path for row in group],
                 calling_ae=self.settings.ae_title,
                 timeout=self.settings.network_timeout,

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dicom_node.net.tuning import handle_conn_open
-from triage_core.errors import DeliveryError
+from triage_core.errors import ConfigError, DeliveryError
 
 if TYPE_CHECKING:
     from dicom_node.settings import Destination
@@ -89,9 +89,8 @@ def send_files(
     Raises
     ------
     DeliveryError
-        A file cannot be read, or the association is rejected, aborted or not answered.
-    ConfigError
-        The destination's TLS files cannot be loaded.
+        A file cannot be read, the destination's TLS files cannot be loaded, or the association
+        is rejected, aborted or not answered.
     """
     from pydicom import dcmread
     from pydicom.errors import InvalidDicomError
@@ -123,12 +122,15 @@ def send_files(
     if destination.tls_ca is not None:
         from dicom_node.net.tls import client_context
 
-        context = client_context(
-            destination.tls_ca,
-            destination.tls_cert,
-            destination.tls_key,
-            check_hostname=destination.tls_check_hostname,
-        )
+        try:
+            context = client_context(
+                destination.tls_ca,
+                destination.tls_cert,
+                destination.tls_key,
+                check_hostname=destination.tls_check_hostname,
+            )
+        except ConfigError as exc:  # checked at start; a file removed since fails this send
+            raise DeliveryError(f"{destination}: {exc}") from exc
         tls_args = (context, destination.host)
     assoc = ae.associate(
         destination.host,

@@ -103,8 +103,9 @@ class Destination(BaseModel):
         return _check_ae_title(value, "destination AE title")
 
     def __str__(self) -> str:
-        tls = " (TLS)" if self.tls_ca is not None else ""
-        return f"{self.ae_title}@{self.host}:{self.port}{tls}"
+        """``AE@HOST:PORT``: also the key of its delivery rows (TLS settings are looked up by it,
+        :meth:`NodeSettings.destination`)."""
+        return f"{self.ae_title}@{self.host}:{self.port}"
 
 
 class AllowedPeer(BaseModel):
@@ -354,6 +355,15 @@ class NodeSettings(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         # Flags (init) win over the environment; TOML values come in via load_settings.
         return init_settings, env_settings
+
+    def destination(self, text: str) -> Destination:
+        """The configured destination written ``text`` (``AE@HOST:PORT``, as delivery rows
+        store it), with its TLS settings; a destination no longer configured is parsed from
+        the text (plain TCP)."""
+        for destination in self.destinations:
+            if str(destination) == text:
+                return destination
+        return Destination.parse(text)
 
     # ------------------------------------------------------------------ derived paths
     @property

@@ -213,9 +213,20 @@ def test_a_tls_destination_is_a_toml_table(pki: Pki, tmp_path: Path) -> None:
         f'destinations = ["PLAIN@h:104", {{ ae_title = "PACS", host = "127.0.0.1", port = 2762, '
         f'tls_ca = "{pki.ca}", tls_cert = "{cert}", tls_key = "{key}" }}]\n'
     )
-    plain, secure = load_settings(config).destinations
+    settings = load_settings(config)
+    plain, secure = settings.destinations
     assert plain.tls_ca is None and str(plain) == "PLAIN@h:104"
-    assert secure.tls_ca == pki.ca and str(secure) == "PACS@127.0.0.1:2762 (TLS)"
+    assert secure.tls_ca == pki.ca and str(secure) == "PACS@127.0.0.1:2762"
+    # delivery rows store "AE@HOST:PORT"; the sender gets the TLS settings back by that text
+    assert settings.destination("PACS@127.0.0.1:2762") == secure
+    assert settings.destination("OLD@h:104").tls_ca is None
+
+
+def test_a_vanished_ca_file_fails_the_send_not_the_sender(pki: Pki, tmp_path: Path) -> None:
+    files = [synthetic_cr(tmp_path / "a.dcm", size=32, seed=1)]
+    gone = Destination(ae_title="PACS", host="127.0.0.1", port=free_port(), tls_ca=tmp_path / "x")
+    with pytest.raises(DeliveryError, match="CA file"):
+        send_files(gone, files, timeout=5)
 
 
 def _s_client(port: int, pki: Pki, *version: str) -> str:
