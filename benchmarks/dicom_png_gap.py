@@ -15,8 +15,8 @@ Run from the repository root (a few seconds per file on 2 cores)::
     python benchmarks/dicom_png_gap.py                      # the shipped default checkpoint
     python benchmarks/dicom_png_gap.py --checkpoint runs/x/NAME --json /tmp/gap.json
 
-The PNG reference is the test split of the checkpoint's own seeded patient split when the
-checkpoint records one (``training.data.split``), else all 256 px PNGs.
+The PNG reference is the checkpoint's own test split (rebuilt and checked against its recorded
+fingerprint), else all 256 px PNGs.
 """
 
 from __future__ import annotations
@@ -46,17 +46,18 @@ OTHER_DICOMS = ("RG2_JPLL.dcm", "CR-ModalitySequenceLUT.dcm", "Fake_MONOHR1.dcm"
 
 
 def _png_reference(spec: Any, images: Path, labels: Path) -> list[Path]:
-    """The PNG test split of the checkpoint's seeded split, or every PNG in ``images``."""
-    split_info = dict(dict(spec.training).get("data", {})).get("split", {})
-    if split_info.get("method") == "seeded":
-        from training.data import patient_split
-        from training.train import load_task_data
+    """The checkpoint's own PNG test split (``training.evaluate.rebuild_split``, checked against
+    the recorded split fingerprint), or every PNG in ``images`` when it cannot be rebuilt."""
+    from training.data import DatasetError, attach_images, index_images
+    from training.evaluate import rebuild_split
 
-        data, index = load_task_data(images, labels, spec.task)
-        fractions = split_info.get("fractions", (0.6, 0.2, 0.2))
-        split = patient_split(data, seed=int(split_info.get("seed", 0)), fractions=fractions)
-        return [index[data.records[i].image_index] for i in split.test]
-    return sorted(images.glob("*.png"))
+    try:
+        test = rebuild_split(spec, images, labels, "test")
+    except DatasetError as exc:
+        print(f"(test split not rebuilt: {exc}; using every PNG)")
+        return sorted(images.glob("*.png"))
+    _, paths = attach_images(test.records, index_images(images))
+    return list(paths)
 
 
 def _stats(tensor_gray: np.ndarray) -> np.ndarray:
