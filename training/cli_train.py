@@ -61,6 +61,13 @@ def add_common_data_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--no-augment", action="store_true", help="disable augmentation")
     parser.add_argument(
+        "--head-init",
+        choices=("random", "probe"),
+        default="random",
+        help="classifier start: random, or a linear probe fitted on the pretrained features of "
+        "the training images (LP-FT)",
+    )
+    parser.add_argument(
         "--train-val-list", type=Path, help="NIH train_val_list.txt (with --test-list)"
     )
     parser.add_argument("--test-list", type=Path, help="NIH test_list.txt")
@@ -133,6 +140,7 @@ def config_from_args(args: argparse.Namespace, arch: str | None = None) -> objec
         patience=args.patience,
         workers=args.workers,
         augment=not args.no_augment,
+        head_init=args.head_init,
         hflip=args.hflip,
         resume=getattr(args, "resume", None),
         extra_images=getattr(args, "extra_images", None),

@@ -109,9 +109,10 @@ def export_fp16(
     training = dict(spec.training)
     training["weights_dtype"] = "float16"
     training["fp16_check"] = check
+    training["run_checkpoint"] = str(model_path)
     if command:
         training["command"] = command
-    spec = spec.replace(training=training)
+    spec = spec.replace(training=training, name=Path(out).name)
     save_checkpoint(half, spec, out, dtype=torch.float16)
     with tempfile.TemporaryDirectory() as tmp:
         metrics = evaluate_checkpoint(

@@ -278,6 +278,7 @@ def run_epochs(
     save: Callable[[int], None] | None = None,
     report: Callable[[str], None] | None = None,
     metric: str = "score",
+    validate_start: bool = False,
 ) -> None:
     """The epoch loop: train one epoch, validate, step the schedule, track the best weights,
     save the resumable state, stop early.
@@ -285,8 +286,19 @@ def run_epochs(
     ``run_epoch(epoch)`` returns ``(mean loss, images seen, seconds)``; ``evaluate()`` returns
     the validation ``(score, loss)`` (on every rank in distributed runs); ``save(epoch)`` writes
     the state after each epoch; ``report`` prints one line per epoch (rank 0 only).
+    ``validate_start`` also scores the starting weights (epoch 0, e.g. a linear-probe head on
+    the pretrained backbone), so early stopping can keep them when fine-tuning does not help.
     """
     stopper = state.stopper
+    if validate_start and state.start_epoch == 0 and not state.history:
+        score, val_loss = evaluate()
+        stopper.update(score, -1, model)
+        stopper.stale = 0
+        state.history.append(
+            {"epoch": 0, "val_loss": round(val_loss, 5), "val_score": round(score, 5)}
+        )
+        if report is not None:
+            report(f"epoch 0 (start): val loss {val_loss:.4f}, val {metric} {score:.4f} *")
     for epoch in range(state.start_epoch, epochs):
         started = time.perf_counter()
         train_loss, seen, train_seconds = run_epoch(epoch)
@@ -365,3 +377,75 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
+
+
+def classifier_layer(model: torch.nn.Module) -> torch.nn.Linear:
+    """The final linear layer (timm ``get_classifier()``, torchvision ResNet ``fc``)."""
+    import torch
+
+    core = getattr(model, "module", model)
+    getter = getattr(core, "get_classifier", None)
+    layer = getter() if callable(getter) else getattr(core, "fc", None)
+    if not isinstance(layer, torch.nn.Linear):
+        raise TrainingError(f"no linear classifier found in {type(core).__name__}")
+    return layer
+
+
+def probe_head(
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    targets: np.ndarray,
+    task: str,
+    *,
+    c: float = 0.1,
+    batch_size: int = 32,
+) -> dict[str, Any]:
+    """Start the classifier from a linear probe (the "LP" of LP-FT, Kumar et al. 2022).
+
+    The pooled features of the (unaugmented) training images are computed once with the
+    pretrained backbone in eval mode; an L2-regularised, class-balanced logistic regression
+    (scikit-learn, deterministic lbfgs) is fitted per class (multilabel) or jointly
+    (multiclass), and its weights become the classifier's. Fine-tuning then starts from a head
+    that already fits the features, so the first large gradients of a random head do not wreck
+    the pretrained features. Returns the probe's training-set mean AUROC.
+    """
+    import torch
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import roc_auc_score
+
+    layer = classifier_layer(model)
+    captured: list[torch.Tensor] = []
+    handle = layer.register_forward_pre_hook(lambda _m, args: captured.append(args[0].detach()))
+    try:
+        predict_logits(model, images, batch_size=batch_size, channels_last=True)
+    finally:
+        handle.remove()
+    features = torch.cat(captured).float().numpy()
+    weight = np.zeros(tuple(layer.weight.shape), dtype=np.float64)
+    bias = np.zeros(layer.weight.shape[0], dtype=np.float64)
+    if task == "multiclass":
+        clf = LogisticRegression(C=c, max_iter=3000, class_weight="balanced")
+        clf.fit(features, targets)
+        weight[:], bias[:] = clf.coef_, clf.intercept_
+        scores = clf.decision_function(features)
+        y = np.eye(weight.shape[0])[np.asarray(targets, dtype=np.int64)]
+    else:
+        y = np.asarray(targets)
+        scores = np.zeros_like(y, dtype=np.float64)
+        for k in range(y.shape[1]):
+            if not 0 < y[:, k].sum() < len(y):
+                continue
+            clf = LogisticRegression(C=c, max_iter=3000, class_weight="balanced")
+            clf.fit(features, y[:, k])
+            weight[k], bias[k] = clf.coef_[0], clf.intercept_[0]
+            scores[:, k] = clf.decision_function(features)
+    with torch.no_grad():
+        layer.weight.copy_(torch.from_numpy(weight).to(layer.weight))
+        if layer.bias is not None:
+            layer.bias.copy_(torch.from_numpy(bias).to(layer.bias))
+    aucs = [
+        roc_auc_score(y[:, k], scores[:, k])
+        for k in range(y.shape[1])
+        if 0 < y[:, k].sum() < len(y)
+    ]
+    return {"c": c, "train_mean_auroc": float(np.mean(aucs)) if aucs else None}

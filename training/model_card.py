@@ -76,7 +76,8 @@ def _split_table(spec: ModelSpec) -> list[str]:
     return lines
 
 
-def _operating_points(spec: ModelSpec, test: Mapping[str, Any]) -> list[str]:
+def render_operating_points(spec: ModelSpec, test: Mapping[str, Any]) -> list[str]:
+    """The operating-point table: validation figures from the spec, test figures from ``test``."""
     val = spec.metrics.get("thresholds", {})
     lines = [
         f"Rule: {val.get('rule', 'n/a')}, on temperature-scaled probabilities.",
@@ -102,7 +103,7 @@ def _export_commands(spec: ModelSpec) -> list[str]:
 
     words = shlex.split(spec.training["command"])
     flags = {a: b for a, b in zip(words, words[1:], strict=False) if a.startswith("--")}
-    run = f"{flags.get('--out', 'RUN')}/{spec.name}"
+    run = spec.training.get("run_checkpoint") or f"{flags.get('--out', 'RUN')}/{spec.name}"
     data = f"--images {flags.get('--images', 'DIR')} --labels {flags.get('--labels', 'CSV')}"
     ship = f"triage_core/weights/{spec.name}"
     return [
@@ -126,6 +127,7 @@ def render_model_card(
     fp16 = training.get("fp16_check", {})
     names = spec.class_names
     worst = min(names, key=lambda n: test["per_class"][n]["auroc"] or 0.0)
+    positives = [int(test["per_class"][n]["support"]) for n in names]
     lines = [
         f"# Model card: {spec.name} v{spec.version}",
         "",
@@ -133,8 +135,9 @@ def render_model_card(
         "",
         "## What it is",
         "",
-        f"- Architecture: `{spec.arch}` (timm `tf_efficientnet_lite0` for "
-        "`efficientnet_lite0`), "
+        f"- Architecture: `{spec.arch}`"
+        + (" (timm `tf_efficientnet_lite0`)" if spec.arch == "efficientnet_lite0" else "")
+        + ", "
         f"{spec.num_classes} sigmoid outputs ({', '.join(names)}), task `{spec.task}`.",
         f"- Initial weights: {_initialisation(spec)}.",
         f"- Input: {spec.input_size} x {spec.input_size} px, gray image letterboxed and repeated "
@@ -209,7 +212,7 @@ def render_model_card(
         for label, other in experiments:
             t = other.training
             note = (
-                f"{other.arch}, {other.input_size} px, {t.get('epochs_run')} epochs, init: "
+                f"{other.arch}, {other.input_size} px, {t.get('epochs_run')} epoch(s), init: "
                 f"{(t.get('pretrained') or {}).get('kind', 'random')}"
             )
             lines.append(f"| {label} | {_fmt(other.metrics.get('score'))} | {note} |")
@@ -241,7 +244,7 @@ def render_model_card(
         "",
         "### Operating points",
         "",
-        *_operating_points(spec, test),
+        *render_operating_points(spec, test),
         "",
         f"At these thresholds on test: macro-F1 {_fmt(test.get('macro_f1'))}, mean per-class "
         f"accuracy {_fmt(test.get('accuracy'))}.",
@@ -249,7 +252,8 @@ def render_model_card(
         "## Known failure modes and shortcut risks",
         "",
         f"- **Tiny training set:** {training['data']['counts']['train']['images']} training "
-        "images; wide intervals (13 to 26 test positives per class). Models trained on the full "
+        f"images; wide intervals ({min(positives)} to {max(positives)} test positives per "
+        "class). Models trained on the full "
         "NIH set (about 112,000 images) report AUROC of about 0.7 (Infiltration) to 0.86 "
         "(Effusion) (Wang et al. 2017; Rajpurkar et al. 2017).",
         "- **Noisy labels:** NIH labels were text-mined from radiology reports (NIH estimates "

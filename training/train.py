@@ -49,6 +49,7 @@ from training.loop import (
     load_training_state,
     loss_function,
     predict_logits,
+    probe_head,
     run_epochs,
     seed_everything,
     train_epoch,
@@ -74,6 +75,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 SCHEDULES: tuple[str, ...] = ("cosine", "plateau")
+#: How the classifier starts: random (the factory's), or fitted as a linear probe.
+HEAD_INITS: tuple[str, ...] = ("random", "probe")
 
 __all__ = [
     "STATE_FILE",
@@ -113,6 +116,7 @@ class TrainConfig:
     patience: int = 5
     workers: int = 0
     augment: bool = True
+    head_init: str = "random"
     hflip: bool = False
     resume: Path | None = None
     train_val_list: Path | None = None
@@ -179,6 +183,8 @@ class TrainConfig:
             raise TrainingError("--train-val-list and --test-list go together")
         if (self.extra_images is None) != (self.extra_labels is None):
             raise TrainingError("--extra-images and --extra-labels go together")
+        if self.head_init not in HEAD_INITS:
+            raise TrainingError(f"--head-init must be one of {HEAD_INITS}, got {self.head_init!r}")
         if not self.lr > 0:
             raise TrainingError(f"--lr must be positive, got {self.lr}")
 
@@ -378,6 +384,11 @@ def train(config: TrainConfig) -> TrainResult:
     )
     prep = prepare_data(config, spec, show=dist_info.main)
     model = build_model(config, spec.num_classes, device)
+    probe: dict[str, Any] | None = None
+    if config.head_init == "probe" and config.resume is None and config.init_from is None:
+        probe = probe_head(model, prep.train_set.images, prep.train_targets, config.task)
+        if dist_info.main:
+            print(f"linear-probe head: {probe}", flush=True)
     criterion = loss_function(config.task, prep.train_targets, spec.num_classes).to(device)
     optimizer, scheduler = build_optimizer(config, model)
     fingerprint = split_fingerprint(prep.data, prep.split)
@@ -476,6 +487,7 @@ def train(config: TrainConfig) -> TrainResult:
         save=save if dist_info.main else None,
         report=(lambda line: print(line, flush=True)) if dist_info.main else None,
         metric="macro-F1" if config.task == "multiclass" else "mean AUROC",
+        validate_start=probe is not None,
     )
 
     checkpoint: Path | None = None
@@ -562,6 +574,7 @@ def _calibrate_and_save(
         "weight_decay": config.weight_decay,
         "schedule": config.schedule,
         "augment": asdict(Augment(hflip=config.hflip)) if config.augment else None,
+        "head_init": config.head_init,
         "pretrained": pretrained_source(config.arch, config.initial_weights),
         "init_from": str(config.init_from) if config.init_from else None,
         "device": device,

@@ -332,3 +332,36 @@ def test_imagenet_initialisation_beats_random_on_validation(
         scores[init] = result.spec.metrics["score"]
         assert result.spec.mean == (0.5, 0.5, 0.5)
     assert scores["imagenet"] > scores["none"] + 0.05, scores
+
+
+def test_probe_head_starts_from_a_fitted_classifier_and_epoch_0_is_a_candidate(
+    cxr14_dir: Path, tmp_path: Path
+) -> None:
+    from sklearn.metrics import roc_auc_score
+
+    from training.data import load_tensors
+    from training.loop import predict_logits, probe_head
+    from training.splits import load_task_data
+    from triage_core.models import create_model, default_spec
+
+    torch.set_num_threads(1)
+    data, index = load_task_data(cxr14_dir / "256", cxr14_dir / "labels.csv", "multilabel", 40)
+    spec = default_spec("efficientnet_lite0", "multilabel", "imagenet").replace(input_size=64)
+    x = load_tensors([index[r.image_index] for r in data.records], spec)
+    torch.manual_seed(0)
+    model = create_model("efficientnet_lite0", 3, "imagenet")
+    info = probe_head(model, x, data.targets, "multilabel")
+    logits = predict_logits(model, x)
+    # the head now is the probe: it ranks its own training images (almost) perfectly
+    for k in range(3):
+        assert roc_auc_score(data.targets[:, k], logits[:, k]) > 0.9
+    assert info["train_mean_auroc"] > 0.9
+
+    result = train(
+        _config(
+            cxr14_dir, tmp_path, arch="efficientnet_lite0", pretrained="imagenet", head_init="probe"
+        )
+    )
+    assert result.history[0]["epoch"] == 0 and "val_score" in result.history[0]
+    assert [h["epoch"] for h in result.history] == [0, 1]
+    assert result.spec is not None and result.spec.training["head_init"] == "probe"
