@@ -38,7 +38,7 @@ DEFAULT_INPUT_SIZE: dict[str, int] = {
     "efficientnet_lite0": 224,
 }
 #: Name of the checkpoint shipped with the package (inside ``triage_core/weights``).
-DEFAULT_CHECKPOINT_NAME = "cxr-triage-effb0-multilabel"
+DEFAULT_CHECKPOINT_NAME = "cxr-triage-lite0-multilabel"
 #: ``pretrained`` value that selects the packaged ImageNet weights.
 IMAGENET = "imagenet"
 #: Input normalisation of TensorFlow-trained weights (timm's ``tf_`` models): [0, 1] -> [-1, 1].

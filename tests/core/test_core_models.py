@@ -192,7 +192,7 @@ def test_imagenet_initialisation_per_architecture(monkeypatch: pytest.MonkeyPatc
     )
     se = b0.blocks[1][0].se  # type: ignore[index]
     assert float(se.conv_expand.weight.detach().abs().max()) == 0.0
-    assert float(torch.sigmoid(se.conv_expand.bias).min()) > 0.99
+    assert float(torch.sigmoid(se.conv_expand.bias.detach()).min()) > 0.99
     assert default_spec("efficientnet_b0", pretrained=IMAGENET).std == (0.5, 0.5, 0.5)
     assert default_spec("efficientnet_b0").mean == (0.485, 0.456, 0.406)
     source = pretrained_source("efficientnet_lite0", IMAGENET)
