@@ -59,6 +59,11 @@ def _initialisation(spec: ModelSpec) -> str:
     return f"weights file `{source.get('file')}` (sha256 `{source.get('sha256', '')[:16]}...`)"
 
 
+def _epochs(training: Mapping[str, Any]) -> int:
+    """Training epochs run (the history's epoch 0 is the starting point, not an epoch)."""
+    return sum(1 for h in training.get("history", []) if h.get("epoch", 1) > 0)
+
+
 def _split_table(spec: ModelSpec) -> list[str]:
     counts = spec.training["data"]["counts"]
     names = spec.class_names
@@ -179,8 +184,13 @@ def render_model_card(
         f"{training['batch_size']}, BCE with `pos_weight` (negatives/positives per class), "
         "augmentation on the cached tensor: rotation, scale, shift, brightness, contrast "
         f"({training.get('augment')}). Early stopping and the choice of epoch on the validation "
-        f"mean AUROC only: best epoch {training['best_epoch']} of {training['epochs_run']} run. "
-        f"Temperature {spec.temperature:.3f} (one for all classes, validation NLL) and the "
+        f"mean AUROC only: best epoch {training['best_epoch']} of {_epochs(training)} run"
+        + (
+            " (epoch 0: the linear-probe head on the frozen backbone, also a candidate). "
+            if training.get("head_init") == "probe"
+            else ". "
+        )
+        + f"Temperature {spec.temperature:.3f} (one for all classes, validation NLL) and the "
         "per-class thresholds were fitted on validation. The test split was used once, on the "
         "shipped fp16 file. CPU only.",
         "",
@@ -214,7 +224,7 @@ def render_model_card(
         for label, other in experiments:
             t = other.training
             note = (
-                f"{other.arch}, {other.input_size} px, {t.get('epochs_run')} epoch(s), init: "
+                f"{other.arch}, {other.input_size} px, {_epochs(t)} epoch(s), init: "
                 f"{(t.get('pretrained') or {}).get('kind', 'random')}"
             )
             lines.append(f"| {label} | {_fmt(other.metrics.get('score'))} | {note} |")

