@@ -25,8 +25,10 @@ Execution paths (``mode``), measured by ``benchmarks/bench_core.py``:
     was 1.3-1.4x faster than eager with identical probabilities. ``bf16`` is 1.6-2x faster and
     its probabilities stay within 0.01 of fp32, but on a trained checkpoint whose
     probabilities sit close to the operating thresholds it flipped present/absent decisions
-    (8 of 192 on 64 NIH images), so it is opt-in (``benchmarks/bench_core.py`` reports both the
-    drift and the flips).
+    (8 of 192 on 64 NIH images; on the EfficientNet-Lite0 default 4 of 48 on 16 images, max
+    drift 0.29), so it is opt-in (``benchmarks/bench_core.py`` reports both the drift and the
+    flips). Static int8 (``bench_core.py --int8``) was tried on Lite0 and not adopted: test
+    AUROC moved by up to 0.14 and 28 % of the decisions flipped.
 
 A :class:`Predictor` may be shared by several threads: forward passes are serialised by a lock
 (PyTorch already uses every core for one batch). ``threads`` calls ``torch.set_num_threads``,
