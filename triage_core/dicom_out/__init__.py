@@ -1,0 +1,84 @@
+"""DICOM output builders: the findings as a Structured Report, the Grad-CAM as a Secondary Capture.
+
+Both builders only *build* datasets (DESIGN.md section 6); sending is ``dicom_node.scu``'s job.
+They validate their inputs first and raise :class:`~triage_core.errors.DicomOutputError` with a
+message that names the bad value, then let highdicom assemble the objects.
+
+Structured Report (:func:`build_sr`)
+    A Comprehensive 3D SR whose root is TID 1500 "Imaging Measurement Report" (what OHIF and
+    most SR-aware viewers render). The observer is the algorithm (a *device* observer whose UID
+    is the device UID). Under "Imaging Measurements" there is one TID 1501 measurement group per
+    finding, each with
+
+    * a tracking identifier (the class name, e.g. ``Atelectasis``) and a new tracking UID,
+    * the finding type (SNOMED CT / DICOM code where one exists, a private ``99CXRTRIAGE`` code
+      otherwise),
+    * TID 4019 Algorithm Identification (model name, version, manufacturer ``cxr-triage``,
+      the operating threshold and the research-use statement as parameters),
+    * the calibrated probability as a numeric measurement, concept (DCM 122157 "Probability"),
+      **unit UCUM ``1`` ("no units"): a number in [0, 1], not a percentage**,
+    * the operating threshold as a numeric measurement (private code ``THRESHOLD``, unit ``1``),
+    * a qualitative evaluation: concept = the finding type, value SCT 52101004 "Present" or
+      SCT 272519000 "Absent" (``probability >= threshold``),
+    * a reference to the source image that gave the probability (when it is one of ``sources``).
+
+    One more group (tracking identifier ``Study priority``, finding type SCT 260870009
+    "Priority") carries the study priority: the score in [0, 100] (private code
+    ``PRIORITYSCORE``, unit UCUM ``{score}``) and the level as a qualitative evaluation whose
+    value is a private code ``ROUTINE`` / ``URGENT`` / ``CRITICAL``.
+
+    Header: patient and study attributes copied from the sources (same Study Instance UID, new
+    Series Instance UID), VerificationFlag ``UNVERIFIED``, CompletionFlag ``COMPLETE``,
+    PreliminaryFlag ``PRELIMINARY``, Series Description ``cxr-triage AI (NOT FOR DIAGNOSTIC
+    USE)``, every source listed in Current Requested Procedure Evidence Sequence, and the
+    algorithm in Contributing Equipment Sequence as IHE AI Results asks (Purpose of Reference
+    ``(Newcode1, 99IHE, "Processing Algorithm")``, Manufacturer ``cxr-triage``, Manufacturer's
+    Model Name = model name, Software Versions = model version and code version, Device UID).
+
+Secondary Capture (:func:`build_sc`)
+    An RGB Secondary Capture of the Grad-CAM overlay in the same study, new series, derived from
+    the source image (Source Image Sequence with purpose DCM 121322 "Source image for image
+    processing operation", Derivation Description, Image Type ``DERIVED\\SECONDARY``). A short
+    caption (finding, probability, "NOT FOR DIAGNOSTIC USE") is burned into a black band at the
+    top of the image when the image is at least 64 pixels wide and high (BurnedInAnnotation
+    ``YES``), and is always written into Image Comments. Body Part Examined is copied from the
+    source (``CHEST`` when absent).
+
+:func:`findings_from_sr` and :func:`priority_from_sr` read our SR back (tests and the DICOM
+node's end-to-end checks compare it with the worklist).
+
+The package's modules, by what they build: :mod:`.common` (codes, UIDs, equipment and
+provenance, input checks), :mod:`.sr` (:func:`build_sr`), :mod:`.report_builder`
+(:class:`ReportBuilder`), :mod:`.sc` (:func:`build_sc`) and :mod:`.read` (the readers).
+
+highdicom and Pillow are imported inside the functions: nothing here slows down the C-STORE path.
+"""
+
+from triage_core.dicom_out.common import (
+    MANUFACTURER,
+    NOT_FOR_DIAGNOSTIC_USE,
+    default_device_uid,
+    finding_code,
+)
+from triage_core.dicom_out.read import (
+    findings_from_sr,
+    low_confidence_from_sr,
+    priority_from_sr,
+)
+from triage_core.dicom_out.report_builder import ReportBuilder
+from triage_core.dicom_out.sc import build_sc, burn_in_caption
+from triage_core.dicom_out.sr import build_sr
+
+__all__ = [
+    "MANUFACTURER",
+    "NOT_FOR_DIAGNOSTIC_USE",
+    "ReportBuilder",
+    "build_sc",
+    "build_sr",
+    "burn_in_caption",
+    "default_device_uid",
+    "finding_code",
+    "findings_from_sr",
+    "low_confidence_from_sr",
+    "priority_from_sr",
+]

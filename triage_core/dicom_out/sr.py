@@ -1,0 +1,389 @@
+"""The Structured Report: :func:`build_sr` and the TID 1500 / TID 1501 content it is made of.
+
+See the package docstring for the report's content. :class:`~.report_builder.ReportBuilder`
+reuses the content builders here.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from pydicom.dataset import Dataset
+
+from triage_core.dicom_out.common import (
+    ABSENT,
+    CHEST_IMAGING,
+    LOW_CONFIDENCE,
+    MANUFACTURER,
+    OOD_SCORE,
+    PRESENT,
+    PRIORITY,
+    PRIORITY_LEVEL_CODES,
+    PRIORITY_SCORE,
+    PRIORITY_TRACKING_ID,
+    PROBABILITY,
+    RESEARCH_STATEMENT,
+    SR_SERIES_DESCRIPTION,
+    THRESHOLD,
+    UNIT_ONE,
+    UNIT_SCORE,
+    _algorithm_equipment,
+    _check_finding,
+    _check_number,
+    _coding_schemes,
+    _is_uid,
+    _model_name,
+    _require_attrs,
+    _sanitized_reference,
+    _software_versions,
+    _text,
+    default_device_uid,
+    finding_code,
+)
+from triage_core.errors import DicomOutputError
+from triage_core.spec import PRIORITY_LEVELS, Finding, ModelSpec, StudyResult
+
+logger = logging.getLogger(__name__)
+
+
+def _check_sources(sources: Sequence[Dataset], study_uid: str) -> list[Dataset]:
+    if isinstance(sources, Dataset) or not isinstance(sources, Sequence):
+        raise DicomOutputError(
+            f"sources: expected a sequence of pydicom Datasets, got {type(sources).__name__}"
+        )
+    if len(sources) == 0:
+        raise DicomOutputError("sources: at least one source image dataset is required")
+    seen: set[str] = set()
+    patient_ids: set[str] = set()
+    for index, ds in enumerate(sources):
+        what = f"sources[{index}]"
+        if not isinstance(ds, Dataset):
+            raise DicomOutputError(f"{what}: expected a pydicom Dataset, got {type(ds).__name__}")
+        _require_attrs(
+            ds,
+            what,
+            ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID"),
+        )
+        if ds.StudyInstanceUID != study_uid:
+            raise DicomOutputError(
+                f"{what}: StudyInstanceUID {ds.StudyInstanceUID} differs from the result's study "
+                f"{study_uid}; all sources must come from that one study"
+            )
+        if ds.SOPInstanceUID in seen:
+            raise DicomOutputError(f"{what}: duplicate SOPInstanceUID {ds.SOPInstanceUID}")
+        seen.add(ds.SOPInstanceUID)
+        patient_ids.add(str(ds.get("PatientID", "")))
+    if len(patient_ids) > 1:
+        raise DicomOutputError(
+            f"sources: the study's images disagree on PatientID ({len(patient_ids)} values)"
+        )
+    return list(sources)
+
+
+def _check_result(result: StudyResult, spec: ModelSpec) -> None:
+    if not isinstance(result, StudyResult):
+        raise DicomOutputError(f"result: expected a StudyResult, got {type(result).__name__}")
+    if not isinstance(spec, ModelSpec):
+        raise DicomOutputError(f"spec: expected a ModelSpec, got {type(spec).__name__}")
+    if result.status == "not_eligible":
+        raise DicomOutputError(
+            f"study {result.study_uid} is not eligible ({result.reason or 'no reason given'}): "
+            "no SR is built for it"
+        )
+    if result.status != "done":
+        raise DicomOutputError(
+            f"study {result.study_uid}: status {result.status!r}, an SR needs status 'done'"
+        )
+    if not _is_uid(result.study_uid):
+        raise DicomOutputError(f"result: study_uid {result.study_uid!r} is not a valid UID")
+    if not result.findings:
+        raise DicomOutputError(f"study {result.study_uid} is 'done' but has no findings")
+    names = [f.name for f in result.findings if isinstance(f, Finding)]
+    for index, finding in enumerate(result.findings):
+        _check_finding(finding, spec, f"result.findings[{index}]")
+    if len(set(names)) != len(names):
+        raise DicomOutputError(f"result: duplicate findings in {names}")
+    score = result.priority_score
+    if (
+        isinstance(score, bool)
+        or not isinstance(score, int | float | np.floating)
+        or not math.isfinite(float(score))
+        or not 0.0 <= float(score) <= 100.0
+    ):
+        raise DicomOutputError(f"result: priority_score must lie in [0, 100], got {score!r}")
+    if result.priority_level not in PRIORITY_LEVELS:
+        raise DicomOutputError(
+            f"result: priority_level {result.priority_level!r} is not one of {PRIORITY_LEVELS}"
+        )
+
+
+def build_sr(
+    result: StudyResult,
+    sources: Sequence[Dataset],
+    spec: ModelSpec,
+    *,
+    series_number: int = 9901,
+    instance_number: int = 1,
+    device_uid: str | None = None,
+) -> Dataset:
+    """Build the Comprehensive 3D SR (TID 1500) that reports a study's findings and priority.
+
+    Parameters
+    ----------
+    result : StudyResult
+        A ``done`` study result with at least one finding (``not_eligible`` is refused: nothing
+        is sent for those studies).
+    sources : sequence of pydicom.Dataset
+        The study's images (header-only datasets are enough, pixel data is never read). Each must
+        carry the result's Study Instance UID. Patient and study attributes are copied from the
+        first one; all are listed as evidence.
+    spec : ModelSpec
+        The model that produced the result (name, version, thresholds).
+    series_number, instance_number : int
+        Series Number and Instance Number of the new SR.
+    device_uid : str, optional
+        Device UID of the algorithm (observer and Contributing Equipment). Default: a UID derived
+        from the model's name, architecture and version (:func:`default_device_uid`).
+
+    Returns
+    -------
+    pydicom.Dataset
+        A ``highdicom.sr.Comprehensive3DSR`` with file meta, ready to ``save_as``.
+
+    Raises
+    ------
+    DicomOutputError
+        When an input is invalid; the message names the value.
+    """
+    _check_result(result, spec)
+    source_list = _check_sources(sources, result.study_uid)
+    _check_number("series_number", series_number)
+    _check_number("instance_number", instance_number)
+    device_uid = _device_uid(spec, device_uid)
+    by_uid = {str(ds.SOPInstanceUID): ds for ds in source_list}
+    try:
+        groups = [_finding_group(finding, spec, by_uid) for finding in result.findings]
+        groups.append(_priority_group(result, spec))
+        report = _measurement_report(spec, device_uid, groups)
+        sr = _comprehensive_sr(result, source_list, spec, device_uid, report, series_number,
+                               instance_number)  # fmt: skip
+    except (ValueError, TypeError, KeyError) as exc:
+        raise DicomOutputError(f"study {result.study_uid}: SR could not be built: {exc}") from exc
+    logger.debug(
+        "built SR %s for study %s (%d findings)",
+        sr.SOPInstanceUID,
+        result.study_uid,
+        len(result.findings),
+    )
+    return sr
+
+
+def _device_uid(spec: ModelSpec, device_uid: str | None) -> str:
+    if device_uid is None:
+        return default_device_uid(spec)
+    if not _is_uid(device_uid):
+        raise DicomOutputError(f"device_uid {device_uid!r} is not a valid UID")
+    return device_uid
+
+
+def _algorithm_id(spec: ModelSpec, parameters: list[str]) -> Any:
+    import highdicom as hd
+
+    return hd.sr.AlgorithmIdentification(
+        name=_model_name(spec),
+        version=_text(spec.version, 64) or "0",
+        manufacturer=MANUFACTURER,
+        parameters=parameters,
+    )
+
+
+def _finding_parameters(spec: ModelSpec, threshold: float) -> list[str]:
+    return [
+        f"architecture={spec.arch}",
+        f"task={spec.task}",
+        f"threshold={threshold:.6g}",
+        RESEARCH_STATEMENT,
+    ]
+
+
+def _tracking(identifier: str) -> Any:
+    import highdicom as hd
+
+    return hd.sr.TrackingIdentifier(uid=hd.UID(), identifier=identifier)
+
+
+def _probability(finding: Finding) -> Any:
+    import highdicom as hd
+
+    return hd.sr.Measurement(name=PROBABILITY, value=float(finding.probability), unit=UNIT_ONE)
+
+
+def _evaluation(finding: Finding) -> Any:
+    import highdicom as hd
+
+    return hd.sr.QualitativeEvaluation(
+        name=finding_code(finding.name), value=PRESENT if finding.present else ABSENT
+    )
+
+
+def _source_image(finding: Finding, by_uid: dict[str, Dataset]) -> Any:
+    """TID 1501 source image item of a finding (``None`` without a source UID)."""
+    import highdicom as hd
+
+    if not finding.source_uid:
+        return None
+    if finding.source_uid not in by_uid:
+        raise DicomOutputError(
+            f"finding {finding.name} comes from image {finding.source_uid!r}, "
+            "which is not among the sources"
+        )
+    source = by_uid[finding.source_uid]
+    _require_attrs(source, f"source image of {finding.name}", ("Modality", "Rows", "Columns"))
+    return hd.sr.SourceImageForMeasurementGroup.from_source_image(source)
+
+
+def _priority_score(result: StudyResult) -> Any:
+    import highdicom as hd
+
+    return hd.sr.Measurement(
+        name=PRIORITY_SCORE, value=float(result.priority_score), unit=UNIT_SCORE
+    )
+
+
+def _priority_level(result: StudyResult) -> Any:
+    import highdicom as hd
+
+    return hd.sr.QualitativeEvaluation(
+        name=PRIORITY, value=PRIORITY_LEVEL_CODES[result.priority_level]
+    )
+
+
+def _finding_group(finding: Finding, spec: ModelSpec, by_uid: dict[str, Dataset]) -> Any:
+    """The TID 1501 measurement group of one finding."""
+    import highdicom as hd
+
+    threshold = float(finding.threshold)
+    index = spec.class_names.index(finding.name)
+    if threshold != spec.thresholds[index]:
+        logger.debug(
+            "finding %s uses threshold %s, the spec says %s",
+            finding.name,
+            threshold,
+            spec.thresholds[index],
+        )
+    source = _source_image(finding, by_uid)
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=_tracking(finding.name),
+        finding_type=finding_code(finding.name),
+        algorithm_id=_algorithm_id(spec, _finding_parameters(spec, threshold)),
+        measurements=[
+            _probability(finding),
+            hd.sr.Measurement(name=THRESHOLD, value=threshold, unit=UNIT_ONE),
+        ],
+        qualitative_evaluations=[_evaluation(finding)],
+        source_images=[source] if source is not None else None,
+    )
+
+
+def _ood_score(result: StudyResult) -> Any:
+    import highdicom as hd
+
+    score = result.ood_score
+    return hd.sr.Measurement(
+        name=OOD_SCORE, value=float(score if score is not None else 0.0), unit=UNIT_SCORE
+    )
+
+
+def _low_confidence(result: StudyResult) -> Any:
+    import highdicom as hd
+
+    return hd.sr.QualitativeEvaluation(
+        name=LOW_CONFIDENCE, value=PRESENT if result.low_confidence else ABSENT
+    )
+
+
+def _priority_group(result: StudyResult, spec: ModelSpec) -> Any:
+    """The measurement group that carries the study priority (score and level) and, when the
+    model has an out-of-distribution reference, the OOD score and the low-confidence flag."""
+    import highdicom as hd
+
+    measurements = [_priority_score(result)]
+    evaluations = [_priority_level(result)]
+    parameters = [RESEARCH_STATEMENT]
+    if spec.ood:
+        measurements.append(_ood_score(result))
+        evaluations.append(_low_confidence(result))
+        parameters.insert(0, f"ood_threshold={float(spec.ood['threshold']):.6g}")
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=_tracking(PRIORITY_TRACKING_ID),
+        finding_type=PRIORITY,
+        algorithm_id=_algorithm_id(spec, parameters),
+        measurements=measurements,
+        qualitative_evaluations=evaluations,
+    )
+
+
+def _measurement_report(spec: ModelSpec, device_uid: str, groups: list[Any]) -> Any:
+    """The TID 1500 root (observer = the algorithm as a device) over ``groups``."""
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+
+    model_name = _model_name(spec)
+    observation_context = hd.sr.ObservationContext(
+        observer_device_context=hd.sr.ObserverContext(
+            observer_type=codes.cid270.Device,
+            observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+                uid=device_uid,
+                name=_text(f"cxr-triage {model_name}", 64),
+                manufacturer_name=MANUFACTURER,
+                model_name=model_name,
+            ),
+        )
+    )
+    return hd.sr.MeasurementReport(
+        observation_context=observation_context,
+        procedure_reported=CHEST_IMAGING,
+        imaging_measurements=groups,
+    )
+
+
+def _comprehensive_sr(
+    result: StudyResult,
+    source_list: list[Dataset],
+    spec: ModelSpec,
+    device_uid: str,
+    report: Any,
+    series_number: int,
+    instance_number: int,
+) -> Any:
+    """The Comprehensive 3D SR document around ``report`` (header, evidence, equipment)."""
+    import highdicom as hd
+
+    # highdicom copies patient/study data from the first evidence item: make that the image
+    # behind the top finding (an eligible radiograph), not whatever was received first.
+    by_uid = {str(ds.SOPInstanceUID): ds for ds in source_list}
+    top = result.top_finding
+    first = by_uid.get(top.source_uid) if top is not None else None
+    ordered = ([first] if first is not None else []) + [ds for ds in source_list if ds is not first]
+    evidence = [_sanitized_reference(ds, f"source {ds.SOPInstanceUID}") for ds in ordered]
+    return hd.sr.Comprehensive3DSR(
+        evidence=evidence,
+        content=report[0],
+        series_instance_uid=hd.UID(),
+        series_number=series_number,
+        sop_instance_uid=hd.UID(),
+        instance_number=instance_number,
+        manufacturer=MANUFACTURER,
+        is_complete=True,
+        is_final=False,
+        is_verified=False,
+        series_description=SR_SERIES_DESCRIPTION,
+        manufacturer_model_name=_model_name(spec),
+        software_versions=_software_versions(spec),
+        coding_schemes=_coding_schemes(),
+        contributing_equipment=[_algorithm_equipment(spec, device_uid)],
+    )
