@@ -14,7 +14,7 @@ import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -28,14 +28,33 @@ from training.data import (
     select_task,
 )
 
-if TYPE_CHECKING:
-    from training.train import TrainConfig
-
 logger = logging.getLogger(__name__)
 
 #: Default split fractions (train, validation, test).
 DEFAULT_FRACTIONS: tuple[float, float, float] = (0.6, 0.2, 0.2)
 SPLIT_NAMES: tuple[str, str, str] = ("train", "val", "test")
+
+
+class SplitConfig(Protocol):
+    """The part of :class:`training.train.TrainConfig` that chooses the data and its split
+    (a protocol, so that ``train`` imports ``splits`` and not the other way round)."""
+
+    @property
+    def task(self) -> str: ...
+    @property
+    def train_val_list(self) -> Path | None: ...
+    @property
+    def test_list(self) -> Path | None: ...
+    @property
+    def extra_images(self) -> Path | None: ...
+    @property
+    def extra_labels(self) -> Path | None: ...
+    @property
+    def split_fractions(self) -> tuple[float, float, float]: ...
+    @property
+    def max_images(self) -> int | None: ...
+    @property
+    def data_seed(self) -> int: ...
 
 
 @dataclass(frozen=True)
@@ -243,7 +262,7 @@ def split_fingerprint(data: TaskData, split: Split) -> str:
     return digest.hexdigest()[:16]
 
 
-def make_split(data: TaskData, config: TrainConfig) -> Split:
+def make_split(data: TaskData, config: SplitConfig) -> Split:
     """The configured split (official lists or seeded 60/20/20), checked patient-disjoint."""
     if config.train_val_list is not None and config.test_list is not None:
         split = official_split(data, config.train_val_list, config.test_list, seed=config.data_seed)
@@ -272,7 +291,7 @@ def load_task_data(
 
 
 def extra_training_data(
-    config: TrainConfig, data: TaskData, split: Split, input_size: int
+    config: SplitConfig, data: TaskData, split: Split, input_size: int
 ) -> tuple[TaskData, list[Path], dict[str, Any]]:
     """Training-only images from another folder (e.g. NIH images kept only at 64 px).
 
@@ -326,7 +345,7 @@ def extra_training_data(
     return chosen, chosen_paths, info
 
 
-def split_description(config: TrainConfig, data: TaskData, split: Split) -> dict[str, Any]:
+def split_description(config: SplitConfig, data: TaskData, split: Split) -> dict[str, Any]:
     """What ``triage evaluate`` needs to rebuild the same split from the same files."""
     return {
         "method": split.method,

@@ -11,10 +11,6 @@ go to the instance's file as they arrive, whatever the PDU length says.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from dicom_node.settings import NodeSettings
 
 #: PDU header: type (1), reserved (1), length (4) (PS3.8 9.3.1).
 PDU_HEADER = 6
@@ -66,13 +62,3 @@ class Limits:
     network_timeout: float = 60.0
     max_associations: int = 16
     max_pending: int = 32
-
-    @classmethod
-    def from_settings(cls, settings: NodeSettings) -> Limits:
-        return cls(
-            max_pdu=settings.max_pdu_size,
-            artim_timeout=settings.artim_timeout,
-            network_timeout=settings.network_timeout,
-            max_associations=settings.max_associations,
-            max_pending=settings.max_pending_connections,
-        )

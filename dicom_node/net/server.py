@@ -21,6 +21,17 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
+def limits_from_settings(settings: NodeSettings) -> limits.Limits:
+    """The upper layer's bounds as configured (``dicom_node.net.limits`` holds the fixed ones)."""
+    return limits.Limits(
+        max_pdu=settings.max_pdu_size,
+        artim_timeout=settings.artim_timeout,
+        network_timeout=settings.network_timeout,
+        max_associations=settings.max_associations,
+        max_pending=settings.max_pending_connections,
+    )
+
+
 class StorageServer:
     """Listening socket + one thread per connection; the interface of pynetdicom's
     ``ThreadedAssociationServer`` that the service uses (``server_address``, ``shutdown``).
@@ -39,7 +50,7 @@ class StorageServer:
         ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self.settings = settings
-        self.limits = limits.Limits.from_settings(settings)
+        self.limits = limits_from_settings(settings)
         self.open_instance = open_instance
         self.policy = policy
         self.ssl_context = ssl_context

@@ -99,7 +99,8 @@ from dicom_node.net.pdu import (
 )
 
 if TYPE_CHECKING:
-    from dicom_node.net.server import StorageServer
+    from dicom_node.net.negotiation import Negotiator
+    from dicom_node.net.policy import AccessPolicy
 
 logger = logging.getLogger(__name__)
 
@@ -136,6 +137,22 @@ class OpenInstance(Protocol):
         calling_ae: str,
         context_class: str,
     ) -> Incoming: ...
+
+
+class AssociationHost(Protocol):
+    """What an :class:`Association` needs from the server that accepted it
+    (:class:`dicom_node.net.server.StorageServer`), named here so that the server imports the
+    association and not the other way round."""
+
+    limits: limits.Limits
+    policy: AccessPolicy
+    negotiate: Negotiator
+    open_instance: OpenInstance
+    ssl_context: ssl.SSLContext | None
+
+    def admit(self, association: Association) -> bool: ...
+
+    def leave(self, association: Association) -> None: ...
 
 
 # ---------------------------------------------------------------------- reading
@@ -257,7 +274,7 @@ class Association:
     """One accepted connection, from Sta2 to Sta13."""
 
     def __init__(
-        self, sock: socket.socket, address: tuple[str, int], server: StorageServer
+        self, sock: socket.socket, address: tuple[str, int], server: AssociationHost
     ) -> None:
         self.sock = sock
         self.host = str(address[0])
