@@ -25,6 +25,27 @@ def _strict_pydicom() -> Iterator[None]:
     pydicom.config.settings.writing_validation_mode = old
 
 
+@pytest.fixture(autouse=True)
+def _restore_logging() -> Iterator[None]:
+    """Undo what an in-process ``triage`` command configured (``logsafe.install``): its stderr
+    handler is bound to pytest's capture stream, which is closed after the test, and a later
+    log call would then print a "Logging error"."""
+    import logging
+    import sys
+    import threading
+
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    hooks = sys.excepthook, threading.excepthook
+    yield
+    for handler in root.handlers[:]:
+        if handler not in handlers:
+            root.removeHandler(handler)
+    root.setLevel(level)
+    sys.excepthook, threading.excepthook = hooks
+    logging.captureWarnings(False)
+
+
 @pytest.fixture
 def one_torch_thread() -> Iterator[None]:
     """Run a test with one torch thread (the CI machine has two cores shared with servers)."""
