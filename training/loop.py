@@ -449,3 +449,51 @@ def probe_head(
         if 0 < y[:, k].sum() < len(y)
     ]
     return {"c": c, "train_mean_auroc": float(np.mean(aucs)) if aucs else None}
+
+
+#: What a resumed run must share with the run that saved its state.
+RESUME_KEYS: tuple[str, ...] = ("arch", "task", "image_size", "seed", "extra_images")
+
+
+def resume_state(
+    resume: Path | None,
+    patience: int,
+    identity: Mapping[str, Any],
+    fingerprint: str,
+    model: torch.nn.Module,
+    optimizer: Any,
+    scheduler: Any,
+    show: bool,
+) -> LoopState:
+    """A fresh :class:`LoopState`, or the one saved in ``resume`` (model, optimizer, schedule
+    and RNG restored), refused when its :data:`RESUME_KEYS` differ from ``identity`` (this run's
+    settings) or it came from another split."""
+    stopper = EarlyStopping(patience)
+    if resume is None:
+        return LoopState(stopper)
+    state = load_training_state(resume)
+    saved = state["config"]
+    for key in RESUME_KEYS:
+        if saved.get(key) != identity[key]:
+            raise TrainingError(
+                f"cannot resume from {resume}: it was trained with {key}="
+                f"{saved.get(key)!r}, this run has {identity[key]!r}"
+            )
+    if state.get("split_fingerprint") != fingerprint:
+        raise TrainingError(
+            f"cannot resume from {resume}: the data split differs (other images, "
+            "labels, split lists or seed)"
+        )
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    start_epoch = int(state["epoch"])
+    stopper.best_score = float(state["best_score"])
+    stopper.best_epoch = int(state["best_epoch"])
+    stopper.best_state = state["best_model"]
+    stopper.stale = max(0, start_epoch - stopper.best_epoch - 1)
+    _set_rng_state(state["rng"])
+    if show:
+        logger.info("resumed from %s at epoch %d", resume, start_epoch)
+        print(f"resuming at epoch {start_epoch + 1} from {resume}", flush=True)
+    return LoopState(stopper, json.loads(state["history"]), start_epoch)

@@ -18,6 +18,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from training.report import auroc_cell, fmt
 from triage_core.spec import ModelSpec
 
 NOT_FOR_CLINICAL_USE = (
@@ -25,25 +26,6 @@ NOT_FOR_CLINICAL_USE = (
     "few hundred public images; it has not been validated clinically and must not influence "
     "any reading order or diagnosis."
 )
-
-
-def _fmt(value: Any, digits: int = 3) -> str:
-    if value is None:
-        return "n/a"
-    if isinstance(value, float):
-        return f"{value:.{digits}f}"
-    return str(value)
-
-
-def auroc_cell(row: Mapping[str, Any]) -> str:
-    """``0.812 [0.701, 0.905]``: AUROC and its 95 % bootstrap interval, three decimals."""
-    auc = row.get("auroc")
-    low, high = row.get("auroc_ci95", (None, None))
-    if auc is None:
-        return "n/a"
-    if low is None or high is None:
-        return f"{auc:.3f}"
-    return f"{auc:.3f} [{low:.3f}, {high:.3f}]"
 
 
 def _initialisation(spec: ModelSpec) -> str:
@@ -95,9 +77,9 @@ def render_operating_points(spec: ModelSpec, test: Mapping[str, Any]) -> list[st
         v = val.get(name, {})
         t = test["per_class"][name]
         lines.append(
-            f"| {name} | {threshold:.3f} | {_fmt(v.get('sensitivity'))} | "
-            f"{_fmt(v.get('specificity'))} | {_fmt(t.get('recall'))} | "
-            f"{_fmt(t.get('specificity'))} | {_fmt(t.get('precision'))} |"
+            f"| {name} | {threshold:.3f} | {fmt(v.get('sensitivity'))} | "
+            f"{fmt(v.get('specificity'))} | {fmt(t.get('recall'))} | "
+            f"{fmt(t.get('specificity'))} | {fmt(t.get('precision'))} |"
         )
     return lines
 
@@ -227,7 +209,7 @@ def render_model_card(
                 f"{other.arch}, {other.input_size} px, {_epochs(t)} epoch(s), init: "
                 f"{(t.get('pretrained') or {}).get('kind', 'random')}"
             )
-            lines.append(f"| {label} | {_fmt(other.metrics.get('score'))} | {note} |")
+            lines.append(f"| {label} | {fmt(other.metrics.get('score'))} | {note} |")
         lines += ["", *(f"- {m}" for m in measurements), ""]
     lines += [
         f"## Test results (n = {test['images']} images, never used for training or choice)",
@@ -240,8 +222,8 @@ def render_model_card(
         lines.append(f"| {name} | {auroc_cell(row)} | {row['support']} |")
     lines += [
         "",
-        f"Mean AUROC {_fmt(test.get('mean_auroc'))}; lowest class {worst} "
-        f"{_fmt(test['per_class'][worst]['auroc'])}. Intervals: percentile bootstrap over test "
+        f"Mean AUROC {fmt(test.get('mean_auroc'))}; lowest class {worst} "
+        f"{fmt(test['per_class'][worst]['auroc'])}. Intervals: percentile bootstrap over test "
         f"images, {test.get('n_boot', 1000)} resamples, seed 0.",
         "",
         "### Calibration",
@@ -250,16 +232,16 @@ def render_model_card(
         "",
         f"| split | before (temperature 1) | after (temperature {spec.temperature:.3f}) |",
         "|---|---|---|",
-        f"| validation | {_fmt(spec.metrics.get('ece_before'))} | "
-        f"{_fmt(spec.metrics.get('ece_after'))} |",
-        f"| test | {_fmt(test.get('ece_before'))} | {_fmt(test.get('ece_after'))} |",
+        f"| validation | {fmt(spec.metrics.get('ece_before'))} | "
+        f"{fmt(spec.metrics.get('ece_after'))} |",
+        f"| test | {fmt(test.get('ece_before'))} | {fmt(test.get('ece_after'))} |",
         "",
         "### Operating points",
         "",
         *render_operating_points(spec, test),
         "",
-        f"At these thresholds on test: macro-F1 {_fmt(test.get('macro_f1'))}, mean per-class "
-        f"accuracy {_fmt(test.get('accuracy'))}.",
+        f"At these thresholds on test: macro-F1 {fmt(test.get('macro_f1'))}, mean per-class "
+        f"accuracy {fmt(test.get('accuracy'))}.",
         "",
         "## Known failure modes and shortcut risks",
         "",

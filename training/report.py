@@ -44,7 +44,8 @@ def cpu_ms_per_image(
     return 1000.0 * min(times) / batch_size
 
 
-def _fmt(value: Any, digits: int = 3) -> str:
+def fmt(value: Any, digits: int = 3) -> str:
+    """A table cell: ``n/a`` for a missing value, floats with ``digits`` decimals."""
     if value is None:
         return "n/a"
     if isinstance(value, float):
@@ -52,14 +53,15 @@ def _fmt(value: Any, digits: int = 3) -> str:
     return str(value)
 
 
-def _auroc_cell(row: Mapping[str, Any]) -> str:
+def auroc_cell(row: Mapping[str, Any], ci_digits: int = 3) -> str:
+    """``0.812 [0.701, 0.905]``: AUROC (three decimals) and its 95 % bootstrap interval."""
     auc = row.get("auroc")
     low, high = row.get("auroc_ci95", (None, None))
     if auc is None:
         return "n/a"
-    if low is None:
+    if low is None or high is None:
         return f"{auc:.3f}"
-    return f"{auc:.3f} [{low:.2f}, {high:.2f}]"
+    return f"{auc:.3f} [{low:.{ci_digits}f}, {high:.{ci_digits}f}]"
 
 
 def render_report(
@@ -97,14 +99,14 @@ def render_report(
         m = e["metrics"]
         best = m["best_recall_class"]
         lines.append(
-            f"| {e['arch']} | {_fmt(m['accuracy'])} | {_fmt(m['macro_f1'])} | "
-            f"{best} ({_fmt(m['per_class'][best]['recall'])}) | {_fmt(m.get('mean_auroc'))} |"
+            f"| {e['arch']} | {fmt(m['accuracy'])} | {fmt(m['macro_f1'])} | "
+            f"{best} ({fmt(m['per_class'][best]['recall'])}) | {fmt(m.get('mean_auroc'))} |"
         )
     lines += ["", "## Per-class AUROC on test [95% bootstrap CI]", ""]
     lines.append("| model | " + " | ".join(class_names) + " |")
     lines.append("|---|" + "---|" * len(class_names))
     for e in entries:
-        cells = [_auroc_cell(e["metrics"]["per_class"][c]) for c in class_names]
+        cells = [auroc_cell(e["metrics"]["per_class"][c], ci_digits=2) for c in class_names]
         lines.append(f"| {e['arch']} | " + " | ".join(cells) + " |")
     lines += ["", "## Per-class precision / recall / F1 on test", ""]
     lines.append("| model | class | precision | recall | F1 | positives |")
@@ -113,8 +115,8 @@ def render_report(
         for c in class_names:
             r = e["metrics"]["per_class"][c]
             lines.append(
-                f"| {e['arch']} | {c} | {_fmt(r['precision'])} | {_fmt(r['recall'])} | "
-                f"{_fmt(r['f1'])} | {r['support']} |"
+                f"| {e['arch']} | {c} | {fmt(r['precision'])} | {fmt(r['recall'])} | "
+                f"{fmt(r['f1'])} | {r['support']} |"
             )
     lines += ["", "## Cost", ""]
     lines.append(
@@ -127,7 +129,7 @@ def render_report(
         lines.append(
             f"| {e['arch']} | {e['params'] / 1e6:.2f} M | {e['flops'] / 1e9:.2f} | "
             f"{e['ms_b1']:.1f} | {e['ms_b16']:.1f} | {e['train_seconds'] / 60:.1f} min | "
-            f"{_fmt(m.get('ece_before'))} → {_fmt(m.get('ece_after'))} |"
+            f"{fmt(m.get('ece_before'))} → {fmt(m.get('ece_after'))} |"
         )
     lines += ["", "## Plots", ""]
     for e in entries:

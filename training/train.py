@@ -35,21 +35,20 @@ import numpy as np
 
 from training.data import Augment, CachedImageDataset, TaskData, load_tensors
 from training.loop import (
+    RESUME_KEYS,
     STATE_FILE,
-    EarlyStopping,
-    LoopState,
     TrainingError,
     _Dist,
     _optimizer_steps,
     _resolve_device,
     _rng_state,
     _save_state,
-    _set_rng_state,
     _setup_distributed,
     load_training_state,
     loss_function,
     predict_logits,
     probe_head,
+    resume_state,
     run_epochs,
     seed_everything,
     train_epoch,
@@ -299,47 +298,6 @@ def build_optimizer(config: TrainConfig, model: torch.nn.Module) -> tuple[Any, A
     return optimizer, scheduler
 
 
-def resume_state(
-    config: TrainConfig,
-    fingerprint: str,
-    model: torch.nn.Module,
-    optimizer: Any,
-    scheduler: Any,
-    show: bool,
-) -> LoopState:
-    """A fresh :class:`LoopState`, or the one saved in ``config.resume`` (model, optimizer,
-    schedule and RNG restored), refused when it came from another configuration or split."""
-    stopper = EarlyStopping(config.patience)
-    if config.resume is None:
-        return LoopState(stopper)
-    state = load_training_state(config.resume)
-    saved = state["config"]
-    for key in ("arch", "task", "image_size", "seed", "extra_images"):
-        if saved.get(key) != getattr(config, key):
-            raise TrainingError(
-                f"cannot resume from {config.resume}: it was trained with {key}="
-                f"{saved.get(key)!r}, this run has {getattr(config, key)!r}"
-            )
-    if state.get("split_fingerprint") != fingerprint:
-        raise TrainingError(
-            f"cannot resume from {config.resume}: the data split differs (other images, "
-            "labels, split lists or seed)"
-        )
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    start_epoch = int(state["epoch"])
-    stopper.best_score = float(state["best_score"])
-    stopper.best_epoch = int(state["best_epoch"])
-    stopper.best_state = state["best_model"]
-    stopper.stale = max(0, start_epoch - stopper.best_epoch - 1)
-    _set_rng_state(state["rng"])
-    if show:
-        logger.info("resumed from %s at epoch %d", config.resume, start_epoch)
-        print(f"resuming at epoch {start_epoch + 1} from {config.resume}", flush=True)
-    return LoopState(stopper, json.loads(state["history"]), start_epoch)
-
-
 def _distributed_validate(
     dist_info: _Dist, evaluate: Callable[[], tuple[float, float]]
 ) -> tuple[float, float]:
@@ -394,7 +352,17 @@ def train(config: TrainConfig) -> TrainResult:
     criterion = loss_function(config.task, prep.train_targets, spec.num_classes).to(device)
     optimizer, scheduler = build_optimizer(config, model)
     fingerprint = split_fingerprint(prep.data, prep.split)
-    loop = resume_state(config, fingerprint, model, optimizer, scheduler, dist_info.main)
+    identity = {key: getattr(config, key) for key in RESUME_KEYS}
+    loop = resume_state(
+        config.resume,
+        config.patience,
+        identity,
+        fingerprint,
+        model,
+        optimizer,
+        scheduler,
+        dist_info.main,
+    )
 
     net: torch.nn.Module = model
     sampler: Any = None
