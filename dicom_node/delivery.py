@@ -11,13 +11,12 @@ refusal that cannot change (:data:`PERMANENT_REFUSALS`) fails the delivery at on
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections import defaultdict
 from typing import TYPE_CHECKING
 
 from dicom_node.scu import SendResult, send_files
-from dicom_node.wakeup import ERROR_WAIT
+from dicom_node.wakeup import ERROR_WAIT, WokenThread
 from triage_core.errors import DeliveryError, WorklistError
 
 if TYPE_CHECKING:
@@ -42,8 +41,10 @@ def is_permanent(status: int | None) -> bool:
     )
 
 
-class Delivery:
+class Delivery(WokenThread):
     """The delivery thread of a process (``triage serve`` and ``triage worker`` both run one)."""
+
+    thread_name = "triage-delivery"
 
     def __init__(
         self,
@@ -52,24 +53,11 @@ class Delivery:
         wakeups: Wakeups,
         metrics: Metrics | None = None,
     ) -> None:
+        super().__init__(wakeups)
         self.settings = settings
         self.worklist = worklist
-        self.wakeups = wakeups
         self.metrics = metrics
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
         self._claim_failed = False
-
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="triage-delivery", daemon=True)
-        self._thread.start()
-
-    def stop(self, deadline: float) -> None:
-        self._stop.set()
-        self.wakeups.wake_all()
-        if self._thread is not None:
-            self._thread.join(max(0.0, deadline - time.monotonic()))
-            self._thread = None
 
     def _run(self) -> None:
         waiter = self.wakeups.delivery_waiter()  # made before the first look: nothing is missed

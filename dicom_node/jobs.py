@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dicom_node.wakeup import ERROR_WAIT
+from dicom_node.wakeup import ERROR_WAIT, WokenThread
 from triage_core.errors import WorklistError
 
 if TYPE_CHECKING:
@@ -75,26 +74,15 @@ def purge_job(settings: NodeSettings, worklist: Worklist) -> Job:
     return Job("retention purge", lambda: purge(settings, worklist), 3600.0)
 
 
-class StableStudies:
+class StableStudies(WokenThread):
     """The thread that queues stable studies (see the module docstring)."""
 
+    thread_name = "stable-studies"
+
     def __init__(self, settings: NodeSettings, worklist: Worklist, wakeups: Wakeups) -> None:
+        super().__init__(wakeups)
         self.settings = settings
         self.worklist = worklist
-        self.wakeups = wakeups
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="stable-studies", daemon=True)
-        self._thread.start()
-
-    def stop(self, deadline: float) -> None:
-        self._stop.set()
-        self.wakeups.wake_all()
-        if self._thread is not None:
-            self._thread.join(max(0.0, deadline - time.monotonic()))
-            self._thread = None
 
     def _run(self) -> None:
         waiter = self.wakeups.instance_waiter()

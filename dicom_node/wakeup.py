@@ -22,7 +22,9 @@ transaction runs ``NOTIFY`` and one ``LISTEN`` thread per process turns it into 
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+import threading
+import time
+from typing import TYPE_CHECKING, ClassVar
 
 from triage_core.worklist.wakeup import CHANNELS
 
@@ -102,3 +104,29 @@ class Wakeups:
     def wake_all(self) -> None:
         """Wake every waiter of this process."""
         self.worklist.wakeups.fire(CHANNELS)
+
+
+class WokenThread:
+    """A component that runs :meth:`_run` in one daemon thread until :meth:`stop`, which sets
+    ``_stop`` and wakes every waiter so the thread sees it at once (delivery, stable studies)."""
+
+    thread_name: ClassVar[str]
+
+    def __init__(self, wakeups: Wakeups) -> None:
+        self.wakeups = wakeups
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name=self.thread_name, daemon=True)
+        self._thread.start()
+
+    def stop(self, deadline: float) -> None:
+        self._stop.set()
+        self.wakeups.wake_all()
+        if self._thread is not None:
+            self._thread.join(max(0.0, deadline - time.monotonic()))
+            self._thread = None
+
+    def _run(self) -> None:
+        raise NotImplementedError
