@@ -46,6 +46,9 @@ from triage_core.spec import PRIORITY_LEVELS
 from triage_core.worklist import STUDY_STATUSES, is_valid_uid
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from dicom_node.ingest.spool import StoreContext
     from dicom_node.settings import NodeSettings
     from triage_core.worklist import Worklist
 
@@ -318,10 +321,17 @@ class HttpApi:
     """The component that serves :func:`create_app` with uvicorn in a thread (``http_port``
     0 disables it)."""
 
-    def __init__(self, settings: NodeSettings, worklist: Worklist, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        settings: NodeSettings,
+        worklist: Worklist,
+        metrics: Metrics,
+        store: Callable[[], StoreContext | None] | None = None,
+    ) -> None:
         self.settings = settings
         self.worklist = worklist
         self.metrics = metrics
+        self.store = store  # the receive path, for STOW-RS
         self._server: Any = None
         self._thread: threading.Thread | None = None
 
@@ -335,7 +345,7 @@ class HttpApi:
         from dicom_node import web
 
         app = create_app(self.worklist, self.metrics)
-        web.install(app, settings, self.worklist, metrics=self.metrics)  # pages, /docs, access
+        web.install(app, settings, self.worklist, metrics=self.metrics, store=self.store)
         config = uvicorn.Config(
             app,
             host=settings.http_host,

@@ -170,13 +170,14 @@ def build_node(settings: NodeSettings, model_path: Path | None) -> Node:
     jobs = [lease_job(settings, worklist)]
     if settings.retention_days:
         jobs.append(purge_job(settings, worklist))
+    receiver = Receiver(settings, worklist, parts.metrics)  # STOW-RS shares its receive path
     components = [
         *processing_components(parts, model_path),
         StableStudies(settings, worklist, parts.wakeups),
         Jobs(jobs),
-        HttpApi(settings, worklist, parts.metrics),
+        HttpApi(settings, worklist, parts.metrics, store=lambda: receiver.store),
         # recovery, then the DICOM port, last: a C-ECHO answer means ready
-        Receiver(settings, worklist, parts.metrics),
+        receiver,
     ]
     return Node("serve", parts, components)
 

@@ -241,6 +241,11 @@ class NodeSettings(BaseSettings):
     http_tls_ca: Path | None = Field(
         None, description="CA file: HTTP clients must present a certificate it signed"
     )
+    dicomweb_max_body: int = Field(
+        4 << 30, ge=1 << 16, description="largest STOW-RS request body (bytes)"
+    )
+    dicomweb_max_part: int = Field(1 << 30, ge=1 << 12, description="largest STOW-RS part (bytes)")
+    dicomweb_max_parts: int = Field(10000, ge=1, le=1_000_000, description="parts per STOW-RS")
     log_phi: bool = Field(False, description="log patient identifiers (default: UIDs only)")
     lease_seconds: float = Field(300.0, gt=0.0, description="processing lease of a worker")
     max_attempts: int = Field(3, ge=1, le=100, description="processing attempts before failed")

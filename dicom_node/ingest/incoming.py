@@ -73,8 +73,11 @@ class IncomingInstance:
         transfer_syntax: str,
         calling_ae: str,
         context_class: str,
+        study_uid: str = "",
     ) -> None:
         self.ctx = ctx
+        self.study_uid = study_uid  # STOW-RS to /studies/{study}: the data set must be of it
+        self.info: HeaderInfo | None = None  # the data set's values, once checked
         self.sop_class_uid = sop_class_uid
         self.sop_instance_uid = sop_instance_uid
         self.transfer_syntax = transfer_syntax
@@ -98,6 +101,7 @@ class IncomingInstance:
         transfer_syntax: str,
         calling_ae: str,
         context_class: str = "",
+        study_uid: str = "",
     ) -> IncomingInstance:
         incoming = cls(
             ctx,
@@ -106,6 +110,7 @@ class IncomingInstance:
             transfer_syntax=transfer_syntax,
             calling_ae=calling_ae,
             context_class=context_class or sop_class_uid,
+            study_uid=study_uid,
         )
         ctx.enter()
         meta = encode_file_meta(sop_class_uid, sop_instance_uid, transfer_syntax, calling_ae)
@@ -230,6 +235,13 @@ class IncomingInstance:
                 f"request ({req_class}, {req_sop})",
                 "dataset_mismatch",
             )
+        if self.study_uid and info.study_uid != self.study_uid:
+            return self._reject(
+                STATUS_DATASET_MISMATCH,
+                f"Study Instance UID {info.study_uid} is not the study of the request "
+                f"({self.study_uid})",
+                "dataset_mismatch",
+            )
         return info
 
     def _finish(self) -> int:
@@ -239,6 +251,7 @@ class IncomingInstance:
         info = self._check()
         if isinstance(info, int):
             return info
+        self.info = info
         path = spool_path(ctx.spool, info)
         if not is_inside(path.parent, ctx.spool):  # belt and braces: grammar already excludes it
             return self._reject(

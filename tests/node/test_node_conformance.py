@@ -103,3 +103,34 @@ def test_implementation_class_uid() -> None:
     text = DOC.read_text()
     assert f"`{IMPLEMENTATION_CLASS_UID}`" in text
     assert re.search(r"PS3\.2", text)
+
+
+def test_dicomweb_tables_hold_the_code() -> None:
+    from dicom_node.web import dicomweb, dicomweb_catalog, dicomweb_multipart, dicomweb_qido
+    from dicom_node.web import dicomweb_stow as stow
+
+    router = dicomweb.dicomweb_router(NodeSettings(), None, lambda: None)  # type: ignore[arg-type]
+    served = {
+        (method, route.path.removeprefix(dicomweb.ROOT))
+        for route in router.routes
+        for method in getattr(route, "methods", ())
+    }
+    documented = {(m, r.strip("`")) for m, r, _service in table("Method", "Resource", "Service")}
+    assert documented == served
+    reasons = {int(code, 16) for code, _m, _w in table("Failure Reason", "Meaning", "When")}
+    assert reasons == {v for k, v in vars(stow).items() if k.startswith("FAILURE_")}
+    modules = {
+        "dicomweb_multipart": dicomweb_multipart,
+        "dicomweb_stow": stow,
+        "dicomweb_qido": dicomweb_qido,
+        "dicomweb_catalog": dicomweb_catalog,
+    }
+    for _what, value, where in table("DICOMweb limit", "Value", "In the code"):
+        module, name = where.strip("`").split(".")
+        if module == "settings":
+            actual = NodeSettings.model_fields[name].default
+        else:
+            actual = getattr(modules[module], name)
+        assert float(value) == pytest.approx(float(actual)), where
+    for name in ("dicomweb_max_body", "dicomweb_max_part", "dicomweb_max_parts"):
+        assert f"`settings.{name}`" in DOC.read_text(), name

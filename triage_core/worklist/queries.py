@@ -355,6 +355,27 @@ class WorklistQueries:
             for x in conn.execute(select(d).where(d.c.study_uid == study_uid).order_by(d.c.id))
         ]
 
+    def instance_files(
+        self,
+        study_uid: str | None = None,
+        series_uid: str | None = None,
+        sop_uid: str | None = None,
+    ) -> list[tuple[str, str, str, str, Path]]:
+        """Received instances as ``(study, series, sop, sop_class, path)``, oldest first,
+        optionally of one study, series or instance (the catalog of QIDO-RS and WADO-RS)."""
+        i = self._db.tables.instances
+        query = select(i.c.study_uid, i.c.series_uid, i.c.sop_uid, i.c.sop_class_uid, i.c.path)
+        for column, value in (
+            (i.c.study_uid, study_uid),
+            (i.c.series_uid, series_uid),
+            (i.c.sop_uid, sop_uid),
+        ):
+            if value is not None:
+                query = query.where(column == value)
+        with self._db.read() as conn:
+            rows = conn.execute(query.order_by(i.c.received_at, i.c.sop_uid)).all()
+        return [(r[0], r[1], r[2], r[3], Path(r[4])) for r in rows]
+
     def purge(self, older_than_seconds: float, now: float | None = None) -> list[Path]:
         """Delete finished studies last updated more than ``older_than_seconds`` ago.
 

@@ -1,0 +1,96 @@
+"""A node for the DICOMweb tests: ``triage serve``'s components as its command assembles them
+(receiver, HTTP server with DICOMweb, and with a model the workers and the delivery thread) in
+this process, on loopback ports."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+from test_node_support import free_port
+
+from dicom_node.cmd_serve import build_node
+from dicom_node.node import Node
+from dicom_node.settings import NodeSettings
+from triage_core.worklist import Worklist
+
+TOKEN = "dicomweb-test-token-0123456789"
+
+
+@dataclass
+class RunningNode:
+    settings: NodeSettings
+    node: Node
+
+    @property
+    def worklist(self) -> Worklist:
+        return self.node.parts.worklist
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.settings.http_port}/dicomweb"
+
+    @property
+    def storage(self) -> Path:
+        return self.settings.storage
+
+    def spool_files(self) -> list[Path]:
+        spool = self.storage / "spool"
+        return sorted(p for p in spool.rglob("*.dcm") if ".incoming" not in p.parts)
+
+    def incoming(self) -> list[Path]:
+        return sorted((self.storage / "spool" / ".incoming").iterdir())
+
+    def quarantined(self) -> list[Path]:
+        return sorted((self.storage / "quarantine").glob("*.dcm"))
+
+
+@contextlib.contextmanager
+def running_node(
+    storage: Path, model: Path | None = None, **overrides: Any
+) -> Iterator[RunningNode]:
+    """``triage serve``'s components (:func:`dicom_node.cmd_serve.build_node`) in this process;
+    ``workers = 0`` (nothing processed) unless a ``model`` is given."""
+    storage.mkdir(parents=True, exist_ok=True)
+    overrides.setdefault("workers", 1 if model is not None else 0)
+    overrides.setdefault("stable_age", 0.5)
+    settings = NodeSettings(
+        storage=storage,
+        port=free_port(),
+        bind_address="127.0.0.1",
+        http_port=free_port(),
+        **overrides,
+    )
+    node = build_node(settings, model)
+    node.start()
+    try:
+        headers = {"Authorization": f"Bearer {TOKEN}"} if settings.http_token else {}
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                url = f"http://127.0.0.1:{settings.http_port}/healthz"
+                if httpx.get(url, headers=headers, timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "the HTTP server did not start"
+            time.sleep(0.05)
+        yield RunningNode(settings, node)
+    finally:
+        node.stop(10)
+
+
+def multipart_body(parts: list[tuple[str, bytes]], boundary: str = "b0undary") -> bytes:
+    """A multipart/related body: ``(content type, bytes)`` per part."""
+    out = b""
+    for content_type, data in parts:
+        out += f"--{boundary}\r\nContent-Type: {content_type}\r\n\r\n".encode() + data + b"\r\n"
+    return out + f"--{boundary}--\r\n".encode()
+
+
+STOW_TYPE = 'multipart/related; type="application/dicom"; boundary=b0undary'
