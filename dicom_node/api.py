@@ -318,8 +318,9 @@ def create_app(
 
 
 class HttpApi:
-    """The component that serves :func:`create_app` with uvicorn in a thread (``http_port``
-    0 disables it)."""
+    """The component that serves :func:`create_app`, the pages (:func:`dicom_node.web.install`)
+    and DICOMweb (:mod:`dicom_node.web.dicomweb`; STOW-RS through ``store``, the receiver's
+    receive path) with uvicorn in a thread (``http_port`` 0 disables it)."""
 
     def __init__(
         self,
@@ -343,9 +344,12 @@ class HttpApi:
         import uvicorn
 
         from dicom_node import web
+        from dicom_node.web.dicomweb import dicomweb_router
 
         app = create_app(self.worklist, self.metrics)
-        web.install(app, settings, self.worklist, metrics=self.metrics, store=self.store)
+        web.install(app, settings, self.worklist, metrics=self.metrics)  # pages, /docs, access
+        # DICOMweb (STOW-RS, QIDO-RS, WADO-RS) under the same access check
+        app.include_router(dicomweb_router(settings, self.worklist, self.store or (lambda: None)))
         config = uvicorn.Config(
             app,
             host=settings.http_host,

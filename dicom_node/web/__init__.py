@@ -9,7 +9,6 @@
   ``/static/swagger/`` (FastAPI's own ``/docs`` and ``/redoc`` load them from a CDN, which a
   hospital network or an offline machine cannot reach; ``swagger-ui-bundle`` ships Swagger UI
   4, which cannot read the OpenAPI 3.1 document FastAPI writes);
-- the DICOMweb root ``/dicomweb`` (STOW-RS, QIDO-RS, WADO-RS: :mod:`dicom_node.web.dicomweb`);
 - the access check of :mod:`dicom_node.web.access` on every route.
 
 :func:`uvicorn_options` gives the TLS options of the server from the ``http_tls_*`` settings.
@@ -21,11 +20,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
-
     from fastapi import FastAPI
 
-    from dicom_node.ingest.spool import StoreContext
     from dicom_node.metrics import Metrics
     from dicom_node.settings import NodeSettings
     from triage_core.worklist import Worklist
@@ -79,12 +75,8 @@ def install(
     worklist: Worklist,
     aging: Any = None,
     metrics: Metrics | None = None,
-    store: Callable[[], StoreContext | None] | None = None,
 ) -> None:
-    """Add the pages, static files, offline ``/docs``, DICOMweb and the access check to ``app``.
-
-    ``store`` gives the receive path for STOW-RS (:mod:`dicom_node.web.dicomweb`) once the
-    receiver runs; without it STOW-RS answers 503 and QIDO-RS and WADO-RS still work.
+    """Add the pages, static files, offline ``/docs`` and the access check to ``app``.
 
     ``aging`` is the rule the pages order by (default: ``triage_core.priority.AgingRule()``,
     the JSON API's default). With ``metrics`` the score-drift gauges of
@@ -94,7 +86,6 @@ def install(
     from starlette.middleware.base import BaseHTTPMiddleware
 
     from dicom_node.web.access import AccessGuard
-    from dicom_node.web.dicomweb import dicomweb_router
     from dicom_node.web.operations import DriftCollector, reference_shares, spec_metrics
     from dicom_node.web.pages import HERE, pages_router
 
@@ -106,7 +97,6 @@ def install(
     app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
     reference = reference_shares(spec_metrics(settings.model))
     app.include_router(pages_router(settings, worklist, aging, reference))
-    app.include_router(dicomweb_router(settings, worklist, store or (lambda: None)))
     if metrics is not None:
         metrics.registry.register(DriftCollector(worklist, reference))  # type: ignore[arg-type]
     token = settings.http_token.get_secret_value() if settings.http_token else None

@@ -27,8 +27,9 @@ import multipart
 #: three: Content-Type, Content-Length, Content-Location).
 MAX_HEADER_LINE = 4096
 MAX_HEADERS = 16
-#: Longest boundary accepted (RFC 2046 allows 70 characters).
-MAX_BOUNDARY = 70
+#: Longest boundary accepted. RFC 2046 allows 70 characters, but Orthanc's DICOMweb plugin
+#: (1.7) sends 73 (two UUIDs joined by a dash), so a little more is taken.
+MAX_BOUNDARY = 200
 #: Bytes read from a file per chunk of a response body.
 READ_CHUNK = 1 << 20
 
@@ -120,7 +121,9 @@ def related_boundary(media: MediaType) -> str:
     if not boundary:
         raise MediaTypeError("multipart/related without a boundary parameter")
     if len(boundary) > MAX_BOUNDARY or any(ord(c) < 0x20 or ord(c) > 0x7E for c in boundary):
-        raise MediaTypeError("boundary longer than 70 characters or not printable ASCII")
+        raise MediaTypeError(
+            f"boundary longer than {MAX_BOUNDARY} characters or not printable ASCII"
+        )
     return boundary
 
 

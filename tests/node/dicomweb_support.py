@@ -59,13 +59,9 @@ def running_node(
     storage.mkdir(parents=True, exist_ok=True)
     overrides.setdefault("workers", 1 if model is not None else 0)
     overrides.setdefault("stable_age", 0.5)
-    settings = NodeSettings(
-        storage=storage,
-        port=free_port(),
-        bind_address="127.0.0.1",
-        http_port=free_port(),
-        **overrides,
-    )
+    overrides.setdefault("port", free_port())
+    overrides.setdefault("http_port", free_port())
+    settings = NodeSettings(storage=storage, bind_address="127.0.0.1", **overrides)
     node = build_node(settings, model)
     node.start()
     try:

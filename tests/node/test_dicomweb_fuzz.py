@@ -85,7 +85,7 @@ def still_stores(node: RunningNode, tmp_path: Path) -> None:
         ("multipart/form-data; boundary=b0undary", 415),
         ('multipart/related; type="application/dicom+json"; boundary=b0undary', 415),
         ("", 415),
-        ('multipart/related; type="application/dicom"; boundary=' + "x" * 71, 415),
+        ('multipart/related; type="application/dicom"; boundary=' + "x" * 201, 415),
     ],
 )
 def test_content_types_refused(
