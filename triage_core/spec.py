@@ -94,6 +94,29 @@ def _check_ood(ood: Mapping[str, Any]) -> None:
             raise SpecMismatchError(f"ood.{name}", f"must be positive, got {value}")
 
 
+def _check_drift(drift: Mapping[str, Any], class_names: Sequence[str]) -> None:
+    """Shape checks of the drift reference: per class a histogram of ``bins`` shares of the
+    out-of-fold calibrated probabilities (equal-width bins on [0, 1], summing to 1) and the
+    reference positive (flagged) share."""
+    bins = drift.get("bins")
+    if isinstance(bins, bool) or not isinstance(bins, int) or bins < 2:
+        raise SpecMismatchError("drift.bins", f"expected an integer >= 2, got {bins!r}")
+    classes = drift.get("classes")
+    if not isinstance(classes, Mapping) or sorted(classes) != sorted(class_names):
+        raise SpecMismatchError("drift.classes", f"expected one entry per class {class_names}")
+    for name, entry in classes.items():
+        if not isinstance(entry, Mapping):
+            raise SpecMismatchError(f"drift.classes.{name}", "expected a JSON object")
+        hist = _float_tuple(f"drift.classes.{name}.histogram", entry.get("histogram"), bins)
+        if min(hist) < 0 or abs(sum(hist) - 1.0) > 1e-3:
+            raise SpecMismatchError(
+                f"drift.classes.{name}.histogram", "expected non-negative shares summing to 1"
+            )
+        share = _float_tuple(f"drift.classes.{name}.positive_share", [entry.get("positive_share")])
+        if not 0.0 <= share[0] <= 1.0:
+            raise SpecMismatchError(f"drift.classes.{name}.positive_share", "must lie in [0, 1]")
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """Everything needed to use a set of weights correctly.
@@ -128,6 +151,10 @@ class ModelSpec:
         Out-of-distribution reference (``triage_core.ood.fit_reference``): the training images'
         pooled features summarised by a mean and a PCA basis, and the score ``threshold`` above
         which an image is reported as low confidence. Empty: no OOD score.
+    drift : dict
+        Score-drift reference: per class the histogram of out-of-fold calibrated probabilities
+        (``bins`` equal-width bins on [0, 1]) and the positive share at the threshold
+        (``training.oof.drift_reference``). Empty: the drift panel has no reference.
     code_version : str
         Version of cxr-triage that produced the checkpoint.
     """
@@ -147,6 +174,7 @@ class ModelSpec:
     training: Mapping[str, Any] = field(default_factory=dict)
     metrics: Mapping[str, Any] = field(default_factory=dict)
     ood: Mapping[str, Any] = field(default_factory=dict)
+    drift: Mapping[str, Any] = field(default_factory=dict)
     code_version: str = ""
     format_version: int = SPEC_FORMAT_VERSION
 
@@ -212,11 +240,13 @@ class ModelSpec:
             raise SpecMismatchError("name", f"expected a string, got {self.name!r}")
         if not isinstance(self.version, str):
             raise SpecMismatchError("version", f"expected a string, got {self.version!r}")
-        for name in ("training", "metrics", "ood"):
+        for name in ("training", "metrics", "ood", "drift"):
             if not isinstance(getattr(self, name), Mapping):
                 raise SpecMismatchError(name, "expected a JSON object")
         if self.ood:
             _check_ood(self.ood)
+        if self.drift:
+            _check_drift(self.drift, self.class_names)
         if self.format_version != SPEC_FORMAT_VERSION:
             raise SpecMismatchError(
                 "format_version",
@@ -229,6 +259,7 @@ class ModelSpec:
         out["training"] = dict(self.training)
         out["metrics"] = dict(self.metrics)
         out["ood"] = dict(self.ood)
+        out["drift"] = dict(self.drift)
         return out
 
     @classmethod

@@ -86,7 +86,7 @@ def install(
     from starlette.middleware.base import BaseHTTPMiddleware
 
     from dicom_node.web.access import AccessGuard
-    from dicom_node.web.operations import DriftCollector, reference_shares, spec_metrics
+    from dicom_node.web.operations import DriftCollector, drift_reference
     from dicom_node.web.pages import HERE, pages_router
 
     if aging is None:
@@ -95,7 +95,7 @@ def install(
         aging = AgingRule()
     _add_docs(app)
     app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
-    reference = reference_shares(spec_metrics(settings.model))
+    reference = drift_reference(settings.model)
     app.include_router(pages_router(settings, worklist, aging, reference))
     if metrics is not None:
         metrics.registry.register(DriftCollector(worklist, reference))  # type: ignore[arg-type]

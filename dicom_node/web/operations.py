@@ -2,17 +2,25 @@
 
 What it shows, over the last :data:`WINDOW_DAYS` days: queue depth, studies finished per hour
 (last 24 h), failed deliveries, inference time (median and 95th percentile of the per-study
-``inference`` timing), and per finding the distribution of the study scores (10 bins) and the
-share of studies flagged present, compared with the model card's reference.
+``inference`` timing), and per finding the distribution of the study scores against the model's
+reference distribution.
 
-The reference: the checkpoint's model card (``spec.metrics["test"]``) records, per finding,
-recall, precision and support on its test split, so the share of test studies the model
-flagged present at its threshold is ``recall * support / precision / images``. The model card
-has no score histogram, so drift is judged on that share: the alarm is raised for a finding
-when at least :data:`MIN_STUDIES` studies were scored in the window and the observed share
-differs from the reference by more than :data:`DRIFT_THRESHOLD` (absolute). Exported to
-Prometheus by :class:`DriftCollector` as ``triage_finding_present_share{finding}``,
-``triage_finding_reference_share{finding}`` and ``triage_score_drift_alarm{finding}`` (0 or 1).
+The reference: the checkpoint's spec carries, per finding, the histogram of its out-of-fold
+calibrated probabilities in :data:`BINS` equal-width bins on [0, 1] and the share flagged at the
+threshold (``ModelSpec.drift``, written by ``training.oof.drift_reference``). Drift is judged on
+the whole score distribution with the Kolmogorov-Smirnov distance: ``D`` is the largest gap
+between the cumulative shares of the window's study scores and of the reference, both on the
+same 20-bin grid. The alarm is raised for a finding when at least :data:`MIN_STUDIES` studies
+were scored in the window and ``D`` exceeds the two-sample KS critical value at level 0.001,
+``KS_CRITICAL * sqrt((n + m) / (n m))`` (``n`` window studies, ``m`` reference images; 1.95 is
+the asymptotic Kolmogorov quantile). A fixed distance would alarm on noise with few studies and
+never with many; the critical value is what separates a shift from sampling noise. Chosen over
+the population stability index, whose expected value under no shift is about ``bins / n`` (0.5
+for 40 studies in 20 bins): it would need a threshold that moves with ``n`` too.
+
+Exported to Prometheus by :class:`DriftCollector`: ``triage_score_ks_distance{finding}``,
+``triage_score_ks_critical{finding}``, ``triage_score_drift_alarm{finding}`` (0 or 1),
+``triage_finding_present_share{finding}`` and ``triage_finding_reference_share{finding}``.
 
 The queries are a handful of SELECTs of their own over the worklist's tables (their place is
 ``triage_core.worklist.queries``; they move there when it offers them).
@@ -22,10 +30,12 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import statistics
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -35,31 +45,26 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 WINDOW_DAYS = 7.0
-DRIFT_THRESHOLD = 0.25
-MIN_STUDIES = 20
-BINS = 10
+#: Asymptotic Kolmogorov quantile for a 0.001 level (two-sample KS critical value factor).
+KS_CRITICAL = 1.95
+MIN_STUDIES = 30
+#: Bins of the score histograms (the spec's reference has the same).
+BINS = 20
 CACHE_SECONDS = 30.0
 
 
-def reference_shares(spec_metrics: Mapping[str, Any]) -> dict[str, float]:
-    """Per finding, the share of test studies flagged present (empty when not recorded)."""
-    test = spec_metrics.get("test") if isinstance(spec_metrics, Mapping) else None
-    if not isinstance(test, Mapping):
-        return {}
-    images = float(test.get("images") or 0)
-    out: dict[str, float] = {}
-    for name, m in (test.get("per_class") or {}).items():
-        try:
-            recall, precision, support = (float(m[k]) for k in ("recall", "precision", "support"))
-        except (KeyError, TypeError, ValueError):
-            continue
-        if images > 0 and precision > 0:
-            out[str(name)] = min(1.0, recall * support / precision / images)
-    return out
+@dataclass(frozen=True)
+class FindingReference:
+    """The spec's drift reference of one finding: histogram shares, flagged share, images."""
+
+    histogram: tuple[float, ...]
+    positive_share: float
+    images: int
 
 
-def spec_metrics(checkpoint: Path | None) -> dict[str, Any]:
-    """``metrics`` of the checkpoint's JSON spec (the default checkpoint when ``None``)."""
+def drift_reference(checkpoint: Path | None) -> dict[str, FindingReference]:
+    """Per finding, the drift reference of the checkpoint's spec (the default checkpoint when
+    ``None``); empty (no alarm, the page says "not recorded") when the spec has none."""
     try:
         if checkpoint is None:
             from triage_core.models import default_checkpoint_path
@@ -67,10 +72,42 @@ def spec_metrics(checkpoint: Path | None) -> dict[str, Any]:
             checkpoint = default_checkpoint_path()
         base = checkpoint.with_suffix("") if checkpoint.suffix == ".json" else checkpoint
         data = json.loads(Path(f"{base}.json").read_text(encoding="utf-8"))
-        return dict(data.get("metrics") or {})
+        drift = data.get("drift") or {}
+        if not drift:
+            logger.warning("the model's spec has no drift reference; drift is not judged")
+            return {}
+        if int(drift["bins"]) != BINS:
+            raise ValueError(f"reference has {drift['bins']} bins, the panel {BINS}")
+        return {
+            str(name): FindingReference(
+                tuple(float(v) for v in entry["histogram"]),
+                float(entry["positive_share"]),
+                int(drift["images"]),
+            )
+            for name, entry in drift["classes"].items()
+        }
     except Exception as exc:  # noqa: BLE001 - no reference is a page that says so
         logger.warning("no model reference for drift: %s", exc)
         return {}
+
+
+def ks_distance(counts: Sequence[int], reference: Sequence[float]) -> float:
+    """Largest gap between the cumulative shares of ``counts`` and of ``reference`` (both on
+    the same bins)."""
+    total = sum(counts)
+    if total <= 0:
+        return 0.0
+    gap, live, ref = 0.0, 0.0, 0.0
+    for c, r in zip(counts, reference, strict=True):
+        live += c / total
+        ref += r
+        gap = max(gap, abs(live - ref))
+    return gap
+
+
+def ks_critical(n: int, m: int) -> float:
+    """Two-sample KS critical distance at level 0.001 for ``n`` and ``m`` observations."""
+    return KS_CRITICAL * math.sqrt((n + m) / (n * m)) if n > 0 and m > 0 else math.inf
 
 
 def _percentile(values: list[float], q: float) -> float | None:
@@ -81,7 +118,7 @@ def _percentile(values: list[float], q: float) -> float | None:
 
 
 def summary(
-    worklist: Worklist, reference: Mapping[str, float], now: float | None = None
+    worklist: Worklist, reference: Mapping[str, FindingReference], now: float | None = None
 ) -> dict[str, Any]:
     """Everything the operations page and the drift metrics show."""
     from sqlalchemy import select
@@ -128,18 +165,20 @@ def summary(
         f["hist"][min(BINS - 1, max(0, int(float(probability) * BINS)))] += 1
     for name in set(reference) | set(findings):
         f = findings.setdefault(name, {"n": 0, "present": 0, "hist": [0] * BINS})
+        ref = reference.get(name)
         f["share"] = f["present"] / f["n"] if f["n"] else None
-        f["reference"] = reference.get(name)
-        f["drift"] = (
-            abs(f["share"] - f["reference"])
-            if f["share"] is not None and f["reference"] is not None
-            else None
-        )
+        f["reference"] = ref.positive_share if ref else None
+        f["distance"] = ks_distance(f["hist"], ref.histogram) if ref and f["n"] else None
+        f["critical"] = ks_critical(f["n"], ref.images) if ref and f["n"] else None
         f["alarm"] = bool(
-            f["drift"] is not None and f["n"] >= MIN_STUDIES and f["drift"] > DRIFT_THRESHOLD
+            f["distance"] is not None and f["n"] >= MIN_STUDIES and f["distance"] > f["critical"]
         )
         top = max(f["hist"]) or 1
         f["bars"] = [round(100.0 * v / top, 1) for v in f["hist"]]
+        ref_top = max(ref.histogram) if ref else 0.0
+        f["reference_bars"] = (
+            [round(100.0 * v / ref_top, 1) for v in ref.histogram] if ref and ref_top else []
+        )
     return {
         "counts": counts,
         "queue_depth": counts.get("queued", 0) + counts.get("receiving", 0),
@@ -162,15 +201,16 @@ def summary(
         "inference_n": len(inference),
         "findings": dict(sorted(findings.items())),
         "window_days": WINDOW_DAYS,
-        "drift_threshold": DRIFT_THRESHOLD,
+        "ks_critical": KS_CRITICAL,
         "min_studies": MIN_STUDIES,
+        "bins": BINS,
     }
 
 
 class DriftCollector:
     """Prometheus collector of the drift figures (computed at most every 30 s)."""
 
-    def __init__(self, worklist: Worklist, reference: Mapping[str, float]) -> None:
+    def __init__(self, worklist: Worklist, reference: Mapping[str, FindingReference]) -> None:
         self.worklist = worklist
         self.reference = dict(reference)
         self._lock = threading.Lock()
@@ -196,13 +236,22 @@ class DriftCollector:
         )
         ref = GaugeMetricFamily(
             "triage_finding_reference_share",
-            "share flagged present on the model card's test split",
+            "share flagged present in the model's out-of-fold reference",
+            labels=["finding"],
+        )
+        distance = GaugeMetricFamily(
+            "triage_score_ks_distance",
+            "Kolmogorov-Smirnov distance of the window's study scores from the reference",
+            labels=["finding"],
+        )
+        critical = GaugeMetricFamily(
+            "triage_score_ks_critical",
+            "KS distance above which the drift alarm is raised (level 0.001)",
             labels=["finding"],
         )
         alarm = GaugeMetricFamily(
             "triage_score_drift_alarm",
-            f"1 when the present share is more than {DRIFT_THRESHOLD} from the reference "
-            f"(at least {MIN_STUDIES} studies)",
+            f"1 when the KS distance exceeds its critical value (at least {MIN_STUDIES} studies)",
             labels=["finding"],
         )
         try:
@@ -215,5 +264,8 @@ class DriftCollector:
                 share.add_metric([name], f["share"])
             if f["reference"] is not None:
                 ref.add_metric([name], f["reference"])
+            if f["distance"] is not None:
+                distance.add_metric([name], f["distance"])
+                critical.add_metric([name], f["critical"])
             alarm.add_metric([name], 1.0 if f["alarm"] else 0.0)
-        yield from (share, ref, alarm)
+        yield from (share, ref, distance, critical, alarm)

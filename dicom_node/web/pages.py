@@ -9,6 +9,7 @@ survive a refresh. Pages show identifiers only: UIDs and accession hashes, never
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -84,12 +85,12 @@ def _png(data: bytes) -> Response:
 
 
 def pages_router(
-    settings: NodeSettings, worklist: Worklist, aging: Any, reference: dict[str, float]
+    settings: NodeSettings, worklist: Worklist, aging: Any, reference: Mapping[str, Any]
 ) -> APIRouter:
     """Every page route (not in the OpenAPI document: it describes the JSON API).
 
-    ``reference``: per finding, the model card's share of studies flagged present
-    (:func:`dicom_node.web.operations.reference_shares`).
+    ``reference``: per finding, the spec's score-drift reference
+    (:func:`dicom_node.web.operations.drift_reference`).
     """
     router = APIRouter(include_in_schema=False)
     tpl = templates()

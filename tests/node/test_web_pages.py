@@ -280,20 +280,47 @@ def test_http_api_component_over_tls_with_token(wl: Worklist, tmp_path: Path) ->
         api.stop(time.monotonic() + 10)
 
 
-def test_reference_shares_from_model_card_metrics() -> None:
-    from dicom_node.web.operations import reference_shares, spec_metrics
+def _reference(hot_bin: int, images: int = 600) -> dict[str, object]:
+    from dicom_node.web.operations import FindingReference
 
-    metrics = {
-        "test": {
-            "images": 100,
-            "per_class": {"Effusion": {"recall": 0.5, "precision": 0.25, "support": 10}},
+    hist = [0.0] * 20
+    hist[hot_bin] = 1.0
+    return {"Effusion": FindingReference(tuple(hist), 0.3, images)}
+
+
+def test_drift_reference_read_from_the_spec(tmp_path: Path) -> None:
+    import json
+
+    from dicom_node.web.operations import drift_reference
+
+    hist = [0.05] * 20
+    spec = {
+        "drift": {
+            "bins": 20,
+            "images": 643,
+            "classes": {"Effusion": {"histogram": hist, "positive_share": 0.25}},
         }
     }
-    assert reference_shares(metrics) == {"Effusion": pytest.approx(0.2)}  # 20 flagged of 100
-    assert reference_shares({}) == {} and reference_shares({"test": "x"}) == {}
-    shipped = reference_shares(spec_metrics(None))  # the shipped checkpoint's card
-    assert set(shipped) == {"Atelectasis", "Effusion", "Infiltration"}
-    assert all(0.0 < v <= 1.0 for v in shipped.values())
+    (tmp_path / "m.json").write_text(json.dumps(spec))
+    ref = drift_reference(tmp_path / "m")
+    assert ref["Effusion"].histogram == tuple(hist) and ref["Effusion"].images == 643
+    assert ref["Effusion"].positive_share == 0.25
+    (tmp_path / "old.json").write_text(json.dumps({"metrics": {}}))
+    assert drift_reference(tmp_path / "old") == {}  # no reference: nothing is judged
+    spec["drift"]["bins"] = 10  # type: ignore[index]
+    (tmp_path / "ten.json").write_text(json.dumps(spec))
+    assert drift_reference(tmp_path / "ten") == {}
+
+
+def test_ks_distance_and_critical_value_by_hand() -> None:
+    from dicom_node.web.operations import ks_critical, ks_distance
+
+    ref = [0.5, 0.5] + [0.0] * 18
+    assert ks_distance([2, 2] + [0] * 18, ref) == pytest.approx(0.0)
+    assert ks_distance([0, 4] + [0] * 18, ref) == pytest.approx(0.5)  # cumulative 0 vs 0.5
+    assert ks_distance([0] * 19 + [3], ref) == pytest.approx(1.0)
+    assert ks_critical(40, 600) == pytest.approx(1.95 * (640 / 24000) ** 0.5)
+    assert ks_critical(0, 600) == float("inf")
 
 
 def test_operations_page_and_drift_metric(
@@ -302,30 +329,41 @@ def test_operations_page_and_drift_metric(
     from dicom_node.metrics import Metrics
     from dicom_node.web import operations
 
-    monkeypatch.setattr(operations, "MIN_STUDIES", 1)
-    reference = {"Effusion": 0.9, "Infiltration": 0.0}
-    data = operations.summary(wl, reference)
+    # three Effusion scores 0.2, 0.95, 0.6: far from a reference all in bin 0, but three studies
+    # are too few for any distance to pass the critical value (> 1 for n = 3)
+    data = operations.summary(wl, _reference(0))
     eff = data["findings"]["Effusion"]
     assert eff["n"] == 3 and eff["present"] == 2  # scores 0.2, 0.95, 0.6 against 0.5
-    assert eff["share"] == pytest.approx(2 / 3) and eff["alarm"] is False  # 0.23 < 0.25
-    assert data["findings"]["Infiltration"]["alarm"] is False  # 0 present of 3, ref 0
+    assert eff["share"] == pytest.approx(2 / 3) and eff["reference"] == 0.3
+    assert eff["distance"] == pytest.approx(1.0) and eff["critical"] > 1.0
+    assert eff["alarm"] is False
     assert data["last_day"] == 4 and data["queue_depth"] == 1
     assert data["delivery_counts"]["failed"] == 1 and data["failed"][0]["study_uid"] == study(2)
     assert data["inference_median"] == pytest.approx(0.25)
-    drifted = operations.summary(wl, {"Effusion": 0.1})["findings"]["Effusion"]
-    assert drifted["alarm"] is True and drifted["drift"] == pytest.approx(2 / 3 - 0.1)
-
+    many = Worklist(Worklist.sqlite_url(tmp_path / "many"))
+    many.create_all()
+    for n in range(10, 50):  # 40 studies, Effusion scores 0.905 ... 0.944 (all in bin 18)
+        finish(many, n, 90.5 + (n - 10) / 10, "critical", NOW - 1000 + n)
+    drifted = operations.summary(many, _reference(0))["findings"]["Effusion"]
+    assert drifted["n"] == 40 and drifted["alarm"] is True
+    assert drifted["distance"] == pytest.approx(1.0)
+    assert drifted["critical"] == pytest.approx(1.95 * (640 / 24000) ** 0.5)
+    same = operations.summary(many, _reference(18))["findings"]["Effusion"]
+    assert same["distance"] == pytest.approx(0.0) and same["alarm"] is False
     s = NodeSettings(storage=tmp_path)
-    metrics = Metrics(wl)
-    app = create_app(wl, metrics)
-    web.install(app, s, wl, metrics=metrics)
+    metrics = Metrics(many)
+    app = create_app(many, metrics)
+    monkeypatch.setattr(operations, "drift_reference", lambda _model: _reference(0))
+    web.install(app, s, many, metrics=metrics)
     c = TestClient(app)
     page = c.get("/operations")
-    assert page.status_code == 200 and "association rejected" in page.text
-    assert "Effusion" in page.text and "failed deliveries" in page.text
+    assert page.status_code == 200 and "failed deliveries" in page.text
+    assert 'class="alarm"' in page.text and "Kolmogorov-Smirnov" in page.text
     text = c.get("/metrics").text
-    assert 'triage_score_drift_alarm{finding="Effusion"}' in text
-    assert 'triage_finding_present_share{finding="Effusion"} 0.666' in text
+    assert 'triage_score_drift_alarm{finding="Effusion"} 1.0' in text
+    assert 'triage_score_ks_distance{finding="Effusion"} 1.0' in text
+    assert 'triage_finding_present_share{finding="Effusion"} 1.0' in text
+    many.dispose()
 
 
 def test_low_confidence_flag_is_shown(wl: Worklist, tmp_path: Path) -> None:
