@@ -1,4 +1,4 @@
-"""Read-only HTTP JSON API over the worklist (FastAPI), plus health and Prometheus metrics.
+"""HTTP JSON API over the worklist (FastAPI, reads plus readers' verdicts), health, metrics.
 
 Build the application with :func:`create_app` from the process-wide
 :class:`~triage_core.worklist.Worklist` and :class:`~dicom_node.metrics.Metrics`: one router for
@@ -18,6 +18,9 @@ Endpoints
 ``GET /api/studies/{study_uid}``
     One study with findings, per-image results, deliveries and timings; 404 (JSON) when unknown,
     422 (JSON) when the UID breaks the DICOM UID grammar.
+``POST /api/studies/{study_uid}/feedback``, ``GET /api/studies/{study_uid}/feedback``
+    A reader's verdict on one finding, and the verdicts of a study (see
+    :mod:`dicom_node.web.feedback`: the only endpoint that writes; it needs a reader's token).
 ``GET /healthz``
     ``{"status": "ok"}`` when the database answers, else 503 ``{"status": "error", ...}``.
 ``GET /metrics``
@@ -25,7 +28,7 @@ Endpoints
 ``GET /openapi.json``, ``GET /docs``
     The OpenAPI document and its browser view, as FastAPI provides them.
 
-Database errors answer 503 with a JSON ``detail``; no endpoint writes.
+Database errors answer 503 with a JSON ``detail``.
 """
 
 from __future__ import annotations
@@ -280,7 +283,7 @@ def create_app(
     aging: Any = DEFAULT_AGING,
     title: str = "cxr-triage",
 ) -> FastAPI:
-    """Build the read-only FastAPI application.
+    """Build the FastAPI application (the worklist, readers' verdicts, health, metrics).
 
     Parameters
     ----------
@@ -307,13 +310,16 @@ def create_app(
     app = FastAPI(
         title=title,
         version=__version__,
-        description="Read-only priority worklist of the cxr-triage DICOM node. "
+        description="Priority worklist of the cxr-triage DICOM node, and readers' verdicts. "
         "Results are decision support, not a diagnosis.",
     )
     app.add_exception_handler(BadQuery, _bad_query)
     app.add_exception_handler(WorklistError, _worklist_error)
     app.include_router(worklist_router(worklist, _resolve_aging(aging)))
     app.include_router(operations_router(worklist, metrics))
+    from dicom_node.web.feedback import feedback_router
+
+    app.include_router(feedback_router(worklist))
     return app
 
 

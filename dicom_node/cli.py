@@ -22,6 +22,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("dicom_node.cmd_serve", "run the DICOM node, scheduler, workers and HTTP API"),
     "worker": ("dicom_node.cmd_worker", "run workers only (several machines, one PostgreSQL)"),
     "worklist": ("dicom_node.cmd_worklist", "query the priority worklist"),
+    "token": ("dicom_node.cmd_token", "HTTP access tokens: add NAME --role ROLE, list, revoke"),
     "predict": ("dicom_node.cmd_predict", "triage DICOM or PNG files from the command line"),
     "train": ("training.cli_train", "train a model on NIH ChestX-ray14"),
     "evaluate": ("training.cli_evaluate", "evaluate a checkpoint: metrics, predictions, plots"),

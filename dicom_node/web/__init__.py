@@ -100,7 +100,9 @@ def install(
     if metrics is not None:
         metrics.registry.register(DriftCollector(worklist, reference))  # type: ignore[arg-type]
     token = settings.http_token.get_secret_value() if settings.http_token else None
-    guard = AccessGuard(token, settings.http_proxy_header, settings.http_tls_cert is not None)
+    guard = AccessGuard(
+        token, settings.http_proxy_header, settings.http_tls_cert is not None, worklist.tokens
+    )
     app.add_middleware(BaseHTTPMiddleware, dispatch=guard)
 
 

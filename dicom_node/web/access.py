@@ -1,94 +1,209 @@
-"""Who may read the HTTP server: loopback only, an access token, or an authenticating proxy.
+"""Who may read the HTTP server, and who is asking: loopback, access tokens, or a proxy.
 
-:func:`check_access` is an ASGI middleware installed on the whole application, pages and JSON
-API alike (``/healthz`` included: a liveness probe on a non-loopback address carries the token
-too). The rules, decided by the settings (validated in :mod:`dicom_node.settings`):
+:class:`AccessGuard` is an ASGI middleware installed on the whole application, pages and JSON
+API alike (``/healthz`` included: a liveness probe on a non-loopback address carries a token
+too). Every request it lets through carries a :class:`Principal` in ``request.state.principal``
+(user name and role, ``viewer`` < ``reader`` < ``admin``); the routes that change something
+check the role (``POST /api/studies/{uid}/feedback`` needs ``reader``). The rules:
 
-- ``http_token`` set: a request needs ``Authorization: Bearer <token>`` or the ``triage_token``
-  cookie. A browser gets the cookie by opening any page once with ``?token=<token>``: the answer
-  sets it (HttpOnly, SameSite=Strict, Secure under TLS) and redirects to the same URL without
-  the token, so it does not stay in the address bar or the history. Comparisons are
-  constant-time (:func:`hmac.compare_digest`).
-- ``http_proxy_header`` set: a request needs that header (the proxy that authenticated the
-  user sets it; the port must be reachable by the proxy only).
-- neither: the server is bound to a loopback address (the settings refuse anything else).
+- Tokens: the ``http_token`` setting (one shared token, the user ``admin`` with the role
+  ``admin``, as before named tokens existed) and the named tokens of ``triage token add NAME
+  --role ROLE`` (table ``api_tokens`` of the worklist; only their SHA-256 is stored). A request
+  carries one as ``Authorization: Bearer <token>`` or in the ``triage_token`` cookie. A browser
+  gets the cookie by opening any page once with ``?token=<token>``: the answer sets it
+  (HttpOnly, SameSite=Strict, Secure under TLS; a cross-site form cannot post with it) and
+  redirects to the same URL without the token, so it does not stay in the address bar or the
+  history. ``http_token`` is compared in constant time (:func:`hmac.compare_digest`); a named
+  token is hashed and its hash looked up. Lookups are cached for :data:`CACHE_SECONDS`, so a
+  revoked token stops working within that time.
+- ``http_proxy_header`` set: a request with that header is let in (the proxy that authenticated
+  the user sets it; the port must be reachable by the proxy only); the user is the header's value
+  and the role that of the named token of that user if there is one, else ``viewer``.
+- Once ``http_token``, ``http_proxy_header`` or any named token exists, every request needs one
+  of them. Before that (a server the settings keep on a loopback address) requests are let in as
+  an anonymous ``viewer``: they can read, not give feedback.
 
 Starlette has no token middleware of this shape (its ``AuthenticationMiddleware`` needs a
-backend class and still leaves the 401 to every route), hence these few lines.
+backend class and still leaves the 401 to every route), hence these lines.
 """
 
 from __future__ import annotations
 
 import hmac
+import re
+import threading
+import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 from urllib.parse import parse_qsl, urlencode
 
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, RedirectResponse, Response
 
+if TYPE_CHECKING:
+    from triage_core.worklist.tokens import Tokens
+
 COOKIE = "triage_token"
+#: Seconds a token lookup (and "are there named tokens?") is reused.
+CACHE_SECONDS = 5.0
+#: The principal of the ``http_token`` setting.
+SHARED_TOKEN_USER = "admin"
+_ROLES = ("viewer", "reader", "admin")
 
 
 def _same(given: str, expected: bytes) -> bool:
     return hmac.compare_digest(given.encode("utf-8", "surrogateescape"), expected)
 
 
-class AccessGuard:
-    """The request check of one server (``token`` and ``proxy_header`` from the settings)."""
+@dataclass(frozen=True)
+class Principal:
+    """Who a request is: ``name`` (empty for the anonymous loopback viewer) and ``role``."""
 
-    def __init__(self, token: str | None, proxy_header: str | None, secure: bool) -> None:
+    name: str
+    role: str
+
+    def may(self, needed: str) -> bool:
+        """Whether this role may do what ``needed`` may (roles: viewer < reader < admin)."""
+        return _ROLES.index(self.role) >= _ROLES.index(needed)
+
+
+ANONYMOUS = Principal("", "viewer")
+
+
+def principal_of(request: Request) -> Principal:
+    """The request's principal (the anonymous viewer when no guard ran)."""
+    found = getattr(request.state, "principal", None)
+    return found if isinstance(found, Principal) else ANONYMOUS
+
+
+class AccessGuard:
+    """The request check of one server (``token`` and ``proxy_header`` from the settings,
+    ``tokens`` the worklist's named tokens)."""
+
+    def __init__(
+        self,
+        token: str | None,
+        proxy_header: str | None,
+        secure: bool,
+        tokens: Tokens | None = None,
+    ) -> None:
         self.token = token.encode("utf-8") if token else None
         self.proxy_header = proxy_header.lower() if proxy_header else None
         self.secure = secure
+        self.tokens = tokens
+        self._lock = threading.Lock()
+        self._cache: dict[str, tuple[float, Principal | None]] = {}
+        self._named: tuple[float, bool] | None = None
 
-    @property
-    def enabled(self) -> bool:
-        return self.token is not None or self.proxy_header is not None
+    # ------------------------------------------------------------------ lookups (blocking)
+    def _cached(self, key: str, find: Callable[[], Principal | None]) -> Principal | None:
+        now = time.monotonic()
+        with self._lock:
+            hit = self._cache.get(key)
+            if hit is not None and now - hit[0] < CACHE_SECONDS:
+                return hit[1]
+        found = find()
+        with self._lock:
+            if len(self._cache) > 10_000:  # wrong tokens must not grow it without bound
+                self._cache.clear()
+            self._cache[key] = (now, found)
+        return found
 
-    def allowed(self, request: Request) -> bool:
-        if self.proxy_header is not None and request.headers.get(self.proxy_header):
-            return True
-        if self.token is None:
+    def _token_principal(self, given: str) -> Principal | None:
+        if not given:
+            return None
+        if self.token is not None and _same(given, self.token):
+            return Principal(SHARED_TOKEN_USER, "admin")
+        tokens = self.tokens
+        if tokens is None:
+            return None
+
+        def find() -> Principal | None:
+            found = tokens.lookup(given)
+            return None if found is None else Principal(*found)
+
+        from triage_core.worklist.tokens import token_hash
+
+        return self._cached("t:" + token_hash(given), find)
+
+    def _proxy_principal(self, user: str) -> Principal:
+        name = re.sub(r"[^A-Za-z0-9._@-]", "_", user.strip())[:64] or "proxy-user"
+        tokens = self.tokens
+        if tokens is None:
+            return Principal(name, "viewer")
+
+        def find() -> Principal | None:
+            return Principal(name, tokens.role_of(name) or "viewer")
+
+        return self._cached("p:" + name, find) or Principal(name, "viewer")
+
+    def _has_named_tokens(self) -> bool:
+        if self.tokens is None:
             return False
+        now = time.monotonic()
+        with self._lock:
+            if self._named is not None and now - self._named[0] < CACHE_SECONDS:
+                return self._named[1]
+        named = self.tokens.active_count() > 0
+        with self._lock:
+            self._named = (now, named)
+        return named
+
+    def identify(self, request: Request) -> Principal | None:
+        """The request's principal, ``None`` when it must be refused (blocking: DB lookups)."""
+        if self.proxy_header is not None:
+            user = request.headers.get(self.proxy_header)
+            if user:
+                return self._proxy_principal(user)
         auth = request.headers.get("authorization", "")
         scheme, _, value = auth.partition(" ")
-        if scheme.lower() == "bearer" and _same(value.strip(), self.token):
-            return True
+        if scheme.lower() == "bearer":
+            found = self._token_principal(value.strip())
+            if found is not None:
+                return found
         cookie = request.cookies.get(COOKIE)
-        return cookie is not None and _same(cookie, self.token)
+        if cookie:
+            found = self._token_principal(cookie)
+            if found is not None:
+                return found
+        if self.token is None and self.proxy_header is None and not self._has_named_tokens():
+            return ANONYMOUS
+        return None
+
+    def allowed(self, request: Request) -> bool:
+        """Whether ``request`` may pass (blocking; see :meth:`identify`)."""
+        return self.identify(request) is not None
 
     def token_login(self, request: Request) -> Response | None:
-        """``?token=`` with the right token: set the cookie, redirect without the token."""
+        """``?token=`` with a valid token: set the cookie, redirect without the token."""
         given = request.query_params.get("token")
-        if self.token is None or given is None or request.method != "GET":
+        if given is None or request.method != "GET":
             return None
-        if not _same(given, self.token):
+        if self._token_principal(given) is None:
             return None
         rest = [(k, v) for k, v in parse_qsl(request.url.query) if k != "token"]
         target = request.url.path + (f"?{urlencode(rest)}" if rest else "")
         response = RedirectResponse(target, status_code=303)
         response.set_cookie(
-            COOKIE,
-            self.token.decode("utf-8"),
-            httponly=True,
-            samesite="strict",
-            secure=self.secure,
-            path="/",
+            COOKIE, given, httponly=True, samesite="strict", secure=self.secure, path="/"
         )
         return response
 
     async def __call__(
         self, request: Request, call_next: Callable[[Request], Awaitable[Response]]
     ) -> Response:
-        if not self.enabled:
-            return await call_next(request)
-        login = self.token_login(request)
-        if login is not None:
-            return login
-        if self.allowed(request):
+        if "token" in request.query_params:
+            login = await run_in_threadpool(self.token_login, request)
+            if login is not None:
+                return login
+        principal = await run_in_threadpool(self.identify, request)
+        if principal is not None:
+            request.state.principal = principal
             return await call_next(request)
         return PlainTextResponse(
-            "401 Unauthorized: this cxr-triage server needs its access token "
+            "401 Unauthorized: this cxr-triage server needs an access token "
             "(Authorization: Bearer TOKEN, or open a page once with ?token=TOKEN)",
             status_code=401,
             headers={"WWW-Authenticate": 'Bearer realm="cxr-triage"'},

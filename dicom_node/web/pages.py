@@ -17,7 +17,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, Response
 from starlette.templating import Jinja2Templates
 
-from dicom_node.web import images, views
+from dicom_node.web import feedback, images, views
 from triage_core.spec import PRIORITY_LEVELS
 from triage_core.uids import is_valid_uid
 from triage_core.worklist import STUDY_STATUSES
@@ -167,6 +167,7 @@ def pages_router(
                 ),
                 "timings": sorted(detail["timings"].items()),
                 "delivery_states": views.delivery_states(worklist, [study_uid]).get(study_uid, []),
+                **feedback.page_context(worklist, study_uid, request),
             },
         )
 

@@ -17,6 +17,8 @@ The package, in the order data flows through it:
 - :mod:`~triage_core.worklist.wakeup`: waiting for work (threading events, PostgreSQL
   LISTEN/NOTIFY across processes) instead of polling;
 - :mod:`~triage_core.worklist.queries`: the read side (CLI, HTTP API, web pages) and purge;
+- :mod:`~triage_core.worklist.feedback`: readers' verdicts (append-only) and their final verdict;
+- :mod:`~triage_core.worklist.tokens`: named HTTP access tokens with a role (hashes only);
 - :mod:`~triage_core.worklist.facade`: :class:`Worklist`, which assembles them.
 
 Public API of :class:`Worklist` (stable; only additions from here on)
@@ -37,6 +39,9 @@ Public API of :class:`Worklist` (stable; only additions from here on)
   ``worklist.deliveries.next_due_in()`` say how long a timer-driven loop may sleep.
 - Queries: ``list_worklist``, ``study_detail``, ``counts_by_status``,
   ``delivery_counts_by_status``, ``purge``.
+- Readers' verdicts and access tokens: ``worklist.feedback`` (:class:`Feedback`: ``add``,
+  ``for_study``, ``final_verdicts``, ``labelled``, ``export_studies``) and ``worklist.tokens``
+  (:class:`Tokens`: ``add``, ``list``, ``revoke``, ``lookup``, ``role_of``, ``active_count``).
 
 Time is stored as float seconds since the epoch (UTC); every method takes an optional ``now``
 so that tests and replays are deterministic.

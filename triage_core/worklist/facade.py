@@ -1,7 +1,8 @@
 """``Worklist``: one object per process that assembles the worklist's parts.
 
 New code may use the parts directly (``worklist.queue``, ``worklist.leases``,
-``worklist.deliveries``, ``worklist.queries``, ``worklist.ingest``); the methods here keep the
+``worklist.deliveries``, ``worklist.queries``, ``worklist.ingest``, ``worklist.feedback``,
+``worklist.tokens``); the methods here keep the
 API that callers have used since the first release (see the package docstring).
 """
 
@@ -17,6 +18,7 @@ from triage_core.errors import WorklistError
 from triage_core.spec import StudyResult
 from triage_core.worklist.database import Database, sqlite_url
 from triage_core.worklist.deliveries import Deliveries
+from triage_core.worklist.feedback import Feedback
 from triage_core.worklist.ingest import Ingest
 from triage_core.worklist.queries import WorklistQueries
 from triage_core.worklist.queue import DeliverySpec, Leases, StudyQueue
@@ -27,6 +29,7 @@ from triage_core.worklist.records import (
     Recovered,
     backoff_seconds,
 )
+from triage_core.worklist.tokens import Tokens
 from triage_core.worklist.wakeup import Waiter, WakeUps
 
 
@@ -109,6 +112,8 @@ class Worklist:
         self.leases = Leases(self.db, self.wakeups, max_attempts=max_attempts)
         self.ingest = Ingest(self.db, self.wakeups)
         self.queries = WorklistQueries(self.db)
+        self.feedback = Feedback(self.db)
+        self.tokens = Tokens(self.db)
         self.max_attempts = int(max_attempts)
         self.max_delivery_attempts = int(max_delivery_attempts)
         self.delivery_backoff_base = float(delivery_backoff_base)

@@ -380,7 +380,7 @@ class WorklistQueries:
         """Delete finished studies last updated more than ``older_than_seconds`` ago.
 
         Only ``done``, ``not_eligible`` and ``failed`` studies without a ``pending`` delivery
-        are removed (with their instances, results and deliveries).
+        are removed (with their instances, results, deliveries and readers' verdicts).
 
         Returns
         -------
@@ -411,7 +411,7 @@ class WorklistQueries:
                 Path(p)
                 for p in conn.execute(select(d.c.path).where(d.c.study_uid.in_(uids))).scalars()
             ]
-            for table in (t.results, t.image_results, t.deliveries, t.instances, s):
+            for table in (t.verdicts, t.results, t.image_results, t.deliveries, t.instances, s):
                 conn.execute(delete(table).where(table.c.study_uid.in_(uids)))
         logger.info("purged %d studies (%d files to delete)", len(uids), len(paths))
         return paths

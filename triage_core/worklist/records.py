@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+
+from triage_core.errors import WorklistError
 
 #: Study lifecycle states (DESIGN.md section 4).
 STUDY_STATUSES: tuple[str, ...] = (
@@ -22,6 +25,19 @@ DELIVERY_STATUSES: tuple[str, ...] = ("pending", "sent", "failed")
 REOPEN_STATUSES: tuple[str, ...] = ("done", "not_eligible", "failed")
 #: Statuses a study stays in until new instances arrive or it is purged.
 FINISHED_STATUSES: tuple[str, ...] = ("done", "not_eligible", "failed")
+
+
+#: User names (access tokens, readers' verdicts): letters, digits and ``. _ @ -``, 1 to 64.
+USER_NAME_RE = re.compile(r"[A-Za-z0-9._@-]{1,64}")
+
+
+def check_name(name: str) -> str:
+    """``name`` unchanged, or :class:`WorklistError` saying what a user name may hold."""
+    if not isinstance(name, str) or not USER_NAME_RE.fullmatch(name):
+        raise WorklistError(
+            f"user name {str(name)[:80]!r} must be 1-64 letters, digits or . _ @ - characters"
+        )
+    return name
 
 
 def timestamp(now: float | None) -> float:

@@ -44,9 +44,9 @@ from sqlalchemy import (
 from triage_core.errors import WorklistError
 
 #: Value of ``worklist_meta.schema_version`` at the newest revision (``1`` before Alembic).
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 #: The newest Alembic revision.
-HEAD_REVISION = "0003"
+HEAD_REVISION = "0004"
 #: The revision whose layout equals that of a schema-version-1 database made before Alembic.
 LEGACY_REVISION = "0001"
 MIGRATIONS_DIR = Path(__file__).with_name("migrations")
@@ -63,6 +63,8 @@ class Tables:
     image_results: Table
     deliveries: Table
     meta: Table
+    verdicts: Table
+    tokens: Table
 
 
 def _study_fk() -> Column[str]:
@@ -167,7 +169,35 @@ def build_tables() -> Tables:
         Column("key", String(64), primary_key=True),
         Column("value", Text, nullable=False),
     )
-    return Tables(md, studies, instances, results, image_results, deliveries, meta)
+    # revision 0004: readers' verdicts, append-only (a change is a new row; the latest counts)
+    verdicts = Table(
+        "verdicts",
+        md,
+        Column("id", Integer, primary_key=True, autoincrement=True),
+        _study_fk(),
+        Column("finding", String(64), nullable=False),
+        Column("verdict", String(16), nullable=False),
+        Column("note", Text, nullable=False),
+        Column("user_name", String(64), nullable=False),
+        Column("at", Double, nullable=False),
+        Column("model_name", String(128), nullable=False),
+        Column("model_version", String(64), nullable=False),
+        Column("probability", Double, nullable=True),
+        Index("ix_verdicts_study_finding", "study_uid", "finding"),
+    )
+    # revision 0004: named HTTP access tokens (only a SHA-256 of the token is stored)
+    tokens = Table(
+        "api_tokens",
+        md,
+        Column("name", String(64), primary_key=True),
+        Column("role", String(16), nullable=False),
+        Column("token_hash", String(64), nullable=False, unique=True),
+        Column("created_at", Double, nullable=False),
+        Column("revoked_at", Double, nullable=True),
+    )
+    return Tables(
+        md, studies, instances, results, image_results, deliveries, meta, verdicts, tokens
+    )
 
 
 def alembic_config(connection: Connection) -> Config:

@@ -50,7 +50,48 @@
     });
   }
 
+  // Reader feedback on the study page: each button posts one verdict to the JSON API.
+  function startFeedback() {
+    var box = document.getElementById("feedback");
+    if (!box) return;
+    var status = document.getElementById("fb-status");
+    var note = document.getElementById("fb-note");
+    var other = document.getElementById("fb-other");
+    box.querySelectorAll("button.vd").forEach(function (btn) {
+      btn.addEventListener("click", function () {
+        var finding = btn.classList.contains("other") && other ? other.value : btn.dataset.finding;
+        var body = { finding: finding, verdict: btn.dataset.verdict };
+        if (note && note.value.trim()) body.note = note.value;
+        if (status) status.textContent = "saving…";
+        fetch("/api/studies/" + encodeURIComponent(box.dataset.study) + "/feedback", {
+          method: "POST",
+          credentials: "same-origin",
+          headers: { "Content-Type": "application/json" },
+          body: JSON.stringify(body)
+        })
+          .then(function (rsp) {
+            return rsp.json().then(function (data) {
+              if (!rsp.ok) throw new Error(data.detail || "HTTP " + rsp.status);
+              return data;
+            });
+          })
+          .then(function (saved) {
+            box.querySelectorAll("button.vd").forEach(function (b) {
+              if (b.dataset.finding === saved.finding) b.classList.toggle("on", b.dataset.verdict === saved.verdict);
+            });
+            if (note) note.value = "";
+            if (status) { status.classList.remove("err"); status.textContent = "saved: " + saved.finding + " " + saved.verdict; }
+            box.dataset.saved = String((parseInt(box.dataset.saved, 10) || 0) + 1);
+          })
+          .catch(function (err) {
+            if (status) { status.classList.add("err"); status.textContent = "not saved: " + err.message; }
+          });
+      });
+    });
+  }
+
   drawBars(document);
+  startFeedback();
   startRefresh();
   autoSubmit();
 })();

@@ -1,0 +1,145 @@
+"""``triage token add NAME --role ROLE``, ``triage token list``, ``triage token revoke NAME``.
+
+Named HTTP access tokens (:mod:`triage_core.worklist.tokens`), stored in the worklist database
+that ``triage serve`` uses with the same ``--config`` / ``--storage`` / ``--db``. ``add`` prints
+the new token once on standard output (only its SHA-256 is stored: it cannot be shown again)
+and creates the database when there is none yet, so tokens can be made before the first start.
+A running server sees a new or revoked token within a few seconds.
+
+Exit status: 0 on success, 1 when the database cannot be used or the name is unknown, 2 for
+invalid arguments or settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+ROLES = ("viewer", "reader", "admin")  # triage_core.worklist.tokens.ROLES (SQLAlchemy-free here)
+
+
+def _db_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", metavar="FILE", help="settings TOML (as for triage serve)")
+    parser.add_argument("--storage", metavar="DIR", help="storage folder of the node")
+    parser.add_argument(
+        "--db", metavar="URL", help="SQLAlchemy URL (default: SQLite under the storage folder)"
+    )
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Declare ``add``, ``list`` and ``revoke``."""
+    sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+    add = sub.add_parser("add", help="make a token for a user (printed once)")
+    add.add_argument("name", metavar="NAME", help="user name (letters, digits, . _ @ -)")
+    add.add_argument(
+        "--role",
+        choices=ROLES,
+        required=True,
+        help="viewer: look; reader: also give feedback; admin: also manage",
+    )
+    _db_flags(add)
+    listing = sub.add_parser("list", help="the users and roles (never the tokens)")
+    listing.add_argument("--format", choices=("table", "json"), default="table")
+    _db_flags(listing)
+    revoke = sub.add_parser("revoke", help="make a user's token unusable")
+    revoke.add_argument("name", metavar="NAME")
+    _db_flags(revoke)
+
+
+def open_worklist(args: argparse.Namespace, prog: str, *, create: bool) -> tuple[object, int]:
+    """The worklist of the node's settings, or ``(None, exit status)`` after printing why.
+
+    Without ``create`` a missing SQLite file is an error (opening it would create it).
+    """
+    from pathlib import Path
+
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    from dicom_node.settings import load_settings
+    from triage_core.errors import ConfigError, WorklistError
+    from triage_core.worklist import Worklist
+
+    try:
+        settings = load_settings(args.config, {"storage": args.storage, "db": args.db})
+        url = settings.database_url
+        parsed = make_url(url)
+    except (ConfigError, ArgumentError) as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return None, 2
+    if not create and parsed.get_backend_name() == "sqlite" and parsed.database:
+        db_file = Path(parsed.database)
+        if not db_file.is_file():
+            print(
+                f"{prog}: error: no worklist at {db_file} (give --storage / --db as for "
+                "triage serve)",
+                file=sys.stderr,
+            )
+            return None, 1
+    try:
+        worklist = Worklist(url)
+        worklist.create_all()
+    except WorklistError as exc:
+        print(f"{prog}: error: {settings.redacted_url()}: {exc}", file=sys.stderr)
+        return None, 1
+    return worklist, 0
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run one action; see the module docstring for the exit status."""
+    from triage_core.errors import WorklistError
+    from triage_core.worklist import Worklist
+
+    prog = f"triage token {args.action}"
+    worklist, status = open_worklist(args, prog, create=args.action == "add")
+    if not isinstance(worklist, Worklist):
+        return status
+    try:
+        if args.action == "add":
+            token = worklist.tokens.add(args.name, args.role)
+            print(token)
+            print(
+                f"{prog}: token of {args.name} ({args.role}) printed above; it is not stored and "
+                "cannot be shown again. Open a page once with ?token=TOKEN, or send "
+                "Authorization: Bearer TOKEN",
+                file=sys.stderr,
+            )
+        elif args.action == "revoke":
+            if not worklist.tokens.revoke(args.name):
+                print(f"{prog}: error: {args.name!r} has no active token", file=sys.stderr)
+                return 1
+            print(f"revoked the token of {args.name}")
+        else:
+            rows = worklist.tokens.list()
+            if args.format == "json":
+                print(
+                    json.dumps(
+                        [
+                            {
+                                "name": t.name,
+                                "role": t.role,
+                                "created_at": t.created_at,
+                                "revoked_at": t.revoked_at,
+                            }
+                            for t in rows
+                        ],
+                        indent=2,
+                    )
+                )
+            elif not rows:
+                print("(no tokens; the http_token setting, if set, is the user admin)")
+            else:
+                width = max(len(t.name) for t in rows)
+                print(f"{'NAME'.ljust(width)}  ROLE    CREATED               REVOKED")
+                for t in rows:
+                    print(
+                        f"{t.name.ljust(width)}  {t.role.ljust(6)}  {(t.created_at or '')[:19]}  "
+                        f"{(t.revoked_at or '-')[:19]}"
+                    )
+    except WorklistError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        worklist.dispose()
+    return 0

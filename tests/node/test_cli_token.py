@@ -1,0 +1,49 @@
+"""``triage token add/list/revoke`` against the worklist ``triage serve`` uses (same flags)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from dicom_node.cli import main
+from triage_core.worklist import Worklist
+
+
+def test_token_add_list_revoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    storage = tmp_path / "storage"
+    assert main(["token", "add", "dr.reed", "--role", "reader", "--storage", str(storage)]) == 0
+    out = capsys.readouterr()
+    token = out.out.strip()
+    assert len(token) >= 40 and "cannot be shown again" in out.err
+    wl = Worklist(Worklist.sqlite_url(storage))
+    try:
+        assert wl.tokens.lookup(token) == ("dr.reed", "reader")
+    finally:
+        wl.dispose()
+    assert main(["token", "list", "--storage", str(storage), "--format", "json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert [(t["name"], t["role"], t["revoked_at"]) for t in listed] == [
+        ("dr.reed", "reader", None)
+    ]
+    assert token not in json.dumps(listed)
+    assert main(["token", "add", "dr.reed", "--role", "admin", "--storage", str(storage)]) == 1
+    assert "already has a token" in capsys.readouterr().err
+    assert main(["token", "revoke", "dr.reed", "--storage", str(storage)]) == 0
+    assert main(["token", "revoke", "dr.reed", "--storage", str(storage)]) == 1
+    assert main(["token", "list", "--storage", str(storage)]) == 0
+    table = capsys.readouterr().out
+    assert "dr.reed" in table and "reader" in table and token not in table
+
+
+def test_token_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    missing = tmp_path / "none"
+    assert main(["token", "list", "--storage", str(missing)]) == 1
+    assert "no worklist" in capsys.readouterr().err and not missing.exists()
+    assert main(["token", "add", "bad name", "--role", "reader", "--storage", str(tmp_path)]) == 1
+    assert "user name" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["token", "add", "x", "--role", "root", "--storage", str(tmp_path)])
+    assert main(["token", "list", "--db", "mysql://x/y"]) == 1
+    assert "unsupported database" in capsys.readouterr().err
