@@ -99,6 +99,9 @@ def install(
     app.include_router(pages_router(settings, worklist, aging, reference))
     if metrics is not None:
         metrics.registry.register(DriftCollector(worklist, reference))  # type: ignore[arg-type]
+        from dicom_node.web.accuracy import AccuracyCollector
+
+        metrics.registry.register(AccuracyCollector(worklist, settings.model))  # type: ignore[arg-type]
     token = settings.http_token.get_secret_value() if settings.http_token else None
     guard = AccessGuard(
         token, settings.http_proxy_header, settings.http_tls_cert is not None, worklist.tokens

@@ -97,9 +97,11 @@ def pages_router(
 
     @router.get("/operations", response_class=HTMLResponse)
     def operations_page(request: Request) -> Response:
+        from dicom_node.web.accuracy import page_context
         from dicom_node.web.operations import summary
 
-        return _page(tpl, request, "operations.html", {"o": summary(worklist, reference)})
+        context = {"o": summary(worklist, reference), **page_context(worklist, settings.model)}
+        return _page(tpl, request, "operations.html", context)
 
     def worklist_context(request: Request) -> dict[str, Any]:
         flt = _filters(request)
