@@ -127,9 +127,12 @@ sys.exit(importlib.import_module(args._module).run(args))
 def triage_command() -> tuple[str, ...]:
     """``.venv/bin/triage``, or (while other subcommands of the CLI are still missing in this
     working tree) the same dispatcher restricted to ``serve`` and ``worker``."""
-    probe = subprocess.run(
-        [str(TRIAGE), "--version"], capture_output=True, text=True, timeout=120, check=False
-    )
+    try:
+        probe = subprocess.run(
+            [str(TRIAGE), "--version"], capture_output=True, text=True, timeout=120, check=False
+        )
+    except OSError:  # no .venv in this working tree (a git worktree): this interpreter
+        return (sys.executable, "-c", _LAUNCHER)
     if probe.returncode == 0:
         return (str(TRIAGE),)
     return (sys.executable, "-c", _LAUNCHER)
