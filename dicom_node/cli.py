@@ -23,6 +23,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "worker": ("dicom_node.cmd_worker", "run workers only (several machines, one PostgreSQL)"),
     "worklist": ("dicom_node.cmd_worklist", "query the priority worklist"),
     "token": ("dicom_node.cmd_token", "HTTP access tokens: add NAME --role ROLE, list, revoke"),
+    "feedback": ("dicom_node.cmd_feedback", "readers' verdicts: list, export as a training set"),
     "predict": ("dicom_node.cmd_predict", "triage DICOM or PNG files from the command line"),
     "train": ("training.cli_train", "train a model on NIH ChestX-ray14"),
     "evaluate": ("training.cli_evaluate", "evaluate a checkpoint: metrics, predictions, plots"),

@@ -21,7 +21,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from triage_core.errors import WorklistError
 from triage_core.worklist.database import Database
@@ -94,6 +94,7 @@ class ExportStudy:
     model_name: str
     model_version: str
     images: tuple[tuple[str, str], ...] = field(default=())  # (sop_uid, spool path), eligible
+    judged: int = 0  # findings with a decided final verdict (scored and other)
 
 
 class Feedback:
@@ -185,6 +186,17 @@ class Feedback:
         with self._db.read() as conn:
             found = conn.execute(select(s.c.status).where(s.c.study_uid == study_uid)).scalar()
         return None if found is None else str(found)
+
+    def studies_with_verdicts(self) -> list[str]:
+        """The UIDs of the studies with at least one verdict, in the order of their first."""
+        v = self._db.tables.verdicts
+        with self._db.read() as conn:
+            rows = conn.execute(
+                select(v.c.study_uid, func.min(v.c.id).label("first"))
+                .group_by(v.c.study_uid)
+                .order_by("first")
+            ).all()
+        return [str(r.study_uid) for r in rows]
 
     def for_study(self, study_uid: str) -> list[dict[str, Any]]:
         """Every verdict on one study, oldest first."""
@@ -323,6 +335,7 @@ class Feedback:
                     row.model_name,
                     row.model_version,
                     tuple(images[uid]),
+                    sum(final in ("present", "absent") for final in finals.values()),
                 )
             )
         return out
