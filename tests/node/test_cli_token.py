@@ -47,3 +47,40 @@ def test_token_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture
         main(["token", "add", "x", "--role", "root", "--storage", str(tmp_path)])
     assert main(["token", "list", "--db", "mysql://x/y"]) == 1
     assert "unsupported database" in capsys.readouterr().err
+
+
+def test_feedback_list_and_export_errors(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from test_api_http import NOW, finish, study
+
+    storage = tmp_path / "storage"
+    wl = Worklist(Worklist.sqlite_url(storage))
+    try:
+        wl.create_all()
+        finish(wl, 1, 80.0, "urgent", NOW - 60)  # spooled file /spool/1.dcm does not exist
+        wl.feedback.add(study(1), "Effusion", "present", "dr.reed", note="private words")
+        wl.feedback.add(study(1), "Infiltration", "absent", "dr.reed")
+    finally:
+        wl.dispose()
+    assert main(["feedback", "list", "--storage", str(storage), "--format", "json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [(r["study_uid"], r["finding"], r["verdict"], r["user"]) for r in rows] == [
+        (study(1), "Effusion", "present", "dr.reed"),
+        (study(1), "Infiltration", "absent", "dr.reed"),
+    ]
+    assert main(["feedback", "list", "--storage", str(storage)]) == 0
+    table = capsys.readouterr().out
+    assert "Effusion" in table and "private words" not in table  # notes only in JSON
+    assert main(["feedback", "list", "--storage", str(storage), "--study", "1..2"]) == 2
+    capsys.readouterr()
+    out = tmp_path / "export"
+    assert main(["feedback", "export", "--storage", str(storage), "--out", str(out)]) == 0
+    assert "wrote 0 images of 0 studies (0 patients, 1 images skipped)" in capsys.readouterr().out
+    assert (out / "labels.csv").read_text().count("\n") == 1  # the header only
+    assert main(["feedback", "export", "--storage", str(storage), "--out", str(out)]) == 1
+    assert "not an empty folder" in capsys.readouterr().err
+    bad = ["feedback", "export", "--storage", str(storage), "--out", str(tmp_path / "e2")]
+    assert main([*bad, "--image-size", "8"]) == 1
+    assert "--image-size" in capsys.readouterr().err
+    assert main(["feedback", "export", "--storage", str(tmp_path / "no"), "--out", str(out)]) == 1
