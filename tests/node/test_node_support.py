@@ -155,7 +155,7 @@ class ServeProcess:
         log.close()
         return self
 
-    def wait_ready(self, port: int, timeout: float = 120.0) -> None:
+    def wait_ready(self, port: int, timeout: float = 300.0) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             assert self.proc is not None
