@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-APT_PACKAGES := dcmtk dicom3tools postgresql chromium chromium-driver
+APT_PACKAGES := dcmtk dicom3tools postgresql chromium chromium-driver orthanc orthanc-dicomweb
 PACKAGES := dicom_node triage_core training
 STORAGE ?= ./triage-storage
 
@@ -15,7 +15,8 @@ help:
 
 # Debian packages the tests use: DCMTK (independent DICOM peer), dicom3tools (dciodvfy),
 # the PostgreSQL server binaries (throwaway test clusters), Chromium and its driver (the
-# headless browser test of the web pages). Skipped when already present.
+# headless browser test of the web pages), Orthanc with its DICOMweb plugin (the DICOMweb peer
+# test, a throwaway loopback server). Skipped when already present.
 system-deps:
 	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \

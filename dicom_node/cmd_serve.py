@@ -39,8 +39,9 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
         "--destination",
         action="append",
         dest="destinations",
-        metavar="AE@HOST:PORT",
-        help="send SR and SC here (repeatable)",
+        metavar="AE@HOST:PORT|URL",
+        help="send SR and SC here: C-STORE to AE@HOST:PORT, or STOW-RS to a DICOMweb URL "
+        "such as http://host:8042/dicom-web (repeatable)",
     )
     parser.add_argument("--workers", type=int, help="inference worker threads")
     parser.add_argument("--device", help="torch device (cpu, cuda, cuda:0)")

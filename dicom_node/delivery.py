@@ -1,7 +1,9 @@
 """The delivery stage: the outbox sender.
 
 One thread sends the due deliveries by C-STORE (:mod:`dicom_node.scu`), one association per
-destination and pass (every due object of that destination, SR before SC). Between passes it
+destination and pass (every due object of that destination, SR before SC), or by STOW-RS to a
+DICOMweb destination (:mod:`dicom_node.stowrs`), one request per destination and pass; the same
+rows, retries and back-off either way. Between passes it
 sleeps until the worklist announces a due delivery (a study completed with outputs, in any
 process: :mod:`dicom_node.wakeup`), so delivery overlaps the next study's processing, or until
 the next retry is due (``next_attempt_at``, backoff). A failed send is retried with backoff; a
@@ -16,6 +18,8 @@ from collections import defaultdict
 from typing import TYPE_CHECKING
 
 from dicom_node.scu import SendResult, send_files
+from dicom_node.stowrs import send_files as stow_files
+from dicom_node.stowrs_destination import DicomwebDestination
 from dicom_node.wakeup import ERROR_WAIT, WokenThread
 from triage_core.errors import DeliveryError, WorklistError
 
@@ -98,16 +102,22 @@ class Delivery(WokenThread):
         return sum(self._send(dest, group) for dest, group in by_destination.items())
 
     def _send(self, destination_text: str, group: list[DeliveryRow]) -> int:
-        """One association to one destination; returns the objects sent and recorded."""
+        """One association (or one STOW-RS request) to one destination; returns the objects
+        sent and recorded."""
         started = time.perf_counter()
+        paths = [row.path for row in group]
         try:
-            results = send_files(
-                self.settings.destination(destination_text),
-                [row.path for row in group],
-                calling_ae=self.settings.ae_title,
-                timeout=self.settings.network_timeout,
-                max_pdu_size=self.settings.max_pdu_size,
-            )
+            destination = self.settings.destination(destination_text)
+            if isinstance(destination, DicomwebDestination):
+                results = stow_files(destination, paths, timeout=self.settings.network_timeout)
+            else:
+                results = send_files(
+                    destination,
+                    paths,
+                    calling_ae=self.settings.ae_title,
+                    timeout=self.settings.network_timeout,
+                    max_pdu_size=self.settings.max_pdu_size,
+                )
         except (DeliveryError, ValueError) as exc:
             for row in group:
                 self._mark_failed(row, str(exc), permanent=False)

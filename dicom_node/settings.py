@@ -51,6 +51,7 @@ from pydantic_settings import (
 )
 
 from dicom_node.net import limits
+from dicom_node.stowrs_destination import DicomwebDestination, is_dicomweb
 from triage_core.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -138,6 +139,11 @@ class AllowedPeer(BaseModel):
         return self.ae_title if self.host is None else f"{self.ae_title}@{self.host}"
 
 
+def _parse_destination(text: str) -> Destination | DicomwebDestination:
+    """``AE@HOST:PORT`` (C-STORE) or ``http(s)://...`` (STOW-RS)."""
+    return DicomwebDestination.parse(text) if is_dicomweb(text) else Destination.parse(text)
+
+
 def _same_host(configured: str, peer_ip: str) -> bool:
     if configured == peer_ip:
         return True
@@ -190,7 +196,9 @@ class NodeSettings(BaseSettings):
     storage: Path = Field(Path("triage-storage"), description="spool, outbox, quarantine, SQLite")
     db: str | None = Field(None, description="SQLAlchemy URL; default SQLite under storage")
     model: Path | None = Field(None, description="checkpoint NAME (NAME.safetensors + NAME.json)")
-    destinations: Annotated[list[Destination], NoDecode] = Field(default_factory=list)
+    destinations: Annotated[list[Destination | DicomwebDestination], NoDecode] = Field(
+        default_factory=list, description="AE@HOST:PORT (C-STORE) or a DICOMweb URL (STOW-RS)"
+    )
     allow_ae: Annotated[list[AllowedPeer], NoDecode] = Field(default_factory=list)
     stable_age: float = Field(5.0, ge=0.0, le=86400.0, description="seconds without new images")
     workers: int = Field(1, ge=0, le=64, description="inference worker threads")
@@ -241,9 +249,7 @@ class NodeSettings(BaseSettings):
     http_tls_ca: Path | None = Field(
         None, description="CA file: HTTP clients must present a certificate it signed"
     )
-    dicomweb_max_body: int = Field(
-        4 << 30, ge=1 << 16, description="largest STOW-RS request body (bytes)"
-    )
+    dicomweb_max_body: int = Field(4 << 30, ge=1 << 16, description="largest STOW-RS body")
     dicomweb_max_part: int = Field(1 << 30, ge=1 << 12, description="largest STOW-RS part (bytes)")
     dicomweb_max_parts: int = Field(10000, ge=1, le=1_000_000, description="parts per STOW-RS")
     log_phi: bool = Field(False, description="log patient identifiers (default: UIDs only)")
@@ -328,7 +334,7 @@ class NodeSettings(BaseSettings):
     def _destinations(cls, value: Any) -> Any:
         value = _split_list(value)
         if isinstance(value, list):
-            return [Destination.parse(v) if isinstance(v, str) else v for v in value]
+            return [_parse_destination(v) if isinstance(v, str) else v for v in value]
         return value
 
     @field_validator("allow_ae", mode="before")
@@ -361,14 +367,14 @@ class NodeSettings(BaseSettings):
         # Flags (init) win over the environment; TOML values come in via load_settings.
         return init_settings, env_settings
 
-    def destination(self, text: str) -> Destination:
-        """The configured destination written ``text`` (``AE@HOST:PORT``, as delivery rows
-        store it), with its TLS settings; a destination no longer configured is parsed from
-        the text (plain TCP)."""
+    def destination(self, text: str) -> Destination | DicomwebDestination:
+        """The configured destination written ``text`` (``AE@HOST:PORT`` or a URL, as delivery
+        rows store it), with its TLS settings and token; a destination no longer configured is
+        parsed from the text (plain TCP, no token)."""
         for destination in self.destinations:
             if str(destination) == text:
                 return destination
-        return Destination.parse(text)
+        return _parse_destination(text)
 
     # ------------------------------------------------------------------ derived paths
     @property
@@ -567,7 +573,11 @@ def check_tls(settings: NodeSettings, *, need_scp: bool = True) -> None:
     if need_scp and settings.http_port and settings.http_tls_cert and settings.http_tls_key:
         server_context(settings.http_tls_cert, settings.http_tls_key, settings.http_tls_ca)
     for destination in settings.destinations:
-        if destination.tls_ca is not None:
+        if isinstance(destination, DicomwebDestination):
+            for path in (destination.tls_ca, destination.tls_cert, destination.tls_key):
+                if path is not None and not path.is_file():
+                    raise ConfigError(f"destination {destination}: {path} is not a file")
+        elif destination.tls_ca is not None:
             client_context(destination.tls_ca, destination.tls_cert, destination.tls_key)
 
 

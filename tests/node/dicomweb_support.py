@@ -65,7 +65,8 @@ def running_node(
     node = build_node(settings, model)
     node.start()
     try:
-        headers = {"Authorization": f"Bearer {TOKEN}"} if settings.http_token else {}
+        token = settings.http_token
+        headers = {"Authorization": f"Bearer {token.get_secret_value()}"} if token else {}
         deadline = time.monotonic() + 30
         while True:
             try:
