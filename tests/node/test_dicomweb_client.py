@@ -5,6 +5,7 @@ WADO-RS; bytes and attributes are compared with the files sent. One node per mod
 
 from __future__ import annotations
 
+import functools
 import io
 import time
 from collections.abc import Callable, Iterator
@@ -18,6 +19,9 @@ from dicomweb_client.api import DICOMwebClient
 from dicomweb_support import STOW_TYPE, TOKEN, RunningNode, multipart_body, running_node
 from test_node_support import dataset_bytes, needs_dcmtk, storescu, synthetic_cr
 
+#: Generous timeouts: the tests share a loaded 2-core machine.
+get = functools.partial(httpx.get, timeout=120)
+post = functools.partial(httpx.post, timeout=120)
 INVALID_UID_FILE = "CR-ModalitySequenceLUT.dcm"  # SOP Instance UID 999.999.01.23.45.6789
 DUPLICATE_FILE = "Fake_MONOHR1.dcm"  # the SIIM file's SOP Instance UID, other header
 RELATED = 'multipart/related; type="application/dicom"'
@@ -54,7 +58,7 @@ def test_store_response_lists_stored_and_failed(node: RunningNode, dicom_dir: Pa
     """The Store Instances Response of the same body sent again (repeats succeed)."""
     files = sorted(dicom_dir.glob("*.dcm"))
     body = multipart_body([("application/dicom", p.read_bytes()) for p in files])
-    rsp = httpx.post(f"{node.base}/studies", content=body, headers={"Content-Type": STOW_TYPE})
+    rsp = post(f"{node.base}/studies", content=body, headers={"Content-Type": STOW_TYPE})
     assert rsp.status_code == 202
     assert rsp.headers["content-type"] == "application/dicom+json"
     answer = pydicom.Dataset.from_json(rsp.json())
@@ -150,13 +154,13 @@ def test_queries_we_refuse(node: RunningNode) -> None:
         ({"limit": "-1"}, "limit"),
         ({"NumberOfStudyRelatedInstances": "3"}, "cannot be matched"),
     ):
-        rsp = httpx.get(f"{node.base}/studies", params=params)
+        rsp = get(f"{node.base}/studies", params=params)
         assert rsp.status_code == 400, params
         assert words in rsp.json()["detail"]
-    assert httpx.get(f"{node.base}/studies/1.2.03/series").status_code == 400
-    assert httpx.get(f"{node.base}/studies/..%2F..%2Fetc/series").status_code in (400, 404)
-    assert httpx.get(f"{node.base}/studies/1.2.3.404").status_code == 404
-    rsp = httpx.get(f"{node.base}/studies", headers={"Accept": "application/dicom+xml"})
+    assert get(f"{node.base}/studies/1.2.03/series").status_code == 400
+    assert get(f"{node.base}/studies/..%2F..%2Fetc/series").status_code in (400, 404)
+    assert get(f"{node.base}/studies/1.2.3.404").status_code == 404
+    rsp = get(f"{node.base}/studies", headers={"Accept": "application/dicom+xml"})
     assert rsp.status_code == 406
 
 
@@ -181,12 +185,13 @@ def test_retrieve_exact_bytes_and_explicit_little_endian(
     ds = pydicom.dcmread(path, stop_before_pixels=True)
     series = f"{node.base}/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}"
     url = f"{series}/instances/{ds.SOPInstanceUID}"
-    single = httpx.get(url, headers={"Accept": "application/dicom"})
+    single = get(url, timeout=120, headers={"Accept": "application/dicom"})
     assert single.status_code == 200
     assert single.content[132:].find(dataset_bytes(path)[:256]) > 0
     assert single.content.endswith(dataset_bytes(path))
-    explicit = httpx.get(
+    explicit = get(
         url,
+        timeout=120,
         headers={"Accept": RELATED + "; transfer-syntax=1.2.840.10008.1.2.1"},
     )
     assert explicit.status_code == 200
@@ -194,12 +199,13 @@ def test_retrieve_exact_bytes_and_explicit_little_endian(
     decoded = pydicom.dcmread(io.BytesIO(part))
     assert decoded.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.1"
     assert (decoded.pixel_array == pydicom.dcmread(path).pixel_array).all()
-    other = httpx.get(
+    other = get(
         url,
+        timeout=120,
         headers={"Accept": RELATED + "; transfer-syntax=1.2.840.10008.1.2.4.50"},
     )
     assert other.status_code == 406
-    assert httpx.get(url, headers={"Accept": "image/png"}).status_code == 406
+    assert get(url, timeout=120, headers={"Accept": "image/png"}).status_code == 406
 
 
 def test_metadata_and_bulk_data(client: DICOMwebClient, stored: dict[str, Path]) -> None:
@@ -242,7 +248,7 @@ def test_study_half_by_c_store_half_by_stow_is_one_study(node: RunningNode, tmp_
     first = synthetic_cr(tmp_path / "a.dcm", study_uid=study, seed=1)
     second = synthetic_cr(tmp_path / "b.dcm", study_uid=study, seed=2)
     assert storescu(node.settings.port, [first]).returncode == 0
-    rsp = httpx.post(
+    rsp = post(
         f"{node.base}/studies/{study}",
         content=multipart_body([("application/dicom", second.read_bytes())]),
         headers={"Content-Type": STOW_TYPE},
@@ -250,7 +256,7 @@ def test_study_half_by_c_store_half_by_stow_is_one_study(node: RunningNode, tmp_
     assert rsp.status_code == 200
     assert node.worklist.study_detail(study)["num_instances"] == 2
     assert len(list((node.storage / "spool" / study).glob("*/*.dcm"))) == 2
-    found = httpx.get(f"{node.base}/studies", params={"StudyInstanceUID": study}).json()
+    found = get(f"{node.base}/studies", params={"StudyInstanceUID": study}).json()
     assert pydicom.Dataset.from_json(found[0]).NumberOfStudyRelatedInstances == 2
 
 
@@ -258,7 +264,7 @@ def test_stow_to_another_study_fails_that_part(node: RunningNode, tmp_path: Path
     other = synthetic_cr(tmp_path / "c.dcm", seed=3)
     target = pydicom.uid.generate_uid()
     before = len(node.quarantined())
-    rsp = httpx.post(
+    rsp = post(
         f"{node.base}/studies/{target}",
         content=multipart_body([("application/dicom", other.read_bytes())]),
         headers={"Content-Type": STOW_TYPE},
@@ -276,10 +282,8 @@ def test_token_is_required_when_set(tmp_path: Path, dicom_dir: Path) -> None:
     with running_node(tmp_path / "auth", http_token=TOKEN) as secured:
         body = multipart_body([("application/dicom", path.read_bytes())])
         headers = {"Content-Type": STOW_TYPE}
-        assert (
-            httpx.post(f"{secured.base}/studies", content=body, headers=headers).status_code == 401
-        )
-        assert httpx.get(f"{secured.base}/studies").status_code == 401
+        assert post(f"{secured.base}/studies", content=body, headers=headers).status_code == 401
+        assert get(f"{secured.base}/studies").status_code == 401
         assert secured.spool_files() == []
         authed = DICOMwebClient(url=secured.base, headers={"Authorization": f"Bearer {TOKEN}"})
         authed.store_instances([pydicom.dcmread(path)])

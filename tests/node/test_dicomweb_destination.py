@@ -87,6 +87,7 @@ def test_node_to_node_by_stow_rs_with_token_and_retries(
     ) as sender:
         client_rsp = __import__("httpx").post(
             f"{sender.base}/studies",
+            timeout=120,
             content=(
                 b"--b\r\nContent-Type: application/dicom\r\n\r\n"
                 + source.read_bytes()

@@ -54,7 +54,7 @@ def post(
         f"{node.base}/studies",
         content=body,  # type: ignore[arg-type]
         headers={"Content-Type": content_type, **headers},
-        timeout=30,
+        timeout=120,
     )
 
 

@@ -7,6 +7,7 @@ QIDO-RS finds them and its WADO-RS gives back what we sent."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
 import subprocess
@@ -21,6 +22,9 @@ import pytest
 from dicomweb_support import RunningNode, running_node
 from test_node_support import free_port
 
+#: Generous timeouts: the tests share a loaded 2-core machine.
+get = functools.partial(httpx.get, timeout=120)
+post = functools.partial(httpx.post, timeout=120)
 ORTHANC = Path("/usr/sbin/Orthanc")
 PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 CHEST = "1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819.dcm"  # SIIM CR chest PA
@@ -80,7 +84,7 @@ def orthanc(folder: Path, node_http_port: int) -> Iterator[Orthanc]:
     def up() -> bool:
         assert proc.poll() is None, (folder / "orthanc.log").read_text()[-2000:]
         try:
-            return httpx.get(f"{rest}/system", timeout=2).status_code == 200
+            return get(f"{rest}/system", timeout=2).status_code == 200
         except httpx.HTTPError:
             return False
 
@@ -121,11 +125,11 @@ def test_orthanc_pushes_we_deliver_orthanc_finds(
     source = dicom_dir / CHEST
     original = pydicom.dcmread(source)
     study = str(original.StudyInstanceUID)
-    uploaded = httpx.post(f"{pacs.rest}/instances", content=source.read_bytes(), timeout=30)
+    uploaded = post(f"{pacs.rest}/instances", content=source.read_bytes(), timeout=30)
     assert uploaded.status_code == 200, uploaded.text
     orthanc_study = uploaded.json()["ParentStudy"]
     # Orthanc's DICOMweb client stores the study into the node
-    pushed = httpx.post(
+    pushed = post(
         f"{pacs.dicomweb}/servers/triage/stow",
         json={"Resources": [orthanc_study], "Synchronous": True},
         timeout=60,
@@ -146,7 +150,7 @@ def test_orthanc_pushes_we_deliver_orthanc_finds(
     assert detail is not None and detail["status"] == "done"
     assert {d["destination"] for d in detail["deliveries"]} == {pacs.dicomweb}
     # Orthanc's own QIDO-RS finds them as new series of the study
-    series = httpx.get(f"{pacs.dicomweb}/studies/{study}/series", timeout=30).json()
+    series = get(f"{pacs.dicomweb}/studies/{study}/series", timeout=30).json()
     modalities = sorted(pydicom.Dataset.from_json(s).Modality for s in series)
     assert modalities == ["CR", "OT", "SR"]
     for path in sorted((node.storage / "outbox" / study).glob("*.dcm")):
@@ -155,7 +159,7 @@ def test_orthanc_pushes_we_deliver_orthanc_finds(
             f"{pacs.dicomweb}/studies/{study}/series/{ours.SeriesInstanceUID}/instances/"
             f"{ours.SOPInstanceUID}"
         )
-        rsp = httpx.get(url, headers={"Accept": 'multipart/related; type="application/dicom"'})
+        rsp = get(url, headers={"Accept": 'multipart/related; type="application/dicom"'})
         assert rsp.status_code == 200
         part = rsp.content.split(b"\r\n\r\n", 1)[1]
         theirs = pydicom.dcmread(io.BytesIO(part))
@@ -164,14 +168,14 @@ def test_orthanc_pushes_we_deliver_orthanc_finds(
         if "PixelData" in ours:
             assert theirs.PixelData == ours.PixelData
     # the worklist page shows the DICOMweb deliveries like C-STORE ones
-    page = httpx.get(f"http://127.0.0.1:{node.settings.http_port}/studies/{study}").text
+    page = get(f"http://127.0.0.1:{node.settings.http_port}/studies/{study}").text
     assert pacs.dicomweb in page and "sent" in page
 
 
 def test_orthanc_qido_and_wado_of_the_node(peers: tuple[RunningNode, Orthanc]) -> None:
     """Orthanc's DICOMweb client reads the node: QIDO-RS through its server proxy."""
     node, pacs = peers
-    found = httpx.post(f"{pacs.dicomweb}/servers/triage/get", json={"Uri": "/studies"}, timeout=30)
+    found = post(f"{pacs.dicomweb}/servers/triage/get", json={"Uri": "/studies"}, timeout=30)
     assert found.status_code == 200, found.text
     studies = {pydicom.Dataset.from_json(s).StudyInstanceUID for s in found.json()}
     assert studies == {d.name for d in (node.storage / "spool").iterdir() if d.name[0].isdigit()}
