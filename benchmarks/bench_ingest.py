@@ -20,8 +20,15 @@ for small (~40 KB) and CR-sized (~7 MB) instances, then the same with 4 parallel
 and the best rate of each is kept (timings on a shared 2-core machine are noisy). It prints
 instances/s, then a table of the ratios ours / storescp and ours / Orthanc for the four cases.
 
+STOW-RS rows: the same 100 small instances (30 large) into ``triage serve`` (durable) by
+C-STORE (one ``storescu`` association) and by STOW-RS (``POST /dicomweb/studies``, one httpx
+keep-alive connection: one request per instance, then one request for all), and into Orthanc's
+DICOMweb plugin (Debian's ``orthanc-dicomweb``, durable) by STOW-RS both ways; ratios
+STOW/C-STORE (target 0.8) and ours/Orthanc (target 1.0). ``--stow-only`` runs just these.
+
     .venv/bin/python benchmarks/bench_ingest.py            # 200 instances per case, 3 repeats
     .venv/bin/python benchmarks/bench_ingest.py --quick    # 60 small, 30 large, 1 repeat
+    .venv/bin/python benchmarks/bench_ingest.py --stow-only --repeat 3   # the STOW-RS rows
 """
 
 from __future__ import annotations
@@ -47,6 +54,8 @@ STORESCU = "/usr/bin/storescu"
 STORESCP = "/usr/bin/storescp"
 ECHOSCU = "/usr/bin/echoscu"
 ORTHANC = Path("/usr/sbin/Orthanc")
+DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+STOW_COUNT = 100  # instances per STOW-RS case
 AE_TITLE = "CXR_TRIAGE"
 MAX_PDU = 131072  # the largest Orthanc accepts; storescp, storescu and triage serve get the same
 
@@ -201,17 +210,23 @@ def dcmtk_storescp(out: Path, port: int) -> Iterator[None]:
 
 @contextlib.contextmanager
 def triage_serve(
-    storage: Path, port: int, extra: Sequence[str] = (), env: dict[str, str] | None = None
+    storage: Path,
+    port: int,
+    extra: Sequence[str] = (),
+    env: dict[str, str] | None = None,
+    http_port: int = 0,
 ) -> Iterator[None]:
     cmd = serve_command()
     log = open(storage.parent / f"serve-{port}.log", "wb")  # noqa: SIM115
     proc = subprocess.Popen(
         [*cmd, "--port", str(port), "--bind-address", "127.0.0.1", "--storage", str(storage),
-         "--workers", "0", "--http-port", "0", "--stable-age", "86400", *extra],
+         "--workers", "0", "--http-port", str(http_port), "--stable-age", "86400", *extra],
         stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
     )  # fmt: skip
     try:
         wait_echo(port)
+        if http_port:
+            wait_http(f"http://127.0.0.1:{http_port}/healthz")
         yield
     finally:
         stop_process(proc, 30)
@@ -219,8 +234,10 @@ def triage_serve(
 
 
 @contextlib.contextmanager
-def orthanc(folder: Path, port: int) -> Iterator[Callable[[], int]]:
-    """Orthanc run by hand on a fresh storage area and index, local REST only, no plugins.
+def orthanc(folder: Path, port: int, http_port: int | None = None) -> Iterator[Callable[[], int]]:
+    """Orthanc run by hand on a fresh storage area and index, local REST only; with
+    ``http_port`` its DICOMweb plugin (Debian's ``orthanc-dicomweb``) is loaded, root
+    ``/dicom-web/``, otherwise no plugins.
 
     ``SyncStorageArea`` is written out at its default (``true`` since Orthanc 1.7.4): each
     file of the storage area is fsynced before the C-STORE is answered. Orthanc links DCMTK,
@@ -229,7 +246,8 @@ def orthanc(folder: Path, port: int) -> Iterator[Callable[[], int]]:
     storage, index = folder / "storage", folder / "index"
     storage.mkdir(parents=True)
     index.mkdir()
-    http_port = free_port()
+    plugins = [str(DICOMWEB_PLUGIN)] if http_port is not None else []
+    http_port = http_port or free_port()
     config = {
         "Name": "bench",
         "StorageDirectory": str(storage),
@@ -241,7 +259,8 @@ def orthanc(folder: Path, port: int) -> Iterator[Callable[[], int]]:
         "AuthenticationEnabled": False,
         "SyncStorageArea": True,
         "MaximumPduLength": MAX_PDU,
-        "Plugins": [],
+        "Plugins": plugins,
+        "DicomWeb": {"Enable": bool(plugins), "Root": "/dicom-web/"},
     }
     (folder / "config.json").write_text(json.dumps(config))
     log = open(folder / "orthanc.log", "wb")  # noqa: SIM115
@@ -261,6 +280,105 @@ def orthanc(folder: Path, port: int) -> Iterator[Callable[[], int]]:
     finally:
         stop_process(proc, 60)
         log.close()
+
+
+def wait_http(url: str, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except OSError:
+            time.sleep(0.2)
+    raise RuntimeError(f"nothing answers {url}")
+
+
+# ---------------------------------------------------------------------- STOW-RS
+STOW_TYPE = 'multipart/related; type="application/dicom"; boundary=bench-boundary'
+
+
+def stow_body(files: Sequence[bytes]) -> bytes:
+    head = b"--bench-boundary\r\nContent-Type: application/dicom\r\n\r\n"
+    return b"".join(head + data + b"\r\n" for data in files) + b"--bench-boundary--\r\n"
+
+
+def stow(url: str, files: Sequence[bytes], per_instance: bool) -> float:
+    """Seconds to store ``files`` at ``url`` (``.../studies``) by STOW-RS, one keep-alive
+    connection: one request per instance, or one request for all."""
+    import httpx
+
+    bodies = [stow_body([f]) for f in files] if per_instance else [stow_body(files)]
+    headers = {"Content-Type": STOW_TYPE, "Accept": "application/dicom+json"}
+    with httpx.Client(timeout=600) as client:
+        started = time.perf_counter()
+        for body in bodies:
+            rsp = client.post(url, content=body, headers=headers)
+            if rsp.status_code != 200:
+                raise RuntimeError(f"STOW-RS to {url}: HTTP {rsp.status_code} {rsp.text[:300]}")
+        return time.perf_counter() - started
+
+
+STOW_RECEIVERS = ("cstore", "stow1", "stowall", "orthanc1", "orthanc_all")
+
+
+def run_stow_case(
+    label: str, files: Sequence[Path], work: Path, repeat: int
+) -> dict[str, float | None]:
+    """The same instances into ``triage serve`` (durable) by C-STORE (storescu, one
+    association) and by STOW-RS (one request per instance, one request for all), and into
+    Orthanc's DICOMweb plugin by STOW-RS (durable: SyncStorageArea) both ways; best of
+    ``repeat`` interleaved runs, instances/s."""
+    n = len(files)
+    data = [p.read_bytes() for p in files]
+    has_orthanc = ORTHANC.exists() and DICOMWEB_PLUGIN.exists()
+    best: dict[str, float | None] = dict.fromkeys(STOW_RECEIVERS, 0.0)
+    if not has_orthanc:
+        best["orthanc1"] = best["orthanc_all"] = None
+
+    def keep(name: str, rate: float) -> None:
+        best[name] = max(best[name] or 0.0, rate)
+
+    for attempt in range(repeat):
+        for name, how in (("cstore", None), ("stow1", True), ("stowall", False)):
+            storage = work / f"stow-{label}-{name}-{attempt}"
+            storage.mkdir()
+            port, http_port = free_port(), free_port()
+            with triage_serve(storage, port, http_port=http_port):
+                if how is None:
+                    keep(name, n / send(port, files, 1))
+                else:
+                    url = f"http://127.0.0.1:{http_port}/dicomweb/studies"
+                    keep(name, n / stow(url, data, how))
+            stored = count_files(storage / "spool")
+            assert stored == n, f"triage stored {stored} of {n} ({name})"
+            shutil.rmtree(storage)
+        if has_orthanc:
+            for name, how in (("orthanc1", True), ("orthanc_all", False)):
+                folder = work / f"stow-orthanc-{label}-{name}-{attempt}"
+                http_port = free_port()
+                with orthanc(folder, free_port(), http_port) as instances:
+                    url = f"http://127.0.0.1:{http_port}/dicom-web/studies"
+                    keep(name, n / stow(url, data, how))
+                    stored = instances()
+                assert stored == n, f"Orthanc stored {stored} of {n} ({name})"
+                shutil.rmtree(folder)
+    return best
+
+
+def print_stow(rows: Sequence[tuple[str, int, dict[str, float | None]]]) -> None:
+    print(
+        "\nSTOW-RS   | C-STORE/s | STOW 1/req/s | STOW all/s | Orthanc 1/req/s | Orthanc all/s"
+        " | STOW1/C-STORE | STOWall/C-STORE | STOW1/Orthanc | STOWall/Orthanc"
+    )
+    for label, n, r in rows:
+        print(
+            f"{label:>6} x{n:<3}| {r['cstore'] or 0:9.1f} | {r['stow1'] or 0:12.1f} | "
+            f"{r['stowall'] or 0:10.1f} | {rate_text(r['orthanc1']):>15} | "
+            f"{rate_text(r['orthanc_all']):>13} | {ratio_text(r['stow1'], r['cstore']):>13} | "
+            f"{ratio_text(r['stowall'], r['cstore']):>15} | "
+            f"{ratio_text(r['stow1'], r['orthanc1']):>13} | "
+            f"{ratio_text(r['stowall'], r['orthanc_all']):>15}"
+        )
 
 
 def count_files(folder: Path) -> int:
@@ -347,6 +465,11 @@ def print_ratios(rows: Sequence[tuple[str, int, dict[str, float | None]]]) -> No
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer instances")
+    parser.add_argument(
+        "--stow-only",
+        action="store_true",
+        help="only the STOW-RS rows (and their C-STORE baseline)",
+    )
     parser.add_argument("--count", type=int, help="instances per case (default 200)")
     parser.add_argument("--workdir", type=Path, help="where to write (default: a temp folder)")
     parser.add_argument(
@@ -358,6 +481,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     large_n = args.count or (30 if args.quick else 200)
     work = Path(tempfile.mkdtemp(prefix="bench-ingest-", dir=args.workdir))
     try:
+        if args.stow_only:
+            small_n, large_n = STOW_COUNT if not args.quick else 30, 30
+            small_n = args.count or small_n
         small = make_instances(work / "small", small_n, 140, 140)
         large = make_instances(work / "large", large_n, 1900, 1900)
         print(
@@ -365,11 +491,25 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{large[0].stat().st_size / 1e6:.1f} MB; best of {repeat} interleaved run(s) per "
             f"server; Orthanc {'at ' + str(ORTHANC) if ORTHANC.exists() else 'not installed'}"
         )
-        rows = []
-        for parallel in (1, 4):
-            for label, files in (("small", small), ("large", large)):
-                rows.append((label, parallel, run_case(label, files, work, parallel, repeat)))
-        print_ratios(rows)
+        if not args.stow_only:
+            rows = []
+            for parallel in (1, 4):
+                for label, files in (("small", small), ("large", large)):
+                    rows.append((label, parallel, run_case(label, files, work, parallel, repeat)))
+            print_ratios(rows)
+        # STOW-RS: the same instances by STOW-RS and by C-STORE, and into Orthanc's DICOMweb
+        stow_n = args.count or (30 if args.quick else STOW_COUNT)
+        stow_rows = [
+            (
+                "small",
+                min(stow_n, len(small)),
+                run_stow_case("small", small[:stow_n], work, repeat),
+            ),
+            ("large", min(30, len(large)), run_stow_case("large", large[:30], work, repeat)),
+        ]
+        print_stow(stow_rows)
+        if args.stow_only:
+            return 0
         # what TCP_NODELAY buys: the same small files with Nagle left on by triage serve
         rates = []
         for nodelay in ("true", "false"):
