@@ -30,8 +30,11 @@ def describe_model(spec: ModelSpec, path: Path | None) -> str:
         ),
         f"temperature {spec.temperature:g}",
     ]
-    test = spec.metrics.get("test") if isinstance(spec.metrics, dict) else None
-    if isinstance(test, dict) and "mean_auroc" in test:
+    metrics = spec.metrics if isinstance(spec.metrics, dict) else {}
+    oof, test = metrics.get("oof"), metrics.get("test")
+    if isinstance(oof, dict) and "mean_auroc" in oof:
+        parts.append(f"out-of-fold mean AUROC {float(oof['mean_auroc'][0]):.3f}")
+    elif isinstance(test, dict) and "mean_auroc" in test:
         parts.append(
             f"test mean AUROC {float(test['mean_auroc']):.3f} ({test.get('images')} images)"
         )

@@ -99,6 +99,45 @@ def fit_temperature(logits: np.ndarray, targets: np.ndarray, task: str) -> float
     return temperature
 
 
+def fit_temperature_and_shift(logits: np.ndarray, targets: np.ndarray) -> tuple[float, np.ndarray]:
+    """Multilabel calibration: one temperature ``T`` and a logit shift ``d_c`` per class,
+    minimising the NLL of ``sigmoid((z + d) / T)`` (L-BFGS over ``log T`` and ``d``).
+
+    Why the shift: a loss with ``pos_weight`` (or a class-balanced probe) trains logits that
+    put the decision near a balanced 50 %, while a finding's prevalence is 10-20 %; a
+    temperature alone cannot move the base rate. The shipped model folds ``d`` into its
+    classifier bias, so serving applies only ``T`` (``ModelSpec.temperature``).
+
+    Returns
+    -------
+    tuple
+        ``T`` in [0.05, 20] and the ``(C,)`` shifts.
+    """
+    import torch
+
+    z = np.asarray(logits, dtype=np.float64)
+    if z.ndim != 2 or len(z) == 0 or not np.isfinite(z).all():
+        raise CalibrationError(f"expected finite (N, C) logits with N > 0, got shape {z.shape}")
+    zt = torch.from_numpy(z)
+    y = torch.from_numpy(np.asarray(targets, dtype=np.float64))
+    log_t = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+    shift = torch.zeros(z.shape[1], dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS(
+        [log_t, shift], lr=0.1, max_iter=500, line_search_fn="strong_wolfe"
+    )
+
+    def closure() -> Any:
+        optimizer.zero_grad()
+        loss = _nll((zt + shift) / log_t.exp(), y, "multilabel")
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        optimizer.step(closure)
+    temperature = float(np.clip(math.exp(float(log_t.detach())), 0.05, 20.0))
+    return temperature, shift.detach().numpy().copy()
+
+
 def choose_thresholds(
     probs: np.ndarray,
     multi_hot: np.ndarray,

@@ -50,6 +50,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="skip training for an architecture whose checkpoint already exists in OUT/<arch>",
     )
     parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples")
+    parser.add_argument(
+        "--cv-runs",
+        nargs="+",
+        type=Path,
+        metavar="CVDIR",
+        help="instead of training on one split: tabulate finished `triage train --cv K` runs "
+        "(any architectures, same folds) from their cv.json, beside the seed study's figures, "
+        "into OUT/cv_report.md",
+    )
     parser.add_argument("--cam-images", type=int, default=8, help="Grad-CAM grid size (0: none)")
 
 
@@ -109,8 +118,55 @@ def seed_study_section(entries: list[dict[str, object]], task: str) -> str:
     return "\n".join(lines)
 
 
+def cv_report(dirs: list[Path]) -> str:
+    """Out-of-fold rows of finished CV runs (``final`` and, where present, ``ema``) with their
+    architecture and recipe, beside the seed study's published figures."""
+    from training.oof import format_table
+
+    variants: dict[str, dict[str, object]] = {}
+    notes = []
+    for d in dirs:
+        summary = json.loads((Path(d) / "cv.json").read_text())
+        recipe = summary["recipe"]
+        label = f"{recipe['arch']} ({Path(d).name})"
+        for name in ("final", "ema", "epoch0"):
+            if name in summary["variants"]:
+                variants[f"{label} {name}"] = summary["variants"][name]
+        notes.append(
+            f"- {label}: {recipe['image_size']} px, {recipe['epochs']} epochs, lr "
+            f"{recipe['lr']:g}, head {recipe.get('head_init', 'random')}, initial weights "
+            f"{recipe['pretrained']}; {summary['data']['images']} images, "
+            f"{summary['folds']} folds (seed {summary['fold_seed']})"
+        )
+    seed = ", ".join(
+        f"{arch}: accuracy {acc:.3f}, macro-F1 {f1:.2f}" for arch, (acc, f1) in SEED_STUDY.items()
+    )
+    return "\n".join(
+        [
+            format_table(variants, title="(patient-wise CV, pooled out-of-fold predictions)"),
+            "",
+            *notes,
+            "",
+            f"Seed study (3-class multiclass subset of the full NIH set, test split): {seed}. "
+            "Not like for like: other data size, task and metric; shown for orientation.",
+            "",
+        ]
+    )
+
+
 def run(args: argparse.Namespace) -> int:
     import time
+
+    if args.cv_runs:
+        try:
+            text = cv_report(args.cv_runs)
+        except (OSError, KeyError, ValueError) as exc:
+            print(f"triage compare: error: {exc}", file=sys.stderr)
+            return 2
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "cv_report.md").write_text(text)
+        print(text)
+        return 0
 
     import torch
 

@@ -117,6 +117,74 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--fp16", action="store_true", help="store the weights as fp16 (half the size)"
     )
+    cv = parser.add_argument_group(
+        "cross-validation (the protocol recipe choices are made on; training/cv.py)"
+    )
+    cv.add_argument(
+        "--cv",
+        type=int,
+        metavar="K",
+        help="patient-wise K-fold CV over every labelled image: fixed --epochs, one-cycle "
+        "schedule, out-of-fold predictions in OUT/oof.csv, per-fold checkpoints, the OOF AUROC "
+        "table in OUT/cv.json; rerun the same command to resume",
+    )
+    cv.add_argument("--fold-seed", type=int, default=0, help="seed of the folds (default 0)")
+    cv.add_argument("--folds", help="run only these folds, e.g. 0,1 (default: all)")
+    cv.add_argument(
+        "--warmup",
+        type=float,
+        default=0.3,
+        help="one-cycle warm-up fraction of the steps (from lr/25; default 0.3)",
+    )
+    cv.add_argument(
+        "--crop",
+        default="0.875,1.0",
+        help="random resized crop side range as a fraction of the input, 'LOW,HIGH', or "
+        "'none' for the affine + intensity augmentation (default 0.875,1.0)",
+    )
+    cv.add_argument("--ema", type=float, default=0.998, help="EMA decay of the weights (0: none)")
+    cv.add_argument(
+        "--no-pos-weight", action="store_true", help="plain BCE instead of BCE with pos_weight"
+    )
+    cv.add_argument(
+        "--source",
+        action="append",
+        default=[],
+        metavar="IMAGES,LABELS[,WEIGHT]",
+        help="a training-only image/label source beside --images/--labels (repeatable; NIH "
+        "label columns, e.g. cxr14/lowres64 or a `triage feedback export`): added to every "
+        "fold's training images except those of the fold's held-out patients, sampled with "
+        "WEIGHT relative to the main images (default 1)",
+    )
+    cv.add_argument(
+        "--normalisation",
+        choices=("default", "imagenet"),
+        default="default",
+        help="input mean/std: the initial weights' own (default) or ImageNet's",
+    )
+    cv.add_argument(
+        "--freeze-bn", action="store_true", help="keep the initial BatchNorm statistics"
+    )
+    cv.add_argument(
+        "--probe-c",
+        type=float,
+        default=0.1,
+        help="with --head-init probe: inverse L2 strength of the linear probe (default 0.1)",
+    )
+    cv.add_argument(
+        "--final-from",
+        type=Path,
+        metavar="CVDIR",
+        help="the shipped model: fit the recipe of the finished CV run CVDIR on all of its "
+        "images (its epochs, seed and data; the recipe flags above are ignored), calibrate "
+        "and choose thresholds on its out-of-fold predictions, write OUT/NAME (fp16)",
+    )
+    cv.add_argument(
+        "--variant",
+        choices=("ema", "final"),
+        default="ema",
+        help="with --final-from: ship the EMA weights or the last weights (default ema)",
+    )
 
 
 def config_from_args(args: argparse.Namespace, arch: str | None = None) -> object:
@@ -159,10 +227,94 @@ def config_from_args(args: argparse.Namespace, arch: str | None = None) -> objec
     )
 
 
+def cv_config_from_args(args: argparse.Namespace) -> object:
+    """The :class:`training.cv.CVConfig` of ``triage train --cv K ...``."""
+    import shlex
+
+    from training.cv import CVConfig, Recipe, Source, parse_folds
+    from training.loop import TrainingError
+
+    crop: tuple[float, float] | None = None
+    if args.crop.lower() != "none":
+        try:
+            low, high = (float(v) for v in args.crop.split(","))
+        except ValueError as exc:
+            raise TrainingError(f"--crop takes 'LOW,HIGH' or 'none', got {args.crop!r}") from exc
+        crop = (low, high)
+    recipe = Recipe(
+        arch=args.arch,
+        image_size=args.image_size,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        warmup=args.warmup,
+        weight_decay=args.weight_decay,
+        crop=crop,
+        hflip=args.hflip,
+        pos_weight=not args.no_pos_weight,
+        ema=args.ema,
+        pretrained=args.pretrained or ("none" if args.arch == "resnet18" else "imagenet"),
+        seed=args.seed,
+        head_init=args.head_init,
+        normalisation=args.normalisation,
+        freeze_bn=args.freeze_bn,
+        probe_c=args.probe_c,
+    )
+    return CVConfig(
+        images=args.images,
+        labels=args.labels,
+        out=args.out,
+        recipe=recipe,
+        folds=args.cv,
+        fold_seed=args.fold_seed,
+        only_folds=parse_folds(args.folds, args.cv),
+        threads=args.threads,
+        progress=not args.no_progress,
+        max_images=args.max_images,
+        command=shlex.join(["triage", *sys.argv[1:]]),
+        sources=tuple(Source.parse(text) for text in args.source),
+    )
+
+
 def run(args: argparse.Namespace) -> int:
     from training.train import TrainConfig, train
     from triage_core.errors import TriageError
 
+    if args.final_from is not None:
+        import shlex
+
+        from training.final import train_final
+
+        try:
+            path = train_final(
+                args.final_from,
+                args.out,
+                variant=args.variant,
+                name=args.name,
+                version=args.model_version,
+                images=args.images,
+                labels=args.labels,
+                command=shlex.join(["triage", *sys.argv[1:]]),
+                progress=not args.no_progress,
+            )
+        except TriageError as exc:
+            logger.debug("final training failed", exc_info=True)
+            print(f"triage train: error: {exc}", file=sys.stderr)
+            return 2
+        print(f"checkpoint: {path}")
+        return 0
+    if args.cv is not None:
+        from training.cv import CVConfig, run_cv
+
+        try:
+            cv_config = cv_config_from_args(args)
+            assert isinstance(cv_config, CVConfig)
+            run_cv(cv_config)
+        except TriageError as exc:
+            logger.debug("cross-validation failed", exc_info=True)
+            print(f"triage train: error: {exc}", file=sys.stderr)
+            return 2
+        return 0
     config = config_from_args(args)
     assert isinstance(config, TrainConfig)
     try:

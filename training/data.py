@@ -333,7 +333,9 @@ class Augment:
     """Train-time augmentation parameters (applied on the cached, letterboxed tensor).
 
     Small affine (rotation, scale, translation), brightness and contrast; horizontal flip only
-    when asked (a chest X-ray is not left-right symmetric).
+    when asked (a chest X-ray is not left-right symmetric). ``crop`` adds a random square crop
+    whose side is a uniform fraction of the image in ``crop`` (at a uniform position), resized
+    back to the full size: ``(0.875, 1.0)`` is the "196-224 px crop of a 224 px image" recipe.
     """
 
     degrees: float = 7.0
@@ -342,6 +344,20 @@ class Augment:
     brightness: float = 0.1
     contrast: float = 0.15
     hflip: bool = False
+    crop: tuple[float, float] | None = None
+
+    @classmethod
+    def crop_only(cls, crop: tuple[float, float] = (0.875, 1.0), hflip: bool = False) -> Augment:
+        """Only the random resized crop (no rotation, scaling or intensity change)."""
+        return cls(
+            degrees=0.0,
+            scale=(1.0, 1.0),
+            translate=0.0,
+            brightness=0.0,
+            contrast=0.0,
+            hflip=hflip,
+            crop=crop,
+        )
 
 
 def load_tensors(paths: Sequence[Path], spec: ModelSpec, *, progress: bool = False) -> torch.Tensor:
@@ -429,11 +445,16 @@ class CachedImageDataset:
         gen = torch.Generator().manual_seed(
             (self.seed * 1_000_003 + self.epoch * 7_919 + int(index)) % (2**63 - 1)
         )
-        u = torch.rand(7, generator=gen).tolist()
+        u = torch.rand(10, generator=gen).tolist()  # the first 7 draws as before crop existed
         angle = math.radians((2 * u[0] - 1) * aug.degrees)
         scale = aug.scale[0] + u[1] * (aug.scale[1] - aug.scale[0])
         tx = (2 * u[2] - 1) * aug.translate * 2  # affine_grid units: the image spans [-1, 1]
         ty = (2 * u[3] - 1) * aug.translate * 2
+        if aug.crop is not None:  # a window of side `side` (fraction), resized to the full size
+            side = aug.crop[0] + u[7] * (aug.crop[1] - aug.crop[0])
+            scale /= side
+            tx += (2 * u[8] - 1) * (1 - side)
+            ty += (2 * u[9] - 1) * (1 - side)
         flip = -1.0 if (aug.hflip and u[4] < 0.5) else 1.0
         cos, sin = math.cos(angle) / scale, math.sin(angle) / scale
         theta = torch.tensor([[cos * flip, -sin, tx], [sin * flip, cos, ty]], dtype=torch.float32)

@@ -165,13 +165,22 @@ def train_epoch(
     device: str = "cpu",
     use_cuda: bool = False,
     desc: str | None = None,
+    step_scheduler: Any = None,
+    ema: Any = None,
+    freeze_bn: bool = False,
 ) -> tuple[float, int]:
     """One pass over ``loader``: forward (bf16 autocast and channels_last on CUDA), loss,
     backward, AdamW step. Returns the mean training loss and the number of images seen.
-    ``desc`` shows a tqdm bar (with ETA) under that title."""
+    ``desc`` shows a tqdm bar (with ETA) under that title. ``step_scheduler`` is stepped after
+    every optimizer step (a one-cycle schedule), ``ema`` (timm ``ModelEmaV3``) updated after
+    it; ``freeze_bn`` keeps BatchNorm layers in eval mode (their statistics fixed)."""
     import torch
 
     net.train()
+    if freeze_bn:
+        for module in net.modules():
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                module.eval()
     total, seen = 0.0, 0
     bar: Any = loader
     if desc is not None:
@@ -187,6 +196,10 @@ def train_epoch(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        if step_scheduler is not None:
+            step_scheduler.step()
+        if ema is not None:  # the optimizer's step count drives the EMA's warm-up
+            ema.update(net, step=_optimizer_steps(optimizer))
         total += float(loss.detach()) * len(x)
         seen += len(x)
         if desc is not None:

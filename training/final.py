@@ -1,0 +1,225 @@
+"""The shipped model: the CV-chosen recipe fitted on every labelled image, calibrated on OOF.
+
+``triage train --final-from CVDIR --out OUT`` (or :func:`train_final`) reads the recipe of a
+finished cross-validation run (:mod:`training.cv`), fits it once on all of that run's images
+for the same fixed epoch count (there is no held-out data left to stop on), and fits what a
+checkpoint needs *on the out-of-fold predictions of the same recipe* (every image predicted by a
+model that did not see its patient), not on a small validation split:
+
+* the temperature and a per-class logit shift
+  (:func:`training.calibrate.fit_temperature_and_shift` on the OOF logits; the shift is added
+  to the shipped classifier's bias, so serving applies only the temperature);
+* per-class operating thresholds (:func:`training.oof.choose_operating_thresholds`: Youden
+  points, raised together if the urgent share would exceed 1.5 x the share of studies that have
+  any of the findings), with sensitivity, specificity and PPV and their patient-bootstrap
+  intervals (:func:`training.oof.operating_points`);
+* the drift reference histograms (:func:`training.oof.drift_reference`).
+
+The weights are stored as fp16 after a check that fp16 changes no decision on the training
+images and no probability by more than 0.01; the OOD reference is fitted on the training
+images (optimistic: there is no held-out image left).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from training.cv import FOLD_DONE, Recipe, Source, fit, initial_weights, load_extra, recipe_spec
+from training.data import load_tensors
+from training.loop import TrainingError, classifier_layer, predict_logits
+from training.splits import load_task_data
+
+logger = logging.getLogger(__name__)
+
+#: Variants of a CV run that one serving model can reproduce (no TTA at serving time).
+SERVABLE_VARIANTS: tuple[str, ...] = ("final", "ema")
+#: Largest probability change fp16 storage may cause.
+FP16_TOLERANCE = 0.01
+
+
+def _cv_run(cv_dir: Path) -> dict[str, Any]:
+    path = Path(cv_dir) / "cv.json"
+    if not path.is_file():
+        raise TrainingError(f"{cv_dir} has no cv.json: run `triage train --cv K --out {cv_dir}`")
+    summary: dict[str, Any] = json.loads(path.read_text())
+    for k in range(int(summary["folds"])):
+        if not (Path(cv_dir) / f"fold{k}" / FOLD_DONE).is_file():
+            raise TrainingError(f"fold {k} of {cv_dir} is not finished")
+    return summary
+
+
+def train_final(
+    cv_dir: Path,
+    out: Path,
+    *,
+    variant: str = "ema",
+    name: str = "",
+    version: str = "2",
+    images: Path | None = None,
+    labels: Path | None = None,
+    command: str = "",
+    progress: bool = False,
+) -> Path:
+    """Fit the recipe of ``cv_dir`` on all its images and save a calibrated fp16 checkpoint.
+
+    Returns the checkpoint name (``OUT/NAME``).
+
+    Raises
+    ------
+    TrainingError
+        Unfinished CV run, a variant that one model cannot serve, or an fp16 check failure.
+    """
+    import torch
+
+    from training import oof
+    from training.calibrate import (
+        expected_calibration_error,
+        fit_temperature_and_shift,
+        probabilities,
+    )
+    from triage_core import __version__, ood
+    from triage_core.models import pretrained_source, save_checkpoint
+
+    if variant not in SERVABLE_VARIANTS:
+        raise TrainingError(f"--variant must be one of {SERVABLE_VARIANTS}, got {variant!r}")
+    started = time.perf_counter()
+    summary = _cv_run(cv_dir)
+    recipe = Recipe.from_dict(summary["recipe"])
+    if variant == "ema" and not recipe.ema:
+        raise TrainingError(f"{cv_dir} was run without EMA; use --variant final")
+    images = images or Path(summary["images"])
+    labels = labels or Path(summary["labels"])
+    data, index = load_task_data(images, labels, "multilabel")
+    oof_images, patients, y, logits = oof.read_oof(Path(cv_dir) / "oof.csv")
+    position = {r.image_index: i for i, r in enumerate(data.records)}
+    missing = [name for name in oof_images if name not in position]
+    if missing:
+        raise TrainingError(
+            f"{len(missing)} images of {cv_dir} are not under {images} (e.g. {missing[0]})"
+        )
+    data = data.subset([position[name] for name in oof_images])  # the CV run's images
+    oof_logits = logits[variant]
+    names = list(data.class_names)
+
+    temperature, shift = fit_temperature_and_shift(oof_logits, y)
+    probs = probabilities(oof_logits + shift, "multilabel", temperature)
+    thresholds, rule = oof.choose_operating_thresholds(probs, y)
+    points = oof.operating_points(probs, y, patients, names, thresholds)
+    drift = oof.drift_reference(probs, thresholds, names)
+    auroc = oof.patient_bootstrap(y, oof_logits, patients)
+
+    spec = recipe_spec(recipe)
+    tensors = load_tensors([index[r.image_index] for r in data.records], spec, progress=progress)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    sources = [
+        Source(Path(x["images"]), Path(x["labels"]), float(x["weight"]))
+        for x in summary.get("sources", [])
+    ]
+    extra = load_extra(sources, set(oof_images), spec)
+    train_images, train_targets = tensors, data.multi_hot()
+    weights = np.ones(len(data))
+    if extra is not None:  # every extra image: no patient is held out any more
+        train_images = torch.cat([tensors, extra.tensors])
+        train_targets = np.concatenate([train_targets, extra.targets])
+        weights = np.concatenate([weights, extra.weights])
+    model, ema_model, history = fit(
+        recipe,
+        train_images,
+        train_targets,
+        spec,
+        state_path=out / "state.pt",
+        progress=progress,
+        desc="all data",
+        sample_weights=weights,
+    )
+    chosen = ema_model if variant == "ema" and ema_model is not None else model
+    chosen.eval()
+    with torch.no_grad():  # the calibration's per-class shift lives in the classifier bias
+        head = classifier_layer(chosen)
+        assert head.bias is not None
+        head.bias.add_(torch.as_tensor(shift, dtype=head.bias.dtype))
+    l32 = predict_logits(chosen, tensors, channels_last=True)
+    half = chosen.to(torch.float16).to(torch.float32)  # the round trip fp16 storage makes
+    l16 = predict_logits(half, tensors, channels_last=True)
+    p32, p16 = (probabilities(v, "multilabel", temperature) for v in (l32, l16))
+    t = np.asarray(thresholds)
+    flips = int(((p32 >= t) != (p16 >= t)).sum())
+    fp16_check = {
+        "images": len(p32),
+        "max_abs_probability_difference": round(float(np.abs(p32 - p16).max()), 6),
+        "decision_flips": flips,
+        "tolerance": FP16_TOLERANCE,
+    }
+    if fp16_check["max_abs_probability_difference"] > FP16_TOLERANCE:
+        raise TrainingError(f"fp16 weights change the outputs too much: {fp16_check}")
+
+    runs_table = {f"{Path(cv_dir).name}:{k}": v for k, v in summary["variants"].items()}
+    training = {
+        "protocol": "fit on every labelled image; calibration, thresholds and drift reference "
+        "fitted on the out-of-fold predictions of the same recipe",
+        "recipe": recipe.to_dict(),
+        "variant": variant,
+        "cv_run": oof.relative_data_path(cv_dir),
+        "data": {
+            **summary["data"],
+            "n_images": summary["data"]["images"],
+            "images": oof.relative_data_path(images),
+            "labels": oof.relative_data_path(labels),
+            "sources": extra.counts if extra is not None else [],
+        },
+        "out": oof.relative_data_path(out),
+        "pretrained": pretrained_source(recipe.arch, initial_weights(recipe)),
+        "history": history,
+        "weights_dtype": "float16",
+        "fp16_check": fp16_check,
+        "torch": torch.__version__,
+        "command": command,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    metrics = {
+        "protocol": f"{summary['folds']}-fold patient-wise cross-validation (fold seed "
+        f"{summary['fold_seed']}), out-of-fold predictions of the shipped recipe",
+        "oof": {
+            "variant": variant,
+            "auroc": dict(zip(names, auroc["per_class"], strict=True)),
+            "mean_auroc": auroc["mean"],
+            "ece_before": round(
+                expected_calibration_error(
+                    probabilities(oof_logits, "multilabel", 1.0), y, "multilabel"
+                ),
+                4,
+            ),
+            "ece_after": round(expected_calibration_error(probs, y, "multilabel"), 4),
+            "logit_shift": [round(float(v), 6) for v in shift],
+        },
+        "threshold_rule": rule,
+        "operating_points": points,
+        "cv_table": runs_table,
+    }
+    final = spec.replace(
+        name=name or f"cxr-triage-{recipe.arch.replace('efficientnet_', '')}-multilabel",
+        version=version,
+        temperature=float(temperature),
+        thresholds=list(thresholds),
+        training=training,
+        metrics=metrics,
+        drift=drift,
+        code_version=__version__,
+    )
+    final = final.replace(ood=ood.fit_reference(half, final, tensors))
+    path = save_checkpoint(half, final, out / final.name, dtype=torch.float16)
+    (out / "state.pt").unlink(missing_ok=True)
+    print(
+        f"saved {path}: OOF mean AUROC {auroc['mean']}, temperature {temperature:.3f}, "
+        f"thresholds {[round(x, 3) for x in thresholds]}, urgent share "
+        f"{points['urgent_share']} (any finding {points['any_finding_share']})",
+        flush=True,
+    )
+    return path

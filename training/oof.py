@@ -1,0 +1,391 @@
+"""Out-of-fold (OOF) predictions: collecting them, judging them, and what is fitted on them.
+
+Everything here works on pooled OOF predictions of :mod:`training.cv` (every image predicted
+once by the fold model that did not see its patient):
+
+* :func:`patient_bootstrap` - AUROC per class and their mean with 95 % percentile intervals
+  that resample *patients* (all of a patient's images together), not images;
+* :func:`collect_run` / :func:`load_runs` / :func:`ensemble` - the variants of one or several
+  CV runs (final weights, EMA, flip TTA, per-epoch snapshots; seed ensembles as the mean of
+  logits of runs on the same folds);
+* :func:`operating_points` - per-class thresholds for a stated target, with sensitivity,
+  specificity and PPV (patient-bootstrap intervals), the urgent share they produce, and
+* :func:`drift_reference` - the 20-bin reference histograms the node's drift panel compares
+  live scores with.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from training.loop import TrainingError
+
+if TYPE_CHECKING:
+    from training.data import TaskData
+
+#: Bins of the drift reference histograms (equal width on [0, 1]).
+DRIFT_BINS = 20
+#: Bootstrap resamples for every interval.
+N_BOOT = 1000
+
+
+def relative_data_path(path: Path | str) -> str:
+    """A data path as written in cards and run files: relative to the repository when it lies
+    in the shared data folder (``../shared/data/...``), never a machine's absolute path."""
+    text = str(path)
+    marker = "/shared/data/"
+    if marker in text:
+        return "../shared/data/" + text.split(marker, 1)[1]
+    p = Path(text)
+    if p.is_absolute():
+        try:
+            return str(p.relative_to(Path.cwd()))
+        except ValueError:
+            return p.name
+    return text
+
+
+def _patient_index(patients: Sequence[str]) -> list[np.ndarray]:
+    """Image indices of each patient (in first-seen order)."""
+    groups: dict[str, list[int]] = {}
+    for i, p in enumerate(patients):
+        groups.setdefault(str(p), []).append(i)
+    return [np.asarray(v, dtype=np.int64) for v in groups.values()]
+
+
+def patient_bootstrap(
+    y: np.ndarray,
+    scores: np.ndarray,
+    patients: Sequence[str],
+    n_boot: int = N_BOOT,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Per-class AUROC and mean AUROC with 95 % intervals from a patient bootstrap.
+
+    Parameters
+    ----------
+    y, scores : numpy.ndarray
+        ``(N, C)`` 0/1 labels and scores (logits or probabilities: AUROC is rank-based).
+    patients : sequence of str
+        Patient of each row; a resample draws patients with replacement and takes all their
+        images.
+
+    Returns
+    -------
+    dict
+        ``{"per_class": [[auc, low, high], ...], "mean": [auc, low, high]}``.
+    """
+    from sklearn.metrics import roc_auc_score
+
+    y = np.asarray(y) > 0.5
+    scores = np.asarray(scores, dtype=np.float64)
+    groups = _patient_index(patients)
+    rng = np.random.default_rng(seed)
+    c = y.shape[1]
+    point = [float(roc_auc_score(y[:, k], scores[:, k])) for k in range(c)]
+    samples: list[list[float]] = []
+    for _ in range(n_boot):
+        pick = rng.integers(0, len(groups), len(groups))
+        idx = np.concatenate([groups[i] for i in pick])
+        yb, sb = y[idx], scores[idx]
+        if any(yb[:, k].all() or not yb[:, k].any() for k in range(c)):
+            continue
+        samples.append([float(roc_auc_score(yb[:, k], sb[:, k])) for k in range(c)])
+    arr = np.asarray(samples)
+    lows = np.percentile(arr, 2.5, axis=0)
+    highs = np.percentile(arr, 97.5, axis=0)
+    means = arr.mean(axis=1)
+    return {
+        "per_class": [
+            [round(point[k], 4), round(float(lows[k]), 4), round(float(highs[k]), 4)]
+            for k in range(c)
+        ],
+        "mean": [
+            round(float(np.mean(point)), 4),
+            round(float(np.percentile(means, 2.5)), 4),
+            round(float(np.percentile(means, 97.5)), 4),
+        ],
+        "resamples": len(samples),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# collecting runs
+
+
+def collect_run(out: Path, data: TaskData, fold: np.ndarray) -> dict[str, Any]:
+    """Pool a CV run's fold predictions into ``OUT/oof.csv`` and score every variant."""
+    pooled, seconds = _pool(out, len(data), int(fold.max()) + 1)
+    y = data.multi_hot()
+    patients = [r.patient_id for r in data.records]
+    _write_oof_csv(out / "oof.csv", data, fold, pooled)
+    variants = {
+        name: patient_bootstrap(y, logits, patients)
+        for name, logits in sorted(pooled.items())
+        if not np.isnan(logits).any()
+    }
+    counts = data.class_counts()
+    return {
+        "data": {
+            "images": len(data),
+            "patients": len(set(patients)),
+            "positives": {name: counts[name] for name in data.class_names},
+            "none_of_the_findings": counts.get("none"),
+            "per_fold_images": [int((fold == k).sum()) for k in range(int(fold.max()) + 1)],
+        },
+        "class_names": list(data.class_names),
+        "fold_seconds": seconds,
+        "variants": variants,
+    }
+
+
+def _pool(out: Path, n: int, k: int) -> tuple[dict[str, np.ndarray], list[float]]:
+    from training.cv import FOLD_DONE
+
+    pooled: dict[str, np.ndarray] = {}
+    seconds: list[float] = []
+    for f in range(k):
+        path = out / f"fold{f}" / FOLD_DONE
+        if not path.exists():
+            raise TrainingError(f"fold {f} of {out} is not finished ({path} missing)")
+        with np.load(path) as saved:
+            index = saved["index"]
+            seconds.append(round(float(saved["seconds"]), 1))
+            for name in saved.files:
+                if name in ("index", "seconds"):
+                    continue
+                logits = saved[name]
+                if name not in pooled:
+                    pooled[name] = np.full((n, logits.shape[1]), np.nan, dtype=np.float64)
+                pooled[name][index] = logits
+    return pooled, seconds
+
+
+def _write_oof_csv(
+    path: Path, data: TaskData, fold: np.ndarray, pooled: Mapping[str, np.ndarray]
+) -> None:
+    names = list(data.class_names)
+    variants = sorted(pooled)
+    y = data.multi_hot()
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(
+            ["Image Index", "Patient ID", "fold", *names]
+            + [f"{v}:{c}" for v in variants for c in names]
+        )
+        for i, record in enumerate(data.records):
+            writer.writerow(
+                [record.image_index, record.patient_id, int(fold[i])]
+                + [int(v) for v in y[i]]
+                + [f"{pooled[v][i, c]:.6f}" for v in variants for c in range(len(names))]
+            )
+    tmp.replace(path)
+
+
+def read_oof(path: Path) -> tuple[list[str], list[str], np.ndarray, dict[str, np.ndarray]]:
+    """``(images, patients, labels (N, C), {variant: logits (N, C)})`` from an ``oof.csv``."""
+    with path.open(newline="") as handle:
+        reader = csv.reader(handle)
+        header = next(reader)
+        rows = list(reader)
+    names = [h for h in header[3:] if ":" not in h]
+    c = len(names)
+    variants: dict[str, list[int]] = {}
+    for j, h in enumerate(header):
+        if ":" in h:
+            variants.setdefault(h.split(":", 1)[0], []).append(j)
+    images = [r[0] for r in rows]
+    patients = [r[1] for r in rows]
+    labels = np.asarray([[float(v) for v in r[3 : 3 + c]] for r in rows])
+    logits = {
+        v: np.asarray([[float(r[j]) for j in cols] for r in rows]) for v, cols in variants.items()
+    }
+    return images, patients, labels, logits
+
+
+def load_runs(dirs: Sequence[Path]) -> list[dict[str, Any]]:
+    """Each run's ``cv.json`` and OOF logits; the runs must cover the same images in the same
+    folds (a seed ensemble averages models that did not see the same patients)."""
+    runs = []
+    reference: list[str] | None = None
+    for d in dirs:
+        summary = json.loads((Path(d) / "cv.json").read_text())
+        images, patients, labels, logits = read_oof(Path(d) / "oof.csv")
+        folds = (Path(d) / "folds.csv").read_text()
+        if reference is None:
+            reference = [folds]
+        elif reference[0] != folds:
+            raise TrainingError(f"{d} used other folds than {dirs[0]}")
+        runs.append(
+            {
+                "dir": str(d),
+                "summary": summary,
+                "images": images,
+                "patients": patients,
+                "labels": labels,
+                "logits": logits,
+            }
+        )
+    return runs
+
+
+def ensemble(runs: Sequence[Mapping[str, Any]], variant: str) -> np.ndarray:
+    """Mean logits of ``variant`` over the runs (a seed ensemble's OOF prediction)."""
+    return np.mean([r["logits"][variant] for r in runs], axis=0)
+
+
+# --------------------------------------------------------------------------------------------
+# tables
+
+
+def format_table(
+    variants: Mapping[str, Mapping[str, Any]],
+    class_names: Sequence[str] = ("Atelectasis", "Effusion", "Infiltration"),
+    title: str = "",
+) -> str:
+    """A Markdown table: one row per variant, per-class and mean OOF AUROC with intervals."""
+
+    def cell(v: Sequence[float]) -> str:
+        return f"{v[0]:.3f} [{v[1]:.3f}, {v[2]:.3f}]"
+
+    lines = [f"OOF AUROC (95 % patient bootstrap) {title}".rstrip(), ""]
+    lines.append("| variant | " + " | ".join(class_names) + " | mean |")
+    lines.append("|---" * (len(class_names) + 2) + "|")
+    for name, row in variants.items():
+        cells = [cell(v) for v in row["per_class"]]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {cell(row['mean'])} |")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# operating points and drift reference
+
+
+def _rates(y: np.ndarray, called: np.ndarray) -> tuple[float, float, float]:
+    tp = float((called & y).sum())
+    fp = float((called & ~y).sum())
+    pos, neg = float(y.sum()), float((~y).sum())
+    sens = tp / pos if pos else math.nan
+    spec = 1 - fp / neg if neg else math.nan
+    ppv = tp / (tp + fp) if tp + fp else math.nan
+    return sens, spec, ppv
+
+
+def youden_threshold(y: np.ndarray, p: np.ndarray) -> float:
+    """The probability threshold maximising sensitivity + specificity - 1 (the Youden point);
+    ties go to the higher threshold (fewer studies flagged)."""
+    from sklearn.metrics import roc_curve
+
+    fpr, tpr, thr = roc_curve(np.asarray(y) > 0.5, p)
+    j = tpr - fpr
+    best = np.flatnonzero(j == j.max())
+    t = float(thr[best[0]])  # roc_curve lists thresholds in decreasing order
+    return float(min(1.0, t))
+
+
+def operating_points(
+    probs: np.ndarray,
+    y: np.ndarray,
+    patients: Sequence[str],
+    class_names: Sequence[str],
+    thresholds: Sequence[float],
+    n_boot: int = N_BOOT,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Sensitivity, specificity and PPV at ``thresholds`` with patient-bootstrap intervals,
+    flagged share per class, and the urgent share (any finding flagged) beside the share that
+    truly has at least one of the findings."""
+    y = np.asarray(y) > 0.5
+    probs = np.asarray(probs, dtype=np.float64)
+    t = np.asarray(thresholds, dtype=np.float64)
+    called = probs >= t
+    groups = _patient_index(patients)
+    rng = np.random.default_rng(seed)
+    boots: list[list[tuple[float, float, float]]] = []
+    for _ in range(n_boot):
+        idx = np.concatenate([groups[i] for i in rng.integers(0, len(groups), len(groups))])
+        boots.append([_rates(y[idx, k], called[idx, k]) for k in range(len(class_names))])
+    arr = np.asarray(boots, dtype=np.float64)  # (B, C, 3)
+    out: dict[str, Any] = {}
+    for k, name in enumerate(class_names):
+        point = _rates(y[:, k], called[:, k])
+        entry: dict[str, Any] = {
+            "threshold": round(float(t[k]), 6),
+            "positives": int(y[:, k].sum()),
+            "flagged_share": round(float(called[:, k].mean()), 4),
+            "prevalence": round(float(y[:, k].mean()), 4),
+        }
+        for j, metric in enumerate(("sensitivity", "specificity", "ppv")):
+            col = arr[:, k, j]
+            col = col[np.isfinite(col)]
+            entry[metric] = [
+                round(point[j], 4),
+                round(float(np.percentile(col, 2.5)), 4),
+                round(float(np.percentile(col, 97.5)), 4),
+            ]
+        out[name] = entry
+    urgent: np.ndarray = np.asarray(called.any(axis=1))
+    truly: np.ndarray = np.asarray(y.any(axis=1))
+    out["urgent_share"] = round(float(urgent.mean()), 4)
+    out["any_finding_share"] = round(float(truly.mean()), 4)
+    out["urgent_bound"] = round(1.5 * float(truly.mean()), 4)
+    out["urgent_sensitivity"] = round(float(urgent[truly].mean()), 4)
+    out["urgent_ppv"] = round(float(truly[urgent].mean()) if urgent.any() else math.nan, 4)
+    out["images"] = len(y)
+    return out
+
+
+def choose_operating_thresholds(
+    probs: np.ndarray, y: np.ndarray, bound_factor: float = 1.5
+) -> tuple[list[float], str]:
+    """Per-class Youden thresholds; if together they call more studies urgent than
+    ``bound_factor`` times the share that has any finding, every class's threshold is raised to
+    the same higher quantile of its own scores until the urgent share fits the bound.
+
+    Returns the thresholds and the rule in words (for the spec and card).
+    """
+    y = np.asarray(y) > 0.5
+    probs = np.asarray(probs, dtype=np.float64)
+    c = probs.shape[1]
+    thresholds = [youden_threshold(y[:, k], probs[:, k]) for k in range(c)]
+    rule = "Youden point per class (maximum sensitivity + specificity - 1) on the OOF predictions"
+    bound = bound_factor * float(y.any(axis=1).mean())
+    if float((probs >= np.asarray(thresholds)).any(axis=1).mean()) <= bound:
+        return thresholds, rule
+    flagged = [float((probs[:, k] >= thresholds[k]).mean()) for k in range(c)]
+    for shrink in np.linspace(1.0, 0.0, 201)[1:]:
+        raised = [
+            max(thresholds[k], float(np.quantile(probs[:, k], 1 - flagged[k] * shrink)))
+            for k in range(c)
+        ]
+        if float((probs >= np.asarray(raised)).any(axis=1).mean()) <= bound:
+            return raised, (
+                rule + f", each class's flagged share then scaled by {shrink:.3f} so that the "
+                f"urgent share stays <= {bound_factor:g} x the share with any finding"
+            )
+    raise TrainingError("no thresholds keep the urgent share under its bound")
+
+
+def drift_reference(
+    probs: np.ndarray, thresholds: Sequence[float], class_names: Sequence[str]
+) -> dict[str, Any]:
+    """Per class: the 20-bin histogram (equal width on [0, 1], shares summing to 1) of the OOF
+    calibrated probabilities and the reference flagged ("positive") share at the threshold."""
+    probs = np.asarray(probs, dtype=np.float64)
+    edges = np.linspace(0.0, 1.0, DRIFT_BINS + 1)
+    out: dict[str, Any] = {"bins": DRIFT_BINS, "images": len(probs), "classes": {}}
+    for k, name in enumerate(class_names):
+        counts, _ = np.histogram(np.clip(probs[:, k], 0.0, 1.0), bins=edges)
+        out["classes"][name] = {
+            "histogram": [round(float(v), 6) for v in counts / max(1, counts.sum())],
+            "positive_share": round(float((probs[:, k] >= thresholds[k]).mean()), 6),
+        }
+    return out
