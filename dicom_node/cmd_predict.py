@@ -55,11 +55,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="json: one JSON object per line (JSON Lines); table: aligned columns",
     )
     parser.add_argument(
+        "--runtime",
+        choices=("onnxruntime", "torch"),
+        default="onnxruntime",
+        help="inference runtime (default onnxruntime: NAME.onnx beside the checkpoint)",
+    )
+    parser.add_argument(
         "--mode",
         default="auto",
-        help="inference path: auto, eager, channels_last, bf16, compile, compile_bf16",
+        help="torch inference path: auto, eager, channels_last, bf16, compile, compile_bf16",
     )
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--threads", type=int, help="CPU threads (default: the runtime's)")
     parser.add_argument("--batch-size", type=int, default=16, help="images per forward pass")
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
 
@@ -179,14 +185,13 @@ def _probabilities_and_ood(
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Calibrated probabilities and OOD scores (``None`` without a reference), one pass."""
     import numpy as np
-    import torch
 
     from triage_core import ood
-    from triage_core.imaging import to_tensor
+    from triage_core.imaging import to_array
 
     if not images:
         return np.zeros((0, predictor.spec.num_classes), dtype=np.float32), None
-    batch = torch.stack([to_tensor(image, predictor.spec) for image in images])
+    batch = np.stack([to_array(image, predictor.spec) for image in images])
     probs, features = predictor.predict_with_features(batch)
     if not predictor.spec.ood:
         return probs, None
@@ -253,9 +258,11 @@ def run(args: argparse.Namespace) -> int:
             threads=args.threads,
             batch_size=args.batch_size,
             mode=args.mode,
+            runtime=args.runtime,
         )
     except CheckpointError as exc:
-        hint = "" if args.model else " (--model CKPT is required until a default model ships)"
+        no_default = args.model is None and "no default model" in str(exc)
+        hint = " (--model CKPT is required until a default model ships)" if no_default else ""
         print(f"triage predict: {exc}{hint}", file=sys.stderr)
         return 2
     except ValueError as exc:

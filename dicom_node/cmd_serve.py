@@ -44,8 +44,13 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
         "such as http://host:8042/dicom-web (repeatable)",
     )
     parser.add_argument("--workers", type=int, help="inference worker threads")
-    parser.add_argument("--device", help="torch device (cpu, cuda, cuda:0)")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (process-wide)")
+    parser.add_argument(
+        "--runtime",
+        choices=("onnxruntime", "torch"),
+        help="inference runtime (default onnxruntime: NAME.onnx, no torch needed)",
+    )
+    parser.add_argument("--device", help="torch device (cpu, cuda, cuda:0; --runtime torch)")
+    parser.add_argument("--threads", type=int, help="inference CPU threads")
     parser.add_argument("--lease-seconds", type=float, help="processing lease (s)")
     parser.add_argument("--max-attempts", type=int, help="processing attempts before failed")
     parser.add_argument(
@@ -72,6 +77,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--http-port", type=int, help="HTTP API port (0 disables; 8080)")
     parser.add_argument("--http-host", help="HTTP API address (default 127.0.0.1)")
     parser.add_argument("--max-associations", type=int, help="concurrent associations (16)")
+    parser.add_argument("--tls-cert", type=Path, help="DICOM port over TLS: certificate (PEM)")
+    parser.add_argument("--tls-key", type=Path, help="private key of --tls-cert (PEM)")
+    parser.add_argument(
+        "--tls-ca", type=Path, help="CA file: DICOM clients must present a certificate it signed"
+    )
+    parser.add_argument("--http-tls-cert", type=Path, help="HTTP over TLS: certificate (PEM)")
+    parser.add_argument("--http-tls-key", type=Path, help="private key of --http-tls-cert")
+    parser.add_argument(
+        "--http-tls-ca", type=Path, help="CA file: HTTP clients must present a certificate"
+    )
 
 
 _FLAG_FIELDS = (
@@ -93,6 +108,13 @@ _FLAG_FIELDS = (
     "http_port",
     "http_host",
     "max_associations",
+    "runtime",
+    "tls_cert",
+    "tls_key",
+    "tls_ca",
+    "http_tls_cert",
+    "http_tls_key",
+    "http_tls_ca",
 )
 
 

@@ -56,6 +56,7 @@ def load_predictor(settings: NodeSettings, model_path: Path | None) -> Predictor
     reading and decoding images with another study's inference.
     """
     from triage_core.inference import Predictor
+    from triage_core.runtime import SessionOptions
 
     started = time.perf_counter()
     # Default: leave one core to the C-STORE and network threads (OpenMP threads that
@@ -63,13 +64,23 @@ def load_predictor(settings: NodeSettings, model_path: Path | None) -> Predictor
     # 2 threads on 2 busy cores).
     threads = settings.threads or max(1, (os.cpu_count() or 1) - 1)
     predictor = Predictor(
-        model_path, device=settings.device, threads=threads, batch_size=settings.batch_size
+        model_path,
+        device=settings.device,
+        threads=threads,
+        batch_size=settings.batch_size,
+        runtime=settings.runtime,
+        session=SessionOptions(
+            threads=threads,
+            optimization=settings.ort_optimization,
+            memory_arena=settings.ort_memory_arena,
+        ),
     )
     warm_up(predictor, with_cam=settings.with_cam)
     logger.info(
-        "%s (loaded in %.1f s, device %s, %d torch thread(s), mode %s)",
+        "%s (loaded in %.1f s, runtime %s, device %s, %d thread(s), mode %s)",
         describe_model(predictor.spec, model_path),
         time.perf_counter() - started,
+        settings.runtime,
         settings.device,
         threads,
         getattr(predictor, "mode", "?"),
@@ -78,8 +89,9 @@ def load_predictor(settings: NodeSettings, model_path: Path | None) -> Predictor
 
 
 def warm_up(predictor: Predictor, with_cam: bool) -> None:
-    """Pay one-time costs before the port opens: first forward, Grad-CAM import and hooks,
-    the DICOM output stack. The first study then takes as long as the next ones."""
+    """Pay one-time costs before the first study: first forward, the CAM (Grad-CAM import and
+    hooks with torch), the pipeline modules. The first study then takes as long as the next
+    ones. (highdicom is imported by the outputs process, not here.)"""
     import numpy as np
 
     started = time.perf_counter()
@@ -88,8 +100,6 @@ def warm_up(predictor: Predictor, with_cam: bool) -> None:
         size = predictor.spec.input_size
         image = np.random.default_rng(0).random((size, size)).astype(np.float32)
         predictor.explainer().explain(image, 0)
-    import highdicom  # noqa: F401 - imported for its import time only
-
-    from triage_core import dicom_out, pipeline  # noqa: F401
+    from triage_core import pipeline  # noqa: F401 - imported for its import time only
 
     logger.info("warm-up done in %.1f s", time.perf_counter() - started)

@@ -262,9 +262,18 @@ class NodeSettings(BaseSettings):
         0.2, gt=0.0, le=60.0, description="look-for-work period (s) without LISTEN/NOTIFY"
     )
     retention_days: float | None = Field(None, gt=0.0, description="purge spool after N days")
-    device: str = Field("cpu", description="torch device for inference")
+    runtime: Literal["onnxruntime", "torch"] = Field(
+        "onnxruntime", description="inference runtime: NAME.onnx in ONNX Runtime, or torch"
+    )
+    device: str = Field("cpu", description="torch device for inference (torch runtime)")
     threads: int | None = Field(
-        None, ge=1, le=256, description="torch CPU threads (default: CPU count - 1)"
+        None, ge=1, le=256, description="inference CPU threads (default: CPU count - 1)"
+    )
+    ort_optimization: Literal["disable", "basic", "extended", "all"] = Field(
+        "all", description="ONNX Runtime graph optimisation level"
+    )
+    ort_memory_arena: bool = Field(
+        True, description="ONNX Runtime keeps freed activation memory for the next batch"
     )
     batch_size: int = Field(16, ge=1, le=1024)
     with_cam: bool = Field(True, description="send the Grad-CAM Secondary Capture")
@@ -510,26 +519,30 @@ def check_storage(storage: Path) -> None:
         raise ConfigError(f"storage folder {storage} is not writable: {exc}") from exc
 
 
-def check_model(model: Path | None) -> Path:
-    """Resolve the checkpoint path (``NAME`` of ``NAME.safetensors`` + ``NAME.json``)."""
+def check_model(model: Path | None, runtime: str = "torch") -> Path:
+    """Resolve the checkpoint path (``NAME`` of ``NAME.safetensors`` + ``NAME.json``, and
+    ``NAME.onnx`` for the ONNX Runtime)."""
+    from triage_core.runtime import export_command, onnx_path
+
     if model is None:
         from triage_core.errors import CheckpointError
         from triage_core.models import default_checkpoint_path
 
         try:
-            return default_checkpoint_path()
+            base = default_checkpoint_path()
         except CheckpointError as exc:
             raise ConfigError(f"no --model given and no default checkpoint: {exc}") from exc
-    base = model
-    if base.suffix in (".safetensors", ".json"):
-        base = base.with_suffix("")
-    missing = [
-        str(p)
-        for p in (base.with_suffix(".safetensors"), base.with_suffix(".json"))
-        if not p.is_file()
-    ]
+    else:
+        base = model.with_suffix("") if model.suffix in (".safetensors", ".json") else model
+    files = [base.with_suffix(".safetensors"), base.with_suffix(".json")]
+    missing = [str(p) for p in files if not p.is_file()]
     if missing:
-        raise ConfigError(f"model checkpoint {model}: missing file(s) {', '.join(missing)}")
+        raise ConfigError(f"model checkpoint {base}: missing file(s) {', '.join(missing)}")
+    if runtime == "onnxruntime" and not onnx_path(base).is_file():
+        raise ConfigError(
+            f"model checkpoint {base} has no serving graph {onnx_path(base).name}: write it with "
+            f"'{export_command(base)} --check-images DIR', or use --runtime torch"
+        )
     return base
 
 
@@ -592,7 +605,7 @@ def check_runtime(
         Unwritable storage, missing model files, unreachable database, or a port in use.
     """
     check_storage(settings.storage)
-    model_path = check_model(settings.model) if need_model else None
+    model_path = check_model(settings.model, settings.runtime) if need_model else None
     check_database(settings.database_url)
     check_tls(settings, need_scp=need_scp)
     if need_scp:

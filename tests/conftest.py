@@ -82,9 +82,12 @@ def cxr14_dir(shared_data: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A randomly initialised ResNet-18 checkpoint at 64 px (plumbing only, not a real model)."""
+    """A randomly initialised ResNet-18 checkpoint at 64 px (plumbing only, not a real model),
+    with its ONNX serving graph (checked against torch on two noise images)."""
+    import numpy as np
     import torch
 
+    from training.onnx_export import export_onnx
     from triage_core.models import create_model, default_spec, save_checkpoint
 
     torch.manual_seed(0)
@@ -92,4 +95,6 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     spec = default_spec("resnet18").replace(input_size=64, name="random-test-model", version="0")
     path = tmp_path_factory.mktemp("ckpt") / "tiny"
     save_checkpoint(model, spec, path)
+    noise = np.random.default_rng(0).standard_normal((2, 3, 64, 64)).astype(np.float32)
+    export_onnx(path, noise)
     return path

@@ -3,6 +3,11 @@
 ``python -m training.export --model RUN/NAME --out triage_core/weights/NAME --images DIR
 --labels CSV``
 
+``python -m training.export --onnx --model NAME --check-images DIR [DIR...]`` writes only the
+serving graph ``NAME.onnx`` beside an existing checkpoint (:mod:`training.onnx_export`: ONNX
+Runtime checked against torch on those images; nothing is written when the check fails). The
+fp16 export writes the graph too, checked on its test split.
+
 The fp16 copy is kept only if its calibrated probabilities on the checkpoint's own test split
 stay within ``--tolerance`` (default 0.01) of the fp32 model's and no class's AUROC moves by more
 than ``--auroc-tolerance`` (default 0.01, the acceptance rule issue 8 sets for quantisation);
@@ -152,15 +157,30 @@ def export_fp16(
     recorded = dict(spec.metrics)
     recorded["test"] = _test_summary(metrics)
     save_checkpoint(shipped, spec.replace(metrics=recorded), out, dtype=torch.float16)
+    from training.onnx_export import MAX_CHECK_IMAGES, export_onnx
+
+    check["onnx"] = export_onnx(out, tensors[:MAX_CHECK_IMAGES].float().numpy())
     return check
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training.export", description=__doc__)
     parser.add_argument("--model", type=Path, required=True)
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--images", type=Path, required=True)
-    parser.add_argument("--labels", type=Path, required=True)
+    parser.add_argument(
+        "--onnx",
+        action="store_true",
+        help="only write NAME.onnx beside the checkpoint --model (checked on --check-images)",
+    )
+    parser.add_argument(
+        "--check-images",
+        type=Path,
+        nargs="+",
+        metavar="PATH",
+        help="with --onnx: image files or folders for the ONNX Runtime vs torch check",
+    )
+    parser.add_argument("--out", type=Path)
+    parser.add_argument("--images", type=Path)
+    parser.add_argument("--labels", type=Path)
     parser.add_argument(
         "--eval-dir", type=Path, help="keep the shipped file's test evaluation (plots) here"
     )
@@ -169,6 +189,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--command", help="replace the recorded training command")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.onnx:
+        return _main_onnx(parser, args)
+    if args.out is None or args.images is None or args.labels is None:
+        parser.error("the fp16 export needs --out, --images and --labels (or use --onnx)")
     try:
         check = export_fp16(
             args.model,
@@ -180,6 +204,22 @@ def main(argv: list[str] | None = None) -> int:
             auroc_tolerance=args.auroc_tolerance,
             command=args.command,
         )
+    except TriageError as exc:
+        print(f"export failed: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(check, indent=2))
+    return 0
+
+
+def _main_onnx(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    from training.onnx_export import check_inputs, export_onnx
+    from triage_core.models import read_spec
+
+    if not args.check_images:
+        parser.error("--onnx needs --check-images PATH... (real images for the self-check)")
+    try:
+        inputs = check_inputs(args.check_images, read_spec(args.model))
+        check = export_onnx(args.model, inputs)
     except TriageError as exc:
         print(f"export failed: {exc}", file=sys.stderr)
         return 2

@@ -563,6 +563,9 @@ def _calibrate_and_save(
     )
     name = Path(config.out) / (config.name or f"cxr-triage-{config.arch}-{config.task}")
     path = save_checkpoint(model, final, name, dtype=torch.float16 if config.fp16 else None)
+    from training.onnx_export import export_after_training
+
+    export_after_training(path, prep.val_images)  # NAME.onnx, the serving graph (issue 15)
     print(
         f"saved {path} (best epoch {best_epoch + 1}, val {metrics['score_name']} "
         f"{metrics['score']:.4f}, temperature {temperature:.3f}, thresholds "

@@ -11,7 +11,7 @@ crops the padding back off (``imaging.letterbox_geometry``) and resizes the map 
 image's ``H x W`` or to the smaller output size of the overlay (``max_side``), so it lines up
 with what the reader sees.
 
-Two ways to the same map:
+Three ways to the same map:
 
 * :meth:`CamExplainer.square_map`: ``pytorch_grad_cam`` on a new forward and backward pass of the
   whole model (the reference; about 1.5 forward passes of CPU time);
@@ -22,6 +22,13 @@ Two ways to the same map:
   ``pytorch_grad_cam`` (tested against it), without a second pass through the backbone. The
   explainer checks once, on a probe input, that its head reproduces the model's logits from the
   target layer's output; where it does not (another architecture), only ``square_map`` is used.
+
+:class:`FeatureCam` (the ONNX Runtime path, numpy only): for our architectures the head is
+global average pooling + a linear layer, so the gradient of class ``k``'s logit with respect to
+the feature map is ``w_k / (h w)`` everywhere, and Grad-CAM reduces to the class activation map
+``relu(sum_c w_kc A_c)`` (Zhou et al., 2016), scaled the same way. The weights come from the
+serving graph's metadata (:mod:`triage_core.runtime`); the export checks the result against
+``pytorch_grad_cam`` (within 1e-3).
 
 :class:`CamExplainer` works on a private copy of the model in which only the target layer's
 parameters require gradients: the backward pass then stops at the target layer (cheap), and
@@ -350,13 +357,13 @@ class CamExplainer:
                 f"class index {class_index!r} outside [0, {self.spec.num_classes})"
             )
 
-    def square_map(self, tensor: torch.Tensor, class_index: int) -> np.ndarray:
+    def square_map(self, tensor: torch.Tensor | np.ndarray, class_index: int) -> np.ndarray:
         """Grad-CAM of class ``class_index`` over the model input.
 
         Parameters
         ----------
-        tensor : torch.Tensor
-            ``(3, S, S)`` or ``(1, 3, S, S)`` from ``imaging.to_tensor``.
+        tensor : torch.Tensor or numpy.ndarray
+            ``(3, S, S)`` or ``(1, 3, S, S)`` from ``imaging.to_tensor`` / ``to_array``.
         class_index : int
             Index into ``spec.class_names``.
 
@@ -376,6 +383,7 @@ class CamExplainer:
 
         self._check_class(class_index)
         size = self.spec.input_size
+        tensor = torch.as_tensor(tensor)
         batch = tensor[None] if tensor.ndim == 3 else tensor
         if tuple(batch.shape) != (1, 3, size, size):
             raise ExplanationError(
@@ -406,7 +414,7 @@ class CamExplainer:
         image: np.ndarray,
         class_index: int,
         alpha: float = DEFAULT_ALPHA,
-        tensor: torch.Tensor | None = None,
+        tensor: torch.Tensor | np.ndarray | None = None,
         *,
         features: np.ndarray | None = None,
         max_side: int | None = None,
@@ -437,8 +445,6 @@ class CamExplainer:
             Heatmap ``h x w`` and RGB overlay ``h x w x 3`` at the source resolution, or scaled
             down to ``max_side``.
         """
-        import cv2
-
         from triage_core.imaging import to_tensor
 
         if image.ndim != 2:
@@ -449,15 +455,137 @@ class CamExplainer:
             if tensor is None:
                 tensor = to_tensor(image, self.spec)
             square = self.square_map(tensor, class_index)
-        height, width = image.shape
-        shape = output_shape(height, width, max_side)
-        heatmap = to_source(square, height, width, shape)
-        if shape != (height, width):
-            gray = np.asarray(image, dtype=np.float32)
-            image = cv2.resize(gray, (shape[1], shape[0]), interpolation=cv2.INTER_AREA)
-        return CamResult(
-            class_index=class_index,
-            class_name=self.spec.class_names[class_index],
-            heatmap=heatmap,
-            overlay=overlay_heatmap(image, heatmap, alpha),
+        return cam_result(self.spec, image, square, class_index, alpha, max_side)
+
+
+def cam_result(
+    spec: ModelSpec,
+    image: np.ndarray,
+    square: np.ndarray,
+    class_index: int,
+    alpha: float,
+    max_side: int | None,
+) -> CamResult:
+    """Heatmap and overlay at the image's resolution (or ``max_side``) from a square map."""
+    import cv2
+
+    height, width = image.shape
+    shape = output_shape(height, width, max_side)
+    heatmap = to_source(square, height, width, shape)
+    if shape != (height, width):
+        gray = np.asarray(image, dtype=np.float32)
+        image = cv2.resize(gray, (shape[1], shape[0]), interpolation=cv2.INTER_AREA)
+    return CamResult(
+        class_index=class_index,
+        class_name=spec.class_names[class_index],
+        heatmap=heatmap,
+        overlay=overlay_heatmap(image, heatmap, alpha),
+    )
+
+
+def class_activation_map(features: np.ndarray, weights: np.ndarray, size: int) -> np.ndarray:
+    """Grad-CAM of a global-average-pooling + linear head, in closed form (numpy only).
+
+    The gradient of ``logit_k = w_k . mean(A) + b_k`` with respect to ``A`` is ``w_k / (h w)``
+    at every position, so :func:`grad_cam_map` is applied to those gradients: the same
+    weighting, positive part and scaling as ``pytorch_grad_cam``.
+
+    Parameters
+    ----------
+    features : numpy.ndarray
+        ``K x h x w`` feature map of one image.
+    weights : numpy.ndarray
+        ``(K,)`` classifier weights of the explained class.
+    size : int
+        Side of the model input.
+    """
+    if features.ndim != 3 or weights.shape != (features.shape[0],):
+        raise ExplanationError(
+            f"features {features.shape} and class weights {weights.shape} do not fit"
         )
+    per_position = np.float32(1.0 / (features.shape[1] * features.shape[2]))
+    gradients = np.broadcast_to(
+        (weights.astype(np.float32) * per_position)[:, None, None], features.shape
+    )
+    return grad_cam_map(np.asarray(features, dtype=np.float32), gradients, size)
+
+
+class FeatureCam:
+    """Class activation maps from the serving graph's feature map (ONNX Runtime, no torch).
+
+    Parameters
+    ----------
+    spec : ModelSpec
+        Class names and input size.
+    head_weight : numpy.ndarray
+        ``(C, K)`` classifier weights (:class:`triage_core.runtime.OnnxModel`).
+    features_of : callable
+        ``(N, 3, S, S)`` inputs -> ``(N, K, h, w)`` features (one graph run), for images whose
+        prediction-pass features were not kept.
+    """
+
+    features_ok = True
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        head_weight: np.ndarray,
+        features_of: Any,
+    ) -> None:
+        if head_weight.ndim != 2 or head_weight.shape[0] != spec.num_classes:
+            raise ExplanationError(f"head weights of shape {head_weight.shape} do not fit {spec}")
+        self.spec = spec
+        self.head_weight = np.asarray(head_weight, dtype=np.float32)
+        self._features_of = features_of
+
+    def _check_class(self, class_index: int) -> None:
+        if not isinstance(class_index, int) or not 0 <= class_index < self.spec.num_classes:
+            raise ExplanationError(
+                f"class index {class_index!r} outside [0, {self.spec.num_classes})"
+            )
+
+    def map_from_features(self, features: np.ndarray, class_index: int) -> np.ndarray:
+        """The ``S x S`` map of class ``class_index`` from one image's ``K x h x w`` features."""
+        self._check_class(class_index)
+        if not isinstance(features, np.ndarray) or features.ndim != 3:
+            raise ExplanationError(
+                f"expected K x h x w features, got {getattr(features, 'shape', features)!r}"
+            )
+        result = class_activation_map(features, self.head_weight[class_index], self.spec.input_size)
+        if not np.isfinite(result).all():
+            raise ExplanationError("the class activation map has non-finite values")
+        return result
+
+    def square_map(self, tensor: np.ndarray, class_index: int) -> np.ndarray:
+        """The map of class ``class_index`` for a ``(3, S, S)`` input (one graph run)."""
+        size = self.spec.input_size
+        batch = np.asarray(tensor, dtype=np.float32)
+        batch = batch[None] if batch.ndim == 3 else batch
+        if batch.shape != (1, 3, size, size):
+            raise ExplanationError(f"expected a (3, {size}, {size}) input, got {batch.shape}")
+        self._check_class(class_index)
+        features = self._features_of(batch)
+        return self.map_from_features(np.asarray(features)[0], class_index)
+
+    def explain(
+        self,
+        image: np.ndarray,
+        class_index: int,
+        alpha: float = DEFAULT_ALPHA,
+        tensor: np.ndarray | None = None,
+        *,
+        features: np.ndarray | None = None,
+        max_side: int | None = None,
+    ) -> CamResult:
+        """As :meth:`CamExplainer.explain`; ``features`` from the prediction pass avoid a run."""
+        from triage_core.imaging import to_array
+
+        if image.ndim != 2:
+            raise ExplanationError(f"expected a 2-D gray image, got shape {image.shape}")
+        if features is not None:
+            square = self.map_from_features(features, class_index)
+        else:
+            square = self.square_map(
+                tensor if tensor is not None else to_array(image, self.spec), class_index
+            )
+        return cam_result(self.spec, image, square, class_index, alpha, max_side)

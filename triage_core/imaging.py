@@ -498,20 +498,21 @@ def check_eligibility(ds: Dataset) -> tuple[bool, str]:
     return True, ""
 
 
-def to_tensor(image: np.ndarray, spec: ModelSpec) -> torch.Tensor:
+def to_array(image: np.ndarray, spec: ModelSpec) -> np.ndarray:
     """Letterbox ``image`` (float ``H x W`` in [0, 1]) into the checkpoint's normalised input.
 
     Images larger than :data:`EXPORT_SIZE` are first reduced to it with Lanczos; then the
     (stretched or letterboxed, see :func:`letterbox_geometry`) image is resized to the input
-    size with antialiased bilinear interpolation.
+    size with antialiased bilinear interpolation (:func:`triage_core.resample.resize_antialiased`,
+    the weights of ``torch.nn.functional.interpolate(..., antialias=True)``). numpy only: the
+    serving runtime has no torch, and training uses this very function (:func:`to_tensor`).
 
     Returns
     -------
-    torch.Tensor
+    numpy.ndarray
         ``(3, S, S)`` float32 with ``S = spec.input_size``.
     """
-    import torch
-    import torch.nn.functional as F
+    from triage_core.resample import resize_antialiased
 
     if image.ndim != 2:
         raise ValueError(f"expected a 2-D gray image, got shape {image.shape}")
@@ -521,30 +522,33 @@ def to_tensor(image: np.ndarray, spec: ModelSpec) -> torch.Tensor:
         image = export_resize(image, export.new_h, export.new_w)
         height, width = image.shape
     box = letterbox_geometry(height, width, spec.input_size)
-    src = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None]
+    src = np.ascontiguousarray(image, dtype=np.float32)
     if (box.new_h, box.new_w) != (height, width):
-        src = F.interpolate(
-            src, size=(box.new_h, box.new_w), mode="bilinear", antialias=True, align_corners=False
-        ).clamp_(0.0, 1.0)
-    canvas = torch.zeros((1, spec.input_size, spec.input_size), dtype=torch.float32)
-    canvas[:, box.top : box.top + box.new_h, box.left : box.left + box.new_w] = src[0]
-    out = canvas.expand(3, -1, -1).clone()
-    mean = torch.tensor(spec.mean, dtype=torch.float32).view(3, 1, 1)
-    std = torch.tensor(spec.std, dtype=torch.float32).view(3, 1, 1)
-    return out.sub_(mean).div_(std)
+        src = np.clip(resize_antialiased(src, box.new_h, box.new_w), 0.0, 1.0)
+    size = spec.input_size
+    canvas = np.zeros((size, size), dtype=np.float32)
+    canvas[box.top : box.top + box.new_h, box.left : box.left + box.new_w] = src
+    mean = np.asarray(spec.mean, dtype=np.float32).reshape(3, 1, 1)
+    std = np.asarray(spec.std, dtype=np.float32).reshape(3, 1, 1)
+    out: np.ndarray = (canvas[None] - mean) / std
+    return np.ascontiguousarray(out, dtype=np.float32)
+
+
+def to_tensor(image: np.ndarray, spec: ModelSpec) -> torch.Tensor:
+    """:func:`to_array` as a ``(3, S, S)`` float32 ``torch.Tensor`` (training, torch runtime)."""
+    import torch
+
+    return torch.from_numpy(to_array(image, spec))
 
 
 def unletterbox(square: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Undo :func:`to_tensor`'s geometry for a ``S x S`` map: crop the padding, resize to
+    """Undo :func:`to_array`'s geometry for a ``S x S`` map: crop the padding, resize to
     ``height x width`` (bilinear). Used to bring Grad-CAM maps back to the source image."""
-    import torch
-    import torch.nn.functional as F
+    from triage_core.resample import resize_bilinear
 
     size = square.shape[0]
     if square.ndim != 2 or square.shape[1] != size:
         raise ValueError(f"expected a square 2-D map, got shape {square.shape}")
     box = letterbox_geometry(height, width, size)
     crop = square[box.top : box.top + box.new_h, box.left : box.left + box.new_w]
-    src = torch.from_numpy(np.ascontiguousarray(crop, dtype=np.float32))[None, None]
-    out = F.interpolate(src, size=(height, width), mode="bilinear", align_corners=False)
-    return out[0, 0].numpy()
+    return resize_bilinear(crop, height, width)

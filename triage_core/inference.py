@@ -30,9 +30,25 @@ Execution paths (``mode``), measured by ``benchmarks/bench_core.py``:
     flips). Static int8 (``bench_core.py --int8``) was tried on Lite0 and not adopted: test
     AUROC moved by up to 0.14 and 28 % of the decisions flipped.
 
+Runtimes (``runtime``), the one seam between the two stacks:
+
+``onnxruntime``
+    The checkpoint's ``NAME.onnx`` graph in ONNX Runtime (:mod:`triage_core.runtime`), no torch
+    imported: what ``triage serve``, ``triage worker`` and ``triage predict`` use by default. The
+    graph returns the logits and the last feature map in one pass, so probabilities, the OOD
+    score and the class activation map (:class:`triage_core.cam.FeatureCam`) come from it.
+    ``mode`` does not apply (it reads ``"onnxruntime"``).
+``torch``
+    The safetensors weights in PyTorch, with the ``mode`` paths above: training, evaluation,
+    the export's reference, and ``--runtime torch``.
+
+Inputs are the ``(N, 3, S, S)`` float32 arrays of :func:`triage_core.imaging.to_array` (a
+``torch.Tensor`` from ``to_tensor`` is accepted too); results are numpy arrays either way.
+
 A :class:`Predictor` may be shared by several threads: forward passes are serialised by a lock
-(PyTorch already uses every core for one batch). ``threads`` calls ``torch.set_num_threads``,
-which is process-wide.
+(either runtime already uses every core for one batch). With torch, ``threads`` calls
+``torch.set_num_threads``, which is process-wide; with ONNX Runtime it is the session's
+intra-op thread count.
 """
 
 from __future__ import annotations
@@ -45,12 +61,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from triage_core.spec import Finding, ImageResult, ModelSpec
+from triage_core.errors import SpecMismatchError
+from triage_core.spec import CLASS_NAMES, Finding, ImageResult, ModelSpec
 
 if TYPE_CHECKING:
     import torch
 
-    from triage_core.cam import CamExplainer
+    from triage_core.cam import CamExplainer, FeatureCam
+    from triage_core.runtime import OnnxModel, SessionOptions
 
 logger = logging.getLogger(__name__)
 
@@ -75,16 +93,24 @@ def calibrate(logits: np.ndarray | torch.Tensor, spec: ModelSpec) -> np.ndarray:
     numpy.ndarray
         ``(N, C)`` float32 probabilities.
     """
-    import torch
-
-    values = torch.as_tensor(logits).detach().to("cpu", torch.float32)
+    if not isinstance(logits, np.ndarray):  # a torch tensor
+        logits = logits.detach().to("cpu").float().numpy()
+    values = np.asarray(logits, dtype=np.float32)
     if values.ndim != 2 or values.shape[1] != spec.num_classes:
         raise ValueError(
             f"expected logits of shape (N, {spec.num_classes}), got {tuple(values.shape)}"
         )
-    scaled = values / float(spec.temperature)
-    probs = scaled.softmax(dim=1) if spec.task == "multiclass" else scaled.sigmoid()
-    out: np.ndarray = probs.numpy().astype(np.float32, copy=False)
+    scaled = values / np.float32(spec.temperature)
+    if spec.task == "multiclass":
+        shifted = np.exp(scaled - scaled.max(axis=1, keepdims=True))
+        probs = shifted / shifted.sum(axis=1, keepdims=True)
+    else:
+        probs = np.where(
+            scaled >= 0,
+            1.0 / (1.0 + np.exp(-np.abs(scaled))),
+            np.exp(-np.abs(scaled)) / (1.0 + np.exp(-np.abs(scaled))),
+        )
+    out: np.ndarray = np.asarray(probs, dtype=np.float32)
     return out
 
 
@@ -110,7 +136,13 @@ class Predictor:
     batch_size : int
         Largest batch run at once.
     mode : str
-        One of :data:`MODES` (see the module docstring).
+        One of :data:`MODES` (see the module docstring); torch runtime only.
+    runtime : str
+        ``"torch"`` (the default of the library: training, evaluation) or ``"onnxruntime"``
+        (``NAME.onnx`` beside the checkpoint; what the serving commands use). ONNX Runtime
+        needs ``checkpoint`` (or the default one), not ``model``.
+    session : SessionOptions, optional
+        ONNX Runtime session options; ``threads`` fills in their thread count when unset.
 
     Raises
     ------
@@ -130,18 +162,41 @@ class Predictor:
         threads: int | None = None,
         batch_size: int = 16,
         mode: str = "auto",
+        runtime: str = "torch",
+        session: SessionOptions | None = None,
     ) -> None:
-        import torch
-
         from triage_core import models
+        from triage_core.runtime import RUNTIMES
 
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
+        if runtime not in RUNTIMES:
+            raise ValueError(f"unknown runtime {runtime!r}; expected one of {RUNTIMES}")
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        if threads is not None and (not isinstance(threads, int) or threads < 1):
+            raise ValueError(f"threads must be a positive integer, got {threads!r}")
+        self.runtime = runtime
+        self.device: Any = "cpu"
+        self.batch_size = batch_size
+        self._lock = threading.RLock()
+        self._onnx: OnnxModel | None = None
+        self._torch_model: torch.nn.Module | None = None
+        self._explainer: CamExplainer | FeatureCam | None = None
+        self._compiled: Any = None
+        self._compile_thread: threading.Thread | None = None
+        self._compile_error: BaseException | None = None
+        if runtime == "onnxruntime":
+            if device != "cpu":
+                raise ValueError(
+                    f"the onnxruntime runtime runs on the CPU; for device {device!r} use "
+                    "runtime torch"
+                )
+            self._init_onnx(checkpoint, model, threads, session)
+            return
+        import torch
+
         if threads is not None:
-            if not isinstance(threads, int) or threads < 1:
-                raise ValueError(f"threads must be a positive integer, got {threads!r}")
             torch.set_num_threads(threads)
         self.device = torch.device(device)
         if model is not None:
@@ -157,7 +212,6 @@ class Predictor:
             logger.info("loaded model %s from %s", spec.display_name, path)
         assert spec is not None  # for mypy: checked above
         self.spec: ModelSpec = spec
-        self.batch_size = batch_size
         kind = self.device.type if self.device.type in AUTO_MODE else "cpu"
         self.mode = AUTO_MODE[kind] if mode == "auto" else mode
         self._autocast = self.mode in ("bf16", "compile_bf16")
@@ -165,12 +219,7 @@ class Predictor:
         model = model.to(self.device).eval()
         if self._channels_last:
             model = model.to(memory_format=torch.channels_last)
-        self.model: torch.nn.Module = model
-        self._lock = threading.RLock()
-        self._compiled: Any = None
-        self._compile_thread: threading.Thread | None = None
-        self._compile_error: BaseException | None = None
-        self._explainer: CamExplainer | None = None
+        self._torch_model = model
         logger.debug(
             "predictor %s: mode=%s device=%s batch_size=%d",
             self.spec.display_name,
@@ -178,6 +227,42 @@ class Predictor:
             self.device,
             batch_size,
         )
+
+    def _init_onnx(
+        self,
+        checkpoint: str | Path | None,
+        model: Any,
+        threads: int | None,
+        session: SessionOptions | None,
+    ) -> None:
+        from dataclasses import replace
+
+        from triage_core import models
+        from triage_core.runtime import OnnxModel, SessionOptions
+
+        if model is not None:
+            raise ValueError("the onnxruntime runtime loads a checkpoint, not a torch model")
+        path = Path(checkpoint) if checkpoint is not None else models.default_checkpoint_path()
+        spec = models.read_spec(path)
+        if spec.class_names != CLASS_NAMES:  # as models.load_checkpoint refuses them
+            raise SpecMismatchError(
+                "class_names", f"checkpoint has {list(spec.class_names)}, expected {CLASS_NAMES}"
+            )
+        options = session or SessionOptions()
+        if options.threads is None and threads is not None:
+            options = replace(options, threads=threads)
+        self._onnx = OnnxModel(path, spec, options)
+        self.checkpoint = path
+        self.spec = spec
+        self.mode = "onnxruntime"
+        logger.info("loaded model %s from %s (ONNX Runtime)", spec.display_name, self._onnx.path)
+
+    @property
+    def model(self) -> torch.nn.Module:
+        """The torch module (torch runtime only)."""
+        if self._torch_model is None:
+            raise RuntimeError("this Predictor runs ONNX Runtime: it has no torch module")
+        return self._torch_model
 
     # -- compile support ---------------------------------------------------------------------
 
@@ -214,10 +299,14 @@ class Predictor:
     def _warmup(self) -> None:
         import time
 
-        import torch
-
         started = time.perf_counter()
         size = self.spec.input_size
+        if self._onnx is not None:
+            with self._lock:
+                self._onnx.run(np.zeros((1, 3, size, size), dtype=np.float32))
+            return
+        import torch
+
         if not self.mode.startswith("compile"):
             with self._lock:
                 self._forward(torch.zeros(1, 3, size, size), use_compiled=False)
@@ -271,29 +360,47 @@ class Predictor:
             logits = module(batch)
         return logits[:n].float().cpu()
 
-    def predict_logits(self, batch: torch.Tensor) -> np.ndarray:
-        """Raw logits ``(N, C)`` (float32, before temperature) for ``(N, 3, S, S)`` tensors."""
-        import torch
-
+    def _check_batch(self, batch: Any) -> None:
         size = self.spec.input_size
         if batch.ndim != 4 or tuple(batch.shape[1:]) != (3, size, size):
-            raise ValueError(f"expected a (N, 3, {size}, {size}) tensor, got {tuple(batch.shape)}")
+            raise ValueError(f"expected a (N, 3, {size}, {size}) batch, got {tuple(batch.shape)}")
+
+    def _run_onnx(self, batch: Any) -> tuple[np.ndarray, np.ndarray]:
+        """Logits and features of the whole batch, ``batch_size`` at a time (lock held)."""
+        assert self._onnx is not None
+        x = np.asarray(batch, dtype=np.float32)
+        logits, features = [], []
+        for start in range(0, x.shape[0], self.batch_size):
+            part_logits, part_features = self._onnx.run(x[start : start + self.batch_size])
+            logits.append(part_logits)
+            features.append(part_features)
+        return np.concatenate(logits), np.concatenate(features)
+
+    def predict_logits(self, batch: np.ndarray | torch.Tensor) -> np.ndarray:
+        """Raw logits ``(N, C)`` (float32, before temperature) for a ``(N, 3, S, S)`` batch."""
+        self._check_batch(batch)
         if batch.shape[0] == 0:
             return np.zeros((0, self.spec.num_classes), dtype=np.float32)
+        if self._onnx is not None:
+            with self._lock:
+                return self._run_onnx(batch)[0]
+        import torch
+
+        tensors = torch.as_tensor(batch)
         parts = []
         with self._lock:
-            for start in range(0, batch.shape[0], self.batch_size):
-                parts.append(self._forward(batch[start : start + self.batch_size]))
+            for start in range(0, tensors.shape[0], self.batch_size):
+                parts.append(self._forward(tensors[start : start + self.batch_size]))
         out: np.ndarray = torch.cat(parts).numpy()
         return out
 
-    def predict_tensors(self, batch: torch.Tensor) -> np.ndarray:
-        """Calibrated probabilities ``(N, C)`` for a ``(N, 3, S, S)`` batch from ``to_tensor``.
+    def predict_tensors(self, batch: np.ndarray | torch.Tensor) -> np.ndarray:
+        """Calibrated probabilities ``(N, C)`` for a ``(N, 3, S, S)`` batch from ``to_array``.
 
         Parameters
         ----------
-        batch : torch.Tensor
-            Preprocessed inputs (``triage_core.imaging.to_tensor``), ``S = spec.input_size``.
+        batch : numpy.ndarray or torch.Tensor
+            Preprocessed inputs (``triage_core.imaging.to_array``), ``S = spec.input_size``.
 
         Returns
         -------
@@ -305,7 +412,9 @@ class Predictor:
             return logits
         return calibrate(logits, self.spec)
 
-    def predict_with_features(self, batch: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
+    def predict_with_features(
+        self, batch: np.ndarray | torch.Tensor
+    ) -> tuple[np.ndarray, np.ndarray | None]:
         """Like :meth:`predict_tensors`, plus the Grad-CAM target layer's activations.
 
         The activations are captured by a forward hook during the same pass (no second forward),
@@ -316,9 +425,17 @@ class Predictor:
         probabilities : numpy.ndarray
             ``(N, C)`` float32, exactly what :meth:`predict_tensors` returns.
         features : numpy.ndarray or None
-            ``(N, K, h, w)`` float32 activations; ``None`` when the compiled module served the
-            call (its graph runs no Python hooks) or the hook did not see every image.
+            ``(N, K, h, w)`` float32 activations (ONNX Runtime: the graph's second output);
+            ``None`` when the compiled module served the call (its graph runs no Python hooks)
+            or the hook did not see every image.
         """
+        if self._onnx is not None:
+            self._check_batch(batch)
+            if batch.shape[0] == 0:
+                return np.zeros((0, self.spec.num_classes), dtype=np.float32), None
+            with self._lock:
+                logits, features = self._run_onnx(batch)
+            return calibrate(logits, self.spec), features
         import torch
 
         from triage_core.models import cam_target_layers
@@ -342,7 +459,7 @@ class Predictor:
         features = np.ascontiguousarray(torch.cat(captured).numpy(), dtype=np.float32)
         return probs, features
 
-    def ood_scores(self, batch: torch.Tensor) -> np.ndarray | None:
+    def ood_scores(self, batch: np.ndarray | torch.Tensor) -> np.ndarray | None:
         """Out-of-distribution scores ``(N,)`` (:mod:`triage_core.ood`) for a ``(N, 3, S, S)``
         batch, or ``None`` when the checkpoint has no OOD reference. Runs the fp32 model (one
         forward pass); :meth:`predict_with_features` gives the same scores' inputs for free."""
@@ -350,37 +467,52 @@ class Predictor:
 
         if not self.spec.ood:
             return None
+        if self._onnx is not None:
+            _, features = self.predict_with_features(batch)
+            return None if features is None else ood.scores_from_features(self.spec, features)
+        import torch
+
         with self._lock:
-            pooled = ood.pooled_features(self.model, self.spec, batch, self.batch_size)
+            pooled = ood.pooled_features(
+                self.model, self.spec, torch.as_tensor(batch), self.batch_size
+            )
         return ood.scores_from_features(self.spec, pooled)
 
     def predict_images(self, images: Sequence[np.ndarray]) -> np.ndarray:
         """Calibrated probabilities ``(N, C)`` for display-ready ``H x W`` images in [0, 1].
 
-        Each image goes through ``imaging.to_tensor`` (letterbox to the checkpoint's input
+        Each image goes through ``imaging.to_array`` (letterbox to the checkpoint's input
         size, mean/std) first.
         """
-        import torch
-
-        from triage_core.imaging import to_tensor
+        from triage_core.imaging import to_array
 
         if len(images) == 0:
             return np.zeros((0, self.spec.num_classes), dtype=np.float32)
-        return self.predict_tensors(torch.stack([to_tensor(img, self.spec) for img in images]))
+        return self.predict_tensors(np.stack([to_array(img, self.spec) for img in images]))
 
     # -- explanations ------------------------------------------------------------------------
 
-    def explainer(self) -> CamExplainer:
-        """A Grad-CAM explainer over a private fp32 copy of this model (built once).
+    def explainer(self) -> CamExplainer | FeatureCam:
+        """The explainer of this model (built once).
 
-        The copy keeps Grad-CAM's hooks and gradients away from the model that serves
-        predictions, so explanations and predictions may run in different threads.
+        ONNX Runtime: a :class:`~triage_core.cam.FeatureCam` (class activation map from the
+        graph's feature map and the head weights in its metadata, numpy only). torch: a
+        Grad-CAM explainer over a private fp32 copy of the model, which keeps Grad-CAM's hooks
+        and gradients away from the model that serves predictions.
         """
-        from triage_core.cam import CamExplainer
+        from triage_core.cam import CamExplainer, FeatureCam
 
         with self._lock:
             if self._explainer is None:
-                self._explainer = CamExplainer(self.model, self.spec, device=self.device)
+                if self._onnx is not None:
+                    onnx = self._onnx
+                    self._explainer = FeatureCam(
+                        self.spec,
+                        onnx.head_weight,
+                        lambda x: self.predict_with_features(x)[1],
+                    )
+                else:
+                    self._explainer = CamExplainer(self.model, self.spec, device=self.device)
             return self._explainer
 
     def to_dict(self) -> dict[str, Any]:
@@ -389,6 +521,7 @@ class Predictor:
             "name": self.spec.name or self.spec.arch,
             "version": self.spec.version,
             "arch": self.spec.arch,
+            "runtime": self.runtime,
             "mode": self.mode,
             "device": str(self.device),
             "checkpoint": str(self.checkpoint) if self.checkpoint is not None else None,

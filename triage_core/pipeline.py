@@ -5,7 +5,7 @@
 1. **read**: ``imaging.read_dataset`` for every instance; an unreadable file becomes an
    :class:`~triage_core.spec.ImageResult` with ``error`` (never an exception);
 2. **select**: ``imaging.check_eligibility``; a non-eligible image keeps its ``reason``;
-3. **preprocess**: ``imaging.load_image`` + ``imaging.to_tensor`` for the eligible ones (a pixel
+3. **preprocess**: ``imaging.load_image`` + ``imaging.to_array`` for the eligible ones (a pixel
    decoding failure is again an ``error`` on that image);
 4. **infer**: one batched :meth:`Predictor.predict_with_features` call: calibrated
    probabilities, and the out-of-distribution score of each image (:mod:`triage_core.ood`) from
@@ -41,8 +41,6 @@ from triage_core.errors import ImageReadError, TriageError
 from triage_core.spec import Finding, ImageResult, StudyResult
 
 if TYPE_CHECKING:
-    import torch
-
     from triage_core.inference import Predictor
 
 logger = logging.getLogger(__name__)
@@ -102,7 +100,7 @@ class _Batch:
 
     uids: list[str] = field(default_factory=list)
     images: dict[str, np.ndarray] = field(default_factory=dict)
-    tensors: list[torch.Tensor] = field(default_factory=list)
+    tensors: list[np.ndarray] = field(default_factory=list)
     features: np.ndarray | None = None
 
 
@@ -235,14 +233,14 @@ def _preprocess(
     predictor: Predictor,
     results: dict[str, ImageResult],
 ) -> _Batch:
-    """Stage 3: pixels to model tensors; an undecodable image becomes an error in ``results``."""
-    from triage_core.imaging import load_image, to_tensor
+    """Stage 3: pixels to model inputs; an undecodable image becomes an error in ``results``."""
+    from triage_core.imaging import load_image, to_array
 
     batch = _Batch()
     for uid in eligible:
         try:
             image = load_image(datasets[uid])
-            tensor = to_tensor(image, predictor.spec)
+            tensor = to_array(image, predictor.spec)
         except _UNDECODABLE as exc:
             logger.warning("study %s: instance %s not decodable: %s", study_uid, uid, exc)
             results[uid] = ImageResult(
@@ -259,11 +257,9 @@ def _infer(batch: _Batch, predictor: Predictor, results: dict[str, ImageResult])
     """Stage 4: one batched pass; probabilities, OOD scores and CAM activations."""
     if not batch.uids:
         return
-    import torch
-
     from triage_core import ood
 
-    stacked = torch.stack(batch.tensors)
+    stacked = np.stack(batch.tensors)
     probs, batch.features = predictor.predict_with_features(stacked)
     spec = predictor.spec
     scores: np.ndarray | None = None
