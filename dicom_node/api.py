@@ -22,7 +22,12 @@ Endpoints
     A reader's verdict on one finding, and the verdicts of a study (see
     :mod:`dicom_node.web.feedback`: the only endpoint that writes; it needs a reader's token).
 ``GET /healthz``
-    ``{"status": "ok"}`` when the database answers, else 503 ``{"status": "error", ...}``.
+    ``{"status": "ok", "database": "ok", "model": "ready"}`` when the database answers, else 503
+    ``{"status": "error", ...}``; ``model`` is ``loading``, ``ready`` or ``failed: ...``.
+``GET /healthz/live``
+    200 ``{"status": "live"}`` while the process answers (no database call): liveness.
+``GET /healthz/ready``
+    200 when the database answers and the model serves, else 503 with the reason: readiness.
 ``GET /metrics``
     Prometheus text exposition (see :mod:`dicom_node.metrics`).
 ``GET /openapi.json``, ``GET /docs``
@@ -36,6 +41,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, FastAPI, Path, Query, Request
@@ -239,20 +245,50 @@ def worklist_router(worklist: Worklist, aging: Any) -> APIRouter:
     return router
 
 
-def operations_router(worklist: Worklist, metrics: Metrics) -> APIRouter:
-    """``/healthz`` (database check) and ``/metrics`` (Prometheus)."""
+def operations_router(
+    worklist: Worklist, metrics: Metrics, readiness: Callable[[], str] | None = None
+) -> APIRouter:
+    """``/healthz`` (database check), ``/healthz/live``, ``/healthz/ready`` and ``/metrics``.
+
+    ``readiness`` returns the model's state (``ready``, ``loading``, ``failed: ...``); ``None``
+    (no workers in this process): always ``ready``."""
     router = APIRouter()
 
-    @router.get("/healthz", summary="Liveness and database check")
-    def healthz() -> JSONResponse:
+    def database_ok() -> bool:
         try:
             worklist.ping()
         except WorklistError as exc:
             logger.warning("health check failed: %s", exc)
+            return False
+        return True
+
+    @router.get("/healthz", summary="Database check and model state")
+    def healthz() -> JSONResponse:
+        model = readiness() if readiness is not None else "ready"
+        if not database_ok():
             return JSONResponse(
-                status_code=503, content={"status": "error", "database": "unreachable"}
+                status_code=503,
+                content={"status": "error", "database": "unreachable", "model": model},
             )
-        return JSONResponse(content={"status": "ok", "database": "ok"})
+        return JSONResponse(content={"status": "ok", "database": "ok", "model": model})
+
+    @router.get("/healthz/live", summary="Liveness: the process answers")
+    def live() -> JSONResponse:
+        return JSONResponse(content={"status": "live"})
+
+    @router.get("/healthz/ready", summary="Readiness: database answers and the model serves")
+    def ready() -> JSONResponse:
+        model = readiness() if readiness is not None else "ready"
+        database = database_ok()
+        ok = database and model == "ready"
+        return JSONResponse(
+            status_code=200 if ok else 503,
+            content={
+                "status": "ready" if ok else "not ready",
+                "database": "ok" if database else "unreachable",
+                "model": model,
+            },
+        )
 
     @router.get(
         "/metrics",
@@ -282,6 +318,7 @@ def create_app(
     *,
     aging: Any = DEFAULT_AGING,
     title: str = "cxr-triage",
+    readiness: Callable[[], str] | None = None,
 ) -> FastAPI:
     """Build the FastAPI application (the worklist, readers' verdicts, health, metrics).
 
@@ -297,6 +334,9 @@ def create_app(
         no aging).
     title : str
         Title of the OpenAPI document.
+    readiness : callable, optional
+        The model's state for ``/healthz`` and ``/healthz/ready`` (see
+        :func:`operations_router`).
 
     Returns
     -------
@@ -316,7 +356,7 @@ def create_app(
     app.add_exception_handler(BadQuery, _bad_query)
     app.add_exception_handler(WorklistError, _worklist_error)
     app.include_router(worklist_router(worklist, _resolve_aging(aging)))
-    app.include_router(operations_router(worklist, metrics))
+    app.include_router(operations_router(worklist, metrics, readiness))
     from dicom_node.web.feedback import feedback_router
 
     app.include_router(feedback_router(worklist))
@@ -334,11 +374,13 @@ class HttpApi:
         worklist: Worklist,
         metrics: Metrics,
         store: Callable[[], StoreContext | None] | None = None,
+        readiness: Callable[[], str] | None = None,
     ) -> None:
         self.settings = settings
         self.worklist = worklist
         self.metrics = metrics
         self.store = store  # the receive path, for STOW-RS
+        self.readiness = readiness
         self._server: Any = None
         self._thread: threading.Thread | None = None
 
@@ -352,7 +394,7 @@ class HttpApi:
         from dicom_node import web
         from dicom_node.web.dicomweb import dicomweb_router
 
-        app = create_app(self.worklist, self.metrics)
+        app = create_app(self.worklist, self.metrics, readiness=self.readiness)
         web.install(app, settings, self.worklist, metrics=self.metrics)  # pages, /docs, access
         # DICOMweb (STOW-RS, QIDO-RS, WADO-RS) under the same access check
         app.include_router(dicomweb_router(settings, self.worklist, self.store or (lambda: None)))

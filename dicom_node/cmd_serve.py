@@ -182,10 +182,12 @@ def start_banner(settings: Any, model_path: Any) -> str:
 
 
 def build_node(settings: NodeSettings, model_path: Path | None) -> Node:
-    """``triage serve``: outputs, workers, delivery, every job, the HTTP API, then ingest."""
+    """``triage serve``: jobs, recovery and the DICOM port, the HTTP API, delivery, then the
+    outputs process and the model in the background (``/healthz/ready`` tells when they are)."""
     from dicom_node.api import HttpApi
     from dicom_node.jobs import Jobs, StableStudies, lease_job, purge_job
     from dicom_node.node import Node, open_parts, processing_components
+    from dicom_node.processing import Processing
     from dicom_node.receiver import Receiver
 
     parts = open_parts(settings)
@@ -193,16 +195,21 @@ def build_node(settings: NodeSettings, model_path: Path | None) -> Node:
     jobs = [lease_job(settings, worklist)]
     if settings.retention_days:
         jobs.append(purge_job(settings, worklist))
+    wakeups, *processing = processing_components(parts, model_path, background=True)
+    workers = next((c for c in processing if isinstance(c, Processing)), None)
+    readiness = workers.readiness if workers is not None else None
     receiver = Receiver(settings, worklist, parts.metrics)  # STOW-RS shares its receive path
     components = [
-        *processing_components(parts, model_path),
+        wakeups,
         StableStudies(settings, worklist, parts.wakeups),
         Jobs(jobs),
-        HttpApi(settings, worklist, parts.metrics, store=lambda: receiver.store),
-        # recovery, then the DICOM port, last: a C-ECHO answer means ready
-        receiver,
+        HttpApi(
+            settings, worklist, parts.metrics, store=lambda: receiver.store, readiness=readiness
+        ),
+        *processing,  # delivery; the outputs process and the model load in the background
+        receiver,  # recovery, then the DICOM port: a C-ECHO answer means listening, not ready
     ]
-    return Node("serve", parts, components)
+    return Node("serve", parts, components, stop_first=[receiver])
 
 
 def run_node(

@@ -18,8 +18,10 @@ component              what it does                                      serve  
 =====================  ================================================  =======  ========
 
 They share the process's :class:`~triage_core.worklist.Worklist`, its
-:class:`~dicom_node.metrics.Metrics` and its :class:`~dicom_node.wakeup.Wakeups`. The DICOM port
-opens last, so a C-ECHO answer means the node is ready.
+:class:`~dicom_node.metrics.Metrics` and its :class:`~dicom_node.wakeup.Wakeups`. ``serve`` starts
+recovery, the DICOM port and the HTTP API first and loads the model in the background (the
+outputs process too): C-ECHO and C-STORE are answered, and studies spooled and queued, while the
+model loads; ``/healthz/ready`` says when it is serving. The port closes first at stop.
 """
 
 from __future__ import annotations
@@ -88,11 +90,18 @@ def open_parts(settings: NodeSettings) -> NodeParts:
     return NodeParts(settings, worklist, Metrics(worklist), wakeups, new_node_id())
 
 
-def processing_components(parts: NodeParts, model_path: Path | None) -> list[Component]:
-    """Wake-ups, outputs process and workers (none when ``workers = 0``), delivery thread."""
-    components: list[Component] = [parts.wakeups]
+def processing_components(
+    parts: NodeParts, model_path: Path | None, *, background: bool = False
+) -> list[Component]:
+    """Wake-ups, delivery thread, outputs process and workers (none when ``workers = 0``).
+
+    ``background``: the outputs process and the model start in the background (``serve``)."""
+    components: list[Component] = [
+        parts.wakeups,
+        Delivery(parts.settings, parts.worklist, parts.wakeups, parts.metrics),
+    ]
     if parts.settings.workers > 0:
-        outputs = OutputsProcess()
+        outputs = OutputsProcess(background=background)
         components += [
             outputs,
             Processing(
@@ -103,9 +112,9 @@ def processing_components(parts: NodeParts, model_path: Path | None) -> list[Com
                 model_path=model_path,
                 outputs=outputs,
                 metrics=parts.metrics,
+                background=background,
             ),
         ]
-    components.append(Delivery(parts.settings, parts.worklist, parts.wakeups, parts.metrics))
     return components
 
 
@@ -120,6 +129,8 @@ class Node:
         The shared worklist, metrics and wake-ups (closed by :meth:`stop`).
     components : sequence of Component
         In start order.
+    stop_first : sequence of Component
+        Stopped before the others (the ingest port: nothing new arrives while the rest stops).
     """
 
     def __init__(
@@ -127,10 +138,12 @@ class Node:
         name: str,
         parts: NodeParts,
         components: Sequence[Component],
+        stop_first: Sequence[Component] = (),
     ) -> None:
         self.name = name
         self.parts = parts
         self.components = list(components)
+        self.stop_first = list(stop_first)
         self._started: list[Component] = []
         self._stop = threading.Event()
 
@@ -152,6 +165,8 @@ class Node:
         self._stop.set()
         deadline = time.monotonic() + timeout
         self.parts.wakeups.wake_all()
+        first = [c for c in self._started if c in self.stop_first]
+        self._started = [c for c in self._started if c not in self.stop_first] + first
         while self._started:
             component = self._started.pop()
             try:

@@ -23,7 +23,7 @@ import os
 import select
 import threading
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
@@ -165,14 +165,16 @@ def _ready() -> int:
 class OutputsProcess:
     """One spawned child that runs :func:`write_study_outputs` (no torch, no GIL of ours).
 
-    :meth:`start` spawns it and waits until its imports are done (before the DICOM port
-    opens); :meth:`write` runs one job there and respawns the child if it died; :meth:`stop`
-    ends it. ``pid`` is the child's process id (for tests).
+    :meth:`start` spawns it and waits until its imports are done; with ``background`` it
+    returns at once (``triage serve``: the port does not wait; the first job queues behind the
+    imports). :meth:`write` runs one job there and respawns the child if it died; :meth:`stop`
+    ends it. ``pid`` is the child's process id once it is ready (for tests).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, background: bool = False) -> None:
         self._pool: ProcessPoolExecutor | None = None
         self._lock = threading.Lock()
+        self.background = background
         self.pid: int | None = None
 
     def start(self) -> None:
@@ -187,9 +189,22 @@ class OutputsProcess:
                 initializer=_init_outputs_process,
                 initargs=(os.getpid(), logsafe.current_config()),
             )
-            self.pid = pool.submit(_ready).result(timeout=START_TIMEOUT)
+            ready = pool.submit(_ready)
             self._pool = pool
-        logger.info("outputs process %d ready in %.1f s", self.pid, time.perf_counter() - started)
+
+        def report(future: Future[int]) -> None:
+            if future.cancelled() or future.exception() is not None:
+                return  # a broken child is reported (and replaced) by the next write
+            self.pid = future.result()
+            logger.info(
+                "outputs process %d ready in %.1f s", self.pid, time.perf_counter() - started
+            )
+
+        if self.background:
+            ready.add_done_callback(report)
+        else:
+            ready.result(timeout=START_TIMEOUT)
+            report(ready)
 
     def write(self, job: OutputJob) -> OutputsWritten:
         """Run ``job`` in the child; a dead child is replaced (and this job's error raised)."""

@@ -124,6 +124,10 @@ class Processing:
     outputs : OutputsProcess, optional
         Where the SR and SC are built; in this process when omitted (tests).
     metrics : Metrics, optional
+    background : bool
+        :meth:`start` returns at once and the model is loaded in a thread, which then starts
+        the workers (``triage serve``: the port and the HTTP API do not wait for the model;
+        studies received meanwhile are spooled and queued). :meth:`readiness` tells.
     """
 
     def __init__(
@@ -137,8 +141,13 @@ class Processing:
         predictor: Predictor | None = None,
         outputs: OutputsProcess | None = None,
         metrics: Metrics | None = None,
+        background: bool = False,
     ) -> None:
         self.settings = settings
+        self.background = background
+        self._loader: threading.Thread | None = None
+        self._load_error: str | None = None
+        self._start_lock = threading.Lock()
         self.worklist = worklist
         self.model_path = model_path
         self._predictor = predictor
@@ -162,10 +171,42 @@ class Processing:
             raise RuntimeError("no model loaded: start() first, or pass a predictor")
         return self._predictor
 
+    def readiness(self) -> str:
+        """``ready`` (workers running), ``loading`` or ``failed: <reason>`` (the model)."""
+        if self._load_error is not None:
+            return f"failed: {self._load_error}"
+        return "ready" if self._workers else "loading"
+
     def start(self) -> None:
-        """Load and warm up the model, then start the lease keeper, outputs and workers."""
+        """Load and warm up the model, then start the lease keeper, outputs and workers
+        (with ``background``: in a thread, and return at once)."""
+        if self._predictor is None and self.background:
+            self._loader = threading.Thread(
+                target=self._load_and_start, name="model-loader", daemon=True
+            )
+            self._loader.start()
+            return
         if self._predictor is None:
             self._predictor = load_predictor(self.settings, self.model_path)
+        self._start_threads()
+
+    def _load_and_start(self) -> None:
+        try:
+            predictor = load_predictor(self.settings, self.model_path)
+        except Exception as exc:  # noqa: BLE001 - reported by readiness and the log; ingest goes on
+            self._load_error = f"{exc.__class__.__name__}: {exc}"
+            logger.error(
+                "the model could not be loaded (%s): studies are received and queued, none is "
+                "processed",
+                self._load_error,
+            )
+            return
+        with self._start_lock:
+            self._predictor = predictor
+            if not self._stop.is_set():
+                self._start_threads()
+
+    def _start_threads(self) -> None:
         self.leases.start()
         self._outputs_thread = threading.Thread(
             target=self._outputs_loop, name="triage-outputs", daemon=True
@@ -183,8 +224,11 @@ class Processing:
 
     def stop(self, deadline: float) -> None:
         """Let the workers finish their study and the outputs thread what it was handed."""
-        self._stop.set()
+        with self._start_lock:
+            self._stop.set()
         self.wakeups.wake_all()
+        if self._loader is not None:  # a load in progress ends without starting workers
+            self._loader.join(max(0.0, deadline - time.monotonic()))
         for thread in self._workers:
             thread.join(max(0.0, deadline - time.monotonic()))
         self._workers = [t for t in self._workers if t.is_alive()]

@@ -522,12 +522,11 @@ def check_storage(storage: Path) -> None:
 def check_model(model: Path | None, runtime: str = "torch") -> Path:
     """Resolve the checkpoint path (``NAME`` of ``NAME.safetensors`` + ``NAME.json``, and
     ``NAME.onnx`` for the ONNX Runtime)."""
+    from triage_core.errors import CheckpointError
+    from triage_core.models import default_checkpoint_path, read_spec
     from triage_core.runtime import export_command, onnx_path
 
     if model is None:
-        from triage_core.errors import CheckpointError
-        from triage_core.models import default_checkpoint_path
-
         try:
             base = default_checkpoint_path()
         except CheckpointError as exc:
@@ -538,6 +537,10 @@ def check_model(model: Path | None, runtime: str = "torch") -> Path:
     missing = [str(p) for p in files if not p.is_file()]
     if missing:
         raise ConfigError(f"model checkpoint {base}: missing file(s) {', '.join(missing)}")
+    try:
+        read_spec(base)  # a broken spec fails the start, not the background load
+    except CheckpointError as exc:
+        raise ConfigError(f"model checkpoint {base}: {exc}") from exc
     if runtime == "onnxruntime" and not onnx_path(base).is_file():
         raise ConfigError(
             f"model checkpoint {base} has no serving graph {onnx_path(base).name}: write it with "

@@ -18,10 +18,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from alembic import command
-from alembic.config import Config
-from alembic.util.exc import CommandError
 from sqlalchemy import (
     Boolean,
     Column,
@@ -42,6 +40,9 @@ from sqlalchemy import (
 )
 
 from triage_core.errors import WorklistError
+
+if TYPE_CHECKING:
+    from alembic.config import Config
 
 #: Value of ``worklist_meta.schema_version`` at the newest revision (``1`` before Alembic).
 SCHEMA_VERSION = 4
@@ -201,7 +202,12 @@ def build_tables() -> Tables:
 
 
 def alembic_config(connection: Connection) -> Config:
-    """An Alembic configuration that runs the shipped migrations on ``connection``."""
+    """An Alembic configuration that runs the shipped migrations on ``connection``.
+
+    Alembic is imported here, not at module level: the usual open (already at the newest
+    revision) never loads it (0.9 s of a node's start)."""
+    from alembic.config import Config
+
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS_DIR))
     config.attributes["connection"] = connection
@@ -251,6 +257,9 @@ def upgrade(connection: Connection, tables: Tables) -> str:
     if before == HEAD_REVISION:  # the usual open: no migration scripts to load
         _check_meta(connection, tables)
         return before
+    from alembic import command
+    from alembic.util.exc import CommandError
+
     config = alembic_config(connection)
     if before is None:
         has_tables = "studies" in inspect(connection).get_table_names()
