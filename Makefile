@@ -9,7 +9,7 @@ STORAGE ?= ./triage-storage
 .PHONY: help system-deps venv install lint typecheck imports test test-all bench serve clean
 
 help:
-	@echo "make serve   install and start the DICOM node on embedded defaults (SQLite, default model)"
+	@echo "make serve   install the serving stack (no torch) and start the DICOM node on embedded defaults"
 	@echo "make test    install (Debian packages too) and run lint, types, import contracts, tests"
 	@echo "make bench   run every benchmark in benchmarks/"
 
@@ -40,6 +40,14 @@ $(STAMP): pyproject.toml | $(BIN)/python
 
 install: $(STAMP)
 
+# `make serve` installs the serving stack only (`pip install -e .`: ONNX Runtime, no torch);
+# `make test` (the stamp above) installs `.[dev]`, which includes the training stack.
+SERVE_STAMP := $(VENV)/.cxr-triage-serve-installed
+
+$(SERVE_STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e .
+	touch $@
+
 lint: install
 	$(BIN)/ruff check $(PACKAGES) tests benchmarks
 	$(BIN)/ruff format --check $(PACKAGES) tests benchmarks
@@ -59,7 +67,7 @@ test-all: system-deps install lint typecheck imports
 bench: install
 	@for b in benchmarks/bench_*.py; do echo "== $$b"; $(BIN)/python $$b --quick || exit 1; done
 
-serve: install
+serve: $(SERVE_STAMP)
 	$(BIN)/triage -v serve --storage $(STORAGE)
 
 clean:

@@ -182,8 +182,9 @@ def start_banner(settings: Any, model_path: Any) -> str:
 
 
 def build_node(settings: NodeSettings, model_path: Path | None) -> Node:
-    """``triage serve``: jobs, recovery and the DICOM port, the HTTP API, delivery, then the
-    outputs process and the model in the background (``/healthz/ready`` tells when they are)."""
+    """``triage serve``: jobs, the HTTP API, delivery, the outputs process and the model (both
+    loading in the background: ``/healthz/ready`` tells when they are), then recovery and the
+    DICOM port."""
     from dicom_node.api import HttpApi
     from dicom_node.jobs import Jobs, StableStudies, lease_job, purge_job
     from dicom_node.node import Node, open_parts, processing_components

@@ -85,6 +85,15 @@ class StudyOutput:
     datasets: dict[str, Dataset] = field(default_factory=dict)
 
 
+def _without_path(exc: Exception) -> str:
+    """An error for the worklist, the API and the SR: the cause without the spool path (rows
+    are keyed by SOP Instance UID; a path says where the node stores data, to anyone who reads
+    the worklist)."""
+    if isinstance(exc, ImageReadError):
+        return f"{exc.__class__.__name__}: {exc.cause}"
+    return f"{exc.__class__.__name__}: {exc}"
+
+
 def _join_reasons(images: Sequence[ImageResult]) -> str:
     counts = Counter(
         f"unreadable ({im.error})" if im.error else (im.reason or "no usable image")
@@ -209,7 +218,9 @@ def _read_and_select(
             ds = read_dataset(path)
         except ImageReadError as exc:
             logger.warning("study %s: instance %s unreadable: %s", study_uid, uid, exc.cause)
-            results[uid] = ImageResult(uid=uid, eligible=False, reason="unreadable", error=str(exc))
+            results[uid] = ImageResult(
+                uid=uid, eligible=False, reason="unreadable", error=_without_path(exc)
+            )
             continue
         datasets[uid] = ds
         try:
@@ -217,7 +228,7 @@ def _read_and_select(
         except _MALFORMED as exc:  # a header value pydicom cannot convert
             logger.warning("study %s: instance %s has a malformed header: %s", study_uid, uid, exc)
             results[uid] = ImageResult(
-                uid=uid, eligible=False, reason="malformed header", error=f"{path}: {exc}"
+                uid=uid, eligible=False, reason="malformed header", error=_without_path(exc)
             )
             continue
         results[uid] = ImageResult(uid=uid, eligible=ok, reason=reason)
@@ -244,7 +255,7 @@ def _preprocess(
         except _UNDECODABLE as exc:
             logger.warning("study %s: instance %s not decodable: %s", study_uid, uid, exc)
             results[uid] = ImageResult(
-                uid=uid, eligible=False, reason="pixel data not decodable", error=str(exc)
+                uid=uid, eligible=False, reason="pixel data not decodable", error=_without_path(exc)
             )
             continue
         batch.uids.append(uid)

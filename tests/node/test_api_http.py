@@ -210,13 +210,17 @@ def test_openapi_document(client: TestClient) -> None:
 
 
 def test_healthz_and_database_errors(client: TestClient, tmp_path: Path) -> None:
-    assert client.get("/healthz").json() == {"status": "ok", "database": "ok"}
+    assert client.get("/healthz").json() == {"status": "ok", "database": "ok", "model": "ready"}
+    assert client.get("/healthz/live").json() == {"status": "live"}
+    assert client.get("/healthz/ready").status_code == 200  # no workers here: nothing to load
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
     broken = Worklist(f"sqlite+pysqlite:///{blocker}/worklist.sqlite3")
     with TestClient(create_app(broken, aging=None)) as bad_client:
         health = bad_client.get("/healthz")
         assert health.status_code == 503 and health.json()["status"] == "error"
+        assert bad_client.get("/healthz/live").status_code == 200  # alive, not ready
+        assert bad_client.get("/healthz/ready").status_code == 503
         listing = bad_client.get("/api/worklist")
         assert listing.status_code == 503
         assert listing.json() == {"detail": "worklist database unavailable"}
@@ -314,3 +318,16 @@ def test_real_uvicorn_server(populated: Worklist) -> None:
         server.should_exit = True
         thread.join(timeout=20)
     assert not thread.is_alive()
+
+
+def test_healthz_ready_follows_the_model(tmp_path: Path) -> None:
+    states = iter(["loading", "ready", "failed: CheckpointError: no graph"])
+    worklist = Worklist(f"sqlite+pysqlite:///{tmp_path}/w.sqlite3")
+    worklist.create_all()
+    with TestClient(create_app(worklist, aging=None, readiness=lambda: next(states))) as http:
+        loading = http.get("/healthz/ready")
+        assert loading.status_code == 503 and loading.json()["model"] == "loading"
+        assert http.get("/healthz/ready").status_code == 200
+        failed = http.get("/healthz")
+        assert failed.status_code == 200 and failed.json()["model"].startswith("failed")
+    worklist.dispose()
