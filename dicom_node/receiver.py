@@ -49,8 +49,8 @@ class Receiver:
     def start(self) -> None:
         """Recover what a stop or crash left (before the port opens), then open the port."""
         settings, worklist = self.settings, self.worklist
-        self.recovered = recover_storage(settings.storage, worklist)
         salt = installation_salt(settings.storage)
+        self.recovered = recover_storage(settings.storage, worklist, salt=salt)
         self.committer = GroupCommitter(
             make_record_many(worklist, salt), fsync=settings.spool_fsync
         )

@@ -23,14 +23,14 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from dicom_node.ingest.spool import INCOMING_DIR
 from triage_core.errors import ConfigError
-from triage_core.uids import is_valid_uid
+from triage_core.uids import hash_identifier, is_valid_uid
 
 if TYPE_CHECKING:
-    from triage_core.worklist import Worklist
+    from triage_core.worklist import InstanceRecord, Worklist
 
 logger = logging.getLogger(__name__)
 
@@ -74,8 +74,41 @@ def _check_no_old_journal(storage: Path) -> None:
         pass  # not empty: someone else's files, left alone
 
 
-def recover_storage(storage: Path, worklist: Worklist, batch: int = 1000) -> Recovered:
+def _with_header(records: list[InstanceRecord], worklist: Worklist, salt: str) -> list[Any]:
+    """The records without a row yet, with SOP Class UID and accession hash from their files'
+    headers, like the rows of live C-STOREs (an unreadable header leaves them empty: the
+    pipeline then reports the file)."""
+    import dataclasses
+
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    known = worklist.known_instances([r.sop_uid for r in records])
+    out = []
+    for record in (r for r in records if r.sop_uid not in known):
+        try:
+            ds = pydicom.dcmread(
+                record.path,
+                stop_before_pixels=True,
+                specific_tags=["SOPClassUID", "AccessionNumber"],
+            )
+            record = dataclasses.replace(
+                record,
+                sop_class_uid=str(ds.get("SOPClassUID", "") or ""),
+                accession_hash=hash_identifier(str(ds.get("AccessionNumber", "") or ""), salt),
+            )
+        except (OSError, InvalidDicomError, ValueError, TypeError, AttributeError) as exc:
+            logger.warning("spooled instance %s: header unreadable (%s)", record.sop_uid, exc)
+        out.append(record)
+    return out
+
+
+def recover_storage(
+    storage: Path, worklist: Worklist, batch: int = 1000, salt: str = ""
+) -> Recovered:
     """Bring ``storage`` and the worklist back in step (see the module docstring).
+
+    ``salt`` is the installation's identifier salt (the accession hash of re-recorded rows).
 
     Raises :class:`ConfigError` when an earlier version's receipt journal is still there.
     """
@@ -109,10 +142,10 @@ def recover_storage(storage: Path, worklist: Worklist, batch: int = 1000) -> Rec
                     continue
                 records.append(InstanceRecord(uids[0], uids[2], path, series_uid=uids[1]))
                 if len(records) >= batch:
-                    added += sum(worklist.record_instances(records))
+                    added += sum(worklist.record_instances(_with_header(records, worklist, salt)))
                     records = []
     if records:
-        added += sum(worklist.record_instances(records))
+        added += sum(worklist.record_instances(_with_header(records, worklist, salt)))
     found = Recovered(partials, temporaries, added, time.perf_counter() - started)
     log = logger.warning if (partials or temporaries or added) else logger.info
     log(

@@ -32,6 +32,10 @@ def limits_from_settings(settings: NodeSettings) -> limits.Limits:
     )
 
 
+#: Seconds between two log lines about failed TLS handshakes from one host.
+TLS_LOG_INTERVAL = 60.0
+
+
 class StorageServer:
     """Listening socket + one thread per connection; the interface of pynetdicom's
     ``ThreadedAssociationServer`` that the service uses (``server_address``, ``shutdown``).
@@ -61,6 +65,7 @@ class StorageServer:
         self._threads: set[threading.Thread] = set()
         self._evicted = 0
         self._evicted_logged_at = 0.0
+        self._tls_log: dict[str, tuple[float, int]] = {}  # peer host -> (logged at, suppressed)
         self._stopping = threading.Event()
         family = socket.AF_INET6 if ":" in settings.bind_address else socket.AF_INET
         self.socket = socket.socket(family, socket.SOCK_STREAM)
@@ -96,6 +101,24 @@ class StorageServer:
             del self._pending[association]
             self._open.add(association)
             return True
+
+    def tls_failed(self, peer: str, reason: str) -> None:
+        """Log a failed TLS handshake: the first from a host at once, then at most one line per
+        :data:`TLS_LOG_INTERVAL` seconds per host, counting the ones not logged (a scanner or a
+        misconfigured modality retrying every second must not flood the log)."""
+        host = peer.rsplit(":", 1)[0]
+        now = time.monotonic()
+        with self._lock:
+            logged_at, suppressed = self._tls_log.get(host, (-TLS_LOG_INTERVAL, 0))
+            if now - logged_at < TLS_LOG_INTERVAL:
+                self._tls_log[host] = (logged_at, suppressed + 1)
+                return
+            if len(self._tls_log) >= 1024:  # bounded: forget the hosts logged longest ago
+                for old in sorted(self._tls_log, key=lambda h: self._tls_log[h][0])[:512]:
+                    del self._tls_log[old]
+            self._tls_log[host] = (now, 0)
+        more = f" ({suppressed} more from {host} not logged)" if suppressed else ""
+        logger.warning("connection from %s: %s%s", peer, reason, more)
 
     def leave(self, association: Association) -> None:
         with self._lock:

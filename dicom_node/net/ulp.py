@@ -154,6 +154,8 @@ class AssociationHost(Protocol):
 
     def leave(self, association: Association) -> None: ...
 
+    def tls_failed(self, peer: str, reason: str) -> None: ...
+
 
 # ---------------------------------------------------------------------- reading
 class Reader:
@@ -368,7 +370,7 @@ class Association:
             # no complete A-ASSOCIATE-RQ (port probe, flood, ARTIM, TLS failure)
             logger.debug("connection from %s ended: %s", self.peer, self.ended)
             if self.ended.startswith("TLS"):
-                logger.warning("connection from %s: %s", self.peer, self.ended)
+                self.server.tls_failed(self.peer, self.ended)  # logged at a bounded rate
             return
         seconds = time.monotonic() - self.accepted_at
         log = logger.info if self.ended == "released" else logger.warning

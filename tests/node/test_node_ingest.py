@@ -404,6 +404,14 @@ def test_recovery_rerecords_lost_rows_and_removes_leftovers(tmp_path: Path) -> N
     assert not (storage / ".clean-shutdown").exists()
     assert all(p.is_file() for p in paths)
     assert len(worklist.list_worklist()) == 3
+    # re-recorded rows carry SOP class and accession hash like those of live C-STOREs
+    from triage_core.uids import hash_identifier
+
+    for path in paths[1:]:
+        detail = worklist.study_detail(path.parent.parent.name)
+        assert detail is not None
+        assert detail["accession_hash"] == hash_identifier("ACC0001", "")
+        assert [i["sop_class_uid"] for i in detail["images"]] == ["1.2.840.10008.5.1.4.1.1.1"]
     worklist.dispose()
 
 

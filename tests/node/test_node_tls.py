@@ -246,3 +246,28 @@ def test_only_tls_1_2_and_later_are_spoken(tls_scp: Scp, pki: Pki) -> None:
     assert "alert protocol version" in old
     assert "Protocol version: TLSv1.2" in _s_client(tls_scp.port, pki, "-tls1_2")
     assert "Protocol version: TLSv1.3" in _s_client(tls_scp.port, pki, "-tls1_3")
+
+
+def test_repeated_handshake_failures_from_one_host_are_logged_at_a_bounded_rate(
+    tls_scp: Scp, pki: Pki, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+    import time
+
+    from dicom_node.net import server as server_module
+
+    files = [synthetic_cr(tmp_path / "a.dcm", size=32, seed=1)]
+    with caplog.at_level(logging.WARNING, logger="dicom_node.net"):
+        for _ in range(4):  # plain TCP to the TLS port: four failed handshakes
+            assert _storescu(tls_scp.port, files).returncode != 0
+        time.sleep(0.5)  # the association threads log as they end
+    lines = [r.getMessage() for r in caplog.records if "TLS" in r.getMessage()]
+    assert len(lines) == 1 and lines[0].startswith("connection from 127.0.0.1:")
+    caplog.clear()
+    # once the interval has passed, the next failure is logged with the count of the others
+    host, (logged_at, suppressed) = next(iter(tls_scp.server._tls_log.items()))
+    assert host == "127.0.0.1" and suppressed == 3
+    tls_scp.server._tls_log[host] = (logged_at - server_module.TLS_LOG_INTERVAL, suppressed)
+    with caplog.at_level(logging.WARNING, logger="dicom_node.net"):
+        tls_scp.server.tls_failed("127.0.0.1:5555", "TLS: WRONG_VERSION_NUMBER")
+    assert caplog.records[-1].getMessage().endswith("(3 more from 127.0.0.1 not logged)")

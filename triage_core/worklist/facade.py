@@ -184,6 +184,10 @@ class Worklist:
         """See :meth:`Ingest.record_instances`."""
         return self.ingest.record_instances(records, now=now)
 
+    def known_instances(self, sop_uids: Sequence[str]) -> set[str]:
+        """See :meth:`Ingest.known_instances`."""
+        return self.ingest.known_instances(sop_uids)
+
     # ------------------------------------------------------------------ study queue
     def queue_stable_studies(self, stable_age: float, now: float | None = None) -> list[str]:
         """See :meth:`StudyQueue.queue_stable_studies`."""

@@ -141,6 +141,18 @@ class Ingest:
         record = InstanceRecord(study_uid, sop_uid, path, series_uid, sop_class_uid, accession_hash)
         return self.record_instances([record], now=now)[0]
 
+    def known_instances(self, sop_uids: Sequence[str]) -> set[str]:
+        """The SOP Instance UIDs among ``sop_uids`` that already have a row (storage recovery
+        reads the headers of the others only)."""
+        instances = self._db.tables.instances
+        known: set[str] = set()
+        with self._db.read() as conn:
+            for start in range(0, len(sop_uids), 500):
+                chunk = set(sop_uids[start : start + 500])
+                query = select(instances.c.sop_uid).where(instances.c.sop_uid.in_(chunk))
+                known.update(conn.execute(query).scalars())
+        return known
+
     def record_instances(
         self, records: Sequence[InstanceRecord], now: float | None = None
     ) -> list[bool]:
