@@ -31,6 +31,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+#: Packages of the ``[train]`` extra: a command that needs one says how to install it.
+TRAINING_STACK = frozenset({"torch", "torchvision", "timm", "pytorch_grad_cam", "sklearn", "onnx"})
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="triage",
@@ -62,7 +66,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     configure_logging(args.verbose)
     module = importlib.import_module(args._module)
-    result: int = module.run(args)
+    try:
+        result: int = module.run(args)
+    except ModuleNotFoundError as exc:
+        if exc.name is None or exc.name.partition(".")[0] not in TRAINING_STACK:
+            raise
+        print(
+            f"triage {args.command}: needs the training stack ({exc.name} is not installed): "
+            "pip install 'cxr-triage[train]' (the serving commands run without it)",
+            file=sys.stderr,
+        )
+        return 2
     return result
 
 
