@@ -131,6 +131,9 @@ def quiet_default_logging(verbosity: int) -> None:
         for name in ("dicom_node", "triage_core"):
             logging.getLogger(name).setLevel(logging.INFO)
     if verbosity <= 1:
+        # Alembic's INFO lines (one per plugin and per migration step) say what our own
+        # "worklist schema: revision A -> B" line says once.
+        logging.getLogger("alembic").setLevel(logging.WARNING)
         # "job skipped: maximum number of running instances reached" is expected when a
         # poll overlaps a slow one; it is not worth a warning line every 0.2 s.
         logging.getLogger("apscheduler").setLevel(logging.ERROR)
@@ -182,9 +185,9 @@ def start_banner(settings: Any, model_path: Any) -> str:
 
 
 def build_node(settings: NodeSettings, model_path: Path | None) -> Node:
-    """``triage serve``: jobs, the HTTP API, delivery, the outputs process and the model (both
-    loading in the background: ``/healthz/ready`` tells when they are), then recovery and the
-    DICOM port."""
+    """``triage serve``: jobs, the HTTP API, delivery, recovery and the DICOM port, then the
+    outputs process and the model, which load in the background (``/healthz/ready`` tells when
+    they are: not the C-ECHO answer)."""
     from dicom_node.api import HttpApi
     from dicom_node.jobs import Jobs, StableStudies, lease_job, purge_job
     from dicom_node.node import Node, open_parts, processing_components
@@ -196,7 +199,7 @@ def build_node(settings: NodeSettings, model_path: Path | None) -> Node:
     jobs = [lease_job(settings, worklist)]
     if settings.retention_days:
         jobs.append(purge_job(settings, worklist))
-    wakeups, *processing = processing_components(parts, model_path, background=True)
+    wakeups, delivery, *processing = processing_components(parts, model_path, background=True)
     workers = next((c for c in processing if isinstance(c, Processing)), None)
     readiness = workers.readiness if workers is not None else None
     receiver = Receiver(settings, worklist, parts.metrics)  # STOW-RS shares its receive path
@@ -207,8 +210,9 @@ def build_node(settings: NodeSettings, model_path: Path | None) -> Node:
         HttpApi(
             settings, worklist, parts.metrics, store=lambda: receiver.store, readiness=readiness
         ),
-        *processing,  # delivery; the outputs process and the model load in the background
+        delivery,
         receiver,  # recovery, then the DICOM port: a C-ECHO answer means listening, not ready
+        *processing,  # then the outputs process and the model load in the background
     ]
     return Node("serve", parts, components, stop_first=[receiver])
 
