@@ -77,6 +77,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--http-port", type=int, help="HTTP API port (0 disables; 8080)")
     parser.add_argument("--http-host", help="HTTP API address (default 127.0.0.1)")
     parser.add_argument("--max-associations", type=int, help="concurrent associations (16)")
+    parser.add_argument("--max-pdu-size", type=int, help="largest PDU we receive (bytes)")
+    parser.add_argument("--network-timeout", type=float, help="DICOM network timeout (s)")
+    parser.add_argument("--artim-timeout", type=float, help="seconds to A-ASSOCIATE-RQ (10)")
+    parser.add_argument("--max-pending-connections", type=int, help="not yet associated (32)")
+    parser.add_argument(
+        "--accept-any-called-ae",
+        action="store_const",
+        const=True,
+        default=None,
+        help="accept any called AE title (default: only --ae-title)",
+    )
+    parser.add_argument("--http-proxy-header", help="header an authenticating proxy sets")
     parser.add_argument("--tls-cert", type=Path, help="DICOM port over TLS: certificate (PEM)")
     parser.add_argument("--tls-key", type=Path, help="private key of --tls-cert (PEM)")
     parser.add_argument(
@@ -109,6 +121,12 @@ _FLAG_FIELDS = (
     "http_host",
     "max_associations",
     "runtime",
+    "max_pdu_size",
+    "network_timeout",
+    "artim_timeout",
+    "max_pending_connections",
+    "accept_any_called_ae",
+    "http_proxy_header",
     "tls_cert",
     "tls_key",
     "tls_ca",

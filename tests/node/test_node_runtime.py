@@ -244,3 +244,28 @@ def test_serve_over_tls_without_torch_delivers_sr_and_sc(
         assert check.returncode == 0, check.stderr
     log = node.log()
     assert "runtime onnxruntime" in log and "Traceback" not in log
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--tls-cert", "x.pem"], "tls_cert and tls_key go together"),
+        (["--tls-ca", "ca.pem"], "tls_ca (client authentication) needs tls_cert"),
+        (["--tls-cert", "nowhere.pem", "--tls-key", "nowhere.key"], "nowhere.pem"),
+        (["--http-host", "0.0.0.0"], "is not a loopback address"),
+        (["--artim-timeout", "0"], "artim_timeout"),
+        (["--max-pdu-size", "10"], "max_pdu_size"),
+        (["--runtime", "torch", "--port", "70000"], "port"),
+    ],
+)
+def test_network_flags_are_validated_like_the_toml_file(
+    flags: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Every network setting of the TOML file is a flag too, with the same checks and one
+    line on stderr (exit status 2), before anything starts."""
+    from dicom_node import cli
+
+    argv = ["serve", "--storage", str(tmp_path / "s"), "--port", str(free_port()), *flags]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err, err
