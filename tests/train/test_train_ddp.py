@@ -33,6 +33,7 @@ def test_two_process_gloo_torchrun_writes_one_checkpoint(cxr14_dir: Path, tmp_pa
     assert proc.stdout.count("saved ") == 1
     assert sorted(p.name for p in out.iterdir()) == [
         "cxr-triage-resnet18-multilabel.json",
+        "cxr-triage-resnet18-multilabel.onnx",  # the serving graph, checked against torch
         "cxr-triage-resnet18-multilabel.safetensors",
         "last.pt",
     ]
