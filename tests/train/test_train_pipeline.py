@@ -252,7 +252,7 @@ def test_multiclass_train_and_evaluate_equal_sklearn(cxr14_dir: Path, tmp_path: 
     )
     assert result.checkpoint is not None
     spec = read_spec(result.checkpoint)
-    assert spec.task == "multiclass" and spec.training["data"]["task_images"] == 172
+    assert spec.task == "multiclass" and spec.training["data"]["task_images"] == 185
     metrics = evaluate_checkpoint(
         result.checkpoint,
         cxr14_dir / "256",
