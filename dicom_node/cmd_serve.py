@@ -243,7 +243,8 @@ def run_node(
     need_scp: bool,
 ) -> int:
     """Load settings, check them, build the node with ``build``, start it, wait for a signal."""
-    from dicom_node.settings import check_runtime, load_settings
+    from dicom_node.preflight import check_runtime
+    from dicom_node.settings import load_settings
     from triage_core.errors import ConfigError, TriageError
 
     quiet_default_logging(getattr(args, "verbose", 0))

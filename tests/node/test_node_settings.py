@@ -10,17 +10,14 @@ from pathlib import Path
 import pytest
 from test_node_support import free_port, triage_command
 
-from dicom_node.settings import (
-    AllowedPeer,
-    Destination,
-    NodeSettings,
+from dicom_node.preflight import (
     check_database,
     check_model,
     check_port,
     check_runtime,
     check_storage,
-    load_settings,
 )
+from dicom_node.settings import AllowedPeer, Destination, NodeSettings, load_settings
 from triage_core.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]

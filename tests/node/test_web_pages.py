@@ -243,7 +243,7 @@ def test_http_api_component_over_tls_with_token(wl: Worklist, tmp_path: Path) ->
 
     from dicom_node.api import HttpApi
     from dicom_node.metrics import Metrics
-    from dicom_node.settings import check_tls
+    from dicom_node.preflight import check_tls
 
     ca = _ca(tmp_path, "ca")
     key, cert = _issue(tmp_path, "server", ca, server=True)
