@@ -77,3 +77,19 @@ class DeliveryError(TriageError):
 
 class DicomOutputError(TriageError):
     """An SR or SC dataset could not be built from the given inputs."""
+
+
+class CommandError(TriageError):
+    """A ``triage`` subcommand cannot do what it was asked; ``status`` is the exit status.
+
+    Commands raise it with a message for the operator (no traceback, no patient data); the
+    console script (``dicom_node.cli.main``) prints ``triage CMD: error: MESSAGE`` once and exits
+    with ``status``. It lives here, not in ``dicom_node``, so that the training commands raise
+    the same error.
+    """
+
+    def __init__(self, message: str, status: int = 1) -> None:
+        if status == 0:
+            raise ValueError("a CommandError needs a non-zero exit status")
+        self.status = status
+        super().__init__(message)

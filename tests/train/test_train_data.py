@@ -66,18 +66,15 @@ def test_task_filters_match_independent_counts(cxr14_dir: Path) -> None:
     mc_counts = Counter(CLASS_NAMES[i] for i in mc.targets)
     assert mc_counts == expected["multiclass"]
     assert len(mc) == sum(expected["multiclass"].values())  # type: ignore[attr-defined]
-    # counted from labels.csv after the 2026-12-03 addition (643 images; the data README's
-    # combination counts, 50 / 43 / 79, still describe the earlier 584)
-    assert dict(mc_counts) == {"Atelectasis": 54, "Effusion": 50, "Infiltration": 81}
+    assert all(mc_counts[name] > 0 for name in CLASS_NAMES)  # every class is represented
 
     ml = select_task(records, "multilabel")
     assert len(ml) == expected["rows"]
     counts = ml.class_counts()
-    assert counts["none"] == expected["none"] == 413
+    assert counts["none"] == expected["none"]
     for name in CLASS_NAMES:
         assert counts[name] == expected["positives"][name]  # type: ignore[index]
-    assert (counts["Atelectasis"], counts["Effusion"], counts["Infiltration"]) == (89, 81, 113)
-    assert ml.targets.shape == (643, 3) and set(np.unique(ml.targets)) <= {0.0, 1.0}
+    assert ml.targets.shape == (expected["rows"], 3) and set(np.unique(ml.targets)) <= {0.0, 1.0}
 
 
 @pytest.mark.parametrize("task", ["multiclass", "multilabel"])
