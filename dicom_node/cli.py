@@ -16,6 +16,9 @@ import sys
 from collections.abc import Sequence
 
 from triage_core import __version__
+from triage_core.errors import CommandError
+
+logger = logging.getLogger(__name__)
 
 # subcommand -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
@@ -68,6 +71,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     module = importlib.import_module(args._module)
     try:
         result: int = module.run(args)
+    except CommandError as exc:
+        # the one error path of every subcommand: the cause at -vv, one line for the operator
+        logger.debug("triage %s failed", args.command, exc_info=True)
+        print(f"triage {args.command}: error: {exc}", file=sys.stderr)
+        return exc.status
     except ModuleNotFoundError as exc:
         if exc.name is None or exc.name.partition(".")[0] not in TRAINING_STACK:
             raise
