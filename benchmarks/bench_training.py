@@ -2,18 +2,19 @@
 
 Run: ``.venv/bin/python benchmarks/bench_training.py`` (options: ``--help``).
 
-1. Training ms per image of ``training.loop.train_epoch`` over ``CachedImageDataset`` +
+1. Training ms per image of ``training.fit.train_epoch`` over ``CachedImageDataset`` +
    DataLoader vs a minimal hand-written PyTorch loop (index the cached tensor, forward,
    backward, AdamW) on the same images, model, loss and optimizer; also the real CV step
-   (``training.cv`` recipe: one-cycle schedule stepped per batch, EMA update, random resized
-   crop). Target: minimal / CV step >= 0.9. Rounds alternate the loops and the median is
-   reported (the machine is shared).
+   (the ``training.recipe.Recipe`` defaults: one-cycle schedule stepped per batch, EMA update,
+   random resized crop). Target: minimal / CV step >= 0.9. Rounds alternate the loops and the
+   median is reported (the machine is shared).
 4. Wall time of one epoch of the CV recipe at 224 px over every shared 256 px image
-   (``training.cv.fit`` with one epoch; skipped with ``--quick``).
+   (``training.fit.fit``, the one fit loop, with one epoch; skipped with ``--quick``).
 2. Loader-only images/s (the DataLoader without a model, with and without augmentation) vs the
    training step's images/s: the loader must not be the bottleneck.
 3. Parsing and indexing the full 112,120-row ``Data_Entry_2017.csv`` (read, multilabel filter,
-   patient-wise split): time and peak Python memory (tracemalloc).
+   5 patient-wise folds as ``triage train --cv 5`` draws them): time and peak Python memory
+   (tracemalloc).
 
 Needs the real data in ../shared/data/cxr14 (or ``--data``).
 """
@@ -28,6 +29,8 @@ import tracemalloc
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -52,6 +55,7 @@ def main() -> None:
     args = _parse()
     import torch
 
+    from training.cv import patient_folds
     from training.data import (
         Augment,
         CachedImageDataset,
@@ -61,8 +65,7 @@ def main() -> None:
         read_labels,
         select_task,
     )
-    from training.loop import loss_function, train_epoch
-    from training.splits import patient_split
+    from training.fit import loss_function, train_epoch
     from triage_core.models import create_model, default_spec
 
     torch.set_num_threads(args.threads)
@@ -76,10 +79,10 @@ def main() -> None:
 
     def parse() -> tuple[list[Any], Any]:
         records = read_labels(full)
-        return records, patient_split(select_task(records, "multilabel"), seed=0)
+        return records, patient_folds(select_task(records, "multilabel"), 5, seed=0)
 
     start = time.perf_counter()
-    records, split = parse()
+    records, fold = parse()
     parse_s = time.perf_counter() - start
     tracemalloc.start()  # a second pass: tracing slows allocation-heavy code several-fold
     parse()
@@ -124,7 +127,7 @@ def main() -> None:
     def cv_step() -> Callable[[], float]:
         from timm.utils import ModelEmaV3
 
-        from training.cv import Recipe
+        from training.recipe import Recipe
 
         model, criterion, optimizer = setup()
         recipe = Recipe(batch_size=args.batch_size)
@@ -209,10 +212,11 @@ def main() -> None:
 
     epoch_wall = "skipped (--quick)"
     if not args.quick:
-        from training.cv import Recipe, fit, recipe_spec
+        from training.fit import fit
+        from training.recipe import Recipe
 
         recipe = Recipe(epochs=1, batch_size=args.batch_size)
-        full_spec = recipe_spec(recipe)
+        full_spec = recipe.spec()
         all_images = load_tensors(paths, full_spec)
         all_targets = select_task(kept, "multilabel").multi_hot()
         start = time.perf_counter()
@@ -254,9 +258,12 @@ def main() -> None:
             "ratio loader (aug) / training step (aug)  [must be >> 1]",
             f"{load_aug / med['train_epoch (augmentation)']:.1f}",
         ),
-        (f"parse + multilabel filter + split of {len(records):,} rows, s", f"{parse_s:.2f}"),
+        (f"parse + multilabel filter + 5 folds of {len(records):,} rows, s", f"{parse_s:.2f}"),
         ("  peak Python memory, MB (tracemalloc, separate pass)", f"{peak / 2**20:.1f}"),
-        ("  patients, split sizes", f"{len({r.patient_id for r in records}):,}, {split.sizes()}"),
+        (
+            "  patients, images per fold",
+            f"{len({r.patient_id for r in records}):,}, {np.bincount(fold).tolist()}",
+        ),
         (f"index {len(index)} image files, s", f"{index_s:.3f}"),
         ("cached tensors, MB (float16)", f"{images.numel() * 2 / 2**20:.1f}"),
     ]

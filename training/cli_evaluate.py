@@ -1,13 +1,14 @@
-"""``triage evaluate``: metrics.json, predictions.csv and plots for a checkpoint."""
+"""``triage evaluate``: metrics.json, predictions.csv and plots for a checkpoint on a labelled set.
+
+Every labelled image given is scored (an external set); no training configuration is read.
+"""
 
 from __future__ import annotations
 
 import argparse
-import logging
-import sys
 from pathlib import Path
 
-logger = logging.getLogger(__name__)
+from triage_core.errors import CommandError, TriageError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -17,10 +18,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument(
         "--split",
-        choices=("test", "val", "train", "all"),
-        default="test",
-        help="the checkpoint's own patient-wise split (rebuilt and checked against its "
-        "fingerprint), or all images (an external set); default test",
+        choices=("all", "test", "val", "train"),
+        default="all",
+        help="all: every labelled image given (default). test/val/train: only for a checkpoint "
+        "of the former single-split training, whose recorded split is rebuilt and checked "
+        "against its fingerprint",
     )
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument(
@@ -60,7 +62,6 @@ def format_summary(metrics: dict[str, object]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from training.evaluate import evaluate_checkpoint
-    from triage_core.errors import TriageError
 
     if args.threads:
         import torch
@@ -79,9 +80,7 @@ def run(args: argparse.Namespace) -> int:
             cam_images=args.cam_images,
         )
     except TriageError as exc:
-        logger.debug("evaluation failed", exc_info=True)
-        print(f"triage evaluate: error: {exc}", file=sys.stderr)
-        return 2
+        raise CommandError(str(exc), 2) from exc
     print(format_summary(metrics))
     print(f"wrote {args.out}/metrics.json, predictions.csv and plots")
     return 0

@@ -1,9 +1,11 @@
 """Evaluate a checkpoint: metrics with bootstrap intervals, per-image predictions, plots.
 
-:func:`evaluate_checkpoint` rebuilds the checkpoint's own patient-wise split from the label file
-and image folder (checked against the split fingerprint recorded at training time, so a test set
-can never silently overlap the training images) or evaluates every image (``split="all"``, for
-an external set). It writes into the output folder:
+:func:`evaluate_checkpoint` scores a checkpoint on a labelled set: every image of the label file
+found in the image folder that the checkpoint's task keeps (``split="all"``, the default: an
+external set; no training configuration is needed). For a checkpoint of the former single-split
+training, which records its split, ``split="test"`` (``"val"``, ``"train"``) rebuilds that split
+and checks it against the recorded fingerprint, so a test set can never silently overlap the
+training images. It writes into the output folder:
 
 * ``metrics.json``: see :func:`compute_metrics`;
 * ``predictions.csv``: one row per image: ``Image Index``, ``Patient ID``, ``Finding Labels``,
@@ -468,8 +470,7 @@ def rebuild_split(spec: ModelSpec, images: Path, labels: Path, split: str) -> Ta
     DatasetError
         Unknown split, or the data no longer gives the split recorded in the checkpoint.
     """
-    from training.splits import load_task_data, make_split, split_fingerprint
-    from training.train import TrainConfig
+    from training.splits import SplitConfig, load_task_data, make_split, split_fingerprint
 
     if split not in SPLITS:
         raise DatasetError(f"unknown split {split!r}; expected one of {SPLITS}")
@@ -482,11 +483,8 @@ def rebuild_split(spec: ModelSpec, images: Path, labels: Path, split: str) -> Ta
         raise DatasetError(
             "this checkpoint records no training split; evaluate it with --split all"
         )
-    config = TrainConfig(
-        images=images,
-        labels=labels,
-        out=Path("."),
-        seed=int(info.get("seed", 0)),
+    config = SplitConfig(
+        data_seed=int(info.get("seed", 0)),
         split_fractions=tuple(info.get("fractions", (0.6, 0.2, 0.2))),  # type: ignore[arg-type]
         train_val_list=Path(info["train_val_list"]) if info.get("train_val_list") else None,
         test_list=Path(info["test_list"]) if info.get("test_list") else None,
@@ -508,7 +506,7 @@ def evaluate_checkpoint(
     labels: Path,
     out: Path,
     *,
-    split: str = "test",
+    split: str = "all",
     batch_size: int = 32,
     n_boot: int = 1000,
     seed: int = 0,
@@ -531,7 +529,7 @@ def evaluate_checkpoint(
     import time
 
     from training.data import attach_images, index_images, load_tensors
-    from training.loop import predict_logits
+    from training.predict import predict_logits
     from triage_core.models import load_checkpoint
 
     model, spec = load_checkpoint(checkpoint)

@@ -111,7 +111,7 @@ def export_fp16(
     from training.calibrate import probabilities
     from training.data import attach_images, index_images, load_tensors
     from training.evaluate import evaluate_checkpoint, rebuild_split
-    from training.loop import predict_logits
+    from training.predict import predict_logits
     from triage_core.models import load_checkpoint, save_checkpoint
 
     model, spec = load_checkpoint(model_path)
@@ -151,7 +151,14 @@ def export_fp16(
     save_checkpoint(half, spec, out, dtype=torch.float16)
     with tempfile.TemporaryDirectory() as tmp:
         metrics = evaluate_checkpoint(
-            out, images, labels, eval_dir or Path(tmp), n_boot=n_boot, seed=0, cam_images=0
+            out,
+            images,
+            labels,
+            eval_dir or Path(tmp),
+            split="test",
+            n_boot=n_boot,
+            seed=0,
+            cam_images=0,
         )
     shipped, _ = load_checkpoint(out)
     recorded = dict(spec.metrics)

@@ -15,24 +15,27 @@ model that did not see its patient), not on a small validation split:
   intervals (:func:`training.oof.operating_points`);
 * the drift reference histograms (:func:`training.oof.drift_reference`).
 
-The weights are stored as fp16 after a check that fp16 changes no decision on the training
+The weights are stored as fp16 (``OUT/NAME.safetensors`` + ``.json``, and the ONNX serving graph
+``NAME.onnx`` checked against torch) after a check that fp16 changes no decision on the training
 images and no probability by more than 0.01; the OOD reference is fitted on the training
 images (optimistic: there is no held-out image left).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-from training.cv import FOLD_DONE, Recipe, Source, fit, initial_weights, load_extra, recipe_spec
+from training import distributed
 from training.data import load_tensors
-from training.loop import TrainingError, classifier_layer, predict_logits
+from training.fit import fit
+from training.predict import classifier_layer, predict_logits
+from training.recipe import Recipe, TrainingError
+from training.runs import CVRun, read_oof, relative_data_path, sources_of
+from training.sources import load_extra
 from training.splits import load_task_data
 
 logger = logging.getLogger(__name__)
@@ -43,15 +46,19 @@ SERVABLE_VARIANTS: tuple[str, ...] = ("final", "ema")
 FP16_TOLERANCE = 0.01
 
 
-def _cv_run(cv_dir: Path) -> dict[str, Any]:
-    path = Path(cv_dir) / "cv.json"
-    if not path.is_file():
-        raise TrainingError(f"{cv_dir} has no cv.json: run `triage train --cv K --out {cv_dir}`")
-    summary: dict[str, Any] = json.loads(path.read_text())
-    for k in range(int(summary["folds"])):
-        if not (Path(cv_dir) / f"fold{k}" / FOLD_DONE).is_file():
-            raise TrainingError(f"fold {k} of {cv_dir} is not finished")
-    return summary
+def _default_name(recipe: Recipe) -> str:
+    return f"cxr-triage-{recipe.arch.replace('efficientnet_', '')}-{recipe.task}"
+
+
+def _calibration(logits: np.ndarray, y: np.ndarray, task: str) -> tuple[float, np.ndarray]:
+    """Temperature and per-class logit shift fitted on the OOF logits: jointly for multilabel
+    (:func:`training.calibrate.fit_temperature_and_shift`); the temperature alone for
+    multiclass (a softmax's shift would change the arg-max the seed protocol scores)."""
+    from training.calibrate import fit_temperature, fit_temperature_and_shift
+
+    if task == "multiclass":
+        return fit_temperature(logits, y.argmax(axis=1), task), np.zeros(logits.shape[1])
+    return fit_temperature_and_shift(logits, y)
 
 
 def train_final(
@@ -65,6 +72,7 @@ def train_final(
     labels: Path | None = None,
     command: str = "",
     progress: bool = False,
+    device: str = "cpu",
 ) -> Path:
     """Fit the recipe of ``cv_dir`` on all its images and save a calibrated fp16 checkpoint.
 
@@ -78,25 +86,22 @@ def train_final(
     import torch
 
     from training import oof
-    from training.calibrate import (
-        expected_calibration_error,
-        fit_temperature_and_shift,
-        probabilities,
-    )
+    from training.calibrate import expected_calibration_error, probabilities
     from triage_core import __version__, ood
     from triage_core.models import pretrained_source, save_checkpoint
 
     if variant not in SERVABLE_VARIANTS:
         raise TrainingError(f"--variant must be one of {SERVABLE_VARIANTS}, got {variant!r}")
     started = time.perf_counter()
-    summary = _cv_run(cv_dir)
+    summary = CVRun(Path(cv_dir)).finished()
     recipe = Recipe.from_dict(summary["recipe"])
+    task = recipe.task
     if variant == "ema" and not recipe.ema:
         raise TrainingError(f"{cv_dir} was run without EMA; use --variant final")
     images = images or Path(summary["images"])
     labels = labels or Path(summary["labels"])
-    data, index = load_task_data(images, labels, "multilabel")
-    oof_images, patients, y, logits = oof.read_oof(Path(cv_dir) / "oof.csv")
+    data, index = load_task_data(images, labels, task)
+    oof_images, patients, y, logits = read_oof(CVRun(Path(cv_dir)).oof_csv)
     position = {r.image_index: i for i, r in enumerate(data.records)}
     missing = [name for name in oof_images if name not in position]
     if missing:
@@ -105,41 +110,45 @@ def train_final(
         )
     data = data.subset([position[name] for name in oof_images])  # the CV run's images
     oof_logits = logits[variant]
+    truth = y.argmax(axis=1) if task == "multiclass" else y  # the task's targets
     names = list(data.class_names)
 
-    temperature, shift = fit_temperature_and_shift(oof_logits, y)
-    probs = probabilities(oof_logits + shift, "multilabel", temperature)
+    temperature, shift = _calibration(oof_logits, y, task)
+    probs = probabilities(oof_logits + shift, task, temperature)
     thresholds, rule = oof.choose_operating_thresholds(probs, y)
     points = oof.operating_points(probs, y, patients, names, thresholds)
     drift = oof.drift_reference(probs, thresholds, names)
     auroc = oof.patient_bootstrap(y, oof_logits, patients)
 
-    spec = recipe_spec(recipe)
+    spec = recipe.spec()
     tensors = load_tensors([index[r.image_index] for r in data.records], spec, progress=progress)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    sources = [
-        Source(Path(x["images"]), Path(x["labels"]), float(x["weight"]))
-        for x in summary.get("sources", [])
-    ]
-    extra = load_extra(sources, set(oof_images), spec)
-    train_images, train_targets = tensors, data.multi_hot()
+    extra = load_extra(sources_of(summary), set(oof_images), spec, task)
+    train_images, train_targets = tensors, data.targets
     weights = np.ones(len(data))
     if extra is not None:  # every extra image: no patient is held out any more
         train_images = torch.cat([tensors, extra.tensors])
         train_targets = np.concatenate([train_targets, extra.targets])
         weights = np.concatenate([weights, extra.weights])
-    model, ema_model, history = fit(
+    dist = distributed.setup(distributed.resolve_device(device))
+    result = fit(
         recipe,
         train_images,
         train_targets,
         spec,
         state_path=out / "state.pt",
+        fingerprint=f"final:{len(train_targets)}:{relative_data_path(cv_dir)}",
         progress=progress,
         desc="all data",
         sample_weights=weights,
+        device=device,
     )
-    chosen = ema_model if variant == "ema" and ema_model is not None else model
+    history = result.history
+    if not dist.main:  # rank 0 alone calibrates and writes
+        distributed.teardown()
+        return out / (name or _default_name(recipe))
+    chosen = (result.ema if variant == "ema" and result.ema is not None else result.model).cpu()
     chosen.eval()
     with torch.no_grad():  # the calibration's per-class shift lives in the classifier bias
         head = classifier_layer(chosen)
@@ -148,7 +157,7 @@ def train_final(
     l32 = predict_logits(chosen, tensors, channels_last=True)
     half = chosen.to(torch.float16).to(torch.float32)  # the round trip fp16 storage makes
     l16 = predict_logits(half, tensors, channels_last=True)
-    p32, p16 = (probabilities(v, "multilabel", temperature) for v in (l32, l16))
+    p32, p16 = (probabilities(v, task, temperature) for v in (l32, l16))
     t = np.asarray(thresholds)
     flips = int(((p32 >= t) != (p16 >= t)).sum())
     fp16_check = {
@@ -166,16 +175,18 @@ def train_final(
         "fitted on the out-of-fold predictions of the same recipe",
         "recipe": recipe.to_dict(),
         "variant": variant,
-        "cv_run": oof.relative_data_path(cv_dir),
+        "cv_run": relative_data_path(cv_dir),
         "data": {
             **summary["data"],
             "n_images": summary["data"]["images"],
-            "images": oof.relative_data_path(images),
-            "labels": oof.relative_data_path(labels),
+            "images": relative_data_path(images),
+            "labels": relative_data_path(labels),
             "sources": extra.counts if extra is not None else [],
         },
-        "out": oof.relative_data_path(out),
-        "pretrained": pretrained_source(recipe.arch, initial_weights(recipe)),
+        "out": relative_data_path(out),
+        "pretrained": pretrained_source(recipe.arch, recipe.initial_weights()),
+        "init_from": recipe.init_from,
+        "world_size": dist.world,
         "history": history,
         "weights_dtype": "float16",
         "fp16_check": fp16_check,
@@ -191,12 +202,9 @@ def train_final(
             "auroc": dict(zip(names, auroc["per_class"], strict=True)),
             "mean_auroc": auroc["mean"],
             "ece_before": round(
-                expected_calibration_error(
-                    probabilities(oof_logits, "multilabel", 1.0), y, "multilabel"
-                ),
-                4,
+                expected_calibration_error(probabilities(oof_logits, task, 1.0), truth, task), 4
             ),
-            "ece_after": round(expected_calibration_error(probs, y, "multilabel"), 4),
+            "ece_after": round(expected_calibration_error(probs, truth, task), 4),
             "logit_shift": [round(float(v), 6) for v in shift],
         },
         "threshold_rule": rule,
@@ -204,7 +212,7 @@ def train_final(
         "cv_table": runs_table,
     }
     final = spec.replace(
-        name=name or f"cxr-triage-{recipe.arch.replace('efficientnet_', '')}-multilabel",
+        name=name or _default_name(recipe),
         version=version,
         temperature=float(temperature),
         thresholds=list(thresholds),
@@ -216,6 +224,10 @@ def train_final(
     final = final.replace(ood=ood.fit_reference(half, final, tensors))
     path = save_checkpoint(half, final, out / final.name, dtype=torch.float16)
     (out / "state.pt").unlink(missing_ok=True)
+    from training.onnx_export import export_after_training
+
+    export_after_training(path, tensors)  # NAME.onnx, the serving graph, checked against torch
+    distributed.teardown()
     print(
         f"saved {path}: OOF mean AUROC {auroc['mean']}, temperature {temperature:.3f}, "
         f"thresholds {[round(x, 3) for x in thresholds]}, urgent share "

@@ -3,11 +3,10 @@
 ``python -m training.model_card --model triage_core/weights/NAME --out MODEL_CARD.md
 [--experiment LABEL=RUN/CHECKPOINT ...] [--measurement "LABEL: TEXT" ...]``
 
-Every number in the card comes from the checkpoint's ``ModelSpec``: the test metrics were
-written there by :mod:`training.export` from one evaluation of the shipped fp16 file, the
-calibration and operating points by :mod:`training.train` on the validation split. Experiments
-(other runs on the same split) are read from their own specs: their validation scores are the
-only ones used to choose, and they are listed so the choice is visible.
+Every number in the card comes from the checkpoint's ``ModelSpec``: the calibration, operating
+points and out-of-fold figures were written there by :mod:`training.final` from the
+out-of-fold predictions of its cross-validation run, whose table (with the other CV runs of
+``--cv-runs``) is read from the run files, so the choice of recipe is visible.
 """
 
 from __future__ import annotations
@@ -317,7 +316,7 @@ def collect_cv_runs(entries: Sequence[str]) -> list[dict[str, Any]]:
     """``LABEL=DIR[:NOTE]`` entries -> the runs' rows (from each ``DIR/cv.json``)."""
     import json
 
-    from training.oof import relative_data_path
+    from training.runs import relative_data_path
 
     runs = []
     for entry in entries:

@@ -5,9 +5,9 @@ once by the fold model that did not see its patient):
 
 * :func:`patient_bootstrap` - AUROC per class and their mean with 95 % percentile intervals
   that resample *patients* (all of a patient's images together), not images;
-* :func:`collect_run` / :func:`load_runs` / :func:`ensemble` - the variants of one or several
-  CV runs (final weights, EMA, flip TTA, per-epoch snapshots; seed ensembles as the mean of
-  logits of runs on the same folds);
+* :func:`score_variants` / :func:`ensemble` - the table of a run's variants (final weights,
+  EMA, flip TTA, per-epoch snapshots) and seed ensembles as the mean of logits of runs on the
+  same folds (read with :func:`training.runs.load_runs`);
 * :func:`operating_points` - per-class thresholds for a stated target, with sensitivity,
   specificity and PPV (patient-bootstrap intervals), the urgent share they produce, and
 * :func:`drift_reference` - the 20-bin reference histograms the node's drift panel compares
@@ -16,40 +16,18 @@ once by the fold model that did not see its patient):
 
 from __future__ import annotations
 
-import csv
-import json
 import math
 from collections.abc import Mapping, Sequence
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-from training.loop import TrainingError
-
-if TYPE_CHECKING:
-    from training.data import TaskData
+from training.recipe import TrainingError
 
 #: Bins of the drift reference histograms (equal width on [0, 1]).
 DRIFT_BINS = 20
 #: Bootstrap resamples for every interval.
 N_BOOT = 1000
-
-
-def relative_data_path(path: Path | str) -> str:
-    """A data path as written in cards and run files: relative to the repository when it lies
-    in the shared data folder (``../shared/data/...``), never a machine's absolute path."""
-    text = str(path)
-    marker = "/shared/data/"
-    if marker in text:
-        return "../shared/data/" + text.split(marker, 1)[1]
-    p = Path(text)
-    if p.is_absolute():
-        try:
-            return str(p.relative_to(Path.cwd()))
-        except ValueError:
-            return p.name
-    return text
 
 
 def _patient_index(patients: Sequence[str]) -> list[np.ndarray]:
@@ -58,6 +36,19 @@ def _patient_index(patients: Sequence[str]) -> list[np.ndarray]:
     for i, p in enumerate(patients):
         groups.setdefault(str(p), []).append(i)
     return [np.asarray(v, dtype=np.int64) for v in groups.values()]
+
+
+def auroc(y: np.ndarray, scores: np.ndarray) -> float:
+    """AUROC of 0/1 labels ``y`` (both present) for ``scores``: the Mann-Whitney statistic
+    with tied scores counted one half, the value ``sklearn.metrics.roc_auc_score`` gives,
+    without its input validation (the bootstrap calls it thousands of times)."""
+    from scipy.stats import rankdata
+
+    y = np.asarray(y, dtype=bool)
+    ranks = rankdata(scores)
+    n_pos = int(y.sum())
+    n_neg = len(y) - n_pos
+    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
 def patient_bootstrap(
@@ -82,14 +73,12 @@ def patient_bootstrap(
     dict
         ``{"per_class": [[auc, low, high], ...], "mean": [auc, low, high]}``.
     """
-    from sklearn.metrics import roc_auc_score
-
     y = np.asarray(y) > 0.5
     scores = np.asarray(scores, dtype=np.float64)
     groups = _patient_index(patients)
     rng = np.random.default_rng(seed)
     c = y.shape[1]
-    point = [float(roc_auc_score(y[:, k], scores[:, k])) for k in range(c)]
+    point = [auroc(y[:, k], scores[:, k]) for k in range(c)]
     samples: list[list[float]] = []
     for _ in range(n_boot):
         pick = rng.integers(0, len(groups), len(groups))
@@ -97,7 +86,7 @@ def patient_bootstrap(
         yb, sb = y[idx], scores[idx]
         if any(yb[:, k].all() or not yb[:, k].any() for k in range(c)):
             continue
-        samples.append([float(roc_auc_score(yb[:, k], sb[:, k])) for k in range(c)])
+        samples.append([auroc(yb[:, k], sb[:, k]) for k in range(c)])
     arr = np.asarray(samples)
     lows = np.percentile(arr, 2.5, axis=0)
     highs = np.percentile(arr, 97.5, axis=0)
@@ -117,124 +106,34 @@ def patient_bootstrap(
 
 
 # --------------------------------------------------------------------------------------------
-# collecting runs
+# scoring pooled predictions
 
 
-def collect_run(out: Path, data: TaskData, fold: np.ndarray) -> dict[str, Any]:
-    """Pool a CV run's fold predictions into ``OUT/oof.csv`` and score every variant."""
-    pooled, seconds = _pool(out, len(data), int(fold.max()) + 1)
-    y = data.multi_hot()
-    patients = [r.patient_id for r in data.records]
-    _write_oof_csv(out / "oof.csv", data, fold, pooled)
-    variants = {
-        name: patient_bootstrap(y, logits, patients)
-        for name, logits in sorted(pooled.items())
-        if not np.isnan(logits).any()
-    }
-    counts = data.class_counts()
-    return {
-        "data": {
-            "images": len(data),
-            "patients": len(set(patients)),
-            "positives": {name: counts[name] for name in data.class_names},
-            "none_of_the_findings": counts.get("none"),
-            "per_fold_images": [int((fold == k).sum()) for k in range(int(fold.max()) + 1)],
-        },
-        "class_names": list(data.class_names),
-        "fold_seconds": seconds,
-        "variants": variants,
-    }
+def score_variants(
+    task: str,
+    y: np.ndarray,
+    patients: Sequence[str],
+    pooled: Mapping[str, np.ndarray],
+) -> dict[str, dict[str, Any]]:
+    """Every complete variant's patient-bootstrap AUROC table (one-vs-rest for multiclass,
+    ``y`` one-hot); multiclass variants also carry the arg-max ``accuracy`` and ``macro_f1``
+    (the seed study's figures)."""
+    from sklearn.metrics import accuracy_score, f1_score
 
-
-def _pool(out: Path, n: int, k: int) -> tuple[dict[str, np.ndarray], list[float]]:
-    from training.cv import FOLD_DONE
-
-    pooled: dict[str, np.ndarray] = {}
-    seconds: list[float] = []
-    for f in range(k):
-        path = out / f"fold{f}" / FOLD_DONE
-        if not path.exists():
-            raise TrainingError(f"fold {f} of {out} is not finished ({path} missing)")
-        with np.load(path) as saved:
-            index = saved["index"]
-            seconds.append(round(float(saved["seconds"]), 1))
-            for name in saved.files:
-                if name in ("index", "seconds"):
-                    continue
-                logits = saved[name]
-                if name not in pooled:
-                    pooled[name] = np.full((n, logits.shape[1]), np.nan, dtype=np.float64)
-                pooled[name][index] = logits
-    return pooled, seconds
-
-
-def _write_oof_csv(
-    path: Path, data: TaskData, fold: np.ndarray, pooled: Mapping[str, np.ndarray]
-) -> None:
-    names = list(data.class_names)
-    variants = sorted(pooled)
-    y = data.multi_hot()
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(
-            ["Image Index", "Patient ID", "fold", *names]
-            + [f"{v}:{c}" for v in variants for c in names]
-        )
-        for i, record in enumerate(data.records):
-            writer.writerow(
-                [record.image_index, record.patient_id, int(fold[i])]
-                + [int(v) for v in y[i]]
-                + [f"{pooled[v][i, c]:.6f}" for v in variants for c in range(len(names))]
+    out: dict[str, dict[str, Any]] = {}
+    for name, logits in sorted(pooled.items()):
+        if np.isnan(logits).any():
+            continue
+        row = patient_bootstrap(y, logits, patients)
+        if task == "multiclass":
+            truth, guess = np.asarray(y).argmax(axis=1), logits.argmax(axis=1)
+            labels = list(range(logits.shape[1]))
+            row["accuracy"] = round(float(accuracy_score(truth, guess)), 4)
+            row["macro_f1"] = round(
+                float(f1_score(truth, guess, average="macro", labels=labels, zero_division=0)), 4
             )
-    tmp.replace(path)
-
-
-def read_oof(path: Path) -> tuple[list[str], list[str], np.ndarray, dict[str, np.ndarray]]:
-    """``(images, patients, labels (N, C), {variant: logits (N, C)})`` from an ``oof.csv``."""
-    with path.open(newline="") as handle:
-        reader = csv.reader(handle)
-        header = next(reader)
-        rows = list(reader)
-    names = [h for h in header[3:] if ":" not in h]
-    c = len(names)
-    variants: dict[str, list[int]] = {}
-    for j, h in enumerate(header):
-        if ":" in h:
-            variants.setdefault(h.split(":", 1)[0], []).append(j)
-    images = [r[0] for r in rows]
-    patients = [r[1] for r in rows]
-    labels = np.asarray([[float(v) for v in r[3 : 3 + c]] for r in rows])
-    logits = {
-        v: np.asarray([[float(r[j]) for j in cols] for r in rows]) for v, cols in variants.items()
-    }
-    return images, patients, labels, logits
-
-
-def load_runs(dirs: Sequence[Path]) -> list[dict[str, Any]]:
-    """Each run's ``cv.json`` and OOF logits; the runs must cover the same images in the same
-    folds (a seed ensemble averages models that did not see the same patients)."""
-    runs = []
-    reference: list[str] | None = None
-    for d in dirs:
-        summary = json.loads((Path(d) / "cv.json").read_text())
-        images, patients, labels, logits = read_oof(Path(d) / "oof.csv")
-        folds = (Path(d) / "folds.csv").read_text()
-        if reference is None:
-            reference = [folds]
-        elif reference[0] != folds:
-            raise TrainingError(f"{d} used other folds than {dirs[0]}")
-        runs.append(
-            {
-                "dir": str(d),
-                "summary": summary,
-                "images": images,
-                "patients": patients,
-                "labels": labels,
-                "logits": logits,
-            }
-        )
-    return runs
+        out[name] = row
+    return out
 
 
 def ensemble(runs: Sequence[Mapping[str, Any]], variant: str) -> np.ndarray:

@@ -2,9 +2,11 @@
 
 Either 60/20/20 from a seed (patients shuffled, whole patients taken in turn) or NIH's official
 ``train_val_list.txt`` / ``test_list.txt`` (validation then drawn patient-wise from train_val).
-Training-only extra images (e.g. the 64 px folder) never include a validation or test patient.
-A split is identified by a fingerprint of its image names, recorded in every checkpoint, so
-``triage evaluate`` can rebuild exactly the test set a model never saw.
+A split is identified by a fingerprint of its image names. Training itself is judged by
+patient-wise cross-validation (:mod:`training.cv`); these splits remain for reading the
+checkpoints of the former single-split training (their recorded split is rebuilt and checked
+against its fingerprint) and for the data tests. :func:`load_task_data` is the loader of
+every path.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
@@ -35,26 +37,18 @@ DEFAULT_FRACTIONS: tuple[float, float, float] = (0.6, 0.2, 0.2)
 SPLIT_NAMES: tuple[str, str, str] = ("train", "val", "test")
 
 
-class SplitConfig(Protocol):
-    """The part of :class:`training.train.TrainConfig` that chooses the data and its split
-    (a protocol, so that ``train`` imports ``splits`` and not the other way round)."""
+@dataclass(frozen=True)
+class SplitConfig:
+    """How a train / validation / test split is drawn: official lists, or seeded fractions.
 
-    @property
-    def task(self) -> str: ...
-    @property
-    def train_val_list(self) -> Path | None: ...
-    @property
-    def test_list(self) -> Path | None: ...
-    @property
-    def extra_images(self) -> Path | None: ...
-    @property
-    def extra_labels(self) -> Path | None: ...
-    @property
-    def split_fractions(self) -> tuple[float, float, float]: ...
-    @property
-    def max_images(self) -> int | None: ...
-    @property
-    def data_seed(self) -> int: ...
+    Recorded in checkpoints made by the former single-split training (``spec.training["data"]
+    ["split"]``), so that :func:`training.evaluate.rebuild_split` can rebuild their split.
+    """
+
+    data_seed: int = 0
+    split_fractions: tuple[float, float, float] = (0.6, 0.2, 0.2)
+    train_val_list: Path | None = None
+    test_list: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -288,76 +282,3 @@ def load_task_data(
         order = rng.permutation(len(data))
         data = data.subset(np.sort(order[:max_images]))
     return data, index
-
-
-def extra_training_data(
-    config: SplitConfig, data: TaskData, split: Split, input_size: int
-) -> tuple[TaskData, list[Path], dict[str, Any]]:
-    """Training-only images from another folder (e.g. NIH images kept only at 64 px).
-
-    Images of patients in the validation or test split, and images already in ``data``, are
-    left out, so the extra data can never leak into evaluation. Images smaller than the input
-    size are counted and logged (they are upsampled by ``to_tensor``).
-    """
-    from PIL import Image, UnidentifiedImageError
-
-    assert config.extra_images is not None and config.extra_labels is not None
-    records = read_labels(config.extra_labels)
-    kept, paths = attach_images(records, index_images(config.extra_images))
-    extra = select_task(kept, config.task)
-    by_name = dict(zip((r.image_index for r in kept), paths, strict=True))
-    held_out = {data.records[int(i)].patient_id for i in (*split.val, *split.test)}
-    known = {r.image_index for r in data.records}
-    keep = [
-        i
-        for i, r in enumerate(extra.records)
-        if r.patient_id not in held_out and r.image_index not in known
-    ]
-    if not keep:
-        raise DatasetError(
-            f"no usable extra training image in {config.extra_images} (all belong to "
-            "validation/test patients or duplicate the main images)"
-        )
-    chosen = extra.subset(keep)
-    chosen_paths = [by_name[r.image_index] for r in chosen.records]
-    small = 0
-    for path in chosen_paths:
-        try:
-            with Image.open(path) as img:
-                small += int(min(img.size) < input_size)
-        except (OSError, UnidentifiedImageError):
-            continue  # not a raster file (DICOM): load_tensors reads it properly
-    if small:
-        logger.warning(
-            "%d extra training images are smaller than %d px and are upsampled",
-            small,
-            input_size,
-        )
-    info = {
-        "images": str(config.extra_images),
-        "labels": str(config.extra_labels),
-        "used": len(chosen),
-        "left_out_heldout_patients": sum(1 for r in extra.records if r.patient_id in held_out),
-        "left_out_duplicates": sum(1 for r in extra.records if r.image_index in known),
-        "smaller_than_input": small,
-        "counts": chosen.class_counts(),
-    }
-    return chosen, chosen_paths, info
-
-
-def split_description(config: SplitConfig, data: TaskData, split: Split) -> dict[str, Any]:
-    """What ``triage evaluate`` needs to rebuild the same split from the same files."""
-    return {
-        "method": split.method,
-        "seed": split.seed,
-        "fractions": list(config.split_fractions),
-        "train_val_list": str(config.train_val_list) if config.train_val_list else None,
-        "test_list": str(config.test_list) if config.test_list else None,
-        "max_images": config.max_images,
-        "fingerprint": split_fingerprint(data, split),
-        "sizes": split.sizes(),
-    }
-
-
-# --------------------------------------------------------------------------------------------
-# the training loop

@@ -78,11 +78,12 @@ def test_model_card_numbers_equal_the_run_files() -> None:
     from training import oof
     from training.calibrate import fit_temperature_and_shift, probabilities
     from training.model_card import render_model_card
+    from training.runs import read_oof
 
     path = default_checkpoint_path()
     spec = read_spec(path)
     variant = spec.training["variant"]
-    _, patients, y, logits = oof.read_oof(RUN_FILES / "oof.csv")
+    _, patients, y, logits = read_oof(RUN_FILES / "oof.csv")
     z = logits[variant]
     metrics = spec.metrics
     auroc = oof.patient_bootstrap(y, z, patients)
