@@ -131,7 +131,8 @@ def train_final(
         train_images = torch.cat([tensors, extra.tensors])
         train_targets = np.concatenate([train_targets, extra.targets])
         weights = np.concatenate([weights, extra.weights])
-    dist = distributed.setup(distributed.resolve_device(device))
+    device = distributed.resolve_device(device)
+    dist = distributed.setup(device)
     result = fit(
         recipe,
         train_images,

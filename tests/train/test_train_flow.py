@@ -171,3 +171,22 @@ def test_imagenet_initialisation_beats_random_out_of_fold(cxr14_dir: Path, tmp_p
         scores[init] = summary["variants"]["final"]["mean"][0]
         assert recipe.spec().mean == (0.5, 0.5, 0.5)
     assert scores["imagenet"] > scores["none"] + 0.02, scores
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "efficientnet_b0", "efficientnet_lite0"])
+def test_every_architecture_fits_the_multiclass_task(
+    arch: str, cxr14_dir: Path, one_torch_thread: None
+) -> None:
+    from training.data import load_tensors
+    from training.fit import fit
+    from training.splits import load_task_data
+
+    data, index = load_task_data(cxr14_dir / "256", cxr14_dir / "labels.csv", "multiclass", 24)
+    recipe = Recipe(arch=arch, task="multiclass", image_size=32, epochs=1, batch_size=8, ema=0)
+    spec = recipe.spec()
+    assert spec.task == "multiclass" and spec.num_classes == 3
+    x = load_tensors([index[r.image_index] for r in data.records], spec)
+    result = fit(recipe, x, data.targets, spec)
+    assert [h["epoch"] for h in result.history] == [1] and result.optimizer_steps == 3
+    with torch.inference_mode():
+        assert result.model.eval()(x[:2].float()).shape == (2, 3)
