@@ -31,6 +31,17 @@ def _crop(text: str) -> tuple[float, float] | None:
     return low, high
 
 
+def _source(text: str) -> object:
+    """``--source IMAGES,LABELS[,WEIGHT]`` -> :class:`training.recipe.Source` (argparse
+    ``type``)."""
+    from training.recipe import Source, TrainingError
+
+    try:
+        return Source.parse(text)
+    except TrainingError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("--source ")) from exc
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -69,6 +80,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--out", type=Path, required=True, help="output folder")
     data.add_argument(
         "--source",
+        type=_source,
         action="append",
         default=[],
         metavar="IMAGES,LABELS[,WEIGHT]",
@@ -209,7 +221,7 @@ def recipe_from_args(args: argparse.Namespace) -> object:
 def cv_config_from_args(args: argparse.Namespace) -> object:
     """The :class:`training.cv.CVConfig` of ``triage train --cv K ...``."""
     from training.cv import CVConfig, parse_folds
-    from training.recipe import Recipe, Source
+    from training.recipe import Recipe
 
     if args.images is None or args.labels is None:
         raise CommandError("--cv needs --images and --labels", 2)
@@ -227,7 +239,7 @@ def cv_config_from_args(args: argparse.Namespace) -> object:
         progress=not args.no_progress,
         max_images=args.max_images,
         command=shlex.join(["triage", *sys.argv[1:]]),
-        sources=tuple(Source.parse(text) for text in args.source),
+        sources=tuple(args.source),
         device=args.device,
     )
 

@@ -112,8 +112,12 @@ def test_operator_errors_of_train_are_one_line(
     assert "exactly one of --cv K and --final-from" in capsys.readouterr().err
     assert main(["train", "--final-from", str(tmp_path), "--out", str(tmp_path)]) == 2
     assert "has no cv.json" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        main(["train", "--cv", "2", "--out", str(tmp_path), "--crop", "big"])
+    assert main(["train", "--cv", "2", "--out", str(tmp_path)]) == 2
+    assert "--cv needs --images and --labels" in capsys.readouterr().err
+    for bad in (["--crop", "big"], ["--source", "a,b,-1"], ["--cv", "0"]):
+        with pytest.raises(SystemExit):  # argparse type= checks: usage + exit status 2
+            main(["train", "--cv", "2", "--out", str(tmp_path), *bad])
+        assert "argument" in capsys.readouterr().err
 
 
 def test_probe_head_starts_from_a_fitted_classifier_and_epoch_0_is_a_candidate(
