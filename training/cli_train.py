@@ -175,7 +175,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="ship the EMA weights or the last weights (default ema)",
     )
     final.add_argument("--name", default="", help="checkpoint name (default from arch/task)")
-    final.add_argument("--model-version", default="2", help="version written into the spec")
+    final.add_argument("--model-version", default="1", help="version written into the spec")
 
     run_group = parser.add_argument_group("execution")
     run_group.add_argument("--device", default="cpu", help="cpu (default), auto, cuda, cuda:N")
