@@ -180,6 +180,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run_group = parser.add_argument_group("execution")
     run_group.add_argument("--device", default="cpu", help="cpu (default), auto, cuda, cuda:N")
     run_group.add_argument("--threads", type=int, help="torch CPU threads")
+    run_group.add_argument(
+        "--workers", type=int, default=0, help="DataLoader worker processes (default 0)"
+    )
     run_group.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -241,6 +244,7 @@ def cv_config_from_args(args: argparse.Namespace) -> object:
         command=shlex.join(["triage", *sys.argv[1:]]),
         sources=tuple(args.source),
         device=args.device,
+        workers=args.workers,
     )
 
 
@@ -278,6 +282,7 @@ def run(args: argparse.Namespace) -> int:
                 command=shlex.join(["triage", *sys.argv[1:]]),
                 progress=not args.no_progress,
                 device=args.device,
+                workers=args.workers,
             )
             print(f"checkpoint: {path}")
             return 0

@@ -60,10 +60,13 @@ class CVConfig:
     command: str = ""
     sources: tuple[Source, ...] = ()
     device: str = "cpu"
+    workers: int = 0
 
     def __post_init__(self) -> None:
         if self.folds < 2:
             raise TrainingError(f"--cv must be >= 2, got {self.folds}")
+        if self.workers < 0:
+            raise TrainingError(f"--workers must be >= 0, got {self.workers}")
         if self.only_folds is not None and not set(self.only_folds) <= set(range(self.folds)):
             raise TrainingError(f"--folds must name folds in 0..{self.folds - 1}")
 
@@ -167,6 +170,7 @@ def _fit_fold(config: CVConfig, run: CVRun, d: _Data, k: int, device: str) -> No
         desc=f"fold {k + 1}/{config.folds}",
         sample_weights=weights,
         device=device,
+        workers=config.workers,
     )
     if not dist.main:
         return

@@ -73,6 +73,7 @@ def train_final(
     command: str = "",
     progress: bool = False,
     device: str = "cpu",
+    workers: int = 0,
 ) -> Path:
     """Fit the recipe of ``cv_dir`` on all its images and save a calibrated fp16 checkpoint.
 
@@ -144,6 +145,7 @@ def train_final(
         desc="all data",
         sample_weights=weights,
         device=device,
+        workers=workers,
     )
     history = result.history
     if not dist.main:  # rank 0 alone calibrates and writes

@@ -173,6 +173,7 @@ def _loader(
     sample_weights: np.ndarray | None,
     dist: distributed.Dist,
     use_cuda: bool,
+    workers: int = 0,
 ) -> tuple[Any, Callable[[int], None]]:
     """The training DataLoader and the per-epoch reseed of its order."""
     import torch
@@ -210,6 +211,7 @@ def _loader(
         drop_last=len(dataset) > recipe.batch_size * dist.world,
         generator=generator if sampler is None or weighted else None,
         pin_memory=use_cuda,
+        num_workers=workers,  # not persistent: each epoch's workers see set_epoch's epoch
     )
 
     def reseed(epoch: int) -> None:
@@ -247,6 +249,7 @@ def fit(
     desc: str = "",
     sample_weights: np.ndarray | None = None,
     device: str = "cpu",
+    workers: int = 0,
 ) -> FitResult:
     """Fit one model of ``recipe`` on cached tensors for exactly ``recipe.epochs`` epochs.
 
@@ -264,6 +267,9 @@ def fit(
         every rank, e.g. to record held-out logits.
     sample_weights : numpy.ndarray, optional
         Per-image sampling weights (a weighted sampler with replacement when they differ).
+    device, workers : str, int
+        Where to train (``cuda`` adds bf16 autocast) and the DataLoader worker processes;
+        neither changes the result (augmentation is a function of seed, epoch and index).
 
     Raises
     ------
@@ -285,7 +291,7 @@ def fit(
     if recipe.epochs == 0:
         return FitResult(model, None)
     dataset = CachedImageDataset(images, targets, spec, recipe.augment(), seed=recipe.seed)
-    loader, reseed = _loader(recipe, dataset, sample_weights, dist, use_cuda)
+    loader, reseed = _loader(recipe, dataset, sample_weights, dist, use_cuda, workers)
     criterion = loss_function(recipe.task, targets, spec.num_classes, recipe.pos_weight)
     criterion = criterion.to(device)
     optimizer = torch.optim.AdamW(

@@ -167,6 +167,12 @@ def test_same_seed_same_weights(cxr14_dir: Path, one_torch_thread: None) -> None
     assert runs[0].keys() == runs[1].keys()
     assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])  # reproducible
     assert not all(torch.equal(runs[0][k], runs[2][k]) for k in runs[0])  # seed matters
+    # DataLoader workers change nothing: each epoch's augmentation is a function of the seed,
+    # the epoch and the index, also inside worker processes (two epochs: set_epoch reaches them)
+    two = Recipe(**{**recipe.to_dict(), "epochs": 2})
+    plain = fit(two, images, data.multi_hot(), spec).model.state_dict()
+    pooled = fit(two, images, data.multi_hot(), spec, workers=1).model.state_dict()
+    assert all(torch.equal(plain[k], pooled[k]) for k in plain)
 
 
 def test_recipe_is_checked_when_built() -> None:
