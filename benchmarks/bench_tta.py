@@ -67,7 +67,7 @@ def main() -> None:
 
     from training.data import attach_images, index_images, load_tensors
     from training.evaluate import rebuild_split
-    from training.loop import predict_logits
+    from training.predict import predict_logits
     from triage_core.models import load_checkpoint
 
     torch.set_num_threads(args.threads)
