@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from triage_core.errors import CommandError
+from triage_core.errors import CommandError, ConfigError, WorklistError
 
 if TYPE_CHECKING:
     from dicom_node.node import Node
@@ -182,7 +182,6 @@ def run_node(
     from dicom_node.node import StartError, run_until_signal
     from dicom_node.preflight import check_runtime
     from dicom_node.settings import load_settings
-    from triage_core.errors import ConfigError
 
     quiet_default_logging(getattr(args, "verbose", 0))
     try:
@@ -223,7 +222,6 @@ def settings_from_args(args: argparse.Namespace) -> NodeSettings:
         Invalid settings (status 2).
     """
     from dicom_node.settings import load_settings
-    from triage_core.errors import ConfigError
 
     try:
         return load_settings(args.config, {"storage": args.storage, "db": args.db})
@@ -252,7 +250,6 @@ def open_worklist(settings: NodeSettings, *, create: bool, schema: bool = True) 
     from sqlalchemy.engine import make_url
     from sqlalchemy.exc import ArgumentError
 
-    from triage_core.errors import WorklistError
     from triage_core.worklist import Worklist
 
     url = settings.database_url

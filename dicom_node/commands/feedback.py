@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from dicom_node.commands.common import db_flags, dicom_uid, open_worklist, settings_from_args
-from triage_core.errors import CommandError
+from triage_core.errors import CommandError, WorklistError
 
 if TYPE_CHECKING:
     from triage_core.worklist import Worklist
@@ -76,8 +76,6 @@ def _list(worklist: Worklist, args: argparse.Namespace) -> int:
 
 def run(args: argparse.Namespace) -> int:
     """Run one action; see the module docstring for the exit status."""
-    from triage_core.errors import WorklistError
-
     settings = settings_from_args(args)
     worklist = open_worklist(settings, create=False)
     try:

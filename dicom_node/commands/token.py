@@ -17,7 +17,7 @@ import json
 import sys
 
 from dicom_node.commands.common import db_flags, open_worklist, settings_from_args
-from triage_core.errors import CommandError
+from triage_core.errors import CommandError, WorklistError
 
 ROLES = ("viewer", "reader", "admin")  # triage_core.worklist.tokens.ROLES (SQLAlchemy-free here)
 
@@ -44,8 +44,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run one action; see the module docstring for the exit status."""
-    from triage_core.errors import WorklistError
-
     prog = f"triage token {args.action}"
     worklist = open_worklist(settings_from_args(args), create=args.action == "add")
     try:

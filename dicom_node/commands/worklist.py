@@ -25,7 +25,7 @@ from dicom_node.commands.common import (
     priority_floor,
     settings_from_args,
 )
-from triage_core.errors import CommandError
+from triage_core.errors import CommandError, WorklistError
 from triage_core.spec import PRIORITY_LEVELS
 from triage_core.worklist import STUDY_STATUSES  # constants only: SQLAlchemy loads in run()
 
@@ -138,8 +138,6 @@ def format_table(
 
 def run(args: argparse.Namespace) -> int:
     """Print the worklist; see the module docstring for the exit status."""
-    from triage_core.errors import WorklistError
-
     settings = settings_from_args(args)
     worklist = open_worklist(settings, create=False, schema=False)  # read-only: no tables made
     aging: Any = None

@@ -2,8 +2,9 @@
 
 Receive (:class:`Receiver`: recovery, then the C-STORE SCP that joins :mod:`dicom_node.net` to
 :mod:`dicom_node.ingest`), stable studies and jobs (:class:`StableStudies`, :class:`Jobs` with
-:func:`lease_job` and :func:`purge_job`), process (:class:`Processing`: claim, triage, record,
-with :func:`load_predictor`), outputs (:class:`OutputsProcess`: SR and SC in a child process),
+:func:`lease_job` and :func:`purge_job`), process (:class:`Processing`: the workers that claim and
+triage, with :func:`load_predictor`), record (:class:`OutputsRecorder`: outputs written, result
+and deliveries recorded), outputs (:class:`OutputsProcess`: SR and SC in a child process),
 deliver (:class:`Delivery`: the outbox over C-STORE or STOW-RS) and wake-ups (:class:`Wakeups`).
 :mod:`dicom_node.node` assembles them; stages never import the node or the commands.
 """
@@ -14,12 +15,14 @@ from dicom_node.stages.model import load_predictor
 from dicom_node.stages.outputs import OutputsProcess
 from dicom_node.stages.process import Processing
 from dicom_node.stages.receive import Receiver, start_scp
+from dicom_node.stages.record import OutputsRecorder
 from dicom_node.stages.wakeup import Wakeups
 
 __all__ = [
     "Delivery",
     "Jobs",
     "OutputsProcess",
+    "OutputsRecorder",
     "Processing",
     "Receiver",
     "StableStudies",
