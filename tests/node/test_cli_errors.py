@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,19 @@ from dicom_node import cli
 from dicom_node.commands import common
 from triage_core.errors import CommandError
 from triage_core.worklist import Worklist
+
+
+@pytest.fixture(autouse=True)
+def _default_log_levels() -> Iterator[None]:
+    """The levels a fresh ``triage`` process starts with (a node run in this process before
+    sets ``dicom_node`` and ``triage_core`` to INFO: its INFO lines would reach stderr)."""
+    names = ("dicom_node", "triage_core")
+    saved = {name: logging.getLogger(name).level for name in names}
+    for name in names:
+        logging.getLogger(name).setLevel(logging.NOTSET)
+    yield
+    for name, level in saved.items():
+        logging.getLogger(name).setLevel(level)
 
 
 def test_command_error_prints_one_line_and_returns_its_status(
