@@ -10,8 +10,8 @@ component              what it does                                      serve  
 =====================  ================================================  =======  ========
 ``Wakeups``            listens for other processes' work (PostgreSQL)    yes      yes
 ``OutputsProcess``     child process that builds and writes SR and SC    yes      yes
-``Processing``         workers: claim -> triage_study -> outputs         yes      yes
-``Delivery``           the outbox sender (C-STORE to destinations)       yes      yes
+``Processing``         workers: claim -> triage_study -> the recorder    yes      yes
+``Delivery``           the outbox sender (C-STORE or STOW-RS)            yes      yes
 ``StableStudies``      queues studies without new instances              yes      no
 ``Jobs``               expired leases, retention purge                   both     leases
 ``HttpApi``            read-only JSON API, metrics, health               yes      no
@@ -23,6 +23,9 @@ They share the process's :class:`~triage_core.worklist.Worklist`, its
 starts recovery, the DICOM port and the HTTP API first and loads the model in the background (the
 outputs process too): C-ECHO and C-STORE are answered, and studies spooled and queued, while the
 model loads; ``/healthz/ready`` says when it is serving. The port closes first at stop.
+
+:func:`run_until_signal` is the life of either: build, start, serve until SIGTERM or SIGINT,
+stop.
 """
 
 from __future__ import annotations

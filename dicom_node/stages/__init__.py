@@ -7,16 +7,40 @@ triage, with :func:`load_predictor`), record (:class:`OutputsRecorder`: outputs 
 and deliveries recorded), outputs (:class:`OutputsProcess`: SR and SC in a child process),
 deliver (:class:`Delivery`: the outbox over C-STORE or STOW-RS) and wake-ups (:class:`Wakeups`).
 :mod:`dicom_node.node` assembles them; stages never import the node or the commands.
+
+The names are imported on first use: the spawned outputs process imports
+:mod:`~dicom_node.stages.outputs` alone, without the network and HTTP stacks of the others.
 """
 
-from dicom_node.stages.deliver import Delivery
-from dicom_node.stages.jobs import Jobs, StableStudies, lease_job, purge_job
-from dicom_node.stages.model import load_predictor
-from dicom_node.stages.outputs import OutputsProcess
-from dicom_node.stages.process import Processing
-from dicom_node.stages.receive import Receiver, start_scp
-from dicom_node.stages.record import OutputsRecorder
-from dicom_node.stages.wakeup import Wakeups
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from dicom_node.stages.deliver import Delivery
+    from dicom_node.stages.jobs import Jobs, StableStudies, lease_job, purge_job
+    from dicom_node.stages.model import load_predictor
+    from dicom_node.stages.outputs import OutputsProcess
+    from dicom_node.stages.process import Processing
+    from dicom_node.stages.receive import Receiver, start_scp
+    from dicom_node.stages.record import OutputsRecorder
+    from dicom_node.stages.wakeup import Wakeups
+
+_HOME = {
+    "Delivery": "deliver",
+    "Jobs": "jobs",
+    "StableStudies": "jobs",
+    "lease_job": "jobs",
+    "purge_job": "jobs",
+    "load_predictor": "model",
+    "OutputsProcess": "outputs",
+    "Processing": "process",
+    "Receiver": "receive",
+    "start_scp": "receive",
+    "OutputsRecorder": "record",
+    "Wakeups": "wakeup",
+}
 
 __all__ = [
     "Delivery",
@@ -32,3 +56,9 @@ __all__ = [
     "purge_job",
     "start_scp",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOME:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_HOME[name]}"), name)

@@ -134,3 +134,30 @@ def test_no_import_circle_in_dicom_node() -> None:
     edges = {name: _imports(name, path, modules) for name, path in modules.items()}
     assert sum(map(len, edges.values())) > 100  # the walk sees the imports at all
     assert _circles(edges) == []
+
+
+def test_package_surfaces_resolve() -> None:
+    """Every name of a package's ``__all__`` is there (the lazy ones load their module)."""
+    import importlib
+
+    for name in ("commands", "stages", "dicomweb", "web"):
+        package = importlib.import_module(f"dicom_node.{name}")
+        for attribute in package.__all__:
+            assert getattr(package, attribute) is not None, (name, attribute)
+
+
+def test_the_outputs_process_imports_stay_light() -> None:
+    """The spawned outputs process imports ``stages.outputs``: not the network, HTTP or
+    database stacks the other stages bring (the reason ``stages`` exports lazily)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, dicom_node.stages.outputs, dicom_node.dicomweb.stowrs; "
+        "print(sorted(m for m in ('fastapi', 'sqlalchemy', 'pynetdicom', 'dicom_node.net', "
+        "'dicom_node.stages.process', 'dicom_node.dicomweb.router') if m in sys.modules))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert proc.stdout.strip() == "[]"
