@@ -22,12 +22,18 @@ logger = logging.getLogger(__name__)
 
 # subcommand -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "serve": ("dicom_node.cmd_serve", "run the DICOM node, scheduler, workers and HTTP API"),
-    "worker": ("dicom_node.cmd_worker", "run workers only (several machines, one PostgreSQL)"),
-    "worklist": ("dicom_node.cmd_worklist", "query the priority worklist"),
-    "token": ("dicom_node.cmd_token", "HTTP access tokens: add NAME --role ROLE, list, revoke"),
-    "feedback": ("dicom_node.cmd_feedback", "readers' verdicts: list, export as a training set"),
-    "predict": ("dicom_node.cmd_predict", "triage DICOM or PNG files from the command line"),
+    "serve": ("dicom_node.commands.serve", "run the DICOM node, scheduler, workers and HTTP API"),
+    "worker": ("dicom_node.commands.worker", "run workers only (several machines, one PostgreSQL)"),
+    "worklist": ("dicom_node.commands.worklist", "query the priority worklist"),
+    "token": (
+        "dicom_node.commands.token",
+        "HTTP access tokens: add NAME --role ROLE, list, revoke",
+    ),
+    "feedback": (
+        "dicom_node.commands.feedback",
+        "readers' verdicts: list, export as a training set",
+    ),
+    "predict": ("dicom_node.commands.predict", "triage DICOM or PNG files from the command line"),
     "train": ("training.cli_train", "train a model on NIH ChestX-ray14"),
     "evaluate": ("training.cli_evaluate", "evaluate a checkpoint: metrics, predictions, plots"),
     "compare": ("training.cli_compare", "train and compare both architectures on one split"),
@@ -64,6 +70,12 @@ def configure_logging(verbosity: int) -> None:
     logsafe.install(level)
 
 
+def command_name(args: argparse.Namespace) -> str:
+    """``triage CMD``, with the action of commands that have them (``triage token add``)."""
+    action = getattr(args, "action", None)
+    return f"triage {args.command}" + (f" {action}" if isinstance(action, str) else "")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -73,8 +85,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         result: int = module.run(args)
     except CommandError as exc:
         # the one error path of every subcommand: the cause at -vv, one line for the operator
-        logger.debug("triage %s failed", args.command, exc_info=True)
-        print(f"triage {args.command}: error: {exc}", file=sys.stderr)
+        name = command_name(args)
+        logger.debug("%s failed", name, exc_info=True)
+        print(f"{name}: error: {exc}", file=sys.stderr)
         return exc.status
     except ModuleNotFoundError as exc:
         if exc.name is None or exc.name.partition(".")[0] not in TRAINING_STACK:

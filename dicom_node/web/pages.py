@@ -17,7 +17,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, Response
 from starlette.templating import Jinja2Templates
 
-from dicom_node.web import feedback, images, views
+from dicom_node.dicomweb import images
+from dicom_node.web import feedback, views
 from triage_core.spec import PRIORITY_LEVELS
 from triage_core.uids import is_valid_uid
 from triage_core.worklist import STUDY_STATUSES
@@ -113,7 +114,7 @@ def pages_router(
             aging=aging,
         )
         rows = views.within(rows, flt["since"] or None, now)[:SHOW_LIMIT]
-        deliveries = views.delivery_states(worklist, [r["study_uid"] for r in rows])
+        deliveries = worklist.queries.delivery_states([r["study_uid"] for r in rows])
         views.add_thresholds(worklist, rows)
         for row in rows:
             row["waiting"], row["waiting_class"] = views.waiting(row, now)
@@ -168,7 +169,7 @@ def pages_router(
                     detail["findings"].items(), key=lambda kv: -kv[1]["probability"]
                 ),
                 "timings": sorted(detail["timings"].items()),
-                "delivery_states": views.delivery_states(worklist, [study_uid]).get(study_uid, []),
+                "delivery_states": worklist.queries.delivery_states([study_uid]).get(study_uid, []),
                 **feedback.page_context(worklist, study_uid, request),
             },
         )

@@ -1,13 +1,12 @@
-"""The processing stage: worker threads claim a study, triage it, and record its outputs.
+"""The processing stage: worker threads claim a study and triage it; the recorder records it.
 
 * Each worker thread claims a queued study (a lease), runs
   :func:`triage_core.pipeline.triage_study` (inference and Grad-CAM from the same pass) and
-  hands the result to the outputs thread, then claims the next study. When nothing is queued it
-  sleeps until the worklist announces a claimable study (:mod:`dicom_node.wakeup`), not on a
-  poll.
-* The outputs thread has the SR and SC built and written by the outputs process
-  (:class:`dicom_node.outputs.OutputsProcess`) and records the result and one delivery row per
-  object and destination in one transaction (whose commit wakes the delivery thread).
+  hands the result to the outputs recorder (:class:`dicom_node.stages.record.OutputsRecorder`),
+  then claims the next study. When nothing is queued it sleeps until the worklist announces a
+  claimable study (:mod:`dicom_node.stages.wakeup`), not on a poll.
+* The recorder's thread has the SR and SC written and records the result and the deliveries
+  in one transaction (see :mod:`dicom_node.stages.record`).
 * One :class:`LeaseKeeper` thread per process renews the leases of all its workers at once.
 
 The worker threads share one :class:`~triage_core.inference.Predictor` (forward passes are
@@ -18,49 +17,24 @@ study stage is logged once, with its duration, by UID (never patient identifiers
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from dicom_node.model import load_predictor
-from dicom_node.outputs import OutputJob, header_only, write_study_outputs
+from dicom_node.stages.model import load_predictor
+from dicom_node.stages.record import OutputsRecorder, ProcessOutcome, Triaged
 from triage_core.errors import TriageError, WorklistError
 
 if TYPE_CHECKING:
     from dicom_node.metrics import Metrics
-    from dicom_node.outputs import OutputsProcess
     from dicom_node.settings import NodeSettings
-    from dicom_node.wakeup import Wakeups
+    from dicom_node.stages.outputs import OutputsProcess
+    from dicom_node.stages.wakeup import Wakeups
     from triage_core.inference import Predictor
-    from triage_core.pipeline import StudyOutput
-    from triage_core.spec import ModelSpec
     from triage_core.worklist import ClaimedStudy, Worklist
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ProcessOutcome:
-    """What one worker pass over a claimed study did (for tests and benchmarks)."""
-
-    study_uid: str
-    status: str
-    outputs: tuple[Path, ...] = ()
-    seconds: float = 0.0
-
-
-@dataclass
-class Triaged:
-    """A study between its worker (inference, Grad-CAM) and the outputs thread."""
-
-    claimed: ClaimedStudy
-    out: StudyOutput
-    spec: ModelSpec
-    started: float
-    triaged_at: float
 
 
 class LeaseKeeper:
@@ -153,16 +127,11 @@ class Processing:
         self._predictor = predictor
         self.wakeups = wakeups
         self.node_id = node_id
-        self.outputs = outputs
-        self.metrics = metrics
+        self.recorder = OutputsRecorder(settings, worklist, outputs, metrics)
         self.worker_ids = [f"{node_id}/w{index}" for index in range(settings.workers)]
         self.leases = LeaseKeeper(worklist, self.worker_ids, settings.lease_seconds)
-        self.processed = 0
         self._stop = threading.Event()
         self._workers: list[threading.Thread] = []
-        # triaged studies waiting for their outputs (None: stop); short, for back-pressure
-        self._handover: queue.Queue[Triaged | None] = queue.Queue(maxsize=2)
-        self._outputs_thread: threading.Thread | None = None
 
     # ------------------------------------------------------------------ life cycle
     @property
@@ -170,6 +139,11 @@ class Processing:
         if self._predictor is None:
             raise RuntimeError("no model loaded: start() first, or pass a predictor")
         return self._predictor
+
+    @property
+    def processed(self) -> int:
+        """Studies whose result this process recorded."""
+        return self.recorder.processed
 
     def readiness(self) -> str:
         """``ready`` (workers running), ``loading`` or ``failed: <reason>`` (the model)."""
@@ -208,10 +182,7 @@ class Processing:
 
     def _start_threads(self) -> None:
         self.leases.start()
-        self._outputs_thread = threading.Thread(
-            target=self._outputs_loop, name="triage-outputs", daemon=True
-        )
-        self._outputs_thread.start()
+        self.recorder.start()
         for index, worker_id in enumerate(self.worker_ids):
             thread = threading.Thread(
                 target=self._worker_loop,
@@ -232,13 +203,7 @@ class Processing:
         for thread in self._workers:
             thread.join(max(0.0, deadline - time.monotonic()))
         self._workers = [t for t in self._workers if t.is_alive()]
-        if self._outputs_thread is not None:
-            try:
-                self._handover.put(None, timeout=max(0.1, deadline - time.monotonic()))
-            except queue.Full:
-                logger.warning("outputs thread busy at stop; its studies' leases will expire")
-            self._outputs_thread.join(max(0.0, deadline - time.monotonic()))
-            self._outputs_thread = None
+        self.recorder.stop(deadline)
         self.leases.stop()
 
     # ------------------------------------------------------------------ threads
@@ -263,18 +228,7 @@ class Processing:
                 continue
             triaged = self.triage(claimed)
             if isinstance(triaged, Triaged):
-                self._handover.put(triaged)
-
-    def _outputs_loop(self) -> None:
-        """Build, write and record what the workers triaged, in the order they did."""
-        while True:
-            triaged = self._handover.get()
-            if triaged is None:
-                return
-            try:
-                self.finish(triaged)
-            except Exception:  # noqa: BLE001 - finish records its own errors; never die here
-                logger.exception("study %s: outputs failed", triaged.claimed.study_uid)
+                self.recorder.submit(triaged)
 
     # ------------------------------------------------------------------ one study
     def process_claimed(self, claimed: ClaimedStudy) -> ProcessOutcome:
@@ -282,7 +236,7 @@ class Processing:
         triaged = self.triage(claimed)
         if isinstance(triaged, ProcessOutcome):
             return triaged
-        return self.finish(triaged)
+        return self.recorder.finish(triaged)
 
     def triage(self, claimed: ClaimedStudy) -> Triaged | ProcessOutcome:
         """Inference and Grad-CAM of a claimed study; its lease is kept until it is finished."""
@@ -307,104 +261,8 @@ class Processing:
             )
         except TriageError as exc:
             # A deterministic problem with this study's data: retrying would fail again.
-            return self._fail(claimed, f"{exc.__class__.__name__}: {exc}", False, started)
+            return self.recorder.fail(claimed, f"{exc.__class__.__name__}: {exc}", False, started)
         except Exception as exc:  # noqa: BLE001 - record and retry; the worker must keep going
             logger.exception("study %s: unexpected error", study_uid)
-            return self._fail(claimed, f"{exc.__class__.__name__}: {exc}", True, started)
+            return self.recorder.fail(claimed, f"{exc.__class__.__name__}: {exc}", True, started)
         return Triaged(claimed, out, self.predictor.spec, started, time.perf_counter())
-
-    def finish(self, triaged: Triaged) -> ProcessOutcome:
-        """Outputs, result and deliveries of a triaged study (one transaction), then delivery."""
-        claimed, started = triaged.claimed, triaged.started
-        study_uid = claimed.study_uid
-        waited = time.perf_counter() - triaged.triaged_at
-        try:
-            outputs = self._write_outputs(triaged)
-        except TriageError as exc:
-            return self._fail(claimed, f"{exc.__class__.__name__}: {exc}", False, started)
-        except Exception as exc:  # noqa: BLE001 - record and retry
-            logger.exception("study %s: unexpected error", study_uid)
-            return self._fail(claimed, f"{exc.__class__.__name__}: {exc}", True, started)
-        result = triaged.out.result
-        deliveries = [
-            (sop_uid, path, str(destination))
-            for sop_uid, path in outputs
-            for destination in self.settings.destinations
-        ]
-        try:
-            # result and deliveries in one transaction: a lost lease leaves no orphan delivery
-            final = self.worklist.complete_study(
-                study_uid, claimed.worker_id, result, deliveries=deliveries
-            )
-        except WorklistError as exc:
-            logger.error("study %s: could not record the result: %s", study_uid, exc)
-            return ProcessOutcome(study_uid, "lost-lease", (), time.perf_counter() - started)
-        seconds = time.perf_counter() - started
-        timings = " ".join(f"{k}={v * 1e3:.0f}ms" for k, v in result.timings.items())
-        top = result.top_finding
-        logger.info(
-            "study %s stage=%s in %.2f s: priority %s (%.1f)%s%s %s waited=%.0fms",
-            study_uid,
-            final,
-            seconds,
-            result.priority_level,
-            result.priority_score,
-            f", top {top.name} {top.probability:.3f}" if top else "",
-            f", reason: {result.reason}" if result.reason else "",
-            timings,
-            waited * 1e3,
-        )
-        self.processed += 1
-        if self.metrics is not None:
-            self.metrics.studies_processed.labels(status=final).inc()
-            self.metrics.inference_seconds.observe(seconds)
-        return ProcessOutcome(study_uid, final, tuple(p for _, p in outputs), seconds)
-
-    def _fail(
-        self, claimed: ClaimedStudy, error: str, retry: bool, started: float
-    ) -> ProcessOutcome:
-        try:
-            status = self.worklist.fail_study(
-                claimed.study_uid, claimed.worker_id, error, retry=retry
-            )
-        except WorklistError as exc:
-            logger.error("study %s: could not record the failure: %s", claimed.study_uid, exc)
-            status = "lost-lease"
-        logger.error("study %s stage=%s: %s", claimed.study_uid, status, error)
-        if self.metrics is not None and status == "failed":
-            self.metrics.studies_processed.labels(status="failed").inc()
-        return ProcessOutcome(claimed.study_uid, status, (), time.perf_counter() - started)
-
-    def _write_outputs(self, triaged: Triaged) -> list[tuple[str, Path]]:
-        """The SR (and the Grad-CAM SC) of a done study, written to the outbox."""
-        out = triaged.out
-        if out.result.status != "done":
-            return []
-        job = OutputJob(
-            study_uid=triaged.claimed.study_uid,
-            result=out.result,
-            sources=tuple(header_only(ds) for ds in out.datasets.values()),
-            overlay=out.cam_overlay if out.cam_finding is not None else None,
-            cam_source_uid=out.cam_source_uid,
-            cam_finding=out.cam_finding,
-            spec=triaged.spec,
-            outbox=self.settings.outbox_dir / triaged.claimed.study_uid,
-            root=self.settings.storage.resolve(),
-        )
-        started = time.perf_counter()
-        if self.outputs is None:
-            written, timings = write_study_outputs(job)
-        else:
-            written, timings = self.outputs.write(job)
-        outputs = [(sop_uid, Path(path)) for sop_uid, path in written]
-        logger.info(
-            "study %s stage=outputs %d object(s) in %.0f ms (SR %.0f ms, SC %.0f ms, "
-            "encode+write %.0f ms)",
-            job.study_uid,
-            len(outputs),
-            (time.perf_counter() - started) * 1e3,
-            timings["sr"] * 1e3,
-            timings["sc"] * 1e3,
-            timings["write"] * 1e3,
-        )
-        return outputs

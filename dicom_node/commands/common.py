@@ -1,27 +1,28 @@
-"""``triage serve``: the DICOM node, scheduler, workers and HTTP API in one process.
+"""What the ``triage`` subcommands share: flags, settings, opening the worklist, a node's life.
 
-:func:`build_node` assembles the components (:mod:`dicom_node.node`); :func:`run_node` is the
-life cycle both ``serve`` and ``worker`` share.
-
-Settings come from ``--config`` (TOML) < ``TRIAGE_*`` environment < flags. Invalid settings
-(bad port, missing model, unreachable database, unwritable storage) print one clear line and
-exit with status 2. SIGTERM / SIGINT stop the service gracefully.
+:func:`add_common_arguments` (the flags of ``serve`` and ``worker``) and
+:func:`overrides_from_args` (the flags given, as settings values); :func:`db_flags` and
+:func:`open_worklist` (the worklist of a node for ``token``, ``feedback`` and ``worklist``);
+:func:`run_node` (settings, start-up checks, start, wait for a signal, stop) with
+:func:`quiet_default_logging` and :func:`start_banner`. Command modules import this module and
+never each other.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import signal
 import sys
-import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from triage_core.errors import CommandError, ConfigError, WorklistError
+
 if TYPE_CHECKING:
     from dicom_node.node import Node
     from dicom_node.settings import NodeSettings
+    from triage_core.worklist import Worklist
 
 logger = logging.getLogger(__name__)
 
@@ -59,45 +60,6 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
         const=True,
         default=None,
         help="log patient identifiers in clear (default: UIDs and hashes only)",
-    )
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_common_arguments(parser)
-    parser.add_argument("--ae-title", help="our AE title (default CXR_TRIAGE)")
-    parser.add_argument("--port", type=int, help="DICOM port (default 11112)")
-    parser.add_argument("--bind-address", help="DICOM listening address (default 0.0.0.0)")
-    parser.add_argument(
-        "--allow-ae",
-        action="append",
-        metavar="AE[@HOST]",
-        help="calling AE allowed to associate (repeatable; none given = everyone)",
-    )
-    parser.add_argument("--stable-age", type=float, help="seconds without new instances (5)")
-    parser.add_argument("--http-port", type=int, help="HTTP API port (0 disables; 8080)")
-    parser.add_argument("--http-host", help="HTTP API address (default 127.0.0.1)")
-    parser.add_argument("--max-associations", type=int, help="concurrent associations (16)")
-    parser.add_argument("--max-pdu-size", type=int, help="largest PDU we receive (bytes)")
-    parser.add_argument("--network-timeout", type=float, help="DICOM network timeout (s)")
-    parser.add_argument("--artim-timeout", type=float, help="seconds to A-ASSOCIATE-RQ (10)")
-    parser.add_argument("--max-pending-connections", type=int, help="not yet associated (32)")
-    parser.add_argument(
-        "--accept-any-called-ae",
-        action="store_const",
-        const=True,
-        default=None,
-        help="accept any called AE title (default: only --ae-title)",
-    )
-    parser.add_argument("--http-proxy-header", help="header an authenticating proxy sets")
-    parser.add_argument("--tls-cert", type=Path, help="DICOM port over TLS: certificate (PEM)")
-    parser.add_argument("--tls-key", type=Path, help="private key of --tls-cert (PEM)")
-    parser.add_argument(
-        "--tls-ca", type=Path, help="CA file: DICOM clients must present a certificate it signed"
-    )
-    parser.add_argument("--http-tls-cert", type=Path, help="HTTP over TLS: certificate (PEM)")
-    parser.add_argument("--http-tls-key", type=Path, help="private key of --http-tls-cert")
-    parser.add_argument(
-        "--http-tls-ca", type=Path, help="CA file: HTTP clients must present a certificate"
     )
 
 
@@ -186,7 +148,7 @@ def start_banner(settings: Any, model_path: Any) -> str:
         f"  {dcmsend} -aec {settings.ae_title} {host} {settings.port} study/*.dcm",
     ]
     if settings.http_port:
-        from dicom_node.web import base_url
+        from dicom_node.web.server import base_url
 
         url = base_url(settings)
         lines.append(f"Worklist in a browser: {url}/   (API: {url}/docs, metrics: {url}/metrics)")
@@ -202,90 +164,144 @@ def start_banner(settings: Any, model_path: Any) -> str:
     return "\n".join(lines)
 
 
-def build_node(settings: NodeSettings, model_path: Path | None) -> Node:
-    """``triage serve``: jobs, the HTTP API, delivery, recovery and the DICOM port, then the
-    outputs process and the model, which load in the background (``/healthz/ready`` tells when
-    they are: not the C-ECHO answer)."""
-    from dicom_node.api import HttpApi
-    from dicom_node.jobs import Jobs, StableStudies, lease_job, purge_job
-    from dicom_node.node import Node, open_parts, processing_components
-    from dicom_node.processing import Processing
-    from dicom_node.receiver import Receiver
-
-    parts = open_parts(settings)
-    worklist = parts.worklist
-    jobs = [lease_job(settings, worklist)]
-    if settings.retention_days:
-        jobs.append(purge_job(settings, worklist))
-    wakeups, delivery, *processing = processing_components(parts, model_path, background=True)
-    workers = next((c for c in processing if isinstance(c, Processing)), None)
-    readiness = workers.readiness if workers is not None else None
-    receiver = Receiver(settings, worklist, parts.metrics)  # STOW-RS shares its receive path
-    components = [
-        wakeups,
-        StableStudies(settings, worklist, parts.wakeups),
-        Jobs(jobs),
-        HttpApi(
-            settings, worklist, parts.metrics, store=lambda: receiver.store, readiness=readiness
-        ),
-        delivery,
-        receiver,  # recovery, then the DICOM port: a C-ECHO answer means listening, not ready
-        *processing,  # then the outputs process and the model load in the background
-    ]
-    return Node("serve", parts, components, stop_first=[receiver])
-
-
 def run_node(
     args: argparse.Namespace,
-    command: str,
     build: Callable[[NodeSettings, Path | None], Node],
     *,
     need_scp: bool,
 ) -> int:
-    """Load settings, check them, build the node with ``build``, start it, wait for a signal."""
+    """Load and check the settings, then run the node ``build`` makes until a signal.
+
+    Raises
+    ------
+    CommandError
+        Invalid settings (status 2), or the node cannot start (2 for settings and OS errors,
+        else 1).
+    """
+    from dicom_node.logsafe import set_show_phi
+    from dicom_node.node import StartError, run_until_signal
     from dicom_node.preflight import check_runtime
     from dicom_node.settings import load_settings
-    from triage_core.errors import ConfigError, TriageError
 
     quiet_default_logging(getattr(args, "verbose", 0))
     try:
         settings = load_settings(args.config, overrides_from_args(args))
         model_path = check_runtime(settings, need_scp=need_scp, need_model=settings.workers > 0)
     except ConfigError as exc:
-        print(f"triage {command}: error: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
-    from dicom_node.logsafe import set_show_phi
-
+        raise CommandError(str(exc), EXIT_CONFIG) from exc
     set_show_phi(settings.log_phi)
-    stop_requested = threading.Event()
-    node: Node | None = None
 
-    def on_signal(signum: int, _frame: Any) -> None:
-        logger.info("signal %d: stopping", signum)
-        stop_requested.set()
-        if node is not None:
-            node.request_stop()
+    def started() -> None:
+        if need_scp:
+            print(start_banner(settings, model_path), flush=True)
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
     try:
-        node = build(settings, model_path)
-        node.start()
-    except (TriageError, OSError) as exc:
-        print(f"triage {command}: error: cannot start: {exc}", file=sys.stderr)
-        if node is not None:
-            node.stop()
-        return EXIT_CONFIG if isinstance(exc, ConfigError | OSError) else 1
-    if need_scp:
-        print(start_banner(settings, model_path), flush=True)
-    if stop_requested.is_set():
-        node.request_stop()
-    try:
-        node.wait()
-    finally:
-        node.stop()
+        run_until_signal(lambda: build(settings, model_path), started)
+    except StartError as exc:
+        cause = exc.__cause__
+        status = EXIT_CONFIG if isinstance(cause, ConfigError | OSError) else 1
+        raise CommandError(f"cannot start: {cause}", status) from exc
     return 0
 
 
-def run(args: argparse.Namespace) -> int:
-    return run_node(args, "serve", build_node, need_scp=True)
+def db_flags(parser: argparse.ArgumentParser) -> None:
+    """``--config``, ``--storage`` and ``--db``: a node's worklist, as ``triage serve`` finds it."""
+    parser.add_argument("--config", metavar="FILE", help="settings TOML (as for triage serve)")
+    parser.add_argument("--storage", metavar="DIR", help="storage folder of the node")
+    parser.add_argument(
+        "--db", metavar="URL", help="SQLAlchemy URL (default: SQLite under the storage folder)"
+    )
+
+
+def settings_from_args(args: argparse.Namespace) -> NodeSettings:
+    """The settings of :func:`db_flags` (``--config`` < ``TRIAGE_*`` environment < flags).
+
+    Raises
+    ------
+    CommandError
+        Invalid settings (status 2).
+    """
+    from dicom_node.settings import load_settings
+
+    try:
+        return load_settings(args.config, {"storage": args.storage, "db": args.db})
+    except ConfigError as exc:
+        raise CommandError(str(exc), EXIT_CONFIG) from exc
+
+
+def open_worklist(settings: NodeSettings, *, create: bool, schema: bool = True) -> Worklist:
+    """The worklist of ``settings``.
+
+    Parameters
+    ----------
+    settings : NodeSettings
+        Where the worklist is (``database_url``).
+    create : bool
+        Whether a missing SQLite file may be created; else it is an error (opening it would
+        create an empty one).
+    schema : bool
+        Create missing tables and migrate (``False`` for a command that only reads).
+
+    Raises
+    ------
+    CommandError
+        An invalid URL (status 2), no worklist there or a database error (status 1).
+    """
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    from triage_core.worklist import Worklist
+
+    url = settings.database_url
+    try:
+        parsed = make_url(url)
+    except ArgumentError as exc:
+        raise CommandError(f"invalid database URL: {exc}", EXIT_CONFIG) from exc
+    if not create and parsed.get_backend_name() == "sqlite" and parsed.database:
+        db_file = Path(parsed.database)
+        if not db_file.is_file():
+            raise CommandError(
+                f"no worklist at {db_file} (run `triage serve --storage {settings.storage}` "
+                "first, or give --storage / --db)"
+            )
+    try:
+        worklist = Worklist(url)
+        if schema:
+            worklist.create_all()
+    except WorklistError as exc:
+        raise CommandError(f"{settings.redacted_url()}: {exc}") from exc
+    return worklist
+
+
+def positive_int(text: str) -> int:
+    """``argparse`` type: a whole number of at least 1 (``--limit``)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+def dicom_uid(text: str) -> str:
+    """``argparse`` type: a UID of the DICOM grammar (PS3.5 9.1: digits and dots, 64 at most)."""
+    from triage_core.uids import is_valid_uid
+
+    if not is_valid_uid(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a valid DICOM UID")
+    return text
+
+
+def priority_floor(text: str) -> float | str:
+    """``argparse`` type of ``--min-priority``: an effective priority (a number) or a level."""
+    from triage_core.spec import PRIORITY_LEVELS
+
+    if text in PRIORITY_LEVELS:
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is neither a number nor one of {', '.join(PRIORITY_LEVELS)}"
+        ) from None
