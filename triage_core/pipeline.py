@@ -11,7 +11,7 @@
    probabilities, and the out-of-distribution score of each image (:mod:`triage_core.ood`) from
    the same pass's activations; above the checkpoint's threshold an image is
    ``low_confidence`` (and so is the study: ``StudyResult.low_confidence``);
-5. **aggregate + score**: ``inference.aggregate_study`` (per finding, the maximum over the
+5. **aggregate + score**: ``aggregation.aggregate_study`` (per finding, the maximum over the
    eligible images, remembering the image) and ``priority.score_study``;
 6. **explain**: Grad-CAM, for the top finding's class, on the image that gave the top finding,
    as an RGB overlay at that image's resolution (or scaled down to ``cam_max_side``). The map is
@@ -141,7 +141,7 @@ def triage_study(
     StudyOutput
         Never raises for bad input files: they are recorded per image.
     """
-    from triage_core.inference import aggregate_study
+    from triage_core.aggregation import aggregate_study
     from triage_core.priority import score_study
 
     spec = predictor.spec

@@ -16,7 +16,8 @@ The package, in the order data flows through it:
 - :mod:`~triage_core.worklist.deliveries`: output objects to send, with retries;
 - :mod:`~triage_core.worklist.wakeup`: waiting for work (threading events, PostgreSQL
   LISTEN/NOTIFY across processes) instead of polling;
-- :mod:`~triage_core.worklist.queries`: the read side (CLI, HTTP API, web pages) and purge;
+- :mod:`~triage_core.worklist.queries`: the read side (CLI, HTTP API, web pages);
+- :mod:`~triage_core.worklist.retention`: purge, deleting finished studies past retention;
 - :mod:`~triage_core.worklist.feedback`: readers' verdicts (append-only) and their final verdict;
 - :mod:`~triage_core.worklist.tokens`: named HTTP access tokens with a role (hashes only);
 - :mod:`~triage_core.worklist.facade`: :class:`Worklist`, which assembles them.

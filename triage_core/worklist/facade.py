@@ -29,6 +29,7 @@ from triage_core.worklist.records import (
     Recovered,
     backoff_seconds,
 )
+from triage_core.worklist.retention import Retention
 from triage_core.worklist.tokens import Tokens
 from triage_core.worklist.wakeup import Waiter, WakeUps
 
@@ -112,6 +113,7 @@ class Worklist:
         self.leases = Leases(self.db, self.wakeups, max_attempts=max_attempts)
         self.ingest = Ingest(self.db, self.wakeups)
         self.queries = WorklistQueries(self.db)
+        self.retention = Retention(self.db)
         self.feedback = Feedback(self.db)
         self.tokens = Tokens(self.db)
         self.max_attempts = int(max_attempts)
@@ -306,5 +308,5 @@ class Worklist:
         return self.queries.study_detail(study_uid, aging, now)
 
     def purge(self, older_than_seconds: float, now: float | None = None) -> list[Path]:
-        """See :meth:`WorklistQueries.purge`."""
-        return self.queries.purge(older_than_seconds, now=now)
+        """See :meth:`Retention.purge`."""
+        return self.retention.purge(older_than_seconds, now=now)

@@ -1,4 +1,4 @@
-"""The read side: JSON-ready rows for the CLI, the HTTP API and web pages, and retention.
+"""The read side: JSON-ready rows for the CLI, the HTTP API and web pages.
 
 Timestamps are ISO 8601 UTC strings; spool paths are never exposed.
 """
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, delete, func, select
+from sqlalchemy import Connection, func, select
 
 from triage_core.errors import WorklistError
 from triage_core.priority import effective_priority
@@ -20,7 +20,6 @@ from triage_core.spec import PRIORITY_LEVELS
 from triage_core.worklist.database import Database
 from triage_core.worklist.records import (
     DELIVERY_STATUSES,
-    FINISHED_STATUSES,
     STUDY_STATUSES,
     iso,
     timestamp,
@@ -113,7 +112,8 @@ def _image_dict(sop_uid: str, inst: Any, res: Any) -> dict[str, Any]:
 
 
 class WorklistQueries:
-    """Read-only queries (and :meth:`purge`, the retention sweep)."""
+    """Read-only queries (the retention sweep is
+    :class:`~triage_core.worklist.retention.Retention`)."""
 
     def __init__(self, db: Database) -> None:
         self._db = db
@@ -375,43 +375,3 @@ class WorklistQueries:
         with self._db.read() as conn:
             rows = conn.execute(query.order_by(i.c.received_at, i.c.sop_uid)).all()
         return [(r[0], r[1], r[2], r[3], Path(r[4])) for r in rows]
-
-    def purge(self, older_than_seconds: float, now: float | None = None) -> list[Path]:
-        """Delete finished studies last updated more than ``older_than_seconds`` ago.
-
-        Only ``done``, ``not_eligible`` and ``failed`` studies without a ``pending`` delivery
-        are removed (with their instances, results, deliveries and readers' verdicts).
-
-        Returns
-        -------
-        list of Path
-            Spooled instance files and output objects the caller should now delete.
-        """
-        cutoff = timestamp(now) - float(older_than_seconds)
-        t = self._db.tables
-        s, d, i = t.studies, t.deliveries, t.instances
-        with self._db.write() as conn:
-            pending = select(d.c.study_uid).where(d.c.status == "pending")
-            uids = list(
-                conn.execute(
-                    select(s.c.study_uid).where(
-                        s.c.status.in_(FINISHED_STATUSES),
-                        s.c.updated_at < cutoff,
-                        s.c.study_uid.not_in(pending),
-                    )
-                ).scalars()
-            )
-            if not uids:
-                return []
-            paths = [
-                Path(p)
-                for p in conn.execute(select(i.c.path).where(i.c.study_uid.in_(uids))).scalars()
-            ]
-            paths += [
-                Path(p)
-                for p in conn.execute(select(d.c.path).where(d.c.study_uid.in_(uids))).scalars()
-            ]
-            for table in (t.verdicts, t.results, t.image_results, t.deliveries, t.instances, s):
-                conn.execute(delete(table).where(table.c.study_uid.in_(uids)))
-        logger.info("purged %d studies (%d files to delete)", len(uids), len(paths))
-        return paths
