@@ -22,12 +22,18 @@ logger = logging.getLogger(__name__)
 
 # subcommand -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "serve": ("dicom_node.cmd_serve", "run the DICOM node, scheduler, workers and HTTP API"),
-    "worker": ("dicom_node.cmd_worker", "run workers only (several machines, one PostgreSQL)"),
-    "worklist": ("dicom_node.cmd_worklist", "query the priority worklist"),
-    "token": ("dicom_node.cmd_token", "HTTP access tokens: add NAME --role ROLE, list, revoke"),
-    "feedback": ("dicom_node.cmd_feedback", "readers' verdicts: list, export as a training set"),
-    "predict": ("dicom_node.cmd_predict", "triage DICOM or PNG files from the command line"),
+    "serve": ("dicom_node.commands.serve", "run the DICOM node, scheduler, workers and HTTP API"),
+    "worker": ("dicom_node.commands.worker", "run workers only (several machines, one PostgreSQL)"),
+    "worklist": ("dicom_node.commands.worklist", "query the priority worklist"),
+    "token": (
+        "dicom_node.commands.token",
+        "HTTP access tokens: add NAME --role ROLE, list, revoke",
+    ),
+    "feedback": (
+        "dicom_node.commands.feedback",
+        "readers' verdicts: list, export as a training set",
+    ),
+    "predict": ("dicom_node.commands.predict", "triage DICOM or PNG files from the command line"),
     "train": ("training.cli_train", "train a model on NIH ChestX-ray14"),
     "evaluate": ("training.cli_evaluate", "evaluate a checkpoint: metrics, predictions, plots"),
     "compare": ("training.cli_compare", "train and compare both architectures on one split"),

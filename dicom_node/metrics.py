@@ -1,8 +1,8 @@
 """Prometheus metrics of the node: counters the node and workers increment, gauges from the DB.
 
 One :class:`Metrics` object per process (built by the serve/worker command, passed to the C-STORE
-handlers, the workers, the delivery sender and :func:`dicom_node.api.create_app`). Each object has
-its own :class:`prometheus_client.CollectorRegistry`: nothing is registered in the global
+handlers, the workers, the delivery sender and :func:`dicom_node.web.api.create_app`). Each object
+has its own :class:`prometheus_client.CollectorRegistry`: nothing is registered in the global
 registry, so several nodes (or tests) can live in one process.
 
 Metric names (all prefixed ``triage_``)

@@ -1,8 +1,9 @@
 """A node process: its components, started in order and stopped in reverse.
 
-``triage serve`` (:mod:`dicom_node.cmd_serve`) and ``triage worker``
-(:mod:`dicom_node.cmd_worker`) each assemble a :class:`Node` from the components of the data
-flow (see DESIGN.md section 1):
+:func:`build_serve_node` (``triage serve``) and :func:`build_worker_node` (``triage worker``)
+each assemble a :class:`Node` from the components of the data flow (:mod:`dicom_node.stages`
+and the HTTP server of :mod:`dicom_node.web`; see DESIGN.md section 1), on the worklist
+:func:`open_worklist` opens:
 
 =====================  ================================================  =======  ========
 component              what it does                                      serve    worker
@@ -18,8 +19,8 @@ component              what it does                                      serve  
 =====================  ================================================  =======  ========
 
 They share the process's :class:`~triage_core.worklist.Worklist`, its
-:class:`~dicom_node.metrics.Metrics` and its :class:`~dicom_node.wakeup.Wakeups`. ``serve`` starts
-recovery, the DICOM port and the HTTP API first and loads the model in the background (the
+:class:`~dicom_node.metrics.Metrics` and its :class:`~dicom_node.stages.wakeup.Wakeups`. ``serve``
+starts recovery, the DICOM port and the HTTP API first and loads the model in the background (the
 outputs process too): C-ECHO and C-STORE are answered, and studies spooled and queued, while the
 model loads; ``/healthz/ready`` says when it is serving. The port closes first at stop.
 """
@@ -37,12 +38,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
-from dicom_node.delivery import Delivery
 from dicom_node.metrics import Metrics
-from dicom_node.outputs import OutputsProcess
-from dicom_node.processing import Processing
-from dicom_node.service import open_worklist
-from dicom_node.wakeup import Wakeups
+from dicom_node.stages.deliver import Delivery
+from dicom_node.stages.outputs import OutputsProcess
+from dicom_node.stages.process import Processing
+from dicom_node.stages.wakeup import Wakeups
 
 if TYPE_CHECKING:
     from dicom_node.settings import NodeSettings
@@ -62,6 +62,22 @@ class Component(Protocol):
 def new_node_id() -> str:
     """``host:pid:random``, the prefix of this process's lease holders."""
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+
+
+def open_worklist(settings: NodeSettings) -> Worklist:
+    """The worklist of ``settings`` (schema created if needed)."""
+    from triage_core.worklist import Worklist
+
+    worklist = Worklist(
+        settings.database_url,
+        max_attempts=settings.max_attempts,
+        max_delivery_attempts=settings.delivery_max_attempts,
+        delivery_backoff_base=settings.delivery_backoff,
+        delivery_backoff_cap=max(settings.delivery_backoff_max, settings.delivery_backoff),
+        sqlite_synchronous=settings.sqlite_synchronous,
+    )
+    worklist.create_all()
+    return worklist
 
 
 def make_wakeups(settings: NodeSettings, worklist: Worklist) -> Wakeups:
@@ -183,3 +199,46 @@ class Node:
 
     def request_stop(self) -> None:
         self._stop.set()
+
+
+def build_serve_node(settings: NodeSettings, model_path: Path | None) -> Node:
+    """``triage serve``: jobs, the HTTP API, delivery, recovery and the DICOM port, then the
+    outputs process and the model, which load in the background (``/healthz/ready`` tells when
+    they are: not the C-ECHO answer)."""
+    from dicom_node.stages.jobs import Jobs, StableStudies, lease_job, purge_job
+    from dicom_node.stages.receive import Receiver
+    from dicom_node.web.server import HttpApi
+
+    parts = open_parts(settings)
+    worklist = parts.worklist
+    jobs = [lease_job(settings, worklist)]
+    if settings.retention_days:
+        jobs.append(purge_job(settings, worklist))
+    wakeups, delivery, *processing = processing_components(parts, model_path, background=True)
+    workers = next((c for c in processing if isinstance(c, Processing)), None)
+    readiness = workers.readiness if workers is not None else None
+    receiver = Receiver(settings, worklist, parts.metrics)  # STOW-RS shares its receive path
+    components = [
+        wakeups,
+        StableStudies(settings, worklist, parts.wakeups),
+        Jobs(jobs),
+        HttpApi(
+            settings, worklist, parts.metrics, store=lambda: receiver.store, readiness=readiness
+        ),
+        delivery,
+        receiver,  # recovery, then the DICOM port: a C-ECHO answer means listening, not ready
+        *processing,  # then the outputs process and the model load in the background
+    ]
+    return Node("serve", parts, components, stop_first=[receiver])
+
+
+def build_worker_node(settings: NodeSettings, model_path: Path | None) -> Node:
+    """``triage worker``: outputs, workers, delivery and the expired-lease job (no port)."""
+    from dicom_node.stages.jobs import Jobs, lease_job
+
+    parts = open_parts(settings)
+    components = [
+        *processing_components(parts, model_path),
+        Jobs([lease_job(settings, parts.worklist)]),
+    ]
+    return Node("worker", parts, components)

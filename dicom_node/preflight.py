@@ -16,8 +16,8 @@ import socket
 import uuid
 from pathlib import Path
 
+from dicom_node.destinations import DicomwebDestination
 from dicom_node.settings import NodeSettings
-from dicom_node.stowrs_destination import DicomwebDestination
 from triage_core.errors import ConfigError
 
 

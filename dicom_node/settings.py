@@ -49,63 +49,16 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from dicom_node.destinations import (
+    Destination,
+    DicomwebDestination,
+    check_ae_title,
+    parse_destination,
+)
 from dicom_node.net import limits
-from dicom_node.stowrs_destination import DicomwebDestination, is_dicomweb
 from triage_core.errors import ConfigError
 
 logger = logging.getLogger(__name__)
-
-_AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5 AE VR: no backslash, no controls
-
-
-def _check_ae_title(value: str, what: str) -> str:
-    value = value.strip()
-    if not value or not _AE_RE.match(value):
-        raise ValueError(
-            f"{what} {value!r} is not a valid AE title (1-16 printable characters, no backslash)"
-        )
-    return value
-
-
-class Destination(BaseModel):
-    """A C-STORE destination for the SR and SC results, written ``AE@HOST:PORT``."""
-
-    model_config = ConfigDict(frozen=True)
-
-    ae_title: str
-    host: str
-    port: int = Field(ge=1, le=65535)
-    tls_ca: Path | None = Field(default=None, description="CA file: send over TLS, verify the peer")
-    tls_cert: Path | None = Field(default=None, description="our client certificate (PEM)")
-    tls_key: Path | None = Field(default=None, description="its private key (PEM)")
-    tls_check_hostname: bool = Field(default=True, description="its certificate names its host")
-
-    @model_validator(mode="after")
-    def _tls(self) -> Destination:
-        if (self.tls_cert is None) != (self.tls_key is None):
-            raise ValueError(f"destination {self}: tls_cert and tls_key go together")
-        if self.tls_cert is not None and self.tls_ca is None:
-            raise ValueError(f"destination {self}: tls_cert needs tls_ca (TLS is on with tls_ca)")
-        return self
-
-    @classmethod
-    def parse(cls, text: str) -> Destination:
-        """Parse ``AE@HOST:PORT`` (IPv6 hosts in brackets: ``AE@[::1]:104``)."""
-        match = re.fullmatch(r"\s*([^@]+)@(\[[^\]]+\]|[^:@]+):(\d+)\s*", text)
-        if not match:
-            raise ValueError(f"destination {text!r} must be written AE@HOST:PORT")
-        ae, host, port = match.groups()
-        return cls(ae_title=ae, host=host.strip("[]"), port=int(port))
-
-    @field_validator("ae_title")
-    @classmethod
-    def _ae(cls, value: str) -> str:
-        return _check_ae_title(value, "destination AE title")
-
-    def __str__(self) -> str:
-        """``AE@HOST:PORT``: also the key of its delivery rows (TLS settings are looked up by it,
-        :meth:`NodeSettings.destination`)."""
-        return f"{self.ae_title}@{self.host}:{self.port}"
 
 
 class AllowedPeer(BaseModel):
@@ -126,7 +79,7 @@ class AllowedPeer(BaseModel):
     @field_validator("ae_title")
     @classmethod
     def _ae(cls, value: str) -> str:
-        return _check_ae_title(value, "allowed AE title")
+        return check_ae_title(value, "allowed AE title")
 
     def matches(self, ae_title: str, host: str) -> bool:
         """Whether a requestor with ``ae_title`` connecting from ``host`` is this peer."""
@@ -136,11 +89,6 @@ class AllowedPeer(BaseModel):
 
     def __str__(self) -> str:
         return self.ae_title if self.host is None else f"{self.ae_title}@{self.host}"
-
-
-def _parse_destination(text: str) -> Destination | DicomwebDestination:
-    """``AE@HOST:PORT`` (C-STORE) or ``http(s)://...`` (STOW-RS)."""
-    return DicomwebDestination.parse(text) if is_dicomweb(text) else Destination.parse(text)
 
 
 def _same_host(configured: str, peer_ip: str) -> bool:
@@ -335,14 +283,14 @@ class NodeSettings(BaseSettings):
     @field_validator("ae_title")
     @classmethod
     def _ae(cls, value: str) -> str:
-        return _check_ae_title(value, "ae_title")
+        return check_ae_title(value, "ae_title")
 
     @field_validator("destinations", mode="before")
     @classmethod
     def _destinations(cls, value: Any) -> Any:
         value = _split_list(value)
         if isinstance(value, list):
-            return [_parse_destination(v) if isinstance(v, str) else v for v in value]
+            return [parse_destination(v) if isinstance(v, str) else v for v in value]
         return value
 
     @field_validator("allow_ae", mode="before")
@@ -382,7 +330,7 @@ class NodeSettings(BaseSettings):
         for destination in self.destinations:
             if str(destination) == text:
                 return destination
-        return _parse_destination(text)
+        return parse_destination(text)
 
     # ------------------------------------------------------------------ derived paths
     @property

@@ -7,5 +7,5 @@ status), :mod:`~dicom_node.ingest.scanner` (structural check and identifying val
 :mod:`~dicom_node.ingest.spool` (spool layout, instance rows, group commit),
 :mod:`~dicom_node.ingest.quarantine` (refused data) and :mod:`~dicom_node.ingest.recovery` (the
 one start-up recovery routine). This layer never imports the network layer
-(:mod:`dicom_node.net`, :mod:`dicom_node.scp`), which drives it.
+(:mod:`dicom_node.net`); the receive stage (:mod:`dicom_node.stages.receive`) joins the two.
 """

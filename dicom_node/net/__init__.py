@@ -6,7 +6,8 @@ the A-ASSOCIATE-RQ), :mod:`~dicom_node.net.dimse` (command sets and statuses),
 :mod:`~dicom_node.net.negotiation` (what we accept, the A-ASSOCIATE-AC),
 :mod:`~dicom_node.net.policy` (who may associate), :mod:`~dicom_node.net.tls` (TLS contexts),
 :mod:`~dicom_node.net.ulp` (one connection, Sta2 to Sta13), :mod:`~dicom_node.net.server`
-(accepting, the caps) and :mod:`~dicom_node.net.tuning` (pynetdicom socket hooks of the SCU).
-The storage path is reached only through the ``open_instance`` callable the SCP glue
-(:mod:`dicom_node.scp`) passes in.
+(accepting, the caps); on the sending side :mod:`~dicom_node.net.scu` (the C-STORE SCU, over
+pynetdicom) and :mod:`~dicom_node.net.tuning` (its socket hooks). The storage path is reached
+only through the ``open_instance`` callable the receive stage (:mod:`dicom_node.stages.receive`)
+passes in.
 """

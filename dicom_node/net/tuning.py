@@ -1,4 +1,4 @@
-"""Socket tuning for pynetdicom associations (the sending side, :mod:`dicom_node.scu`):
+"""Socket tuning for pynetdicom associations (the sending side, :mod:`dicom_node.net.scu`):
 ``TCP_NODELAY``, a shorter DUL poll sleep and bulk socket reads (see :func:`handle_conn_open`)."""
 
 from __future__ import annotations

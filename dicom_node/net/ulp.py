@@ -6,7 +6,7 @@ PDU from a polling reactor thread to the association thread through queues, whic
 4 ms per C-STORE (pynetdicom issue 701), several times what DCMTK's ``storescp`` spends in all.
 Here a C-STORE costs a few socket reads, and its data set goes to disk as it arrives.
 Negotiation is pynetdicom's (:mod:`dicom_node.net.negotiation`); the sending side
-(:mod:`dicom_node.scu`) is pynetdicom.
+(:mod:`dicom_node.net.scu`) is pynetdicom.
 
 The acceptor's states and actions (PS3.8 Table 9-10), as this engine implements them
 -----------------------------------------------------------------------------------------

@@ -17,7 +17,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, Response
 from starlette.templating import Jinja2Templates
 
-from dicom_node.web import feedback, images, views
+from dicom_node.dicomweb import images
+from dicom_node.web import feedback, views
 from triage_core.spec import PRIORITY_LEVELS
 from triage_core.uids import is_valid_uid
 from triage_core.worklist import STUDY_STATUSES

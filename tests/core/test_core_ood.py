@@ -210,7 +210,7 @@ def test_worklist_rows_carry_low_confidence(tmp_path: Path) -> None:
         assert rows["1.2.3.2"]["low_confidence"] is False and rows["1.2.3.2"]["ood_score"] == 0.9
         assert rows["1.2.3.3"]["low_confidence"] is False and rows["1.2.3.3"]["ood_score"] is None
         assert wl.study_detail("1.2.3.1")["low_confidence"] is True
-        from dicom_node.cmd_worklist import format_table
+        from dicom_node.commands.worklist import format_table
 
         table = format_table(list(rows.values())).splitlines()
         assert sum("LOW CONFIDENCE" in line for line in table) == 1

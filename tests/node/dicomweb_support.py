@@ -14,8 +14,7 @@ from typing import Any
 import httpx
 from test_node_support import free_port
 
-from dicom_node.cmd_serve import build_node
-from dicom_node.node import Node
+from dicom_node.node import Node, build_serve_node
 from dicom_node.settings import NodeSettings
 from triage_core.worklist import Worklist
 
@@ -54,7 +53,7 @@ class RunningNode:
 def running_node(
     storage: Path, model: Path | None = None, **overrides: Any
 ) -> Iterator[RunningNode]:
-    """``triage serve``'s components (:func:`dicom_node.cmd_serve.build_node`) in this process;
+    """``triage serve``'s components (:func:`dicom_node.node.build_serve_node`) in this process;
     ``workers = 0`` (nothing processed) unless a ``model`` is given."""
     storage.mkdir(parents=True, exist_ok=True)
     overrides.setdefault("workers", 1 if model is not None else 0)
@@ -62,7 +61,7 @@ def running_node(
     overrides.setdefault("port", free_port())
     overrides.setdefault("http_port", free_port())
     settings = NodeSettings(storage=storage, bind_address="127.0.0.1", **overrides)
-    node = build_node(settings, model)
+    node = build_serve_node(settings, model)
     node.start()
     try:
         token = settings.http_token

@@ -11,9 +11,9 @@ import sys
 from pathlib import Path
 
 from dicom_node.ingest.spool import StoreContext, make_recorder
-from dicom_node.scp import start_scp
-from dicom_node.service import open_worklist
+from dicom_node.node import open_worklist
 from dicom_node.settings import load_settings
+from dicom_node.stages.receive import start_scp
 
 
 def main(argv: list[str]) -> int:

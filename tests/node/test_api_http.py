@@ -13,8 +13,8 @@ import pytest
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from dicom_node.api import create_app
 from dicom_node.metrics import Metrics
+from dicom_node.web.api import create_app
 from triage_core.spec import Finding, ImageResult, StudyResult
 from triage_core.worklist import Worklist
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from dicom_node import cmd_predict
+from dicom_node.commands import predict as cmd_predict
 from triage_core.errors import CommandError
 
 CHEST = [
@@ -169,7 +169,7 @@ def test_through_the_triage_command(
     except ImportError as exc:
         pytest.skip(f"another subcommand is not importable yet: {exc}")
     args = parser.parse_args(["predict", "--model", str(tiny_checkpoint), str(dicom_dir / HIP[0])])
-    assert args._module == "dicom_node.cmd_predict"
+    assert args._module == "dicom_node.commands.predict"
     assert cli.main(["predict", "--model", str(tiny_checkpoint), str(dicom_dir / HIP[0])]) == 0
     assert json.loads(capsys.readouterr().out)["reason"] == "body part HIP"
 

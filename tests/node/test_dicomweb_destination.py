@@ -13,9 +13,9 @@ import pytest
 from dicomweb_support import TOKEN, running_node
 from test_node_support import free_port, synthetic_cr
 
+from dicom_node.destinations import DicomwebDestination
+from dicom_node.dicomweb.stowrs import send_files
 from dicom_node.settings import Destination, load_settings
-from dicom_node.stowrs import send_files
-from dicom_node.stowrs_destination import DicomwebDestination
 from triage_core.errors import ConfigError, DeliveryError
 
 

@@ -12,9 +12,9 @@ from fastapi.testclient import TestClient
 from test_api_http import NOW, finish, study
 
 from dicom_node import web
-from dicom_node.api import create_app
 from dicom_node.settings import NodeSettings
 from dicom_node.web import access
+from dicom_node.web.api import create_app
 from triage_core.errors import WorklistError
 from triage_core.worklist import Worklist
 from triage_core.worklist.feedback import MAX_NOTE, combine

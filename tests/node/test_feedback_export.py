@@ -25,7 +25,7 @@ from test_node_support import ServeProcess, free_port, needs_dcmtk
 from test_web_browser import dcmsend, wrap_png
 from test_web_feedback import api, token_add
 
-from dicom_node.feedback_export import LABEL_HEADER, render_png
+from dicom_node.commands.feedback_export import LABEL_HEADER, render_png
 from dicom_node.ingest.spool import installation_salt
 from triage_core.uids import hash_identifier
 

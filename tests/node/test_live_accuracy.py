@@ -17,7 +17,6 @@ from scipy.stats import binomtest
 from sklearn.metrics import roc_auc_score
 
 from dicom_node import web
-from dicom_node.api import create_app
 from dicom_node.metrics import Metrics
 from dicom_node.settings import NodeSettings
 from dicom_node.web.accuracy import (
@@ -28,6 +27,7 @@ from dicom_node.web.accuracy import (
     load_card,
     wilson,
 )
+from dicom_node.web.api import create_app
 from triage_core.spec import Finding, ImageResult, StudyResult
 from triage_core.worklist import Worklist
 

@@ -106,25 +106,19 @@ def test_implementation_class_uid() -> None:
 
 
 def test_dicomweb_tables_hold_the_code() -> None:
-    from dicom_node.web import dicomweb, dicomweb_catalog, dicomweb_multipart, dicomweb_qido
-    from dicom_node.web import dicomweb_stow as stow
+    from dicom_node.dicomweb import catalog, multipart, qido, router, stow
 
-    router = dicomweb.dicomweb_router(NodeSettings(), None, lambda: None)  # type: ignore[arg-type]
+    routes = router.dicomweb_router(NodeSettings(), None, lambda: None)  # type: ignore[arg-type]
     served = {
-        (method, route.path.removeprefix(dicomweb.ROOT))
-        for route in router.routes
+        (method, route.path.removeprefix(router.ROOT))
+        for route in routes.routes
         for method in getattr(route, "methods", ())
     }
     documented = {(m, r.strip("`")) for m, r, _service in table("Method", "Resource", "Service")}
     assert documented == served
     reasons = {int(code, 16) for code, _m, _w in table("Failure Reason", "Meaning", "When")}
     assert reasons == {v for k, v in vars(stow).items() if k.startswith("FAILURE_")}
-    modules = {
-        "dicomweb_multipart": dicomweb_multipart,
-        "dicomweb_stow": stow,
-        "dicomweb_qido": dicomweb_qido,
-        "dicomweb_catalog": dicomweb_catalog,
-    }
+    modules = {"multipart": multipart, "stow": stow, "qido": qido, "catalog": catalog}
     for _what, value, where in table("DICOMweb limit", "Value", "In the code"):
         module, name = where.strip("`").split(".")
         if module == "settings":

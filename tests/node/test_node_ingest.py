@@ -23,9 +23,9 @@ from test_node_support import (
 from dicom_node.ingest.incoming import IncomingInstance
 from dicom_node.ingest.scanner import scan_dataset
 from dicom_node.ingest.spool import GroupCommitter, StoreContext, make_record_many, make_recorder
-from dicom_node.scp import start_scp
-from dicom_node.service import open_worklist
+from dicom_node.node import open_worklist
 from dicom_node.settings import load_settings
+from dicom_node.stages.receive import start_scp
 from triage_core.errors import ImageReadError, TruncatedFileError
 from triage_core.uids import is_valid_uid
 

@@ -10,7 +10,7 @@ import pydicom
 import pytest
 from test_node_support import ServeProcess, synthetic_cr
 
-from dicom_node.service import open_worklist
+from dicom_node.node import open_worklist
 from dicom_node.settings import load_settings
 
 pytestmark = pytest.mark.postgres

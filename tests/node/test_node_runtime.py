@@ -68,8 +68,9 @@ def test_the_serving_path_imports_without_torch(torchless_env: dict[str, str]) -
     assert blocked.returncode != 0 and "blocked" in blocked.stderr
     modules = (
         "triage_core, triage_core.inference, triage_core.cam, triage_core.pipeline, "
-        "triage_core.runtime, triage_core.models, dicom_node.cli, dicom_node.cmd_serve, "
-        "dicom_node.node, dicom_node.processing, dicom_node.api, dicom_node.outputs"
+        "triage_core.runtime, triage_core.models, dicom_node.cli, dicom_node.commands.serve, "
+        "dicom_node.node, dicom_node.stages.process, dicom_node.web.api, dicom_node.web.server, "
+        "dicom_node.stages.outputs"
     )
     proc = _python(torchless_env, f"import {modules}; import sys; print('torch' in sys.modules)")
     assert proc.returncode == 0, proc.stderr
@@ -109,11 +110,11 @@ def _process_with(runtime: str, checkpoint: Path, study: list[Path], storage: Pa
     SR's findings and the SC's pixels."""
     from fastapi.testclient import TestClient
 
-    from dicom_node.api import create_app
-    from dicom_node.processing import Processing
-    from dicom_node.service import open_worklist
+    from dicom_node.node import open_worklist
     from dicom_node.settings import load_settings
-    from dicom_node.wakeup import Wakeups
+    from dicom_node.stages.process import Processing
+    from dicom_node.stages.wakeup import Wakeups
+    from dicom_node.web.api import create_app
     from triage_core.dicom_out import findings_from_sr
     from triage_core.inference import Predictor
 

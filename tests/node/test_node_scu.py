@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from test_node_support import free_port, synthetic_cr
 
-from dicom_node.scu import send_files
+from dicom_node.net.scu import send_files
 from dicom_node.settings import Destination
 from triage_core.errors import DeliveryError
 
@@ -66,7 +66,7 @@ def test_reactor_is_blocked_before_each_c_store(
     C-STOREs that follow still get their responses."""
     from pynetdicom import AE
 
-    from dicom_node.scu import _park_reactor
+    from dicom_node.net.scu import _park_reactor
 
     port, _statuses, received = peer
     path = synthetic_cr(tmp_path / "a.dcm", size=32)

@@ -11,12 +11,12 @@ import pydicom
 import pytest
 from test_node_support import synthetic_cr
 
-from dicom_node.jobs import purge
-from dicom_node.outputs import OutputsProcess
-from dicom_node.processing import Processing
-from dicom_node.service import open_worklist
+from dicom_node.node import open_worklist
 from dicom_node.settings import load_settings
-from dicom_node.wakeup import Wakeups
+from dicom_node.stages.jobs import purge
+from dicom_node.stages.outputs import OutputsProcess
+from dicom_node.stages.process import Processing
+from dicom_node.stages.wakeup import Wakeups
 from triage_core.spec import StudyResult
 
 
@@ -147,7 +147,7 @@ def test_an_idle_worker_is_woken_by_a_queued_study_not_by_a_poll(
 
 
 def test_stable_studies_are_queued_after_stable_age_without_polling(tmp_path: Path) -> None:
-    from dicom_node.jobs import StableStudies
+    from dicom_node.stages.jobs import StableStudies
 
     settings = load_settings(None, {"storage": tmp_path / "storage", "stable_age": 0.5})
     worklist = open_worklist(settings)
@@ -168,7 +168,7 @@ def test_stable_studies_are_queued_after_stable_age_without_polling(tmp_path: Pa
 
 
 def test_one_lease_keeper_renews_every_lease_of_its_process(tmp_path: Path) -> None:
-    from dicom_node.processing import LeaseKeeper
+    from dicom_node.stages.process import LeaseKeeper
 
     settings = load_settings(None, {"storage": tmp_path / "storage", "workers": 0})
     worklist = open_worklist(settings)
@@ -195,7 +195,7 @@ def test_one_lease_keeper_renews_every_lease_of_its_process(tmp_path: Path) -> N
 def test_delivery_thread_does_not_spin_when_the_database_fails(tmp_path: Path) -> None:
     """Due deliveries that cannot be claimed (database error) are retried after a pause, not in
     a busy loop."""
-    from dicom_node.delivery import Delivery
+    from dicom_node.stages.deliver import Delivery
     from triage_core.errors import WorklistError
 
     settings = load_settings(None, {"storage": tmp_path / "storage", "workers": 0})

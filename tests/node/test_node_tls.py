@@ -28,8 +28,8 @@ from test_node_support import (
 )
 from test_node_ulp import Scp, running_scp
 
+from dicom_node.net.scu import send_files
 from dicom_node.net.tls import client_context, server_context
-from dicom_node.scu import send_files
 from dicom_node.settings import Destination, load_settings
 from triage_core.errors import ConfigError, DeliveryError
 

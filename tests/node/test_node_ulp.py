@@ -19,9 +19,9 @@ from test_node_support import dataset_bytes, free_port, needs_dcmtk, storescu, s
 from dicom_node.ingest.spool import StoreContext, make_recorder
 from dicom_node.net.dimse import decode_command
 from dicom_node.net.server import StorageServer
-from dicom_node.scp import start_scp
-from dicom_node.service import open_worklist
+from dicom_node.node import open_worklist
 from dicom_node.settings import load_settings
+from dicom_node.stages.receive import start_scp
 
 VERIFICATION = "1.2.840.10008.1.1"
 CR_STORAGE = "1.2.840.10008.5.1.4.1.1.1"

@@ -17,9 +17,9 @@ from fastapi.testclient import TestClient
 from test_api_http import NOW, ROOT, finish, sop, study
 
 from dicom_node import web
-from dicom_node.api import create_app
 from dicom_node.settings import NodeSettings, is_loopback, load_settings
 from dicom_node.web import access, views
+from dicom_node.web.api import create_app
 from triage_core.errors import ConfigError
 from triage_core.worklist import Worklist
 
@@ -211,7 +211,7 @@ def test_real_server_with_token(wl: Worklist, tmp_path: Path) -> None:
 
 
 def test_cli_table_shows_delivery_state(wl: Worklist) -> None:
-    from dicom_node.cmd_worklist import format_table
+    from dicom_node.commands.worklist import format_table
 
     rows = wl.list_worklist(limit=100)
     table = format_table(rows, views.delivery_states(wl, [r["study_uid"] for r in rows]))
@@ -223,7 +223,7 @@ def test_cli_table_shows_delivery_state(wl: Worklist) -> None:
 def test_banner_suggests_dcmsend_and_full_paths(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from dicom_node.cmd_serve import start_banner
+    from dicom_node.commands.common import start_banner
 
     monkeypatch.setenv("PATH", str(tmp_path))  # neither triage nor dcmsend on PATH
     s = NodeSettings(storage=tmp_path / "st", ae_title="NODE_X", port=11999, http_port=8099)
@@ -241,9 +241,9 @@ def test_http_api_component_over_tls_with_token(wl: Worklist, tmp_path: Path) ->
     from test_node_support import free_port
     from test_node_tls import _ca, _issue
 
-    from dicom_node.api import HttpApi
     from dicom_node.metrics import Metrics
     from dicom_node.preflight import check_tls
+    from dicom_node.web.server import HttpApi
 
     ca = _ca(tmp_path, "ca")
     key, cert = _issue(tmp_path, "server", ca, server=True)

@@ -1,8 +1,8 @@
 """The DICOMweb root ``/dicomweb`` of the node's HTTP server: STOW-RS, QIDO-RS, WADO-RS.
 
-:func:`dicomweb_router` gives the routes; the work is in :mod:`~dicom_node.web.dicomweb_stow`
-(store), :mod:`~dicom_node.web.dicomweb_qido` (search) and :mod:`~dicom_node.web.dicomweb_wado`
-(retrieve), over :mod:`~dicom_node.web.dicomweb_catalog`. Access is the HTTP server's
+:func:`dicomweb_router` gives the routes; the work is in :mod:`~dicom_node.dicomweb.stow`
+(store), :mod:`~dicom_node.dicomweb.qido` (search) and :mod:`~dicom_node.dicomweb.wado`
+(retrieve), over :mod:`~dicom_node.dicomweb.catalog`. Access is the HTTP server's
 (:mod:`dicom_node.web.access`: loopback only, or the token, or the authenticating proxy); the
 calling-AE allow-list has no counterpart here (HTTP carries no AE title). Every UID in a path
 is checked against the DICOM UID grammar first (400 otherwise); a resource we do not hold is
@@ -36,16 +36,15 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 from starlette.requests import ClientDisconnect
 
-from dicom_node.web import dicomweb_qido as qido
-from dicom_node.web import dicomweb_wado as wado
-from dicom_node.web.dicomweb_catalog import Catalog, Entry, dataset_json, read_header
-from dicom_node.web.dicomweb_multipart import (
+from dicom_node.dicomweb import qido, wado
+from dicom_node.dicomweb.catalog import Catalog, Entry, dataset_json, read_header
+from dicom_node.dicomweb.multipart import (
     MediaTypeError,
     parse_accept,
     parse_media_type,
     related_boundary,
 )
-from dicom_node.web.dicomweb_stow import StowBodyError, StowRequest, store_response
+from dicom_node.dicomweb.stow import StowBodyError, StowRequest, store_response
 from triage_core.uids import is_valid_uid
 
 if TYPE_CHECKING:

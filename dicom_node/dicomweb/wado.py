@@ -7,12 +7,12 @@
   decoded to it; any other transfer syntax that is not the stored one is answered 406. An
   instance can also be asked for as plain ``application/dicom`` (one file, no multipart).
 - **Metadata**: ``application/dicom+json``, every attribute of each header, bulk data
-  (elements over :data:`~dicom_node.web.dicomweb_catalog.BULK_THRESHOLD` bytes and Pixel
+  (elements over :data:`~dicom_node.dicomweb.catalog.BULK_THRESHOLD` bytes and Pixel
   Data) by ``BulkDataURI``.
 - **Bulk data** of a top-level element: ``multipart/related; type="application/octet-stream"``
   (Pixel Data uncompressed, little endian).
 - **Rendered**: an instance as ``image/jpeg`` (default) or ``image/png``, at most
-  :data:`~dicom_node.web.images.MAX_SIDE` pixels: our Grad-CAM SC from its own RGB pixels, a
+  :data:`~dicom_node.dicomweb.images.MAX_SIDE` pixels: our Grad-CAM SC from its own RGB pixels, a
   greyscale image windowed as the model's preprocessing windows it.
 """
 
@@ -23,8 +23,8 @@ import logging
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from dicom_node.web.dicomweb_catalog import ENCAPSULATED_PREFIXES, Entry, read_header
-from dicom_node.web.dicomweb_multipart import (
+from dicom_node.dicomweb.catalog import ENCAPSULATED_PREFIXES, Entry, read_header
+from dicom_node.dicomweb.multipart import (
     MediaType,
     multipart_chunks,
     new_boundary,
@@ -165,7 +165,7 @@ def render(path: Path, media_type: str) -> bytes:
     """The instance as a displayable image (see the module docstring)."""
     from PIL import Image
 
-    from dicom_node.web import images
+    from dicom_node.dicomweb import images
 
     header = read_header(path)
     photometric = str(header.get("PhotometricInterpretation", "")) if header is not None else ""

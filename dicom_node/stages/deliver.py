@@ -1,11 +1,11 @@
 """The delivery stage: the outbox sender.
 
-One thread sends the due deliveries by C-STORE (:mod:`dicom_node.scu`), one association per
+One thread sends the due deliveries by C-STORE (:mod:`dicom_node.net.scu`), one association per
 destination and pass (every due object of that destination, SR before SC), or by STOW-RS to a
-DICOMweb destination (:mod:`dicom_node.stowrs`), one request per destination and pass; the same
-rows, retries and back-off either way. Between passes it
-sleeps until the worklist announces a due delivery (a study completed with outputs, in any
-process: :mod:`dicom_node.wakeup`), so delivery overlaps the next study's processing, or until
+DICOMweb destination (:mod:`dicom_node.dicomweb.stowrs`), one request per destination and
+pass; the same rows, retries and back-off either way. Between passes it sleeps until the
+worklist announces a due delivery (a study completed with outputs, in any process:
+:mod:`dicom_node.stages.wakeup`), so delivery overlaps the next study's processing, or until
 the next retry is due (``next_attempt_at``, backoff). A failed send is retried with backoff; a
 refusal that cannot change (:data:`PERMANENT_REFUSALS`) fails the delivery at once.
 """
@@ -17,16 +17,16 @@ import time
 from collections import defaultdict
 from typing import TYPE_CHECKING
 
-from dicom_node.scu import SendResult, send_files
-from dicom_node.stowrs import send_files as stow_files
-from dicom_node.stowrs_destination import DicomwebDestination
-from dicom_node.wakeup import ERROR_WAIT, WokenThread
+from dicom_node.destinations import DicomwebDestination, SendResult
+from dicom_node.dicomweb.stowrs import send_files as stow_files
+from dicom_node.net.scu import send_files
+from dicom_node.stages.wakeup import ERROR_WAIT, WokenThread
 from triage_core.errors import DeliveryError, WorklistError
 
 if TYPE_CHECKING:
     from dicom_node.metrics import Metrics
     from dicom_node.settings import NodeSettings
-    from dicom_node.wakeup import Wakeups
+    from dicom_node.stages.wakeup import Wakeups
     from triage_core.worklist import DeliveryRow, Worklist
 
 logger = logging.getLogger(__name__)

@@ -9,7 +9,7 @@ spool, grouped into its study and made durable exactly like a C-STORE one (docs/
 the answer is sent only after every stored part's file and row are durable.
 
 :class:`StowRequest` is synchronous (file writes, fsync, the row commit) and is fed from the
-request stream by the route in :mod:`dicom_node.web.dicomweb`, one thread hop per megabyte.
+request stream by the route in :mod:`dicom_node.dicomweb.router`, one thread hop per megabyte.
 Limits (settings ``dicomweb_max_body``, ``dicomweb_max_part``, ``dicomweb_max_parts``) are
 enforced by the parser while the body streams; an exceeded limit or a malformed body stops the
 request at once (its unfinished part is dropped, never half-kept; the parts completed before it
@@ -25,6 +25,12 @@ from typing import Any
 
 import multipart
 
+from dicom_node.dicomweb.multipart import (
+    MAX_HEADER_LINE,
+    MAX_HEADERS,
+    RelatedParser,
+    parse_media_type,
+)
 from dicom_node.ingest.incoming import (
     STATUS_CANNOT_UNDERSTAND,
     STATUS_DATASET_MISMATCH,
@@ -33,12 +39,6 @@ from dicom_node.ingest.incoming import (
     IncomingInstance,
 )
 from dicom_node.ingest.spool import StoreContext
-from dicom_node.web.dicomweb_multipart import (
-    MAX_HEADER_LINE,
-    MAX_HEADERS,
-    RelatedParser,
-    parse_media_type,
-)
 from triage_core.uids import is_valid_uid
 
 logger = logging.getLogger(__name__)

@@ -9,14 +9,12 @@ leases and due deliveries are handled by whichever process gets to them first.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from typing import TYPE_CHECKING
 
-from dicom_node.cmd_serve import add_common_arguments, run_node
+from dicom_node.commands.common import add_common_arguments, run_node
 
 if TYPE_CHECKING:
-    from dicom_node.node import Node
-    from dicom_node.settings import NodeSettings
+    pass
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -26,18 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def build_node(settings: NodeSettings, model_path: Path | None) -> Node:
-    """``triage worker``: outputs, workers, delivery and the expired-lease job (no port)."""
-    from dicom_node.jobs import Jobs, lease_job
-    from dicom_node.node import Node, open_parts, processing_components
-
-    parts = open_parts(settings)
-    components = [
-        *processing_components(parts, model_path),
-        Jobs([lease_job(settings, parts.worklist)]),
-    ]
-    return Node("worker", parts, components)
-
-
 def run(args: argparse.Namespace) -> int:
-    return run_node(args, "worker", build_node, need_scp=False)
+    from dicom_node.node import build_worker_node
+
+    return run_node(args, "worker", build_worker_node, need_scp=False)

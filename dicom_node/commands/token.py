@@ -16,15 +16,9 @@ import argparse
 import json
 import sys
 
+from dicom_node.commands.common import db_flags, open_worklist
+
 ROLES = ("viewer", "reader", "admin")  # triage_core.worklist.tokens.ROLES (SQLAlchemy-free here)
-
-
-def _db_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", metavar="FILE", help="settings TOML (as for triage serve)")
-    parser.add_argument("--storage", metavar="DIR", help="storage folder of the node")
-    parser.add_argument(
-        "--db", metavar="URL", help="SQLAlchemy URL (default: SQLite under the storage folder)"
-    )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,52 +32,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         required=True,
         help="viewer: look; reader: also give feedback; admin: also manage",
     )
-    _db_flags(add)
+    db_flags(add)
     listing = sub.add_parser("list", help="the users and roles (never the tokens)")
     listing.add_argument("--format", choices=("table", "json"), default="table")
-    _db_flags(listing)
+    db_flags(listing)
     revoke = sub.add_parser("revoke", help="make a user's token unusable")
     revoke.add_argument("name", metavar="NAME")
-    _db_flags(revoke)
-
-
-def open_worklist(args: argparse.Namespace, prog: str, *, create: bool) -> tuple[object, int]:
-    """The worklist of the node's settings, or ``(None, exit status)`` after printing why.
-
-    Without ``create`` a missing SQLite file is an error (opening it would create it).
-    """
-    from pathlib import Path
-
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import ArgumentError
-
-    from dicom_node.settings import load_settings
-    from triage_core.errors import ConfigError, WorklistError
-    from triage_core.worklist import Worklist
-
-    try:
-        settings = load_settings(args.config, {"storage": args.storage, "db": args.db})
-        url = settings.database_url
-        parsed = make_url(url)
-    except (ConfigError, ArgumentError) as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
-        return None, 2
-    if not create and parsed.get_backend_name() == "sqlite" and parsed.database:
-        db_file = Path(parsed.database)
-        if not db_file.is_file():
-            print(
-                f"{prog}: error: no worklist at {db_file} (give --storage / --db as for "
-                "triage serve)",
-                file=sys.stderr,
-            )
-            return None, 1
-    try:
-        worklist = Worklist(url)
-        worklist.create_all()
-    except WorklistError as exc:
-        print(f"{prog}: error: {settings.redacted_url()}: {exc}", file=sys.stderr)
-        return None, 1
-    return worklist, 0
+    db_flags(revoke)
 
 
 def run(args: argparse.Namespace) -> int:

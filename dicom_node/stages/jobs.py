@@ -20,12 +20,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dicom_node.wakeup import ERROR_WAIT, WokenThread
+from dicom_node.stages.wakeup import ERROR_WAIT, WokenThread
 from triage_core.errors import WorklistError
 
 if TYPE_CHECKING:
     from dicom_node.settings import NodeSettings
-    from dicom_node.wakeup import Wakeups
+    from dicom_node.stages.wakeup import Wakeups
     from triage_core.worklist import Worklist
 
 logger = logging.getLogger(__name__)

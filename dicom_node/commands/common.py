@@ -1,11 +1,11 @@
-"""``triage serve``: the DICOM node, scheduler, workers and HTTP API in one process.
+"""What the ``triage`` subcommands share: flags, settings, opening the worklist, a node's life.
 
-:func:`build_node` assembles the components (:mod:`dicom_node.node`); :func:`run_node` is the
-life cycle both ``serve`` and ``worker`` share.
-
-Settings come from ``--config`` (TOML) < ``TRIAGE_*`` environment < flags. Invalid settings
-(bad port, missing model, unreachable database, unwritable storage) print one clear line and
-exit with status 2. SIGTERM / SIGINT stop the service gracefully.
+:func:`add_common_arguments` (the flags of ``serve`` and ``worker``) and
+:func:`overrides_from_args` (the flags given, as settings values); :func:`db_flags` and
+:func:`open_worklist` (the worklist of a node for ``token``, ``feedback`` and ``worklist``);
+:func:`run_node` (settings, start-up checks, start, wait for a signal, stop) with
+:func:`quiet_default_logging` and :func:`start_banner`. Command modules import this module and
+never each other.
 """
 
 from __future__ import annotations
@@ -59,45 +59,6 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
         const=True,
         default=None,
         help="log patient identifiers in clear (default: UIDs and hashes only)",
-    )
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_common_arguments(parser)
-    parser.add_argument("--ae-title", help="our AE title (default CXR_TRIAGE)")
-    parser.add_argument("--port", type=int, help="DICOM port (default 11112)")
-    parser.add_argument("--bind-address", help="DICOM listening address (default 0.0.0.0)")
-    parser.add_argument(
-        "--allow-ae",
-        action="append",
-        metavar="AE[@HOST]",
-        help="calling AE allowed to associate (repeatable; none given = everyone)",
-    )
-    parser.add_argument("--stable-age", type=float, help="seconds without new instances (5)")
-    parser.add_argument("--http-port", type=int, help="HTTP API port (0 disables; 8080)")
-    parser.add_argument("--http-host", help="HTTP API address (default 127.0.0.1)")
-    parser.add_argument("--max-associations", type=int, help="concurrent associations (16)")
-    parser.add_argument("--max-pdu-size", type=int, help="largest PDU we receive (bytes)")
-    parser.add_argument("--network-timeout", type=float, help="DICOM network timeout (s)")
-    parser.add_argument("--artim-timeout", type=float, help="seconds to A-ASSOCIATE-RQ (10)")
-    parser.add_argument("--max-pending-connections", type=int, help="not yet associated (32)")
-    parser.add_argument(
-        "--accept-any-called-ae",
-        action="store_const",
-        const=True,
-        default=None,
-        help="accept any called AE title (default: only --ae-title)",
-    )
-    parser.add_argument("--http-proxy-header", help="header an authenticating proxy sets")
-    parser.add_argument("--tls-cert", type=Path, help="DICOM port over TLS: certificate (PEM)")
-    parser.add_argument("--tls-key", type=Path, help="private key of --tls-cert (PEM)")
-    parser.add_argument(
-        "--tls-ca", type=Path, help="CA file: DICOM clients must present a certificate it signed"
-    )
-    parser.add_argument("--http-tls-cert", type=Path, help="HTTP over TLS: certificate (PEM)")
-    parser.add_argument("--http-tls-key", type=Path, help="private key of --http-tls-cert")
-    parser.add_argument(
-        "--http-tls-ca", type=Path, help="CA file: HTTP clients must present a certificate"
     )
 
 
@@ -186,7 +147,7 @@ def start_banner(settings: Any, model_path: Any) -> str:
         f"  {dcmsend} -aec {settings.ae_title} {host} {settings.port} study/*.dcm",
     ]
     if settings.http_port:
-        from dicom_node.web import base_url
+        from dicom_node.web.server import base_url
 
         url = base_url(settings)
         lines.append(f"Worklist in a browser: {url}/   (API: {url}/docs, metrics: {url}/metrics)")
@@ -200,39 +161,6 @@ def start_banner(settings: Any, model_path: Any) -> str:
         "Stop with Ctrl-C.",
     ]
     return "\n".join(lines)
-
-
-def build_node(settings: NodeSettings, model_path: Path | None) -> Node:
-    """``triage serve``: jobs, the HTTP API, delivery, recovery and the DICOM port, then the
-    outputs process and the model, which load in the background (``/healthz/ready`` tells when
-    they are: not the C-ECHO answer)."""
-    from dicom_node.api import HttpApi
-    from dicom_node.jobs import Jobs, StableStudies, lease_job, purge_job
-    from dicom_node.node import Node, open_parts, processing_components
-    from dicom_node.processing import Processing
-    from dicom_node.receiver import Receiver
-
-    parts = open_parts(settings)
-    worklist = parts.worklist
-    jobs = [lease_job(settings, worklist)]
-    if settings.retention_days:
-        jobs.append(purge_job(settings, worklist))
-    wakeups, delivery, *processing = processing_components(parts, model_path, background=True)
-    workers = next((c for c in processing if isinstance(c, Processing)), None)
-    readiness = workers.readiness if workers is not None else None
-    receiver = Receiver(settings, worklist, parts.metrics)  # STOW-RS shares its receive path
-    components = [
-        wakeups,
-        StableStudies(settings, worklist, parts.wakeups),
-        Jobs(jobs),
-        HttpApi(
-            settings, worklist, parts.metrics, store=lambda: receiver.store, readiness=readiness
-        ),
-        delivery,
-        receiver,  # recovery, then the DICOM port: a C-ECHO answer means listening, not ready
-        *processing,  # then the outputs process and the model load in the background
-    ]
-    return Node("serve", parts, components, stop_first=[receiver])
 
 
 def run_node(
@@ -287,5 +215,49 @@ def run_node(
     return 0
 
 
-def run(args: argparse.Namespace) -> int:
-    return run_node(args, "serve", build_node, need_scp=True)
+def db_flags(parser: argparse.ArgumentParser) -> None:
+    """``--config``, ``--storage`` and ``--db``: a node's worklist, as ``triage serve`` finds it."""
+    parser.add_argument("--config", metavar="FILE", help="settings TOML (as for triage serve)")
+    parser.add_argument("--storage", metavar="DIR", help="storage folder of the node")
+    parser.add_argument(
+        "--db", metavar="URL", help="SQLAlchemy URL (default: SQLite under the storage folder)"
+    )
+
+
+def open_worklist(args: argparse.Namespace, prog: str, *, create: bool) -> tuple[object, int]:
+    """The worklist of the node's settings, or ``(None, exit status)`` after printing why.
+
+    Without ``create`` a missing SQLite file is an error (opening it would create it).
+    """
+    from pathlib import Path
+
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    from dicom_node.settings import load_settings
+    from triage_core.errors import ConfigError, WorklistError
+    from triage_core.worklist import Worklist
+
+    try:
+        settings = load_settings(args.config, {"storage": args.storage, "db": args.db})
+        url = settings.database_url
+        parsed = make_url(url)
+    except (ConfigError, ArgumentError) as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return None, 2
+    if not create and parsed.get_backend_name() == "sqlite" and parsed.database:
+        db_file = Path(parsed.database)
+        if not db_file.is_file():
+            print(
+                f"{prog}: error: no worklist at {db_file} (give --storage / --db as for "
+                "triage serve)",
+                file=sys.stderr,
+            )
+            return None, 1
+    try:
+        worklist = Worklist(url)
+        worklist.create_all()
+    except WorklistError as exc:
+        print(f"{prog}: error: {settings.redacted_url()}: {exc}", file=sys.stderr)
+        return None, 1
+    return worklist, 0

@@ -13,15 +13,15 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from dicom_node.destinations import SendResult
 from dicom_node.net.tuning import handle_conn_open
 from triage_core.errors import ConfigError, DeliveryError
 
 if TYPE_CHECKING:
-    from dicom_node.settings import Destination
+    from dicom_node.destinations import Destination
 
 logger = logging.getLogger(__name__)
 
@@ -29,16 +29,6 @@ _UNCOMPRESSED = ("1.2.840.10008.1.2.1", "1.2.840.10008.1.2")
 
 #: Statuses of the C-STORE response that mean the object is stored (success and warnings).
 _WARNINGS = {0xB000, 0xB007, 0xB006}
-
-
-@dataclass(frozen=True)
-class SendResult:
-    """Outcome for one file: ``ok`` when the peer stored it (success or warning)."""
-
-    path: Path
-    status: int | None
-    ok: bool
-    message: str = ""
 
 
 def _status_text(status: int) -> str:

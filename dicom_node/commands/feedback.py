@@ -3,9 +3,9 @@
 Both read the worklist ``triage serve`` uses (same ``--config`` / ``--storage`` / ``--db``) and
 never create one. ``list`` prints the verdicts (all, or one study's with ``--study``) as a table
 or JSON, notes only in JSON. ``export`` writes the studies with a final verdict as a training
-set without PHI (:mod:`dicom_node.feedback_export`: ``labels.csv`` in the NIH Data_Entry_2017
-format, ``images/``, ``provenance.csv``), ready for ``triage train --images DIR/images --labels
-DIR/labels.csv``.
+set without PHI (:mod:`dicom_node.commands.feedback_export`: ``labels.csv`` in the NIH
+Data_Entry_2017 format, ``images/``, ``provenance.csv``), ready for ``triage train --images
+DIR/images --labels DIR/labels.csv``.
 
 Exit status: 0 on success, 1 when the worklist cannot be read or the export cannot be written,
 2 for invalid arguments or settings.
@@ -18,7 +18,7 @@ import json
 import sys
 from pathlib import Path
 
-from dicom_node.cmd_token import _db_flags, open_worklist
+from dicom_node.commands.common import db_flags, open_worklist
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -27,7 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     listing = sub.add_parser("list", help="the readers' verdicts")
     listing.add_argument("--study", metavar="UID", help="one study only")
     listing.add_argument("--format", choices=("table", "json"), default="table")
-    _db_flags(listing)
+    db_flags(listing)
     export = sub.add_parser("export", help="studies with a final verdict as a training set")
     export.add_argument("--out", metavar="DIR", type=Path, required=True, help="a new folder")
     export.add_argument(
@@ -37,7 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help="side of the square PNGs (default 256, the shared NIH training PNGs' size)",
     )
-    _db_flags(export)
+    db_flags(export)
 
 
 def _list(worklist: object, args: argparse.Namespace, prog: str) -> int:
@@ -91,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         if args.action == "list":
             return _list(worklist, args, prog)
-        from dicom_node.feedback_export import ExportError, export_feedback
+        from dicom_node.commands.feedback_export import ExportError, export_feedback
         from dicom_node.ingest.spool import installation_salt
         from dicom_node.settings import load_settings
         from triage_core.imaging import EXPORT_SIZE

@@ -6,7 +6,7 @@ A destination is a DICOMweb base URL (``--destination http://host:8042/dicom-web
 ``multipart/related; type="application/dicom"`` request to ``{url}/studies`` (files streamed
 from disk), with ``Authorization: Bearer`` when a token is set, and reads the Store Instances
 Response: each file's outcome is returned as the same
-:class:`~dicom_node.scu.SendResult` a C-STORE gives, with the STOW-RS Failure Reason as its
+:class:`~dicom_node.net.scu.SendResult` a C-STORE gives, with the STOW-RS Failure Reason as its
 status (0xA9xx and 0xCxxx are refusals that cannot change, as for C-STORE). A request refused
 as a whole for what it is (400, 413, 415) fails its files the same way; no answer, a server
 error (5xx), or a refused token (401, 403) raises :class:`~triage_core.errors.DeliveryError`,
@@ -23,8 +23,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from dicom_node.scu import SendResult
-from dicom_node.stowrs_destination import DicomwebDestination
+from dicom_node.destinations import DicomwebDestination, SendResult
 from triage_core.errors import DeliveryError
 
 logger = logging.getLogger(__name__)

@@ -4,9 +4,10 @@ Build the application with :func:`create_app` from the process-wide
 :class:`~triage_core.worklist.Worklist` and :class:`~dicom_node.metrics.Metrics`: one router for
 the worklist (:func:`worklist_router`), one for operations (:func:`operations_router`); query
 parameters are checked by small parsers (:func:`parse_statuses`, :func:`parse_min_priority`)
-whose :class:`BadQuery` answers 422. :class:`HttpApi` is the component that ``triage serve``
-runs under uvicorn in a thread, on 127.0.0.1 by default. Nothing is built at import time; import
-this module only where the HTTP API is served (FastAPI takes about 0.3 s to import).
+whose :class:`BadQuery` answers 422. :class:`dicom_node.web.server.HttpApi` is the component that
+``triage serve`` runs under uvicorn in a thread, on 127.0.0.1 by default. Nothing is built at
+import time; import this module only where the HTTP API is served (FastAPI takes about 0.3 s to
+import).
 
 Endpoints
 ---------
@@ -39,8 +40,6 @@ Database errors answer 503 with a JSON ``detail``.
 from __future__ import annotations
 
 import logging
-import threading
-import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -57,8 +56,6 @@ from triage_core.worklist import STUDY_STATUSES, is_valid_uid
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from dicom_node.ingest.spool import StoreContext
-    from dicom_node.settings import NodeSettings
     from triage_core.worklist import Worklist
 
 logger = logging.getLogger(__name__)
@@ -361,61 +358,3 @@ def create_app(
 
     app.include_router(feedback_router(worklist))
     return app
-
-
-class HttpApi:
-    """The component that serves :func:`create_app`, the pages (:func:`dicom_node.web.install`)
-    and DICOMweb (:mod:`dicom_node.web.dicomweb`; STOW-RS through ``store``, the receiver's
-    receive path) with uvicorn in a thread (``http_port`` 0 disables it)."""
-
-    def __init__(
-        self,
-        settings: NodeSettings,
-        worklist: Worklist,
-        metrics: Metrics,
-        store: Callable[[], StoreContext | None] | None = None,
-        readiness: Callable[[], str] | None = None,
-    ) -> None:
-        self.settings = settings
-        self.worklist = worklist
-        self.metrics = metrics
-        self.store = store  # the receive path, for STOW-RS
-        self.readiness = readiness
-        self._server: Any = None
-        self._thread: threading.Thread | None = None
-
-    def start(self) -> None:
-        settings = self.settings
-        if not settings.http_port:
-            logger.info("HTTP API disabled (http_port = 0)")
-            return
-        import uvicorn
-
-        from dicom_node import web
-        from dicom_node.web.dicomweb import dicomweb_router
-
-        app = create_app(self.worklist, self.metrics, readiness=self.readiness)
-        web.install(app, settings, self.worklist, metrics=self.metrics)  # pages, /docs, access
-        # DICOMweb (STOW-RS, QIDO-RS, WADO-RS) under the same access check
-        app.include_router(dicomweb_router(settings, self.worklist, self.store or (lambda: None)))
-        config = uvicorn.Config(
-            app,
-            host=settings.http_host,
-            port=settings.http_port,
-            log_level="warning",
-            access_log=False,
-            lifespan="off",
-            **web.uvicorn_options(settings),
-        )
-        self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=self._server.run, name="http-api", daemon=True)
-        self._thread.start()
-        logger.info("HTTP pages and API on %s/", web.base_url(settings))
-
-    def stop(self, deadline: float) -> None:
-        if self._server is not None:
-            self._server.should_exit = True
-            self._server = None
-        if self._thread is not None:
-            self._thread.join(max(0.0, deadline - time.monotonic()))
-            self._thread = None

@@ -1,6 +1,6 @@
 """QIDO-RS (PS3.18 10.6): search studies, series and instances, answered as DICOM JSON.
 
-Matching follows PS3.4 C.2.2.2 on the stored headers (:mod:`~dicom_node.web.dicomweb_catalog`):
+Matching follows PS3.4 C.2.2.2 on the stored headers (:mod:`~dicom_node.dicomweb.catalog`):
 
 - single value matching; an empty value is universal matching (the attribute is returned);
 - UID list matching for UI attributes (values separated by ``,`` or ``\\``);
@@ -23,7 +23,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from dicom_node.web.dicomweb_catalog import Entry, dataset_json, read_header
+from dicom_node.dicomweb.catalog import Entry, dataset_json, read_header
 
 if TYPE_CHECKING:
     import pydicom

@@ -3,11 +3,11 @@
 * Each worker thread claims a queued study (a lease), runs
   :func:`triage_core.pipeline.triage_study` (inference and Grad-CAM from the same pass) and
   hands the result to the outputs thread, then claims the next study. When nothing is queued it
-  sleeps until the worklist announces a claimable study (:mod:`dicom_node.wakeup`), not on a
+  sleeps until the worklist announces a claimable study (:mod:`dicom_node.stages.wakeup`), not on a
   poll.
 * The outputs thread has the SR and SC built and written by the outputs process
-  (:class:`dicom_node.outputs.OutputsProcess`) and records the result and one delivery row per
-  object and destination in one transaction (whose commit wakes the delivery thread).
+  (:class:`dicom_node.stages.outputs.OutputsProcess`) and records the result and one delivery
+  row per object and destination in one transaction (whose commit wakes the delivery thread).
 * One :class:`LeaseKeeper` thread per process renews the leases of all its workers at once.
 
 The worker threads share one :class:`~triage_core.inference.Predictor` (forward passes are
@@ -25,15 +25,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from dicom_node.model import load_predictor
-from dicom_node.outputs import OutputJob, header_only, write_study_outputs
+from dicom_node.stages.model import load_predictor
+from dicom_node.stages.outputs import OutputJob, header_only, write_study_outputs
 from triage_core.errors import TriageError, WorklistError
 
 if TYPE_CHECKING:
     from dicom_node.metrics import Metrics
-    from dicom_node.outputs import OutputsProcess
     from dicom_node.settings import NodeSettings
-    from dicom_node.wakeup import Wakeups
+    from dicom_node.stages.outputs import OutputsProcess
+    from dicom_node.stages.wakeup import Wakeups
     from triage_core.inference import Predictor
     from triage_core.pipeline import StudyOutput
     from triage_core.spec import ModelSpec
