@@ -188,13 +188,13 @@ def run(args: argparse.Namespace) -> int:
     try:
         worklist = Worklist(url)
         if args.study is not None:
-            detail = worklist.study_detail(args.study, aging=aging)
+            detail = worklist.queries.study_detail(args.study, aging=aging)
             if detail is None:
                 print(f"{prog}: error: study {args.study} not found", file=sys.stderr)
                 return 1
             print(json.dumps(detail, indent=2))
             return 0
-        rows = worklist.list_worklist(
+        rows = worklist.queries.list_worklist(
             status=args.status, min_priority=min_priority, limit=args.limit, aging=aging
         )
         deliveries: dict[str, list[Any]] = {}
