@@ -70,6 +70,12 @@ def configure_logging(verbosity: int) -> None:
     logsafe.install(level)
 
 
+def command_name(args: argparse.Namespace) -> str:
+    """``triage CMD``, with the action of commands that have them (``triage token add``)."""
+    action = getattr(args, "action", None)
+    return f"triage {args.command}" + (f" {action}" if isinstance(action, str) else "")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -79,8 +85,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         result: int = module.run(args)
     except CommandError as exc:
         # the one error path of every subcommand: the cause at -vv, one line for the operator
-        logger.debug("triage %s failed", args.command, exc_info=True)
-        print(f"triage {args.command}: error: {exc}", file=sys.stderr)
+        name = command_name(args)
+        logger.debug("%s failed", name, exc_info=True)
+        print(f"{name}: error: {exc}", file=sys.stderr)
         return exc.status
     except ModuleNotFoundError as exc:
         if exc.name is None or exc.name.partition(".")[0] not in TRAINING_STACK:

@@ -29,14 +29,15 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from dicom_node.metrics import Metrics
 from dicom_node.stages.deliver import Delivery
@@ -242,3 +243,48 @@ def build_worker_node(settings: NodeSettings, model_path: Path | None) -> Node:
         Jobs([lease_job(settings, parts.worklist)]),
     ]
     return Node("worker", parts, components)
+
+
+class StartError(Exception):
+    """A node could not be built or started; the cause (a ``TriageError`` or ``OSError``) is
+    ``__cause__``. What had started is stopped."""
+
+
+def run_until_signal(build: Callable[[], Node], started: Callable[[], None]) -> None:
+    """Build and start a node, call ``started``, serve until SIGTERM or SIGINT, then stop it.
+
+    The signal handlers are installed first: a signal while the node starts stops it as soon
+    as it has started.
+
+    Raises
+    ------
+    StartError
+        ``build`` or :meth:`Node.start` raised a ``TriageError`` or an ``OSError``.
+    """
+    from triage_core.errors import TriageError
+
+    stop_requested = threading.Event()
+    node: Node | None = None
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        logger.info("signal %d: stopping", signum)
+        stop_requested.set()
+        if node is not None:
+            node.request_stop()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        node = build()
+        node.start()
+    except (TriageError, OSError) as exc:
+        if node is not None:
+            node.stop()
+        raise StartError(str(exc)) from exc
+    started()
+    if stop_requested.is_set():
+        node.request_stop()
+    try:
+        node.wait()
+    finally:
+        node.stop()

@@ -12,16 +12,17 @@ from __future__ import annotations
 
 import argparse
 import logging
-import signal
 import sys
-import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from triage_core.errors import CommandError
+
 if TYPE_CHECKING:
     from dicom_node.node import Node
     from dicom_node.settings import NodeSettings
+    from triage_core.worklist import Worklist
 
 logger = logging.getLogger(__name__)
 
@@ -165,53 +166,42 @@ def start_banner(settings: Any, model_path: Any) -> str:
 
 def run_node(
     args: argparse.Namespace,
-    command: str,
     build: Callable[[NodeSettings, Path | None], Node],
     *,
     need_scp: bool,
 ) -> int:
-    """Load settings, check them, build the node with ``build``, start it, wait for a signal."""
+    """Load and check the settings, then run the node ``build`` makes until a signal.
+
+    Raises
+    ------
+    CommandError
+        Invalid settings (status 2), or the node cannot start (2 for settings and OS errors,
+        else 1).
+    """
+    from dicom_node.logsafe import set_show_phi
+    from dicom_node.node import StartError, run_until_signal
     from dicom_node.preflight import check_runtime
     from dicom_node.settings import load_settings
-    from triage_core.errors import ConfigError, TriageError
+    from triage_core.errors import ConfigError
 
     quiet_default_logging(getattr(args, "verbose", 0))
     try:
         settings = load_settings(args.config, overrides_from_args(args))
         model_path = check_runtime(settings, need_scp=need_scp, need_model=settings.workers > 0)
     except ConfigError as exc:
-        print(f"triage {command}: error: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
-    from dicom_node.logsafe import set_show_phi
-
+        raise CommandError(str(exc), EXIT_CONFIG) from exc
     set_show_phi(settings.log_phi)
-    stop_requested = threading.Event()
-    node: Node | None = None
 
-    def on_signal(signum: int, _frame: Any) -> None:
-        logger.info("signal %d: stopping", signum)
-        stop_requested.set()
-        if node is not None:
-            node.request_stop()
+    def started() -> None:
+        if need_scp:
+            print(start_banner(settings, model_path), flush=True)
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
     try:
-        node = build(settings, model_path)
-        node.start()
-    except (TriageError, OSError) as exc:
-        print(f"triage {command}: error: cannot start: {exc}", file=sys.stderr)
-        if node is not None:
-            node.stop()
-        return EXIT_CONFIG if isinstance(exc, ConfigError | OSError) else 1
-    if need_scp:
-        print(start_banner(settings, model_path), flush=True)
-    if stop_requested.is_set():
-        node.request_stop()
-    try:
-        node.wait()
-    finally:
-        node.stop()
+        run_until_signal(lambda: build(settings, model_path), started)
+    except StartError as exc:
+        cause = exc.__cause__
+        status = EXIT_CONFIG if isinstance(cause, ConfigError | OSError) else 1
+        raise CommandError(f"cannot start: {cause}", status) from exc
     return 0
 
 
@@ -224,40 +214,97 @@ def db_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def open_worklist(args: argparse.Namespace, prog: str, *, create: bool) -> tuple[object, int]:
-    """The worklist of the node's settings, or ``(None, exit status)`` after printing why.
+def settings_from_args(args: argparse.Namespace) -> NodeSettings:
+    """The settings of :func:`db_flags` (``--config`` < ``TRIAGE_*`` environment < flags).
 
-    Without ``create`` a missing SQLite file is an error (opening it would create it).
+    Raises
+    ------
+    CommandError
+        Invalid settings (status 2).
     """
-    from pathlib import Path
+    from dicom_node.settings import load_settings
+    from triage_core.errors import ConfigError
 
+    try:
+        return load_settings(args.config, {"storage": args.storage, "db": args.db})
+    except ConfigError as exc:
+        raise CommandError(str(exc), EXIT_CONFIG) from exc
+
+
+def open_worklist(settings: NodeSettings, *, create: bool, schema: bool = True) -> Worklist:
+    """The worklist of ``settings``.
+
+    Parameters
+    ----------
+    settings : NodeSettings
+        Where the worklist is (``database_url``).
+    create : bool
+        Whether a missing SQLite file may be created; else it is an error (opening it would
+        create an empty one).
+    schema : bool
+        Create missing tables and migrate (``False`` for a command that only reads).
+
+    Raises
+    ------
+    CommandError
+        An invalid URL (status 2), no worklist there or a database error (status 1).
+    """
     from sqlalchemy.engine import make_url
     from sqlalchemy.exc import ArgumentError
 
-    from dicom_node.settings import load_settings
-    from triage_core.errors import ConfigError, WorklistError
+    from triage_core.errors import WorklistError
     from triage_core.worklist import Worklist
 
+    url = settings.database_url
     try:
-        settings = load_settings(args.config, {"storage": args.storage, "db": args.db})
-        url = settings.database_url
         parsed = make_url(url)
-    except (ConfigError, ArgumentError) as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
-        return None, 2
+    except ArgumentError as exc:
+        raise CommandError(f"invalid database URL: {exc}", EXIT_CONFIG) from exc
     if not create and parsed.get_backend_name() == "sqlite" and parsed.database:
         db_file = Path(parsed.database)
         if not db_file.is_file():
-            print(
-                f"{prog}: error: no worklist at {db_file} (give --storage / --db as for "
-                "triage serve)",
-                file=sys.stderr,
+            raise CommandError(
+                f"no worklist at {db_file} (run `triage serve --storage {settings.storage}` "
+                "first, or give --storage / --db)"
             )
-            return None, 1
     try:
         worklist = Worklist(url)
-        worklist.create_all()
+        if schema:
+            worklist.create_all()
     except WorklistError as exc:
-        print(f"{prog}: error: {settings.redacted_url()}: {exc}", file=sys.stderr)
-        return None, 1
-    return worklist, 0
+        raise CommandError(f"{settings.redacted_url()}: {exc}") from exc
+    return worklist
+
+
+def positive_int(text: str) -> int:
+    """``argparse`` type: a whole number of at least 1 (``--limit``)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+def dicom_uid(text: str) -> str:
+    """``argparse`` type: a UID of the DICOM grammar (PS3.5 9.1: digits and dots, 64 at most)."""
+    from triage_core.uids import is_valid_uid
+
+    if not is_valid_uid(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a valid DICOM UID")
+    return text
+
+
+def priority_floor(text: str) -> float | str:
+    """``argparse`` type of ``--min-priority``: an effective priority (a number) or a level."""
+    from triage_core.spec import PRIORITY_LEVELS
+
+    if text in PRIORITY_LEVELS:
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is neither a number nor one of {', '.join(PRIORITY_LEVELS)}"
+        ) from None

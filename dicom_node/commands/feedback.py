@@ -15,17 +15,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from dicom_node.commands.common import db_flags, open_worklist
+from dicom_node.commands.common import db_flags, dicom_uid, open_worklist, settings_from_args
+from triage_core.errors import CommandError
+
+if TYPE_CHECKING:
+    from triage_core.worklist import Worklist
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Declare ``list`` and ``export``."""
     sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
     listing = sub.add_parser("list", help="the readers' verdicts")
-    listing.add_argument("--study", metavar="UID", help="one study only")
+    listing.add_argument("--study", metavar="UID", type=dicom_uid, help="one study only")
     listing.add_argument("--format", choices=("table", "json"), default="table")
     db_flags(listing)
     export = sub.add_parser("export", help="studies with a final verdict as a training set")
@@ -40,17 +44,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     db_flags(export)
 
 
-def _list(worklist: object, args: argparse.Namespace, prog: str) -> int:
-    from triage_core.uids import is_valid_uid
-    from triage_core.worklist import Worklist
-
-    assert isinstance(worklist, Worklist)
+def _list(worklist: Worklist, args: argparse.Namespace) -> int:
     if args.study is not None:
-        if not is_valid_uid(args.study):
-            print(
-                f"{prog}: error: --study {args.study!r} is not a valid DICOM UID", file=sys.stderr
-            )
-            return 2
         uids = [args.study]
     else:
         uids = worklist.feedback.studies_with_verdicts()
@@ -82,28 +77,22 @@ def _list(worklist: object, args: argparse.Namespace, prog: str) -> int:
 def run(args: argparse.Namespace) -> int:
     """Run one action; see the module docstring for the exit status."""
     from triage_core.errors import WorklistError
-    from triage_core.worklist import Worklist
 
-    prog = f"triage feedback {args.action}"
-    worklist, status = open_worklist(args, prog, create=False)
-    if not isinstance(worklist, Worklist):
-        return status
+    settings = settings_from_args(args)
+    worklist = open_worklist(settings, create=False)
     try:
         if args.action == "list":
-            return _list(worklist, args, prog)
+            return _list(worklist, args)
         from dicom_node.commands.feedback_export import ExportError, export_feedback
         from dicom_node.ingest.spool import installation_salt
-        from dicom_node.settings import load_settings
         from triage_core.imaging import EXPORT_SIZE
 
-        settings = load_settings(args.config, {"storage": args.storage, "db": args.db})
         salt = installation_salt(settings.storage)
         size = EXPORT_SIZE if args.image_size is None else args.image_size
         try:
             summary = export_feedback(worklist, args.out, salt, size)
         except ExportError as exc:
-            print(f"{prog}: error: {exc}", file=sys.stderr)
-            return 1
+            raise CommandError(str(exc)) from exc
         print(
             f"wrote {summary.images} images of {summary.studies} studies "
             f"({summary.patients} patients, {summary.skipped} images skipped) to {summary.out}: "
@@ -111,7 +100,6 @@ def run(args: argparse.Namespace) -> int:
         )
         return 0
     except WorklistError as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
-        return 1
+        raise CommandError(str(exc)) from exc
     finally:
         worklist.dispose()

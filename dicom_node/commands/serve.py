@@ -58,4 +58,4 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from dicom_node.node import build_serve_node
 
-    return run_node(args, "serve", build_serve_node, need_scp=True)
+    return run_node(args, build_serve_node, need_scp=True)

@@ -16,7 +16,8 @@ import argparse
 import json
 import sys
 
-from dicom_node.commands.common import db_flags, open_worklist
+from dicom_node.commands.common import db_flags, open_worklist, settings_from_args
+from triage_core.errors import CommandError
 
 ROLES = ("viewer", "reader", "admin")  # triage_core.worklist.tokens.ROLES (SQLAlchemy-free here)
 
@@ -44,12 +45,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run one action; see the module docstring for the exit status."""
     from triage_core.errors import WorklistError
-    from triage_core.worklist import Worklist
 
     prog = f"triage token {args.action}"
-    worklist, status = open_worklist(args, prog, create=args.action == "add")
-    if not isinstance(worklist, Worklist):
-        return status
+    worklist = open_worklist(settings_from_args(args), create=args.action == "add")
     try:
         if args.action == "add":
             token = worklist.tokens.add(args.name, args.role)
@@ -62,8 +60,7 @@ def run(args: argparse.Namespace) -> int:
             )
         elif args.action == "revoke":
             if not worklist.tokens.revoke(args.name):
-                print(f"{prog}: error: {args.name!r} has no active token", file=sys.stderr)
-                return 1
+                raise CommandError(f"{args.name!r} has no active token")
             print(f"revoked the token of {args.name}")
         else:
             rows = worklist.tokens.list()
@@ -93,8 +90,7 @@ def run(args: argparse.Namespace) -> int:
                         f"{(t.revoked_at or '-')[:19]}"
                     )
     except WorklistError as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
-        return 1
+        raise CommandError(str(exc)) from exc
     finally:
         worklist.dispose()
     return 0

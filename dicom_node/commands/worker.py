@@ -27,4 +27,4 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from dicom_node.node import build_worker_node
 
-    return run_node(args, "worker", build_worker_node, need_scp=False)
+    return run_node(args, build_worker_node, need_scp=False)

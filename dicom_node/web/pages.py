@@ -114,7 +114,7 @@ def pages_router(
             aging=aging,
         )
         rows = views.within(rows, flt["since"] or None, now)[:SHOW_LIMIT]
-        deliveries = views.delivery_states(worklist, [r["study_uid"] for r in rows])
+        deliveries = worklist.queries.delivery_states([r["study_uid"] for r in rows])
         views.add_thresholds(worklist, rows)
         for row in rows:
             row["waiting"], row["waiting_class"] = views.waiting(row, now)
@@ -169,7 +169,7 @@ def pages_router(
                     detail["findings"].items(), key=lambda kv: -kv[1]["probability"]
                 ),
                 "timings": sorted(detail["timings"].items()),
-                "delivery_states": views.delivery_states(worklist, [study_uid]).get(study_uid, []),
+                "delivery_states": worklist.queries.delivery_states([study_uid]).get(study_uid, []),
                 **feedback.page_context(worklist, study_uid, request),
             },
         )

@@ -1,16 +1,15 @@
 """What the pages show, computed from the worklist's rows (no HTML here).
 
-:func:`delivery_states` is the one query of its own (one grouped SELECT over the deliveries of
-the rows on screen): the worklist's read module gives deliveries per study only, which would be
-one query per row on every refresh; :func:`add_thresholds` likewise. They belong in
-``triage_core.worklist.queries`` and move there when that module offers them.
+:func:`add_thresholds` is the one query of its own (one SELECT over the results of the rows on
+screen); it belongs in ``triage_core.worklist.queries`` and moves there when that module offers
+it. The delivery states of the rows come from
+:meth:`~triage_core.worklist.queries.WorklistQueries.delivery_states`, as in ``triage worklist``.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
@@ -29,71 +28,6 @@ AGING_AFTER = 15 * 60.0
 OVERDUE_AFTER = 60 * 60.0
 TOP_FINDINGS = 3
 UNFINISHED = ("receiving", "queued", "processing")
-
-
-@dataclass(frozen=True)
-class DeliveryState:
-    """The objects of one study for one destination."""
-
-    destination: str
-    sent: int
-    pending: int
-    failed: int
-    attempts: int
-    last_error: str
-
-    @property
-    def state(self) -> str:
-        """``failed`` if any failed, else ``pending`` if any pending, else ``sent``."""
-        if self.failed:
-            return "failed"
-        if self.pending:
-            return "pending"
-        return "sent"
-
-    @property
-    def total(self) -> int:
-        return self.sent + self.pending + self.failed
-
-
-def delivery_states(
-    worklist: Worklist, study_uids: Sequence[str]
-) -> dict[str, list[DeliveryState]]:
-    """Per study, per destination: counts by status, attempts and the last error."""
-    if not study_uids:
-        return {}
-    from sqlalchemy import func, select
-
-    d = worklist.db.tables.deliveries
-    acc: dict[tuple[str, str], dict[str, Any]] = {}
-    with worklist.db.read() as conn:
-        rows = conn.execute(
-            select(
-                d.c.study_uid,
-                d.c.destination,
-                d.c.status,
-                func.count(),
-                func.max(d.c.attempts),
-                func.max(d.c.last_error),
-            )
-            .where(d.c.study_uid.in_(list(study_uids)))
-            .group_by(d.c.study_uid, d.c.destination, d.c.status)
-        )
-        for study, dest, status, count, attempts, error in rows:
-            entry = acc.setdefault(
-                (study, dest), {"sent": 0, "pending": 0, "failed": 0, "attempts": 0, "error": ""}
-            )
-            if status in ("sent", "pending", "failed"):
-                entry[status] += int(count)
-            entry["attempts"] = max(entry["attempts"], int(attempts or 0))
-            if status != "sent" and error:
-                entry["error"] = str(error)
-    out: dict[str, list[DeliveryState]] = {}
-    for (study, dest), e in sorted(acc.items()):
-        out.setdefault(study, []).append(
-            DeliveryState(dest, e["sent"], e["pending"], e["failed"], e["attempts"], e["error"])
-        )
-    return out
 
 
 def add_thresholds(worklist: Worklist, rows: Sequence[dict[str, Any]]) -> None:

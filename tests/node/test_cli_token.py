@@ -72,8 +72,10 @@ def test_feedback_list_and_export_errors(
     assert main(["feedback", "list", "--storage", str(storage)]) == 0
     table = capsys.readouterr().out
     assert "Effusion" in table and "private words" not in table  # notes only in JSON
-    assert main(["feedback", "list", "--storage", str(storage), "--study", "1..2"]) == 2
-    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        main(["feedback", "list", "--storage", str(storage), "--study", "1..2"])
+    assert exc.value.code == 2
+    assert "argument --study: '1..2' is not a valid DICOM UID" in capsys.readouterr().err
     out = tmp_path / "export"
     assert main(["feedback", "export", "--storage", str(storage), "--out", str(out)]) == 0
     assert "wrote 0 images of 0 studies (0 patients, 1 images skipped)" in capsys.readouterr().out

@@ -64,6 +64,15 @@ def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, s
     return code, captured.out, captured.err
 
 
+def usage_error(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    """An argument refused by its argparse type: argparse's exit 2 and its message."""
+    with pytest.raises(SystemExit) as exc:
+        main(["worklist", *args])
+    code = exc.value.code
+    assert isinstance(code, int)
+    return code, capsys.readouterr().err
+
+
 def test_json_rows_in_priority_order(storage: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = run_cli(["--storage", str(storage), "--format", "json"], capsys)
     assert code == 0
@@ -113,8 +122,8 @@ def test_study_detail(storage: Path, capsys: pytest.CaptureFixture[str]) -> None
     assert detail["images"][0]["eligible"] is True
     code, _, err = run_cli(["--storage", str(storage), "--study", f"{ROOT}.1.99"], capsys)
     assert code == 1 and "not found" in err
-    code, _, err = run_cli(["--storage", str(storage), "--study", "1.02"], capsys)
-    assert code == 2 and "not a valid DICOM UID" in err
+    code, err = usage_error(["--storage", str(storage), "--study", "1.02"], capsys)
+    assert code == 2 and "argument --study: '1.02' is not a valid DICOM UID" in err
 
 
 def test_config_file_and_db_flag(
@@ -155,9 +164,9 @@ def test_clear_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
     assert code == 2 and "not valid TOML" in err
     code, _, err = run_cli(["--db", "not-a-url"], capsys)
     assert code == 2 and "db" in err
-    code, _, err = run_cli(["--storage", str(tmp_path), "--min-priority", "high"], capsys)
+    code, err = usage_error(["--storage", str(tmp_path), "--min-priority", "high"], capsys)
     assert code == 2 and "--min-priority" in err
-    code, _, err = run_cli(["--storage", str(tmp_path), "--limit", "0"], capsys)
+    code, err = usage_error(["--storage", str(tmp_path), "--limit", "0"], capsys)
     assert code == 2 and "--limit" in err
     empty_db = tmp_path / "no-tables.sqlite3"
     empty_db.touch()

@@ -107,26 +107,16 @@ def wait_port(port: int, timeout: float) -> bool:
 
 
 _LAUNCHER = """
-import argparse, importlib, sys
+import sys
 from dicom_node import cli
-parser = argparse.ArgumentParser(prog="triage")
-parser.add_argument("-v", "--verbose", action="count", default=0)
-sub = parser.add_subparsers(dest="command", required=True)
-for name in ("serve", "worker"):
-    module = cli.SUBCOMMANDS[name][0]
-    sp = sub.add_parser(name)
-    importlib.import_module(module).add_arguments(sp)
-    sp.set_defaults(_module=module)
-args = parser.parse_args()
-cli.configure_logging(args.verbose)
-sys.exit(importlib.import_module(args._module).run(args))
+sys.exit(cli.main())
 """
 
 
 @functools.lru_cache(maxsize=1)
 def triage_command() -> tuple[str, ...]:
-    """``.venv/bin/triage``, or (while other subcommands of the CLI are still missing in this
-    working tree) the same dispatcher restricted to ``serve`` and ``worker``."""
+    """``.venv/bin/triage``, or (in a working tree without it, e.g. a git worktree) the same
+    console script, :func:`dicom_node.cli.main`, run by this interpreter."""
     try:
         probe = subprocess.run(
             [str(TRIAGE), "--version"], capture_output=True, text=True, timeout=120, check=False

@@ -179,8 +179,6 @@ def test_tls_options_and_banner_url(tmp_path: Path) -> None:
 def test_views_helpers() -> None:
     assert views.duration(42) == "42 s" and views.duration(3 * 3600 + 300) == "3 h 05"
     assert views.short_time("2026-11-30T01:10:51.253925Z") == "2026-11-30 01:10:51Z"
-    state = views.DeliveryState("PACS@h:1", 1, 1, 0, 3, "")
-    assert state.state == "pending" and state.total == 2
 
 
 def test_real_server_with_token(wl: Worklist, tmp_path: Path) -> None:
@@ -210,11 +208,32 @@ def test_real_server_with_token(wl: Worklist, tmp_path: Path) -> None:
         thread.join(10)
 
 
+def test_delivery_states_query(wl: Worklist) -> None:
+    """The one delivery-state query the pages and ``triage worklist`` share."""
+    sent = wl.deliveries.add(study(3), f"{ROOT}.9.3", "/outbox/sr.dcm", "PACS@h:1")
+    wl.deliveries.add(study(3), f"{ROOT}.9.4", "/outbox/sc.dcm", "PACS@h:1")
+    wl.deliveries.mark_sent(sent)
+    states = wl.queries.delivery_states([study(2), study(3), study(4)])
+    assert set(states) == {study(2), study(3)}  # none for a study without deliveries
+    (pending,) = states[study(3)]
+    assert pending["state"] == "pending" and pending["total"] == 2 and pending["sent"] == 1
+    pacs, viewer = states[study(2)]  # sorted by destination
+    assert (pacs["destination"], pacs["state"], pacs["sent"], pacs["failed"]) == (
+        "PACS@127.0.0.1:104",
+        "failed",
+        1,
+        1,
+    )
+    assert pacs["last_error"] == "association rejected" and pacs["total"] == 2
+    assert (viewer["state"], viewer["pending"], viewer["total"]) == ("pending", 1, 1)
+    assert wl.queries.delivery_states([]) == {}
+
+
 def test_cli_table_shows_delivery_state(wl: Worklist) -> None:
     from dicom_node.commands.worklist import format_table
 
     rows = wl.queries.list_worklist(limit=100)
-    table = format_table(rows, views.delivery_states(wl, [r["study_uid"] for r in rows]))
+    table = format_table(rows, wl.queries.delivery_states([r["study_uid"] for r in rows]))
     line = next(x for x in table.splitlines() if study(2) in x)
     assert "PACS:1/2!" in line and "VIEWER:0/1~" in line
     assert table.splitlines()[-1].startswith("Legend: ")

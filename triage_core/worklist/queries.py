@@ -355,6 +355,50 @@ class WorklistQueries:
             for x in conn.execute(select(d).where(d.c.study_uid == study_uid).order_by(d.c.id))
         ]
 
+    def delivery_states(self, study_uids: Sequence[str]) -> dict[str, list[dict[str, Any]]]:
+        """Per study, per destination (sorted): its objects by delivery status.
+
+        Each entry has ``destination``, ``sent``, ``pending``, ``failed``, ``total``, ``state``
+        (``failed`` if any failed, else ``pending`` if any pending, else ``sent``), ``attempts``
+        (the most of any object) and ``last_error`` (of an object not sent, or ``""``). One
+        grouped SELECT, for the CLI table and the web pages.
+        """
+        if not study_uids:
+            return {}
+        d = self._db.tables.deliveries
+        acc: dict[tuple[str, str], dict[str, Any]] = {}
+        with self._db.read() as conn:
+            rows = conn.execute(
+                select(
+                    d.c.study_uid,
+                    d.c.destination,
+                    d.c.status,
+                    func.count(),
+                    func.max(d.c.attempts),
+                    func.max(d.c.last_error),
+                )
+                .where(d.c.study_uid.in_(list(study_uids)))
+                .group_by(d.c.study_uid, d.c.destination, d.c.status)
+            )
+            for study, dest, status, count, attempts, error in rows:
+                entry = acc.setdefault(
+                    (study, dest),
+                    {"sent": 0, "pending": 0, "failed": 0, "attempts": 0, "last_error": ""},
+                )
+                if status in ("sent", "pending", "failed"):
+                    entry[status] += int(count)
+                entry["attempts"] = max(entry["attempts"], int(attempts or 0))
+                if status != "sent" and error:
+                    entry["last_error"] = str(error)
+        out: dict[str, list[dict[str, Any]]] = {}
+        for (study, dest), e in sorted(acc.items()):
+            state = "failed" if e["failed"] else "pending" if e["pending"] else "sent"
+            total = e["sent"] + e["pending"] + e["failed"]
+            out.setdefault(study, []).append(
+                {"destination": dest, **e, "total": total, "state": state}
+            )
+        return out
+
     def instance_files(
         self,
         study_uid: str | None = None,
