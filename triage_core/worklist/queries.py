@@ -24,6 +24,7 @@ from triage_core.worklist.records import (
     iso,
     timestamp,
 )
+from triage_core.worklist.schema import Tables
 
 logger = logging.getLogger(__name__)
 
@@ -109,6 +110,53 @@ def _image_dict(sop_uid: str, inst: Any, res: Any) -> dict[str, Any]:
             error=res.error,
         )
     return img
+
+
+def _study_findings(conn: Connection, tables: Tables, study_uid: str) -> dict[str, Any]:
+    """The ``findings`` of :meth:`WorklistQueries.study_detail`."""
+    r = tables.results
+    return {
+        fr.finding: {
+            "probability": float(fr.probability),
+            "present": bool(fr.present),
+            "threshold": float(fr.threshold),
+            "source_uid": fr.source_uid,
+        }
+        for fr in conn.execute(select(r).where(r.c.study_uid == study_uid).order_by(r.c.id))
+    }
+
+
+def _study_images(conn: Connection, tables: Tables, study_uid: str) -> list[dict[str, Any]]:
+    """The ``images`` of :meth:`WorklistQueries.study_detail`."""
+    i, ir = tables.instances, tables.image_results
+    per_image = {x.uid: x for x in conn.execute(select(ir).where(ir.c.study_uid == study_uid))}
+    images = [
+        _image_dict(inst.sop_uid, inst, per_image.pop(inst.sop_uid, None))
+        for inst in conn.execute(
+            select(i).where(i.c.study_uid == study_uid).order_by(i.c.received_at, i.c.sop_uid)
+        )
+    ]
+    # results keyed by something other than a received SOP UID
+    images.extend(_image_dict(uid, None, res) for uid, res in per_image.items())
+    return images
+
+
+def _study_deliveries(conn: Connection, tables: Tables, study_uid: str) -> list[dict[str, Any]]:
+    """The ``deliveries`` of :meth:`WorklistQueries.study_detail`."""
+    d = tables.deliveries
+    return [
+        {
+            "id": int(x.id),
+            "sop_uid": x.sop_uid,
+            "destination": x.destination,
+            "status": x.status,
+            "attempts": int(x.attempts),
+            "next_attempt_at": iso(x.next_attempt_at),
+            "last_error": x.last_error,
+            "sent_at": iso(x.sent_at),
+        }
+        for x in conn.execute(select(d).where(d.c.study_uid == study_uid).order_by(d.c.id))
+    ]
 
 
 class WorklistQueries:
@@ -303,9 +351,10 @@ class WorklistQueries:
                     waited = max(0.0, timestamp(now) - float(row.received_at))
                     eff = float(age_fn(eff, waited))
             out = self._row_dicts(conn, [row], {study_uid: eff})[0]
-            out["findings"] = self._findings(conn, study_uid)
-            out["images"] = self._images(conn, study_uid)
-            out["deliveries"] = self._deliveries(conn, study_uid)
+            tables = self._db.tables
+            out["findings"] = _study_findings(conn, tables, study_uid)
+            out["images"] = _study_images(conn, tables, study_uid)
+            out["deliveries"] = _study_deliveries(conn, tables, study_uid)
         out["timings"] = json.loads(row.timings or "{}")
         out["attempts"] = int(row.attempts)
         out["lease_owner"] = row.lease_owner
@@ -313,47 +362,6 @@ class WorklistQueries:
         out["queued_at"] = iso(row.queued_at)
         out["completed_at"] = iso(row.completed_at)
         return out
-
-    def _findings(self, conn: Connection, study_uid: str) -> dict[str, Any]:
-        r = self._db.tables.results
-        return {
-            fr.finding: {
-                "probability": float(fr.probability),
-                "present": bool(fr.present),
-                "threshold": float(fr.threshold),
-                "source_uid": fr.source_uid,
-            }
-            for fr in conn.execute(select(r).where(r.c.study_uid == study_uid).order_by(r.c.id))
-        }
-
-    def _images(self, conn: Connection, study_uid: str) -> list[dict[str, Any]]:
-        i, ir = self._db.tables.instances, self._db.tables.image_results
-        per_image = {x.uid: x for x in conn.execute(select(ir).where(ir.c.study_uid == study_uid))}
-        images = [
-            _image_dict(inst.sop_uid, inst, per_image.pop(inst.sop_uid, None))
-            for inst in conn.execute(
-                select(i).where(i.c.study_uid == study_uid).order_by(i.c.received_at, i.c.sop_uid)
-            )
-        ]
-        # results keyed by something other than a received SOP UID
-        images.extend(_image_dict(uid, None, res) for uid, res in per_image.items())
-        return images
-
-    def _deliveries(self, conn: Connection, study_uid: str) -> list[dict[str, Any]]:
-        d = self._db.tables.deliveries
-        return [
-            {
-                "id": int(x.id),
-                "sop_uid": x.sop_uid,
-                "destination": x.destination,
-                "status": x.status,
-                "attempts": int(x.attempts),
-                "next_attempt_at": iso(x.next_attempt_at),
-                "last_error": x.last_error,
-                "sent_at": iso(x.sent_at),
-            }
-            for x in conn.execute(select(d).where(d.c.study_uid == study_uid).order_by(d.c.id))
-        ]
 
     def delivery_states(self, study_uids: Sequence[str]) -> dict[str, list[dict[str, Any]]]:
         """Per study, per destination (sorted): its objects by delivery status.
