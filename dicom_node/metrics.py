@@ -90,8 +90,8 @@ class _WorklistCollector:
     def collect(self) -> Iterator[Metric]:
         up, studies, depth, deliveries = self._families()
         try:
-            counts = self._worklist.counts_by_status()
-            delivery_counts = self._worklist.delivery_counts_by_status()
+            counts = self._worklist.queries.counts_by_status()
+            delivery_counts = self._worklist.queries.delivery_counts_by_status()
         except WorklistError as exc:
             logger.warning("metrics: worklist unavailable: %s", exc)
             up.add_metric([], 0.0)

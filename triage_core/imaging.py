@@ -133,6 +133,19 @@ def _looks_like_raster(path: Path) -> bool:
     return head.startswith(_PNG_MAGIC) or head.startswith(_JPEG_MAGIC)
 
 
+def is_raster(path: str | Path) -> bool:
+    """Whether ``path`` is a PNG/JPEG rather than DICOM: by its suffix
+    (:data:`RASTER_SUFFIXES`) or, without one, by its first bytes (``False`` when it cannot be
+    opened: reading it as DICOM then reports why)."""
+    path = Path(path)
+    if path.suffix.lower() in RASTER_SUFFIXES:
+        return True
+    try:
+        return _looks_like_raster(path)
+    except OSError:
+        return False
+
+
 def read_dataset(path: str | Path, stop_before_pixels: bool = False) -> Dataset:
     """Read a DICOM file, including legacy files without preamble or file meta header.
 
@@ -263,14 +276,25 @@ def load_image(source: str | Path | Dataset) -> np.ndarray:
     if not path.is_file():
         raise ImageReadError(str(path), "no such file")
     if path.suffix.lower() in RASTER_SUFFIXES or _looks_like_raster(path):
-        return _load_raster(path)
+        return load_raster(path)
     ds = read_dataset(path)
     return _dicom_to_image(ds, str(path))
 
 
-def _load_raster(path: Path) -> np.ndarray:
+def load_raster(path: str | Path) -> np.ndarray:
+    """Decode a PNG/JPEG (an export: already windowed, see the module docstring) to a float32
+    ``H x W`` image in [0, 1]; 16-bit grey is scaled by 65535, colour is converted to grey.
+
+    Raises
+    ------
+    ImageReadError
+        (or a subclass) naming the file and the cause.
+    """
     from PIL import Image, UnidentifiedImageError
 
+    path = Path(path)
+    if not path.is_file():
+        raise ImageReadError(str(path), "no such file")
     try:
         with Image.open(path) as img:
             img.load()

@@ -79,7 +79,7 @@ def score_study(findings: Sequence[Finding], spec: ModelSpec) -> tuple[float, st
     Parameters
     ----------
     findings : sequence of Finding
-        Study-level findings (``inference.aggregate_study``); each ``name`` must be one of
+        Study-level findings (``aggregation.aggregate_study``); each ``name`` must be one of
         ``spec.class_names``. The finding's own ``threshold`` is used.
     spec : ModelSpec
         Supplies the per-class ``priority_weights``.

@@ -6,7 +6,7 @@ and checked there against torch. The graph (fp32, opset :data:`OPSET`, dynamic b
 ``(N, 3, S, S)`` input of :func:`triage_core.imaging.to_array` and has two outputs:
 
 ``logits``
-    ``(N, C)``, before temperature scaling (calibration stays in :mod:`triage_core.inference`);
+    ``(N, C)``, before temperature scaling (calibration is :mod:`triage_core.calibration`);
 ``features``
     ``(N, K, h, w)``, the last convolutional feature map (the Grad-CAM target layer of
     :func:`triage_core.models.cam_target_layers`): the out-of-distribution score pools it, and
@@ -30,17 +30,20 @@ import hashlib
 import json
 import logging
 import threading
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
 from triage_core.errors import CheckpointError, SpecMismatchError
-from triage_core.spec import ModelSpec
+from triage_core.spec import CLASS_NAMES, ModelSpec
 
 if TYPE_CHECKING:
     import onnxruntime
+
+    from triage_core.cam import FeatureCam
 
 logger = logging.getLogger(__name__)
 
@@ -240,6 +243,11 @@ class OnnxModel:
         Missing graph, or metadata that disagrees with the spec or the weights.
     """
 
+    #: What :class:`~triage_core.inference.Predictor` reports for this runtime.
+    runtime = "onnxruntime"
+    mode = "onnxruntime"
+    device = "cpu"
+
     def __init__(self, checkpoint: Path, spec: ModelSpec, options: SessionOptions) -> None:
         self.path = onnx_path(checkpoint)
         self.spec = spec
@@ -261,6 +269,41 @@ class OnnxModel:
             raise SpecMismatchError(
                 "onnx", f"{self.path}: expected input {INPUT_NAME!r} and outputs {OUTPUT_NAMES}"
             )
+
+    @classmethod
+    def load(
+        cls, checkpoint: Path, session: SessionOptions | None = None, threads: int | None = None
+    ) -> OnnxModel:
+        """The serving graph of checkpoint ``NAME``, with the spec read from ``NAME.json``.
+
+        Parameters
+        ----------
+        checkpoint : Path
+            Checkpoint name.
+        session : SessionOptions, optional
+            Session settings (default: :class:`SessionOptions` defaults).
+        threads : int, optional
+            Intra-op threads when ``session`` leaves them unset.
+
+        Raises
+        ------
+        CheckpointError, SpecMismatchError
+            Missing or invalid checkpoint, classes other than :data:`~triage_core.spec.CLASS_NAMES`
+            (as ``models.load_checkpoint`` refuses them), or a stale graph.
+        """
+        from triage_core import models
+
+        spec = models.read_spec(checkpoint)
+        if spec.class_names != CLASS_NAMES:
+            raise SpecMismatchError(
+                "class_names", f"checkpoint has {list(spec.class_names)}, expected {CLASS_NAMES}"
+            )
+        options = session or SessionOptions()
+        if options.threads is None and threads is not None:
+            options = replace(options, threads=threads)
+        model = cls(checkpoint, spec, options)
+        logger.info("loaded model %s from %s (ONNX Runtime)", spec.display_name, model.path)
+        return model
 
     def _check(self, meta: dict[str, str], checkpoint: Path) -> None:
         spec, path = self.spec, self.path
@@ -293,6 +336,22 @@ class OnnxModel:
         x = np.ascontiguousarray(batch, dtype=np.float32)
         logits, features = self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: x})
         return np.asarray(logits, dtype=np.float32), np.asarray(features, dtype=np.float32)
+
+    def forward(self, batch: np.ndarray, with_features: bool) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`run` (the features come from the same pass whether asked for or not)."""
+        return self.run(batch)
+
+    def ood_features(self, batch: np.ndarray) -> np.ndarray:
+        """The feature map ``(N, K, h, w)`` for the out-of-distribution score."""
+        return self.run(batch)[1]
+
+    def explainer(self, features_of: Callable[[np.ndarray], np.ndarray | None]) -> FeatureCam:
+        """Class activation maps from the feature map and the head weights of the metadata
+        (numpy only); ``features_of`` runs the graph for an image whose features were not
+        kept."""
+        from triage_core.cam import FeatureCam
+
+        return FeatureCam(self.spec, self.head_weight, features_of)
 
     def describe(self) -> dict[str, Any]:
         """Identity for logs."""

@@ -18,8 +18,14 @@ eligible input gets a Grad-CAM overlay PNG of its top finding (``DIR/<name>_cam_
 at the source resolution), named in the object's ``cam`` field. ``--format table`` prints the
 same in aligned columns.
 
+The inputs go through :func:`triage_core.pipeline.triage_studies`, the chain the node's workers
+run (eligibility, preprocessing, prediction, OOD score, aggregation, priority, CAM), with the
+``auto`` input kind (a PNG/JPEG by suffix or content, anything else DICOM): this command only
+expands paths and formats the results.
+
 Exit status: 0 when at least one input could be read, 1 when none could, 2 on a usage or model
-problem (no ``--model`` and no default model shipped, or an invalid checkpoint).
+problem (no ``--model`` and no default model shipped, or an invalid checkpoint); errors are
+raised as :class:`~triage_core.errors.CommandError`.
 """
 
 from __future__ import annotations
@@ -28,15 +34,30 @@ import argparse
 import json
 import logging
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
+
+from triage_core.errors import CommandError
 
 if TYPE_CHECKING:
     import numpy as np
 
     from triage_core.inference import Predictor
+    from triage_core.pipeline import StudyOutput
 
 logger = logging.getLogger(__name__)
+
+
+def _positive_int(text: str) -> int:
+    """``type=`` of the count options: a positive integer."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -65,8 +86,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="auto",
         help="torch inference path: auto, eager, channels_last, bf16, compile, compile_bf16",
     )
-    parser.add_argument("--threads", type=int, help="CPU threads (default: the runtime's)")
-    parser.add_argument("--batch-size", type=int, default=16, help="images per forward pass")
+    parser.add_argument(
+        "--threads", type=_positive_int, help="CPU threads (default: the runtime's)"
+    )
+    parser.add_argument(
+        "--batch-size", type=_positive_int, default=16, help="images per forward pass"
+    )
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
 
 
@@ -92,112 +117,88 @@ def _cam_name(cam_dir: Path, path: Path, finding: str, taken: set[str]) -> Path:
     return cam_dir / name
 
 
-def _load(path: Path) -> tuple[dict[str, Any], np.ndarray | None]:
-    """Read one input: its record so far and, when eligible, its image."""
-    from triage_core.errors import ImageReadError, NotDicomError
-    from triage_core.imaging import (
-        RASTER_SUFFIXES,
-        check_eligibility,
-        load_image,
-        read_dataset,
-    )
+def _open_predictor(args: argparse.Namespace) -> Predictor:
+    """The model of ``--model`` (or the shipped one) in the chosen runtime."""
+    from triage_core.errors import CheckpointError
+    from triage_core.inference import Predictor
 
-    record: dict[str, Any] = {"path": str(path), "eligible": False, "reason": ""}
     try:
-        if path.suffix.lower() in RASTER_SUFFIXES:
-            return {**record, "eligible": True}, load_image(path)
-        try:
-            ds = read_dataset(path)
-        except NotDicomError:
-            # maybe a PNG/JPEG without the usual suffix; load_image sniffs the content
-            image = load_image(path)
-            return {**record, "eligible": True}, image
-        ok, reason = check_eligibility(ds)
-        if not ok:
-            return {**record, "reason": reason}, None
-        return {**record, "eligible": True}, load_image(ds)
-    except ImageReadError as exc:
-        return {**record, "reason": "unreadable", "error": str(exc)}, None
-    except (ValueError, TypeError, AttributeError, KeyError, IndexError, OverflowError) as exc:
-        # a malformed value that slipped past imaging's checks: report it, go on with the rest
-        logger.warning("%s: malformed input: %s", path, exc)
-        return {**record, "reason": "malformed", "error": f"{path}: {exc}"}, None
+        if args.model is None:
+            from triage_core.models import default_checkpoint_path
+
+            checkpoint = default_checkpoint_path()
+            logger.info("using the default model %s", checkpoint)
+        else:
+            checkpoint = Path(args.model)
+        return Predictor(
+            checkpoint,
+            device=args.device,
+            threads=args.threads,
+            batch_size=args.batch_size,
+            mode=args.mode,
+            runtime=args.runtime,
+        )
+    except CheckpointError as exc:
+        no_default = args.model is None and "no default model" in str(exc)
+        hint = " (--model CKPT is required until a default model ships)" if no_default else ""
+        raise CommandError(f"{exc}{hint}", 2) from exc
+    except ValueError as exc:
+        raise CommandError(str(exc), 2) from exc
 
 
-def _predict(
-    records: list[dict[str, Any]],
-    images: list[np.ndarray | None],
-    predictor: Predictor,
-    cam_dir: Path | None,
-    taken: set[str],
-) -> None:
-    """Fill probabilities, findings, priority (and CAM files) into ``records`` in place."""
-    from triage_core.errors import TriageError
-    from triage_core.inference import aggregate_study
-    from triage_core.priority import score_study
-    from triage_core.spec import ImageResult
+def _record(
+    path: Path, output: StudyOutput, model: dict[str, str], cam_dir: Path | None, taken: set[str]
+) -> dict[str, Any]:
+    """The JSON object of one input (a one-image study), writing its overlay PNG."""
+    result = output.result
+    (image,) = result.images
+    record: dict[str, Any] = {"path": str(path), "eligible": image.eligible, "reason": image.reason}
+    if image.error:  # the pipeline keeps paths out of its errors; here the operator named it
+        record["error"] = f"{path}: {image.error}"
+    record.update(probabilities={}, findings=[], priority_score=None, priority_level=None)
+    record["model"] = model
+    if not result.findings:
+        return record
+    # out-of-distribution score (None: the model has no reference); above the threshold the
+    # image is unlike the training images and its probabilities are not to be trusted
+    record["ood_score"] = None if image.ood_score is None else round(image.ood_score, 3)
+    record["low_confidence"] = image.low_confidence
+    record["probabilities"] = {n: round(p, 4) for n, p in image.probabilities.items()}
+    record["findings"] = [f.name for f in result.findings if f.present]
+    record["priority_score"] = result.priority_score
+    record["priority_level"] = result.priority_level
+    if cam_dir is None:
+        return record
+    top = result.top_finding
+    assert top is not None  # there are findings
+    if output.cam_overlay is None:
+        record["cam_error"] = output.cam_error or "no overlay"
+        return record
+    target = _cam_name(cam_dir, path, top.name, taken)
+    try:
+        _write_png(output.cam_overlay, target)
+    except OSError as exc:
+        record["cam_error"] = str(exc)
+        logger.error("%s: no Grad-CAM overlay: %s", path, exc)
+    else:
+        record["cam"] = str(target)
+    return record
+
+
+def _triage(
+    paths: Sequence[Path], predictor: Predictor, cam_dir: Path | None, taken: set[str]
+) -> list[dict[str, Any]]:
+    """One chunk of inputs, each a one-image study, in one forward pass."""
+    from triage_core.pipeline import triage_studies
 
     spec = predictor.spec
     model = {"name": spec.name or spec.arch, "version": spec.version}
-    todo = [i for i, image in enumerate(images) if image is not None]
-    probs, scores = _probabilities_and_ood([im for im in images if im is not None], predictor)
-    rows = dict(zip(todo, probs, strict=True))
-    ood = dict(zip(todo, scores, strict=True)) if scores is not None else {}
-    limit = spec.ood.get("threshold") if spec.ood else None
-    for i, record in enumerate(records):
-        record.setdefault("probabilities", {})
-        record.setdefault("findings", [])
-        record.setdefault("priority_score", None)
-        record.setdefault("priority_level", None)
-        record["model"] = model
-        if i not in rows:
-            continue
-        # out-of-distribution score (None: the model has no reference); above the threshold
-        # the image is unlike the training images and its probabilities are not to be trusted
-        record["ood_score"] = round(float(ood[i]), 3) if i in ood else None
-        record["low_confidence"] = bool(i in ood and limit is not None and ood[i] > limit)
-        probabilities = {n: float(p) for n, p in zip(spec.class_names, rows[i], strict=True)}
-        findings = aggregate_study(
-            [ImageResult(uid=record["path"], eligible=True, probabilities=probabilities)], spec
-        )
-        score, level = score_study(findings, spec)
-        record["probabilities"] = {n: round(p, 4) for n, p in probabilities.items()}
-        record["findings"] = [f.name for f in findings if f.present]
-        record["priority_score"] = score
-        record["priority_level"] = level
-        if cam_dir is not None:
-            image = images[i]
-            assert image is not None
-            top = max(findings, key=lambda f: f.probability)
-            target = _cam_name(cam_dir, Path(record["path"]), top.name, taken)
-            try:
-                cam = predictor.explainer().explain(image, spec.class_names.index(top.name))
-                _write_png(cam.overlay, target)
-            except (TriageError, OSError) as exc:
-                record["cam_error"] = str(exc)
-                logger.error("%s: no Grad-CAM overlay: %s", record["path"], exc)
-            else:
-                record["cam"] = str(target)
-
-
-def _probabilities_and_ood(
-    images: list[np.ndarray], predictor: Predictor
-) -> tuple[np.ndarray, np.ndarray | None]:
-    """Calibrated probabilities and OOD scores (``None`` without a reference), one pass."""
-    import numpy as np
-
-    from triage_core import ood
-    from triage_core.imaging import to_array
-
-    if not images:
-        return np.zeros((0, predictor.spec.num_classes), dtype=np.float32), None
-    batch = np.stack([to_array(image, predictor.spec) for image in images])
-    probs, features = predictor.predict_with_features(batch)
-    if not predictor.spec.ood:
-        return probs, None
-    if features is not None:
-        return probs, ood.scores_from_features(predictor.spec, features)
-    return probs, predictor.ood_scores(batch)
+    studies = [(str(path), [(str(path), path)]) for path in paths]
+    outputs = triage_studies(studies, predictor, with_cam=cam_dir is not None, kind="auto")
+    return [
+        _record(path, output, model, cam_dir, taken)
+        for path, output in zip(paths, outputs, strict=True)
+    ]
 
 
 def _write_png(overlay: np.ndarray, target: Path) -> None:
@@ -239,50 +240,21 @@ def _print_table(records: list[dict[str, Any]], out: TextIO) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run ``triage predict``; returns the exit status."""
-    from triage_core.errors import CheckpointError
-    from triage_core.inference import Predictor
-
+    """Run ``triage predict``; returns the exit status (errors raise ``CommandError``)."""
+    predictor = _open_predictor(args)
     cam_dir = Path(args.cam_dir) if args.cam_dir else None
-    try:
-        if args.model is None:
-            from triage_core.models import default_checkpoint_path
-
-            checkpoint = default_checkpoint_path()
-            logger.info("using the default model %s", checkpoint)
-        else:
-            checkpoint = Path(args.model)
-        predictor = Predictor(
-            checkpoint,
-            device=args.device,
-            threads=args.threads,
-            batch_size=args.batch_size,
-            mode=args.mode,
-            runtime=args.runtime,
-        )
-    except CheckpointError as exc:
-        no_default = args.model is None and "no default model" in str(exc)
-        hint = " (--model CKPT is required until a default model ships)" if no_default else ""
-        print(f"triage predict: {exc}{hint}", file=sys.stderr)
-        return 2
-    except ValueError as exc:
-        print(f"triage predict: {exc}", file=sys.stderr)
-        return 2
     if cam_dir is not None:
         try:
             cam_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            print(f"triage predict: cannot create --cam-dir {cam_dir}: {exc}", file=sys.stderr)
-            return 2
+            raise CommandError(f"cannot create --cam-dir {cam_dir}: {exc}", 2) from exc
 
     paths = _expand(args.paths)
     records: list[dict[str, Any]] = []
     taken: set[str] = set()
     # a chunk at a time: full-resolution images are large, and JSON lines stream out
     for start in range(0, len(paths), args.batch_size):
-        loaded = [_load(path) for path in paths[start : start + args.batch_size]]
-        chunk = [record for record, _ in loaded]
-        _predict(chunk, [image for _, image in loaded], predictor, cam_dir, taken)
+        chunk = _triage(paths[start : start + args.batch_size], predictor, cam_dir, taken)
         records.extend(chunk)
         if args.format == "json":
             for record in chunk:
@@ -291,8 +263,6 @@ def run(args: argparse.Namespace) -> int:
     if args.format == "table":
         _print_table(records, sys.stdout)
         sys.stdout.flush()
-    readable = sum(1 for r in records if "error" not in r)
-    if readable == 0:
-        print("triage predict: no input could be read", file=sys.stderr)
-        return 1
+    if not any("error" not in r for r in records):
+        raise CommandError("no input could be read", 1)
     return 0

@@ -10,7 +10,7 @@ What a crash (SIGKILL, power cut) can leave in the storage folder, and what is d
   checkpoint), or an instance renamed into place whose commit never happened (not
   acknowledged; recording it is harmless). The spool files are fsynced before any answer, so
   they are the truth: every file whose path is ``spool/<study>/<series>/<sop>.dcm`` with valid
-  UIDs and no row gets one (:meth:`~triage_core.worklist.Worklist.record_instances` skips the
+  UIDs and no row gets one (:meth:`~triage_core.worklist.ingest.Ingest.record_instances` skips the
   known ones in one query per batch).
 
 There is no clean-shutdown marker and no journal to replay: the same routine runs after a clean
@@ -83,7 +83,7 @@ def _with_header(records: list[InstanceRecord], worklist: Worklist, salt: str) -
     import pydicom
     from pydicom.errors import InvalidDicomError
 
-    known = worklist.known_instances([r.sop_uid for r in records])
+    known = worklist.ingest.known_instances([r.sop_uid for r in records])
     out = []
     for record in (r for r in records if r.sop_uid not in known):
         try:
@@ -142,10 +142,12 @@ def recover_storage(
                     continue
                 records.append(InstanceRecord(uids[0], uids[2], path, series_uid=uids[1]))
                 if len(records) >= batch:
-                    added += sum(worklist.record_instances(_with_header(records, worklist, salt)))
+                    added += sum(
+                        worklist.ingest.record_instances(_with_header(records, worklist, salt))
+                    )
                     records = []
     if records:
-        added += sum(worklist.record_instances(_with_header(records, worklist, salt)))
+        added += sum(worklist.ingest.record_instances(_with_header(records, worklist, salt)))
     found = Recovered(partials, temporaries, added, time.perf_counter() - started)
     log = logger.warning if (partials or temporaries or added) else logger.info
     log(

@@ -235,7 +235,7 @@ def make_record_many(worklist: Worklist, salt: str = "") -> RecordMany:
     from triage_core.worklist import InstanceRecord
 
     def record_many(items: list[Pending]) -> list[bool]:
-        return worklist.record_instances(
+        return worklist.ingest.record_instances(
             [
                 InstanceRecord(
                     info.study_uid,

@@ -89,7 +89,7 @@ class Delivery(WokenThread):
     def deliver_due(self) -> int:
         """Send the due deliveries, one association per destination; returns objects sent."""
         try:
-            rows = self.worklist.claim_due_deliveries(
+            rows = self.worklist.deliveries.claim_due(
                 lease_seconds=max(60.0, self.settings.network_timeout * 2), limit=BATCH
             )
         except WorklistError as exc:
@@ -140,7 +140,7 @@ class Delivery(WokenThread):
             self._mark_failed(row, res.message, permanent=is_permanent(res.status))
             return False
         try:
-            self.worklist.mark_delivery_sent(row.id)
+            self.worklist.deliveries.mark_sent(row.id)
         except WorklistError as exc:
             logger.error("delivery %d sent but not recorded: %s", row.id, exc)
             return False
@@ -152,6 +152,6 @@ class Delivery(WokenThread):
         if self.metrics is not None:
             self.metrics.deliveries_failed.inc()
         try:
-            self.worklist.mark_delivery_failed(row.id, error, permanent=permanent)
+            self.worklist.deliveries.mark_failed(row.id, error, permanent=permanent)
         except WorklistError as exc:
             logger.error("delivery %d: failure not recorded: %s", row.id, exc)

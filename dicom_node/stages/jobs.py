@@ -110,7 +110,7 @@ def queue_stable(settings: NodeSettings, worklist: Worklist) -> list[str] | None
     """Queue studies without new instances for ``stable_age`` seconds (the commit wakes the
     workers); log each one's ``queued`` stage. ``None`` when the database failed."""
     try:
-        queued = worklist.queue_stable_studies(settings.stable_age)
+        queued = worklist.queue.queue_stable_studies(settings.stable_age)
     except WorklistError as exc:
         logger.error("stable-study detection failed: %s", exc)
         return None
@@ -123,7 +123,7 @@ def queue_stable(settings: NodeSettings, worklist: Worklist) -> list[str] | None
 def log_received(worklist: Worklist, study_uid: str, stable_age: float) -> None:
     """The ``queued`` stage: instances and how long they took to arrive."""
     try:
-        detail = worklist.study_detail(study_uid) or {}
+        detail = worklist.queries.study_detail(study_uid) or {}
     except WorklistError as exc:
         logger.debug("study %s: no detail for the log: %s", study_uid, exc)
         detail = {}
@@ -148,7 +148,7 @@ def recover_leases(settings: NodeSettings, worklist: Worklist) -> None:
     """Studies whose worker vanished go back to ``queued`` (or ``failed``; the commit wakes the
     workers)."""
     try:
-        recovered = worklist.recover_expired_leases()
+        recovered = worklist.leases.recover_expired_leases()
     except WorklistError as exc:
         logger.error("lease recovery failed: %s", exc)
         return
@@ -169,7 +169,7 @@ def purge(settings: NodeSettings, worklist: Worklist) -> int:
     if not settings.retention_days:
         return 0
     try:
-        paths = worklist.purge(settings.retention_days * 86400.0)
+        paths = worklist.retention.purge(settings.retention_days * 86400.0)
     except WorklistError as exc:
         logger.error("retention purge failed: %s", exc)
         return 0

@@ -40,11 +40,11 @@ logger = logging.getLogger(__name__)
 class LeaseKeeper:
     """One thread that renews the leases of every worker thread of this process.
 
-    Every third of the lease, one statement (:meth:`~triage_core.worklist.Worklist.renew_leases`)
-    extends each lease held by one of ``worker_ids``; a study whose lease expired and was
-    recovered elsewhere is no longer held and is not renewed (its worker learns it when it
-    completes). A process that died stops renewing: its studies go back to the queue after at
-    most one lease.
+    Every third of the lease, one statement
+    (:meth:`~triage_core.worklist.queue.Leases.renew_leases`) extends each lease held by one of
+    ``worker_ids``; a study whose lease expired and was recovered elsewhere is no longer held
+    and is not renewed (its worker learns it when it completes). A process that died stops
+    renewing: its studies go back to the queue after at most one lease.
     """
 
     def __init__(self, worklist: Worklist, worker_ids: list[str], lease_seconds: float) -> None:
@@ -67,7 +67,7 @@ class LeaseKeeper:
     def renew_all(self) -> list[str]:
         """Renew every lease of this process now; returns the studies renewed."""
         try:
-            return self._worklist.renew_leases(self.worker_ids, self._lease)
+            return self._worklist.leases.renew_leases(self.worker_ids, self._lease)
         except WorklistError as exc:
             logger.warning("lease renewal failed: %s", exc)
             return []
@@ -218,7 +218,7 @@ class Processing:
         waiter = self.wakeups.study_waiter()  # a study queued during the claim wakes it too
         while not self._stop.is_set():
             try:
-                claimed = self.worklist.claim_study(worker_id, self.settings.lease_seconds)
+                claimed = self.worklist.queue.claim_study(worker_id, self.settings.lease_seconds)
             except WorklistError as exc:
                 logger.error("%s: claim failed: %s", worker_id, exc)
                 self._stop.wait(1.0)

@@ -133,7 +133,7 @@ class OutputsRecorder:
         ]
         try:
             # result and deliveries in one transaction: a lost lease leaves no orphan delivery
-            final = self.worklist.complete_study(
+            final = self.worklist.queue.complete_study(
                 study_uid, claimed.worker_id, result, deliveries=deliveries
             )
         except WorklistError as exc:
@@ -165,7 +165,7 @@ class OutputsRecorder:
     ) -> ProcessOutcome:
         """Record that a claimed study failed (``retry``: it goes back to the queue)."""
         try:
-            status = self.worklist.fail_study(
+            status = self.worklist.queue.fail_study(
                 claimed.study_uid, claimed.worker_id, error, retry=retry
             )
         except WorklistError as exc:

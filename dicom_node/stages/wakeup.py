@@ -85,15 +85,15 @@ class Wakeups:
 
     def study_waiter(self) -> Waiter:
         """For a worker thread: woken when a study becomes claimable."""
-        return self.worklist.study_waiter()
+        return self.worklist.queue.waiter()
 
     def delivery_waiter(self) -> Waiter:
         """For the delivery thread: woken when a delivery becomes due now."""
-        return self.worklist.delivery_waiter()
+        return self.worklist.deliveries.waiter()
 
     def instance_waiter(self) -> Waiter:
         """For stable-study detection: woken when this process records an instance."""
-        return self.worklist.instance_waiter()
+        return self.worklist.queue.instance_waiter()
 
     def bounded(self, seconds: float | None) -> float:
         """A wait of ``seconds`` (``None``: nothing expected) within the fallback period."""

@@ -217,7 +217,7 @@ def worklist_router(worklist: Worklist, aging: Any) -> APIRouter:
         ),
         limit: int = Query(50, ge=1, le=MAX_LIMIT),
     ) -> Any:
-        rows = worklist.list_worklist(
+        rows = worklist.queries.list_worklist(
             status=parse_statuses(status),
             min_priority=parse_min_priority(min_priority),
             limit=limit,
@@ -234,7 +234,7 @@ def worklist_router(worklist: Worklist, aging: Any) -> APIRouter:
     def get_study(study_uid: str = Path(description="Study Instance UID")) -> Any:
         if not is_valid_uid(study_uid):
             raise BadQuery(f"{study_uid!r} is not a valid DICOM UID")
-        detail = worklist.study_detail(study_uid, aging=aging)
+        detail = worklist.queries.study_detail(study_uid, aging=aging)
         if detail is None:
             return JSONResponse(status_code=404, content={"detail": f"study {study_uid} not found"})
         return detail

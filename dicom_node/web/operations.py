@@ -127,7 +127,7 @@ def summary(
     since = now - WINDOW_DAYS * 86400.0
     t = worklist.db.tables
     s, r, d = t.studies, t.results, t.deliveries
-    counts = worklist.counts_by_status()
+    counts = worklist.queries.counts_by_status()
     with worklist.db.read() as conn:
         finished = conn.execute(
             select(s.c.completed_at, s.c.timings, s.c.status).where(
@@ -186,7 +186,7 @@ def summary(
         "per_hour": hours,
         "last_hour": hours[-1],
         "last_day": sum(hours),
-        "delivery_counts": worklist.delivery_counts_by_status(),
+        "delivery_counts": worklist.queries.delivery_counts_by_status(),
         "failed": [
             {
                 "study_uid": x.study_uid,

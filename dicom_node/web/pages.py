@@ -107,7 +107,7 @@ def pages_router(
     def worklist_context(request: Request) -> dict[str, Any]:
         flt = _filters(request)
         now = views.now()
-        rows = worklist.list_worklist(
+        rows = worklist.queries.list_worklist(
             status=flt["status"] or None,
             min_priority=flt["level"] or None,
             limit=FETCH_LIMIT,
@@ -122,7 +122,7 @@ def pages_router(
         return {
             "rows": rows,
             "filters": flt,
-            "counts": worklist.counts_by_status(),
+            "counts": worklist.queries.counts_by_status(),
             "since_choices": list(views.SINCE_CHOICES),
             "refresh": REFRESH_SECONDS,
             "destinations": [str(d) for d in settings.destinations],
@@ -140,7 +140,7 @@ def pages_router(
     def study_page(request: Request, study_uid: str) -> Response:
         if not is_valid_uid(study_uid):
             return _not_found(tpl, request, "not a valid Study Instance UID", 422)
-        detail = worklist.study_detail(study_uid, aging=aging)
+        detail = worklist.queries.study_detail(study_uid, aging=aging)
         if detail is None:
             return _not_found(tpl, request, f"study {study_uid} is not in the worklist")
         try:

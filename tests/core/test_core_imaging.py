@@ -13,8 +13,10 @@ import torch
 from triage_core.errors import ImageReadError, NotDicomError, TruncatedFileError
 from triage_core.imaging import (
     check_eligibility,
+    is_raster,
     letterbox_geometry,
     load_image,
+    load_raster,
     read_dataset,
     to_tensor,
     unletterbox,
@@ -176,6 +178,23 @@ def test_renamed_png_is_detected_by_content(cxr14_dir: Path, tmp_path: Path) -> 
     odd = tmp_path / "image.dcm"
     shutil.copyfile(png, odd)  # a temporary copy in tmp_path, removed by pytest
     np.testing.assert_array_equal(load_image(odd), load_image(png))
+
+
+def test_raster_inputs_are_told_from_dicom(
+    cxr14_dir: Path, dicom_dir: Path, tmp_path: Path
+) -> None:
+    """The ``auto`` input kind of the pipeline: suffix first, then the first bytes."""
+    png = sorted((cxr14_dir / "256").glob("*.png"))[0]
+    odd = tmp_path / "image.dcm"
+    shutil.copyfile(png, odd)
+    assert is_raster(png) and is_raster(odd) and is_raster(tmp_path / "absent.PNG")
+    assert not is_raster(sorted(dicom_dir.glob("*.dcm"))[0])
+    assert not is_raster(tmp_path / "absent")  # unopenable: reading it as DICOM says why
+    np.testing.assert_array_equal(load_raster(odd), load_image(png))
+    with pytest.raises(ImageReadError, match="no such file"):
+        load_raster(tmp_path / "absent.png")
+    with pytest.raises(NotDicomError, match="neither DICOM nor"):
+        load_raster(sorted(dicom_dir.glob("*.dcm"))[0])
 
 
 def test_to_tensor_letterbox_and_normalisation() -> None:

@@ -185,9 +185,9 @@ def test_worklist_rows_carry_low_confidence(tmp_path: Path) -> None:
     try:
         for n, (score, flagged) in enumerate(((7.5, True), (0.9, False), (None, False)), 1):
             study, sop = f"1.2.3.{n}", f"1.2.3.{n}.1"
-            wl.record_instance(study, sop, f"/spool/{n}.dcm", now=10.0)
-            wl.queue_stable_studies(1, now=20.0)
-            claimed = wl.claim_study("w", 30, now=21.0)
+            wl.ingest.record_instance(study, sop, f"/spool/{n}.dcm", now=10.0)
+            wl.queue.queue_stable_studies(1, now=20.0)
+            claimed = wl.queue.claim_study("w", 30, now=21.0)
             assert claimed is not None and claimed.study_uid == study
             image = ImageResult(
                 uid=sop,
@@ -204,12 +204,12 @@ def test_worklist_rows_carry_low_confidence(tmp_path: Path) -> None:
                 priority_level="urgent",
                 images=(image,),
             )
-            wl.complete_study(study, "w", result, now=22.0)
-        rows = {r["study_uid"]: r for r in wl.list_worklist()}
+            wl.queue.complete_study(study, "w", result, now=22.0)
+        rows = {r["study_uid"]: r for r in wl.queries.list_worklist()}
         assert rows["1.2.3.1"]["low_confidence"] is True and rows["1.2.3.1"]["ood_score"] == 7.5
         assert rows["1.2.3.2"]["low_confidence"] is False and rows["1.2.3.2"]["ood_score"] == 0.9
         assert rows["1.2.3.3"]["low_confidence"] is False and rows["1.2.3.3"]["ood_score"] is None
-        assert wl.study_detail("1.2.3.1")["low_confidence"] is True
+        assert wl.queries.study_detail("1.2.3.1")["low_confidence"] is True
         from dicom_node.commands.worklist import format_table
 
         table = format_table(list(rows.values())).splitlines()

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from triage_core.inference import Predictor
-from triage_core.pipeline import triage_study
+from triage_core.pipeline import triage_studies, triage_study
 
 CHEST = "RG1_J2KI.dcm"
 CHEST_SIIM = "1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819.dcm"
@@ -112,3 +112,79 @@ def test_empty_study(predictor: Predictor) -> None:
     out = triage_study("3", [], predictor)
     assert out.result.status == "not_eligible"
     assert out.result.reason == "no instances"
+
+
+def _pngs(cxr14_dir: Path, n: int) -> list[Path]:
+    return sorted((cxr14_dir / "256").glob("*.png"))[:n]
+
+
+def test_png_is_one_more_input_kind(
+    cxr14_dir: Path, dicom_dir: Path, tmp_path: Path, predictor: Predictor
+) -> None:
+    """A PNG export goes through the same stages as a DICOM (no header: eligible as it is)."""
+    import numpy as np
+
+    from triage_core.imaging import load_image, to_array
+
+    png = _pngs(cxr14_dir, 1)[0]
+    no_suffix = tmp_path / "export"  # the content says PNG
+    shutil.copy(png, no_suffix)
+    text = tmp_path / "notes.txt"
+    text.write_text("not an image\n")
+    instances = [
+        ("4.1", png),
+        ("4.2", dicom_dir / CHEST_SIIM),
+        ("4.3", no_suffix),
+        ("4.4", text),
+        ("4.5", dicom_dir / HIP),
+    ]
+    out = triage_study("4", instances, predictor, kind="auto")
+    images = {im.uid: im for im in out.result.images}
+    assert [uid for uid in images] == [uid for uid, _ in instances]
+    assert images["4.1"].eligible and images["4.1"].reason == "" and not images["4.1"].error
+    assert images["4.3"].probabilities == images["4.1"].probabilities
+    assert images["4.2"].eligible  # the DICOM beside it is read as DICOM
+    assert not images["4.4"].eligible and images["4.4"].reason == "unreadable"
+    assert images["4.4"].error.startswith("NotDicomError")
+    assert images["4.5"].reason == "body part HIP"  # eligibility still applies to DICOM
+    # the probabilities are those of the model on to_array of the decoded PNG
+    expected = predictor.predict_tensors(np.stack([to_array(load_image(png), predictor.spec)]))
+    got = [images["4.1"].probabilities[name] for name in predictor.spec.class_names]
+    np.testing.assert_allclose(got, expected[0], atol=1e-6)
+    assert set(out.datasets) == {"4.2", "4.5"}  # data sets are DICOM only
+    # the CAM is drawn on whichever image gave the top finding, at its resolution
+    assert out.cam_overlay is not None and out.cam_source_uid in {"4.1", "4.2", "4.3"}
+    # kind "raster" reads every file as PNG/JPEG; the serving kind "dicom" never does
+    assert triage_study("5", [("5.1", no_suffix)], predictor, kind="raster").result.findings
+    dicom_only = triage_study("6", [("6.1", png)], predictor).result
+    assert dicom_only.status == "not_eligible" and dicom_only.images[0].reason == "unreadable"
+    with pytest.raises(ValueError, match="input kind"):
+        triage_study("7", [("7.1", png)], predictor, kind="tiff")  # type: ignore[arg-type]
+
+
+def test_studies_share_one_pass_and_keep_their_results(
+    cxr14_dir: Path, dicom_dir: Path, tmp_path: Path, predictor: Predictor
+) -> None:
+    """triage_studies gives each study what triage_study gives it alone."""
+    pngs = _pngs(cxr14_dir, 3)
+    truncated = _truncated(dicom_dir, tmp_path)
+    studies = [
+        ("8.1", [("8.1.1", pngs[0]), ("8.1.2", dicom_dir / CHEST_SIIM)]),
+        ("8.2", [("8.2.1", dicom_dir / HIP)]),
+        ("8.3", [("8.3.1", pngs[1]), ("8.3.2", pngs[2]), ("8.3.3", truncated)]),
+    ]
+    together = triage_studies(studies, predictor, kind="auto")
+    assert [out.result.study_uid for out in together] == ["8.1", "8.2", "8.3"]
+    for (uid, instances), joint in zip(studies, together, strict=True):
+        alone = triage_study(uid, instances, predictor, kind="auto")
+        assert joint.result.status == alone.result.status
+        assert joint.result.priority_level == alone.result.priority_level
+        assert joint.result.priority_score == pytest.approx(alone.result.priority_score, abs=1e-4)
+        assert [f.name for f in joint.result.findings] == [f.name for f in alone.result.findings]
+        for a, b in zip(joint.result.findings, alone.result.findings, strict=True):
+            assert (a.present, a.source_uid) == (b.present, b.source_uid)
+            assert a.probability == pytest.approx(b.probability, abs=1e-5)
+        assert joint.cam_source_uid == alone.cam_source_uid
+        assert (joint.cam_overlay is None) == (alone.cam_overlay is None)
+    assert together[1].result.status == "not_eligible"
+    assert triage_studies([], predictor) == []

@@ -28,7 +28,7 @@ from triage_core.imaging import (
 from triage_core.inference import Predictor
 from triage_core.models import default_spec, load_checkpoint, read_spec, save_checkpoint
 from triage_core.resample import _aa_weights, resize_antialiased
-from triage_core.runtime import SessionOptions, onnx_path
+from triage_core.runtime import OnnxModel, SessionOptions, onnx_path
 
 
 def _torch_to_tensor(image: np.ndarray, spec) -> torch.Tensor:  # type: ignore[no-untyped-def]
@@ -117,9 +117,10 @@ def test_sessions_are_created_once_per_process(tiny_checkpoint: Path) -> None:
     a = Predictor(tiny_checkpoint, runtime="onnxruntime", threads=1)
     b = Predictor(tiny_checkpoint, runtime="onnxruntime", threads=1)
     c = Predictor(tiny_checkpoint, runtime="onnxruntime", session=SessionOptions(threads=2))
-    assert a._onnx is not None and b._onnx is not None and c._onnx is not None
-    assert a._onnx.session is b._onnx.session
-    assert c._onnx.session is not a._onnx.session  # other options, another session
+    sa, sb, sc = (p.backend for p in (a, b, c))
+    assert isinstance(sa, OnnxModel) and isinstance(sb, OnnxModel) and isinstance(sc, OnnxModel)
+    assert sa.session is sb.session
+    assert sc.session is not sa.session  # other options, another session
     with pytest.raises(ValueError, match="optimization"):
         SessionOptions(optimization="max")
     with pytest.raises(ValueError, match="CPU"):

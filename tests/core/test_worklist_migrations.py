@@ -115,7 +115,7 @@ def test_legacy_database_upgrades_to_head(opened: Worklist) -> None:
 
 
 def test_legacy_rows_survive_the_upgrade(opened: Worklist) -> None:
-    assert opened.counts_by_status() == {
+    assert opened.queries.counts_by_status() == {
         "receiving": 1,
         "queued": 1,
         "processing": 1,
@@ -123,8 +123,8 @@ def test_legacy_rows_survive_the_upgrade(opened: Worklist) -> None:
         "not_eligible": 1,
         "failed": 1,
     }
-    assert opened.delivery_counts_by_status() == {"pending": 1, "sent": 1, "failed": 0}
-    detail = opened.study_detail(study(1))
+    assert opened.queries.delivery_counts_by_status() == {"pending": 1, "sent": 1, "failed": 0}
+    detail = opened.queries.study_detail(study(1))
     assert detail is not None
     assert detail["findings"]["Effusion"] == {
         "probability": 0.8,
@@ -137,15 +137,15 @@ def test_legacy_rows_survive_the_upgrade(opened: Worklist) -> None:
     assert [d["status"] for d in detail["deliveries"]] == ["sent", "pending"]
     # the identifier hash of triage_core.uids matches what the old code stored
     assert detail["accession_hash"] == hash_identifier("ACC1", "salt")
-    failed = opened.study_detail(study(4))
+    failed = opened.queries.study_detail(study(4))
     assert failed is not None and failed["error"] == "transient" and failed["attempts"] == 2
 
 
 def test_legacy_database_keeps_working_after_the_upgrade(opened: Worklist) -> None:
     t = T0 + 50
     # the lease held before the upgrade is renewed by its owner, in one statement
-    assert opened.renew_leases("host:2:w1", 60, now=t) == [study(3)]
-    claimed = opened.claim_study("new-worker", 60, now=t)
+    assert opened.leases.renew_leases("host:2:w1", 60, now=t) == [study(3)]
+    claimed = opened.queue.claim_study("new-worker", 60, now=t)
     assert claimed is not None and claimed.study_uid == study(5)
     result = StudyResult(
         study_uid=study(5),
@@ -158,13 +158,16 @@ def test_legacy_database_keeps_working_after_the_upgrade(opened: Worklist) -> No
         model_version="1",
     )
     deliveries = [(f"{ROOT}.9.5", "/outbox/sr5.dcm", "PACS@127.0.0.1:11112")]
-    assert opened.complete_study(study(5), "new-worker", result, t, deliveries=deliveries) == "done"
+    assert (
+        opened.queue.complete_study(study(5), "new-worker", result, t, deliveries=deliveries)
+        == "done"
+    )
     # sequences continue after the old rows (no primary-key clash on PostgreSQL either)
-    assert [d.id for d in opened.claim_due_deliveries(30, now=t + 1)] == [2, 3]
-    assert opened.record_instance(study(1), sop(1, 3), "/spool/x.dcm", now=t + 2) is True
-    assert opened.study_detail(study(1))["status"] == "receiving"  # type: ignore[index]
-    assert opened.record_instance(study(8), sop(8), "/spool/y.dcm", now=t + 2) is True
-    assert opened.purge(1, now=t + 1000) != []
+    assert [d.id for d in opened.deliveries.claim_due(30, now=t + 1)] == [2, 3]
+    assert opened.ingest.record_instance(study(1), sop(1, 3), "/spool/x.dcm", now=t + 2) is True
+    assert opened.queries.study_detail(study(1))["status"] == "receiving"  # type: ignore[index]
+    assert opened.ingest.record_instance(study(8), sop(8), "/spool/y.dcm", now=t + 2) is True
+    assert opened.retention.purge(1, now=t + 1000) != []
 
 
 def test_fresh_database_matches_the_tables(tmp_path: Path) -> None:
@@ -262,7 +265,7 @@ def test_processes_upgrading_one_legacy_database_at_once(postgres_database: str)
     worklist = Worklist(url)
     try:
         assert revision_and_meta(worklist) == (HEAD_REVISION, str(SCHEMA_VERSION))
-        assert worklist.counts_by_status()["processing"] == 1
+        assert worklist.queries.counts_by_status()["processing"] == 1
     finally:
         worklist.dispose()
 

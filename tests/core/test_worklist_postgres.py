@@ -52,60 +52,63 @@ def pg(postgres_database: str) -> Iterator[Worklist]:
 def test_postgres_lifecycle(pg: Worklist) -> None:
     assert pg.dialect == "postgresql"
     pg.ping()
-    assert pg.record_instance(study(1), sop(1), "/s/1", accession_hash="h1", now=0.0) is True
-    assert pg.record_instance(study(1), sop(1), "/s/1", now=1.0) is False
-    assert pg.record_instances(
+    assert pg.ingest.record_instance(study(1), sop(1), "/s/1", accession_hash="h1", now=0.0) is True
+    assert pg.ingest.record_instance(study(1), sop(1), "/s/1", now=1.0) is False
+    assert pg.ingest.record_instances(
         [InstanceRecord(study(2), sop(2), "/s/2"), InstanceRecord(study(1), sop(1), "/s/1")],
         now=2.0,
     ) == [True, False]
-    assert pg.queue_stable_studies(5, now=6.0) == [study(1)]
-    assert pg.queue_stable_studies(5, now=7.0) == [study(2)]
-    claimed = pg.claim_study("w1", 10, now=8.0)
+    assert pg.queue.queue_stable_studies(5, now=6.0) == [study(1)]
+    assert pg.queue.queue_stable_studies(5, now=7.0) == [study(2)]
+    claimed = pg.queue.claim_study("w1", 10, now=8.0)
     assert claimed is not None and claimed.study_uid == study(1)
     assert claimed.instances == ((sop(1), Path("/s/1")),)
     # a new instance while processing: the study is processed again afterwards
-    pg.record_instance(study(1), sop(1, 2), "/s/1b", now=9.0)
-    assert pg.complete_study(study(1), "w1", done_result(study(1), 80.0), now=10.0) == "receiving"
-    pg.queue_stable_studies(0, now=11.0)
-    again = pg.claim_study("w1", 10, now=12.0)
+    pg.ingest.record_instance(study(1), sop(1, 2), "/s/1b", now=9.0)
+    assert (
+        pg.queue.complete_study(study(1), "w1", done_result(study(1), 80.0), now=10.0)
+        == "receiving"
+    )
+    pg.queue.queue_stable_studies(0, now=11.0)
+    again = pg.queue.claim_study("w1", 10, now=12.0)
     assert again is not None and again.study_uid == study(1) and len(again.instances) == 2
-    assert pg.complete_study(study(1), "w1", done_result(study(1), 80.0), now=13.0) == "done"
+    assert pg.queue.complete_study(study(1), "w1", done_result(study(1), 80.0), now=13.0) == "done"
     with pytest.raises(WorklistError, match="no longer holds"):
-        pg.complete_study(study(1), "w1", done_result(study(1), 80.0), now=14.0)
+        pg.queue.complete_study(study(1), "w1", done_result(study(1), 80.0), now=14.0)
 
-    other = pg.claim_study("w2", 10, now=14.0)
+    other = pg.queue.claim_study("w2", 10, now=14.0)
     assert other is not None and other.study_uid == study(2)
-    assert pg.recover_expired_leases(now=30.0).requeued == (study(2),)
-    assert pg.claim_study("w3", 10, now=31.0) is not None
-    assert pg.recover_expired_leases(now=50.0).failed == (study(2),)
+    assert pg.leases.recover_expired_leases(now=30.0).requeued == (study(2),)
+    assert pg.queue.claim_study("w3", 10, now=31.0) is not None
+    assert pg.leases.recover_expired_leases(now=50.0).failed == (study(2),)
 
-    rows = pg.list_worklist(now=100.0)
+    rows = pg.queries.list_worklist(now=100.0)
     assert [(r["study_uid"], r["status"]) for r in rows] == [
         (study(1), "done"),
         (study(2), "failed"),
     ]
     assert rows[0]["findings"] == {"Effusion": {"probability": 0.8, "present": True}}
     assert rows[0]["accession_hash"] == "h1"
-    aged = pg.list_worklist(aging=lambda score, waited: score + waited, now=100.0)
+    aged = pg.queries.list_worklist(aging=lambda score, waited: score + waited, now=100.0)
     assert aged[0]["effective_priority"] == 180.0
-    detail = pg.study_detail(study(1))
+    detail = pg.queries.study_detail(study(1))
     assert detail is not None and detail["timings"] == {"inference": 0.5}
     images = {img["sop_uid"]: img for img in detail["images"]}
     assert images[sop(0)]["probabilities"] == {"Effusion": 0.8}
     assert images[sop(1, 2)]["eligible"] is None
-    counts = pg.counts_by_status()
+    counts = pg.queries.counts_by_status()
     assert counts["done"] == 1 and counts["failed"] == 1 and counts["queued"] == 0
 
-    d = pg.add_delivery(study(1), f"{ROOT}.9.1", "/o/1", "PACS@127.0.0.1:104", now=20.0)
-    assert pg.add_delivery(study(1), f"{ROOT}.9.1", "/o/1", "PACS@127.0.0.1:104") == d
-    assert [x.id for x in pg.claim_due_deliveries(30, now=21.0)] == [d]
-    assert pg.due_deliveries(now=22.0) == []
-    assert pg.mark_delivery_failed(d, "refused", now=60.0) == "pending"
-    assert pg.mark_delivery_failed(d, "refused", now=200.0) == "failed"
-    assert pg.delivery_counts_by_status()["failed"] == 1
-    purged = pg.purge(10, now=1000.0)
+    d = pg.deliveries.add(study(1), f"{ROOT}.9.1", "/o/1", "PACS@127.0.0.1:104", now=20.0)
+    assert pg.deliveries.add(study(1), f"{ROOT}.9.1", "/o/1", "PACS@127.0.0.1:104") == d
+    assert [x.id for x in pg.deliveries.claim_due(30, now=21.0)] == [d]
+    assert pg.deliveries.due(now=22.0) == []
+    assert pg.deliveries.mark_failed(d, "refused", now=60.0) == "pending"
+    assert pg.deliveries.mark_failed(d, "refused", now=200.0) == "failed"
+    assert pg.queries.delivery_counts_by_status()["failed"] == 1
+    purged = pg.retention.purge(10, now=1000.0)
     assert sorted(purged) == sorted([Path("/s/1"), Path("/s/1b"), Path("/o/1"), Path("/s/2")])
-    assert pg.counts_by_status() == dict.fromkeys(counts, 0)
+    assert pg.queries.counts_by_status() == dict.fromkeys(counts, 0)
 
 
 def _claim_until_empty(url: str, name: str, start: float, out: multiprocessing.Queue) -> None:
@@ -115,9 +118,11 @@ def _claim_until_empty(url: str, name: str, start: float, out: multiprocessing.Q
     try:
         while time.time() < start:
             time.sleep(0.005)
-        while (claimed := worklist.claim_study(name, 60)) is not None:
+        while (claimed := worklist.queue.claim_study(name, 60)) is not None:
             claimed_uids.append(claimed.study_uid)
-            worklist.complete_study(claimed.study_uid, name, done_result(claimed.study_uid, 10.0))
+            worklist.queue.complete_study(
+                claimed.study_uid, name, done_result(claimed.study_uid, 10.0)
+            )
         out.put((name, claimed_uids, ""))
     except WorklistError as exc:
         out.put((name, claimed_uids, str(exc)))
@@ -126,10 +131,10 @@ def _claim_until_empty(url: str, name: str, start: float, out: multiprocessing.Q
 
 
 def test_postgres_concurrent_claims_from_processes(pg: Worklist, postgres_database: str) -> None:
-    pg.record_instances(
+    pg.ingest.record_instances(
         [InstanceRecord(study(n), sop(n), f"/s/{n}") for n in range(20)], now=time.time() - 60
     )
-    assert len(pg.queue_stable_studies(10)) == 20
+    assert len(pg.queue.queue_stable_studies(10)) == 20
     ctx = multiprocessing.get_context("fork")
     out: multiprocessing.Queue = ctx.Queue()
     start = time.time() + 1.0
@@ -146,15 +151,17 @@ def test_postgres_concurrent_claims_from_processes(pg: Worklist, postgres_databa
     assert [err for _, _, err in results] == ["", "", ""]
     claims = Counter(uid for _, uids, _ in results for uid in uids)
     assert claims == Counter(study(n) for n in range(20))  # every study exactly once
-    assert pg.counts_by_status()["done"] == 20
+    assert pg.queries.counts_by_status()["done"] == 20
 
 
 def test_postgres_skip_locked_lets_a_second_claimer_pass(pg: Worklist) -> None:
     """While one transaction holds the oldest queued row, another claim takes the next one."""
     from sqlalchemy import text
 
-    pg.record_instances([InstanceRecord(study(n), sop(n), f"/s/{n}") for n in (1, 2)], now=0.0)
-    pg.queue_stable_studies(0, now=1.0)
+    pg.ingest.record_instances(
+        [InstanceRecord(study(n), sop(n), f"/s/{n}") for n in (1, 2)], now=0.0
+    )
+    pg.queue.queue_stable_studies(0, now=1.0)
     with pg.engine.connect() as conn:
         with conn.begin():
             locked = conn.execute(
@@ -165,7 +172,7 @@ def test_postgres_skip_locked_lets_a_second_claimer_pass(pg: Worklist) -> None:
             ).scalar_one()
             assert locked == study(1)
             started = time.monotonic()
-            claimed = pg.claim_study("other", 10, now=2.0)
+            claimed = pg.queue.claim_study("other", 10, now=2.0)
             assert time.monotonic() - started < 5.0  # did not wait for the lock
             assert claimed is not None and claimed.study_uid == study(2)
 
@@ -193,5 +200,5 @@ def test_postgres_concurrent_create_all(postgres_database: str) -> None:
         proc.join(timeout=30)
     assert errors == ["", "", "", ""]
     worklist = Worklist(postgres_database)
-    assert worklist.counts_by_status()["queued"] == 0
+    assert worklist.queries.counts_by_status()["queued"] == 0
     worklist.dispose()

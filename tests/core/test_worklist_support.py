@@ -49,8 +49,10 @@ def result_for(
 
 
 def run_to_done(wl: Worklist, n: int, score: float, level: str, t: float) -> None:
-    wl.record_instance(study(n), sop(n), f"/spool/{n}.dcm", now=t)
-    assert wl.queue_stable_studies(5, now=t + 5) == [study(n)]
-    claimed = wl.claim_study("w", 60, now=t + 6)
+    wl.ingest.record_instance(study(n), sop(n), f"/spool/{n}.dcm", now=t)
+    assert wl.queue.queue_stable_studies(5, now=t + 5) == [study(n)]
+    claimed = wl.queue.claim_study("w", 60, now=t + 6)
     assert claimed is not None and claimed.study_uid == study(n)
-    wl.complete_study(study(n), "w", result_for(study(n), score, level, source=sop(n)), now=t + 7)
+    wl.queue.complete_study(
+        study(n), "w", result_for(study(n), score, level, source=sop(n)), now=t + 7
+    )

@@ -55,8 +55,8 @@ def wl(tmp_path: Path) -> Iterator[Worklist]:
 
 
 def queued(worklist: Worklist, n: int, t: float = 0.0) -> None:
-    worklist.record_instance(study(n), sop(n), f"/s/{n}", now=t)
-    assert worklist.queue_stable_studies(0, now=t) == [study(n)]
+    worklist.ingest.record_instance(study(n), sop(n), f"/s/{n}", now=t)
+    assert worklist.queue.queue_stable_studies(0, now=t) == [study(n)]
 
 
 def wake_in_thread(waiter: Waiter, timeout: float) -> tuple[threading.Thread, list[float | bool]]:
@@ -78,27 +78,27 @@ def wake_in_thread(waiter: Waiter, timeout: float) -> tuple[threading.Thread, li
 
 # ---------------------------------------------------------------- in-process signals (SQLite)
 def test_waiter_times_out_when_nothing_happens(wl: Worklist) -> None:
-    waiter = wl.study_waiter()
+    waiter = wl.queue.waiter()
     started = time.monotonic()
     assert waiter.wait(0.1) is False
     assert time.monotonic() - started >= 0.09
 
 
 def test_blocked_worker_wakes_when_a_study_is_queued(wl: Worklist) -> None:
-    waiter = wl.study_waiter()
+    waiter = wl.queue.waiter()
     thread, out = wake_in_thread(waiter, timeout=10.0)
     t0 = time.perf_counter()
     queued(wl, 1)
     thread.join(10)
     assert out[0] is True
     assert float(out[1]) - t0 < POLL_INTERVAL / 2
-    assert wl.claim_study("w", 60) is not None
+    assert wl.queue.claim_study("w", 60) is not None
 
 
 def test_no_wake_up_is_lost_between_claim_and_wait(wl: Worklist) -> None:
     """Work announced while the worker was busy claiming makes its next wait return at once."""
-    waiter = wl.study_waiter()
-    assert wl.claim_study("w", 60, now=0.0) is None  # nothing yet
+    waiter = wl.queue.waiter()
+    assert wl.queue.claim_study("w", 60, now=0.0) is None  # nothing yet
     queued(wl, 1)  # announced before the worker gets to wait
     started = time.monotonic()
     assert waiter.wait(10.0) is True
@@ -107,7 +107,7 @@ def test_no_wake_up_is_lost_between_claim_and_wait(wl: Worklist) -> None:
 
 
 def test_every_waiter_wakes(wl: Worklist) -> None:
-    waiters = [wl.study_waiter() for _ in range(3)]
+    waiters = [wl.queue.waiter() for _ in range(3)]
     runs = [wake_in_thread(w, timeout=10.0) for w in waiters]
     queued(wl, 1)
     for thread, out in runs:
@@ -117,48 +117,48 @@ def test_every_waiter_wakes(wl: Worklist) -> None:
 
 def test_requeues_wake_workers(wl: Worklist) -> None:
     queued(wl, 1)
-    waiter = wl.study_waiter()
-    claimed = wl.claim_study("w", 10, now=1.0)
+    waiter = wl.queue.waiter()
+    claimed = wl.queue.claim_study("w", 10, now=1.0)
     assert claimed is not None
-    assert wl.fail_study(study(1), "w", "transient", retry=True, now=2.0) == "queued"
+    assert wl.queue.fail_study(study(1), "w", "transient", retry=True, now=2.0) == "queued"
     assert waiter.wait(0) is True
-    wl.claim_study("w", 10, now=3.0)
-    assert wl.recover_expired_leases(now=20.0).failed == (study(1),)  # 2 of 2 attempts
+    wl.queue.claim_study("w", 10, now=3.0)
+    assert wl.leases.recover_expired_leases(now=20.0).failed == (study(1),)  # 2 of 2 attempts
     assert waiter.wait(0) is False  # failed for good: nothing claimable
     queued(wl, 2, t=30.0)
     waiter.wait(0)
-    wl.claim_study("w", 10, now=31.0)
-    assert wl.recover_expired_leases(now=50.0).requeued == (study(2),)
+    wl.queue.claim_study("w", 10, now=31.0)
+    assert wl.leases.recover_expired_leases(now=50.0).requeued == (study(2),)
     assert waiter.wait(0) is True
 
 
 def test_delivery_waiter(wl: Worklist) -> None:
-    waiter = wl.delivery_waiter()
+    waiter = wl.deliveries.waiter()
     queued(wl, 1)
-    wl.claim_study("w", 60, now=1.0)
+    wl.queue.claim_study("w", 60, now=1.0)
     assert waiter.wait(0) is False  # a claim is not a delivery
     thread, out = wake_in_thread(waiter, timeout=10.0)
     deliveries = [(f"{ROOT}.9.1", "/o/1", "PACS@127.0.0.1:104")]
-    wl.complete_study(study(1), "w", done(study(1)), now=2.0, deliveries=deliveries)
+    wl.queue.complete_study(study(1), "w", done(study(1)), now=2.0, deliveries=deliveries)
     thread.join(10)
     assert out[0] is True
-    [row] = wl.claim_due_deliveries(30, now=3.0)
-    assert wl.mark_delivery_failed(row.id, "refused", now=4.0) == "pending"  # backoff: later
+    [row] = wl.deliveries.claim_due(30, now=3.0)
+    assert wl.deliveries.mark_failed(row.id, "refused", now=4.0) == "pending"  # backoff: later
     assert waiter.wait(0) is False
     assert wl.deliveries.next_due_in(now=4.0) == pytest.approx(30.0)
-    assert wl.mark_delivery_failed(row.id, "refused", retry_in_seconds=0, now=5.0) == "pending"
+    assert wl.deliveries.mark_failed(row.id, "refused", retry_in_seconds=0, now=5.0) == "pending"
     assert waiter.wait(0) is True  # due again at once
     assert wl.deliveries.next_due_in(now=5.0) == 0.0
-    wl.add_delivery(study(1), f"{ROOT}.9.2", "/o/2", "PACS@127.0.0.1:104", now=6.0)
+    wl.deliveries.add(study(1), f"{ROOT}.9.2", "/o/2", "PACS@127.0.0.1:104", now=6.0)
     assert waiter.wait(0) is True
 
 
 def test_instance_waiter_and_next_stable(wl: Worklist) -> None:
-    waiter = wl.instance_waiter()
+    waiter = wl.queue.instance_waiter()
     assert wl.queue.next_stable_in(5.0, now=0.0) is None
-    wl.record_instance(study(1), sop(1), "/s/1", now=10.0)
+    wl.ingest.record_instance(study(1), sop(1), "/s/1", now=10.0)
     assert waiter.wait(0) is True
-    wl.record_instance(study(1), sop(1), "/s/1", now=11.0)  # a repeat is not news
+    wl.ingest.record_instance(study(1), sop(1), "/s/1", now=11.0)  # a repeat is not news
     assert waiter.wait(0) is False
     assert wl.queue.next_stable_in(5.0, now=12.0) == pytest.approx(3.0)
     assert wl.queue.next_stable_in(5.0, now=20.0) == 0.0
@@ -174,24 +174,26 @@ def test_sqlite_needs_no_listener(wl: Worklist) -> None:
 
 # ---------------------------------------------------------------- one-statement lease renewal
 def test_renew_leases_of_one_worker_process(wl: Worklist) -> None:
-    wl.record_instances([InstanceRecord(study(n), sop(n), f"/s/{n}") for n in range(4)], now=0.0)
-    wl.queue_stable_studies(0, now=0.0)
+    wl.ingest.record_instances(
+        [InstanceRecord(study(n), sop(n), f"/s/{n}") for n in range(4)], now=0.0
+    )
+    wl.queue.queue_stable_studies(0, now=0.0)
     owners = ["node/w0", "node/w1", "node/w0", "other/w0"]
-    claims = [wl.claim_study(owner, 10, now=1.0) for owner in owners]
+    claims = [wl.queue.claim_study(owner, 10, now=1.0) for owner in owners]
     assert all(c is not None for c in claims)
-    assert wl.renew_leases("node/w0", 10, now=5.0) == sorted([study(0), study(2)])
-    assert wl.renew_leases(["node/w0", "node/w1"], 10, now=8.0) == sorted(
+    assert wl.leases.renew_leases("node/w0", 10, now=5.0) == sorted([study(0), study(2)])
+    assert wl.leases.renew_leases(["node/w0", "node/w1"], 10, now=8.0) == sorted(
         [study(0), study(1), study(2)]
     )
     # at t=12 only other/w0's lease (expiry 11) has run out
-    assert wl.recover_expired_leases(now=12.0).requeued == (study(3),)
-    assert wl.renew_leases("other/w0", 10, now=12.0) == []  # no longer held: not renewed
-    detail = wl.study_detail(study(1))
+    assert wl.leases.recover_expired_leases(now=12.0).requeued == (study(3),)
+    assert wl.leases.renew_leases("other/w0", 10, now=12.0) == []  # no longer held: not renewed
+    detail = wl.queries.study_detail(study(1))
     assert detail is not None and detail["lease_expires_at"] == "1970-01-01T00:00:18Z"
     with pytest.raises(WorklistError, match="worker id"):
-        wl.renew_leases([], 10)
+        wl.leases.renew_leases([], 10)
     with pytest.raises(WorklistError, match="lease_seconds"):
-        wl.renew_leases("node/w0", 0)
+        wl.leases.renew_leases("node/w0", 0)
 
 
 # ---------------------------------------------------------------- PostgreSQL LISTEN/NOTIFY
@@ -210,17 +212,19 @@ def pg_pair(postgres_database: str) -> Iterator[tuple[Worklist, Worklist]]:
 def test_notify_wakes_a_waiter_on_another_connection(pg_pair: tuple[Worklist, Worklist]) -> None:
     producer, consumer = pg_pair
     assert consumer.start_listening(timeout=10) is True and consumer.wakeups.listening
-    waiter = consumer.study_waiter()
+    waiter = consumer.queue.waiter()
     latencies = []
     for n in range(5):
-        producer.record_instance(study(n), sop(n), f"/s/{n}", now=float(n))
+        producer.ingest.record_instance(study(n), sop(n), f"/s/{n}", now=float(n))
         thread, out = wake_in_thread(waiter, timeout=10.0)
         t0 = time.perf_counter()
-        assert producer.queue_stable_studies(0, now=float(n)) == [study(n)]  # NOTIFY at commit
+        assert producer.queue.queue_stable_studies(0, now=float(n)) == [
+            study(n)
+        ]  # NOTIFY at commit
         thread.join(10)
         assert out[0] is True  # woken by the notification, not by the 10 s timeout
         latencies.append(float(out[1]) - t0)  # includes the notifying transaction itself
-        claimed = consumer.claim_study("consumer", 60)
+        claimed = consumer.queue.claim_study("consumer", 60)
         assert claimed is not None and claimed.study_uid == study(n)
     print(f"NOTIFY wake-up latency (s): {sorted(round(x, 4) for x in latencies)}")
     assert statistics.median(latencies) < POLL_INTERVAL / 2, latencies
@@ -231,18 +235,18 @@ def test_notify_wakes_a_waiter_on_another_connection(pg_pair: tuple[Worklist, Wo
 def test_notify_is_sent_at_commit_only(pg_pair: tuple[Worklist, Worklist]) -> None:
     producer, consumer = pg_pair
     consumer.start_listening(timeout=10)
-    waiter = consumer.delivery_waiter()
-    producer.record_instance(study(1), sop(1), "/s/1", now=0.0)
-    producer.queue_stable_studies(0, now=0.0)
-    producer.claim_study("w", 60, now=1.0)
+    waiter = consumer.deliveries.waiter()
+    producer.ingest.record_instance(study(1), sop(1), "/s/1", now=0.0)
+    producer.queue.queue_stable_studies(0, now=0.0)
+    producer.queue.claim_study("w", 60, now=1.0)
     bad = [(f"{ROOT}.9.1", "/o/1", "")]  # an empty destination: refused before any write
     with pytest.raises(WorklistError):
-        producer.complete_study(study(1), "w", done(study(1)), deliveries=bad)
+        producer.queue.complete_study(study(1), "w", done(study(1)), deliveries=bad)
     assert waiter.wait(0.3) is False
     good = [(f"{ROOT}.9.1", "/o/1", "PACS@127.0.0.1:104")]
-    producer.complete_study(study(1), "w", done(study(1)), deliveries=good)
+    producer.queue.complete_study(study(1), "w", done(study(1)), deliveries=good)
     assert waiter.wait(5.0) is True
-    assert [d.sop_uid for d in consumer.claim_due_deliveries(30)] == [f"{ROOT}.9.1"]
+    assert [d.sop_uid for d in consumer.deliveries.claim_due(30)] == [f"{ROOT}.9.1"]
 
 
 @pytest.mark.postgres
@@ -251,7 +255,7 @@ def test_listener_reconnects_after_its_connection_is_killed(
 ) -> None:
     producer, consumer = pg_pair
     assert consumer.start_listening(timeout=10)
-    waiter = consumer.study_waiter()
+    waiter = consumer.queue.waiter()
     with producer.engine.begin() as conn:
         killed = conn.execute(
             text(
@@ -277,7 +281,7 @@ def test_dispose_stops_the_listener_for_good(postgres_database: str) -> None:
     worklist = Worklist(postgres_database)
     worklist.create_all()
     assert worklist.start_listening(timeout=10) and worklist.wakeups.listening
-    waiter = worklist.study_waiter()
+    waiter = worklist.queue.waiter()
     worklist.dispose()
     assert not worklist.wakeups.listening
     assert waiter.wait(0.05) is False  # falls back to its timeout, starts no new listener
@@ -289,7 +293,7 @@ def _wait_in_child(url: str, ready: multiprocessing.Event, out: multiprocessing.
     worklist = Worklist(url)
     try:
         worklist.start_listening(timeout=10)
-        waiter = worklist.study_waiter()
+        waiter = worklist.queue.waiter()
         ready.set()
         woken = waiter.wait(10.0)
         out.put((woken, time.time()))
@@ -308,10 +312,10 @@ def test_notify_wakes_a_worker_process(postgres_database: str) -> None:
     child.start()
     try:
         assert ready.wait(30)
-        producer.record_instance(study(1), sop(1), "/s/1", now=0.0)
+        producer.ingest.record_instance(study(1), sop(1), "/s/1", now=0.0)
         time.sleep(0.1)  # the child is blocked in wait()
         t0 = time.time()
-        producer.queue_stable_studies(0, now=0.0)
+        producer.queue.queue_stable_studies(0, now=0.0)
         woken, at = out.get(timeout=30)
         child.join(30)
         assert child.exitcode == 0

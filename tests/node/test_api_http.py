@@ -31,9 +31,11 @@ def sop(n: int, k: int = 1) -> str:
 
 
 def finish(wl: Worklist, n: int, score: float, level: str, t: float, status: str = "done") -> None:
-    wl.record_instance(study(n), sop(n), f"/spool/{n}.dcm", series_uid=f"{ROOT}.3.{n}", now=t)
-    wl.queue_stable_studies(1, now=t + 1)
-    claimed = wl.claim_study("w", 60, now=t + 1)
+    wl.ingest.record_instance(
+        study(n), sop(n), f"/spool/{n}.dcm", series_uid=f"{ROOT}.3.{n}", now=t
+    )
+    wl.queue.queue_stable_studies(1, now=t + 1)
+    claimed = wl.queue.claim_study("w", 60, now=t + 1)
     assert claimed is not None and claimed.study_uid == study(n)
     eligible = status == "done"
     result = StudyResult(
@@ -62,7 +64,7 @@ def finish(wl: Worklist, n: int, score: float, level: str, t: float, status: str
         model_version="0",
         timings={"inference": 0.25, "cam": 0.5},
     )
-    wl.complete_study(study(n), "w", result, now=t + 2)
+    wl.queue.complete_study(study(n), "w", result, now=t + 2)
 
 
 @pytest.fixture()
@@ -73,14 +75,14 @@ def populated(tmp_path: Path) -> Iterator[Worklist]:
     finish(wl, 2, 95.0, "critical", NOW - 600)
     finish(wl, 3, 60.0, "urgent", NOW - 300)
     finish(wl, 4, 0.0, "routine", NOW - 200, status="not_eligible")
-    wl.record_instance(study(5), sop(5), "/spool/5.dcm", now=NOW - 100)  # receiving
-    wl.record_instance(study(6), sop(6), "/spool/6.dcm", now=NOW - 100)
-    wl.queue_stable_studies(10, now=NOW - 50)  # 5 and 6 queued
-    wl.claim_study("w", 600, now=NOW)  # 5 processing
-    d_sent = wl.add_delivery(study(2), f"{ROOT}.9.1", "/outbox/sr.dcm", "PACS@127.0.0.1:104")
-    d_fail = wl.add_delivery(study(2), f"{ROOT}.9.2", "/outbox/sc.dcm", "PACS@127.0.0.1:104")
-    wl.mark_delivery_sent(d_sent)
-    wl.mark_delivery_failed(d_fail, "association rejected", permanent=True)
+    wl.ingest.record_instance(study(5), sop(5), "/spool/5.dcm", now=NOW - 100)  # receiving
+    wl.ingest.record_instance(study(6), sop(6), "/spool/6.dcm", now=NOW - 100)
+    wl.queue.queue_stable_studies(10, now=NOW - 50)  # 5 and 6 queued
+    wl.queue.claim_study("w", 600, now=NOW)  # 5 processing
+    d_sent = wl.deliveries.add(study(2), f"{ROOT}.9.1", "/outbox/sr.dcm", "PACS@127.0.0.1:104")
+    d_fail = wl.deliveries.add(study(2), f"{ROOT}.9.2", "/outbox/sc.dcm", "PACS@127.0.0.1:104")
+    wl.deliveries.mark_sent(d_sent)
+    wl.deliveries.mark_failed(d_fail, "association rejected", permanent=True)
     yield wl
     wl.dispose()
 
@@ -145,7 +147,7 @@ def test_default_aging_rule_orders_like_the_worklist(populated: Worklist) -> Non
 
     with TestClient(create_app(populated)) as test_client:
         rows = test_client.get("/api/worklist").json()["items"]
-    expected = populated.list_worklist(aging=AgingRule())
+    expected = populated.queries.list_worklist(aging=AgingRule())
     assert [r["study_uid"] for r in rows] == [r["study_uid"] for r in expected]
     assert rows[0]["effective_priority"] >= rows[0]["priority_score"]
     # the old routine study waited two hours: aging raised its effective priority
@@ -278,7 +280,7 @@ def test_metrics_endpoint_values(populated: Worklist) -> None:
     assert values[("triage_deliveries", (("status", "sent"),))] == 1.0
     assert values[("triage_deliveries", (("status", "pending"),))] == 0.0
     # the gauges follow the database at every scrape
-    populated.record_instance(study(7), sop(7), "/spool/7.dcm")
+    populated.ingest.record_instance(study(7), sop(7), "/spool/7.dcm")
     body, _ = metrics.render()
     assert 'triage_studies{status="receiving"} 1.0' in body.decode()
 

@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from dicom_node.commands import predict as cmd_predict
+from triage_core.errors import CommandError
 
 CHEST = [
     "RG1_J2KI.dcm",
@@ -122,28 +123,31 @@ def test_png_input_and_directory(
 def test_exit_1_when_nothing_readable(
     tiny_checkpoint: Path, broken: list[Path], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    rc = _run(["--model", str(tiny_checkpoint), *map(str, broken)])
-    assert rc == 1
+    with pytest.raises(CommandError) as caught:  # cli.main prints it and exits with its status
+        _run(["--model", str(tiny_checkpoint), *map(str, broken)])
+    assert caught.value.status == 1
     captured = capsys.readouterr()
     assert len(captured.out.splitlines()) == 2
-    assert "no input could be read" in captured.err
+    assert "no input could be read" in str(caught.value)
 
 
 def test_exit_2_on_model_problems(
     dicom_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    rc = _run(["--model", str(tmp_path / "missing"), str(dicom_dir / CHEST[1])])
-    assert rc == 2
-    assert "missing" in capsys.readouterr().err
+    with pytest.raises(CommandError) as caught:
+        _run(["--model", str(tmp_path / "missing"), str(dicom_dir / CHEST[1])])
+    assert caught.value.status == 2
+    assert "missing" in str(caught.value)
     from triage_core.errors import CheckpointError
     from triage_core.models import default_checkpoint_path
 
     try:
         default_checkpoint_path()
     except CheckpointError:
-        rc = _run([str(dicom_dir / CHEST[1])])
-        assert rc == 2
-        assert "--model" in capsys.readouterr().err
+        with pytest.raises(CommandError) as caught:
+            _run([str(dicom_dir / CHEST[1])])
+        assert caught.value.status == 2
+        assert "--model" in str(caught.value)
     else:
         # a default model is shipped: without --model it is used, and named in the output
         from triage_core.models import read_spec

@@ -29,9 +29,9 @@ def populate(url: str) -> None:
     now = time.time()
     for n, score, level in ((1, 30.0, "routine"), (2, 88.0, "critical"), (3, 55.0, "urgent")):
         t = now - 1000 + n
-        wl.record_instance(study(n), f"{ROOT}.2.{n}", f"/spool/{n}.dcm", now=t)
-        wl.queue_stable_studies(0, now=t)
-        claimed = wl.claim_study("w", 60, now=t)
+        wl.ingest.record_instance(study(n), f"{ROOT}.2.{n}", f"/spool/{n}.dcm", now=t)
+        wl.queue.queue_stable_studies(0, now=t)
+        claimed = wl.queue.claim_study("w", 60, now=t)
         assert claimed is not None
         result = StudyResult(
             study_uid=study(n),
@@ -46,8 +46,8 @@ def populate(url: str) -> None:
             model_name="random-test-model",
             model_version="0",
         )
-        wl.complete_study(study(n), "w", result, now=t + 1)
-    wl.record_instance(study(4), f"{ROOT}.2.4", "/spool/4.dcm", now=now)  # receiving
+        wl.queue.complete_study(study(n), "w", result, now=t + 1)
+    wl.ingest.record_instance(study(4), f"{ROOT}.2.4", "/spool/4.dcm", now=now)  # receiving
     wl.dispose()
 
 

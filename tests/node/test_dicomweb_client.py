@@ -254,7 +254,7 @@ def test_study_half_by_c_store_half_by_stow_is_one_study(node: RunningNode, tmp_
         headers={"Content-Type": STOW_TYPE},
     )
     assert rsp.status_code == 200
-    assert node.worklist.study_detail(study)["num_instances"] == 2
+    assert node.worklist.queries.study_detail(study)["num_instances"] == 2
     assert len(list((node.storage / "spool" / study).glob("*/*.dcm"))) == 2
     found = get(f"{node.base}/studies", params={"StudyInstanceUID": study}).json()
     assert pydicom.Dataset.from_json(found[0]).NumberOfStudyRelatedInstances == 2
@@ -310,7 +310,7 @@ def test_our_results_are_found_beside_the_received_series(
     with running_node(tmp_path / "processed", model=tiny_checkpoint) as node:
         client = DICOMwebClient(url=node.base)
         client.store_instances([pydicom.dcmread(source)])
-        wait_for(lambda: (node.worklist.study_detail(study) or {}).get("status") == "done")
+        wait_for(lambda: (node.worklist.queries.study_detail(study) or {}).get("status") == "done")
         outputs = sorted((node.storage / "outbox" / study).glob("*.dcm"))
         assert len(outputs) == 2
         series = [pydicom.Dataset.from_json(s) for s in client.search_for_series(study)]

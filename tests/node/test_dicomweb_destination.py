@@ -98,7 +98,7 @@ def test_node_to_node_by_stow_rs_with_token_and_retries(
         assert client_rsp.status_code == 200
 
         def deliveries() -> list[dict]:
-            return list((sender.worklist.study_detail(study) or {}).get("deliveries", []))
+            return list((sender.worklist.queries.study_detail(study) or {}).get("deliveries", []))
 
         # nobody listens yet: both objects pending, retried, the error recorded
         wait_for(lambda: len(deliveries()) == 2 and all(d["attempts"] >= 1 for d in deliveries()))

@@ -141,12 +141,12 @@ def test_orthanc_pushes_we_deliver_orthanc_finds(
 
     # triaged, then the SR and SC delivered into Orthanc by STOW-RS
     def delivered() -> bool:
-        detail = node.worklist.study_detail(study) or {}
+        detail = node.worklist.queries.study_detail(study) or {}
         rows = detail.get("deliveries", [])
         return len(rows) == 2 and all(r["status"] == "sent" for r in rows)
 
     wait_for(delivered, 180, "the SR and SC to be delivered")
-    detail = node.worklist.study_detail(study)
+    detail = node.worklist.queries.study_detail(study)
     assert detail is not None and detail["status"] == "done"
     assert {d["destination"] for d in detail["deliveries"]} == {pacs.dicomweb}
     # Orthanc's own QIDO-RS finds them as new series of the study

@@ -37,15 +37,17 @@ def _replay(tmp_path: Path, label: str, scores: list[dict[str, float]]) -> dict[
     wl.create_all()
     try:
         for n, probs in enumerate(scores, start=1):
-            wl.record_instance(study(n), sop(n), f"/spool/{n}.dcm", series_uid=f"{ROOT}.3.{n}")
-            wl.queue_stable_studies(0)
-            claimed = wl.claim_study("w", 60)
+            wl.ingest.record_instance(
+                study(n), sop(n), f"/spool/{n}.dcm", series_uid=f"{ROOT}.3.{n}"
+            )
+            wl.queue.queue_stable_studies(0)
+            claimed = wl.queue.claim_study("w", 60)
             assert claimed is not None
             findings = tuple(
                 Finding(name, probs[name], t, probs[name] >= t, sop(n))
                 for name, t in zip(spec.class_names, spec.thresholds, strict=True)
             )
-            wl.complete_study(
+            wl.queue.complete_study(
                 study(n),
                 "w",
                 StudyResult(

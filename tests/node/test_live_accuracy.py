@@ -50,9 +50,9 @@ TP, FP, FN, TN = 8, 3, 4, 9
 def scored(wl: Worklist, n: int, probability: float, t: float) -> str:
     uid = f"{ROOT}.1.{n}"
     sop = f"{ROOT}.2.{n}"
-    wl.record_instance(uid, sop, f"/spool/{n}.dcm", series_uid=f"{ROOT}.3.{n}", now=t)
-    wl.queue_stable_studies(0, now=t + 1)
-    assert wl.claim_study("w", 60, now=t + 1) is not None
+    wl.ingest.record_instance(uid, sop, f"/spool/{n}.dcm", series_uid=f"{ROOT}.3.{n}", now=t)
+    wl.queue.queue_stable_studies(0, now=t + 1)
+    assert wl.queue.claim_study("w", 60, now=t + 1) is not None
     result = StudyResult(
         study_uid=uid,
         status="done",
@@ -63,7 +63,7 @@ def scored(wl: Worklist, n: int, probability: float, t: float) -> str:
         model_name=MODEL,
         model_version=VERSION,
     )
-    wl.complete_study(uid, "w", result, now=t + 2)
+    wl.queue.complete_study(uid, "w", result, now=t + 2)
     return uid
 
 

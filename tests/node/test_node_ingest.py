@@ -112,7 +112,7 @@ def test_every_shared_transfer_syntax_is_stored_byte_for_byte(node: Node, dicom_
         str(pydicom.dcmread(p, stop_before_pixels=True).StudyInstanceUID)
         for p in first_sent.values()
     }
-    counts = node.worklist.counts_by_status()  # type: ignore[attr-defined]
+    counts = node.worklist.queries.counts_by_status()  # type: ignore[attr-defined]
     assert counts["receiving"] == len(studies)
     # Fake_MONOHR1.dcm repeats the SIIM file's SOP Instance UID: kept once (the first copy)
     assert node.store.stats.get("stored") == len(first_sent)
@@ -147,7 +147,7 @@ def test_repeated_instance_is_idempotent(node: Node, tmp_path: Path) -> None:
     assert storescu(node.port, [path]).returncode == 0
     assert node.store.stats == {"stored": 1, "duplicate": 1}
     assert len(_spooled(node.storage)) == 1
-    row = node.worklist.list_worklist()  # type: ignore[attr-defined]
+    row = node.worklist.queries.list_worklist()  # type: ignore[attr-defined]
     assert len(row) == 1 and row[0]["num_instances"] == 1
 
 
@@ -198,7 +198,7 @@ def test_malformed_truncated_and_hostile_uid_are_refused(node: Node, tmp_path: P
 
     # nothing was spooled or recorded; the rejects are quarantined with a reason
     assert _spooled(node.storage) == {}
-    assert node.worklist.list_worklist() == []  # type: ignore[attr-defined]
+    assert node.worklist.queries.list_worklist() == []  # type: ignore[attr-defined]
     quarantined = sorted((node.storage / "quarantine").glob("*.dcm"))
     assert len(quarantined) >= 3
     reasons = " ".join(p.read_text() for p in (node.storage / "quarantine").glob("*.txt"))
@@ -361,7 +361,7 @@ def test_group_commit_batches_parallel_associations(tmp_path: Path) -> None:
     assert store.stats == {"stored": 40}
     # overlapping C-STOREs went through the group commit (lone ones commit in their thread)
     assert 0 < committer.items <= 40 and 1 <= committer.batches <= committer.items
-    assert sum(r["num_instances"] for r in worklist.list_worklist(limit=100)) == 40
+    assert sum(r["num_instances"] for r in worklist.queries.list_worklist(limit=100)) == 40
     assert len(_spooled(storage)) == 40
     worklist.dispose()
 
@@ -393,7 +393,7 @@ def test_recovery_rerecords_lost_rows_and_removes_leftovers(tmp_path: Path) -> N
     (storage / ".clean-shutdown").write_bytes(b"clean\n")  # an earlier version's marker
     settings = load_settings(None, {"storage": storage})
     worklist = open_worklist(settings)
-    worklist.record_instance(
+    worklist.ingest.record_instance(
         paths[0].parent.parent.name, paths[0].stem, paths[0], series_uid=paths[0].parent.name
     )
     found = recover_storage(storage, worklist)
@@ -403,12 +403,12 @@ def test_recovery_rerecords_lost_rows_and_removes_leftovers(tmp_path: Path) -> N
     assert not stale.exists() and not part.exists() and not quarantine_tmp.exists()
     assert not (storage / ".clean-shutdown").exists()
     assert all(p.is_file() for p in paths)
-    assert len(worklist.list_worklist()) == 3
+    assert len(worklist.queries.list_worklist()) == 3
     # re-recorded rows carry SOP class and accession hash like those of live C-STOREs
     from triage_core.uids import hash_identifier
 
     for path in paths[1:]:
-        detail = worklist.study_detail(path.parent.parent.name)
+        detail = worklist.queries.study_detail(path.parent.parent.name)
         assert detail is not None
         assert detail["accession_hash"] == hash_identifier("ACC0001", "")
         assert [i["sop_class_uid"] for i in detail["images"]] == ["1.2.840.10008.5.1.4.1.1.1"]
@@ -562,7 +562,7 @@ def test_serve_killed_right_after_its_answers_keeps_every_instance(tmp_path: Pat
         serve.stop()
     worklist = open_worklist(load_settings(None, {"storage": storage}))
     try:
-        rows = worklist.list_worklist(limit=100)
+        rows = worklist.queries.list_worklist(limit=100)
         assert sum(r["num_instances"] for r in rows) == len(files)
     finally:
         worklist.dispose()

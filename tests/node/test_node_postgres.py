@@ -30,7 +30,7 @@ def test_two_worker_processes_process_each_study_once(
         path = synthetic_cr(storage / "spool" / f"{i}.dcm", size=64, seed=i)
         ds = pydicom.dcmread(path, stop_before_pixels=True)
         studies.append(str(ds.StudyInstanceUID))
-        assert worklist.record_instance(
+        assert worklist.ingest.record_instance(
             str(ds.StudyInstanceUID), str(ds.SOPInstanceUID), path,
             series_uid=str(ds.SeriesInstanceUID), sop_class_uid=str(ds.SOPClassUID),
         )  # fmt: skip
@@ -62,21 +62,22 @@ def test_two_worker_processes_process_each_study_once(
             for w in workers:
                 assert w.proc is not None and w.proc.poll() is None, w.log()
             time.sleep(0.2)
-        assert sorted(worklist.queue_stable_studies(0.0)) == sorted(studies)
+        assert sorted(worklist.queue.queue_stable_studies(0.0)) == sorted(studies)
         deadline = time.monotonic() + 180
         while (
-            worklist.counts_by_status()["done"] + worklist.counts_by_status()["not_eligible"]
+            worklist.queries.counts_by_status()["done"]
+            + worklist.queries.counts_by_status()["not_eligible"]
             < N_STUDIES
         ):
-            assert time.monotonic() < deadline, worklist.counts_by_status()
+            assert time.monotonic() < deadline, worklist.queries.counts_by_status()
             time.sleep(0.5)
     finally:
         codes = [w.stop() for w in workers]
     assert codes == [0, 0]
-    counts = worklist.counts_by_status()
+    counts = worklist.queries.counts_by_status()
     assert counts["done"] == N_STUDIES, counts
     for uid in studies:
-        detail = worklist.study_detail(uid)
+        detail = worklist.queries.study_detail(uid)
         assert detail is not None and detail["attempts"] == 1, detail
     # each study logged as processed by exactly one process, and both processes worked
     per_worker = [re.findall(r"study (\S+) stage=processing", w.log()) for w in workers]

@@ -122,9 +122,9 @@ def _process_with(runtime: str, checkpoint: Path, study: list[Path], storage: Pa
     worklist = open_worklist(settings)
     for path in study:
         ds = pydicom.dcmread(path, stop_before_pixels=True)
-        worklist.record_instance(str(ds.StudyInstanceUID), str(ds.SOPInstanceUID), path)
-    worklist.queue_stable_studies(0.0)
-    claimed = worklist.claim_study("w", 60)
+        worklist.ingest.record_instance(str(ds.StudyInstanceUID), str(ds.SOPInstanceUID), path)
+    worklist.queue.queue_stable_studies(0.0)
+    claimed = worklist.queue.claim_study("w", 60)
     assert claimed is not None
     processing = Processing(
         settings,
@@ -139,7 +139,7 @@ def _process_with(runtime: str, checkpoint: Path, study: list[Path], storage: Pa
     for path in (sr_path, sc_path):
         check = subprocess.run([DCIODVFY, str(path)], capture_output=True, text=True, timeout=60)
         assert check.returncode == 0, check.stderr
-    detail = worklist.study_detail(claimed.study_uid)
+    detail = worklist.queries.study_detail(claimed.study_uid)
     api = TestClient(create_app(worklist)).get(f"/api/studies/{claimed.study_uid}").json()
     worklist.dispose()
     return {

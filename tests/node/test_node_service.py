@@ -32,23 +32,23 @@ def test_retention_purge_deletes_finished_studies_inside_storage(tmp_path: Path)
         folder = storage / "spool" / str(ds.StudyInstanceUID) / str(ds.SeriesInstanceUID)
         folder.mkdir(parents=True)
         path = src.rename(folder / f"{ds.SOPInstanceUID}.dcm")
-        worklist.record_instance(str(ds.StudyInstanceUID), str(ds.SOPInstanceUID), path)
+        worklist.ingest.record_instance(str(ds.StudyInstanceUID), str(ds.SOPInstanceUID), path)
         uids.append(str(ds.StudyInstanceUID))
     # a third study whose row points outside the storage folder: never deleted
     ds = pydicom.dcmread(outside, stop_before_pixels=True)
-    worklist.record_instance(str(ds.StudyInstanceUID), str(ds.SOPInstanceUID), outside)
-    worklist.queue_stable_studies(0.0)
+    worklist.ingest.record_instance(str(ds.StudyInstanceUID), str(ds.SOPInstanceUID), outside)
+    worklist.queue.queue_stable_studies(0.0)
     for _ in range(3):
-        claimed = worklist.claim_study("w", 60)
+        claimed = worklist.queue.claim_study("w", 60)
         assert claimed is not None
         result = StudyResult(study_uid=claimed.study_uid, status="not_eligible", reason="test")
-        assert worklist.complete_study(claimed.study_uid, "w", result) == "not_eligible"
+        assert worklist.queue.complete_study(claimed.study_uid, "w", result) == "not_eligible"
     time.sleep(0.2)
     assert purge(settings, worklist) == 2
     assert outside.is_file()
     assert list((storage / "spool").iterdir()) == []  # emptied folders removed too
     assert (storage / "spool").is_dir()
-    assert worklist.list_worklist() == []
+    assert worklist.queries.list_worklist() == []
     worklist.dispose()
 
 
@@ -71,9 +71,9 @@ def test_worker_pass_writes_sr_and_a_scaled_down_sc(tmp_path: Path, tiny_checkpo
     for i in range(2):
         path = synthetic_cr(tmp_path / f"{i}.dcm", study_uid=study_uid, size=256, seed=i)
         ds = pydicom.dcmread(path, stop_before_pixels=True)
-        worklist.record_instance(study_uid, str(ds.SOPInstanceUID), path)
-    worklist.queue_stable_studies(0.0)
-    claimed = worklist.claim_study("w", 60)
+        worklist.ingest.record_instance(study_uid, str(ds.SOPInstanceUID), path)
+    worklist.queue.queue_stable_studies(0.0)
+    claimed = worklist.queue.claim_study("w", 60)
     assert claimed is not None
     outputs = OutputsProcess()
     outputs.start()
@@ -95,18 +95,18 @@ def test_worker_pass_writes_sr_and_a_scaled_down_sc(tmp_path: Path, tiny_checkpo
     sr, sc = pydicom.dcmread(sr_path), pydicom.dcmread(sc_path)
     assert sr.Modality == "SR" and sc.SOPClassUID == pydicom.uid.SecondaryCaptureImageStorage
     assert max(sc.Rows, sc.Columns) == 96  # sc_max_side, from a 256 px source
-    detail = worklist.study_detail(study_uid)
+    detail = worklist.queries.study_detail(study_uid)
     assert detail is not None
     stored = {name: f["probability"] for name, f in detail["findings"].items()}
     assert {k: v[0] for k, v in findings_from_sr(sr).items()} == pytest.approx(stored)
-    assert len(worklist.claim_due_deliveries(lease_seconds=60)) == 2  # SR and SC, one PACS
+    assert len(worklist.deliveries.claim_due(lease_seconds=60)) == 2  # SR and SC, one PACS
     worklist.dispose()
 
 
 def _record_study(worklist: Any, folder: Path, seed: int, size: int = 32) -> str:
     path = synthetic_cr(folder / f"{seed}.dcm", size=size, seed=seed)
     ds = pydicom.dcmread(path, stop_before_pixels=True)
-    worklist.record_instance(str(ds.StudyInstanceUID), str(ds.SOPInstanceUID), path)
+    worklist.ingest.record_instance(str(ds.StudyInstanceUID), str(ds.SOPInstanceUID), path)
     return str(ds.StudyInstanceUID)
 
 
@@ -114,7 +114,7 @@ def _wait_status(worklist: Any, study_uid: str, statuses: set[str], timeout: flo
     """Seconds until the study reached one of ``statuses``; fails after ``timeout``."""
     started = time.monotonic()
     while time.monotonic() - started < timeout:
-        detail = worklist.study_detail(study_uid)
+        detail = worklist.queries.study_detail(study_uid)
         if detail is not None and detail["status"] in statuses:
             return time.monotonic() - started
         time.sleep(0.02)
@@ -137,7 +137,7 @@ def test_an_idle_worker_is_woken_by_a_queued_study_not_by_a_poll(
     try:
         time.sleep(0.5)  # the worker found nothing and sleeps
         study_uid = _record_study(worklist, tmp_path, seed=1, size=64)
-        assert worklist.queue_stable_studies(0.0) == [study_uid]
+        assert worklist.queue.queue_stable_studies(0.0) == [study_uid]
         assert _wait_status(worklist, study_uid, {"done", "not_eligible"}, 30.0) < 30.0
         assert processing.processed == 1
     finally:
@@ -174,15 +174,15 @@ def test_one_lease_keeper_renews_every_lease_of_its_process(tmp_path: Path) -> N
     worklist = open_worklist(settings)
     for i in range(3):
         _record_study(worklist, tmp_path, seed=10 + i)
-    worklist.queue_stable_studies(0.0)
-    claims = [worklist.claim_study(w, 2.0) for w in ("node/w0", "node/w1", "other/w0")]
+    worklist.queue.queue_stable_studies(0.0)
+    claims = [worklist.queue.claim_study(w, 2.0) for w in ("node/w0", "node/w1", "other/w0")]
     assert all(c is not None for c in claims)
     keeper = LeaseKeeper(worklist, ["node/w0", "node/w1"], lease_seconds=600.0)
     renewed = keeper.renew_all()  # one statement for the whole process
     ours = sorted(c.study_uid for c in claims[:2] if c is not None)
     assert renewed == ours
     expiry = {
-        c.study_uid: worklist.study_detail(c.study_uid)["lease_expires_at"]  # type: ignore[index]
+        c.study_uid: worklist.queries.study_detail(c.study_uid)["lease_expires_at"]  # type: ignore[index]
         for c in claims
         if c is not None
     }
@@ -206,7 +206,7 @@ def test_delivery_thread_does_not_spin_when_the_database_fails(tmp_path: Path) -
         calls.append(time.monotonic())
         raise WorklistError("database is locked")
 
-    worklist.claim_due_deliveries = failing_claim  # type: ignore[method-assign]
+    worklist.deliveries.claim_due = failing_claim  # type: ignore[method-assign]
     worklist.deliveries.next_due_in = lambda now=None: 0.0  # type: ignore[method-assign]
     delivery = Delivery(settings, worklist, Wakeups(worklist, shared=False, poll=0.2))
     delivery.start()

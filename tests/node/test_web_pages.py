@@ -34,12 +34,12 @@ def wl(tmp_path: Path) -> Iterator[Worklist]:
     finish(w, 2, 95.0, "critical", NOW - 600)
     finish(w, 3, 60.0, "urgent", NOW - 300)
     finish(w, 4, 0.0, "routine", NOW - 200, status="not_eligible")
-    w.record_instance(study(5), sop(5), "/spool/5.dcm", now=NOW - 4000)  # receiving, aging
-    sent = w.add_delivery(study(2), f"{ROOT}.9.1", "/outbox/sr.dcm", "PACS@127.0.0.1:104")
-    failed = w.add_delivery(study(2), f"{ROOT}.9.2", "/outbox/sc.dcm", "PACS@127.0.0.1:104")
-    w.add_delivery(study(2), f"{ROOT}.9.1", "/outbox/sr.dcm", "VIEWER@127.0.0.1:105")
-    w.mark_delivery_sent(sent)
-    w.mark_delivery_failed(failed, "association rejected", permanent=True)
+    w.ingest.record_instance(study(5), sop(5), "/spool/5.dcm", now=NOW - 4000)  # receiving, aging
+    sent = w.deliveries.add(study(2), f"{ROOT}.9.1", "/outbox/sr.dcm", "PACS@127.0.0.1:104")
+    failed = w.deliveries.add(study(2), f"{ROOT}.9.2", "/outbox/sc.dcm", "PACS@127.0.0.1:104")
+    w.deliveries.add(study(2), f"{ROOT}.9.1", "/outbox/sr.dcm", "VIEWER@127.0.0.1:105")
+    w.deliveries.mark_sent(sent)
+    w.deliveries.mark_failed(failed, "association rejected", permanent=True)
     yield w
     w.dispose()
 
@@ -55,7 +55,7 @@ def test_worklist_page_order_badges_findings_deliveries(wl: Worklist, tmp_path: 
     page = client(wl, tmp_path).get("/")
     assert page.status_code == 200
     order = re.findall(r'data-study="([0-9.]+)"', page.text)
-    api = [r["study_uid"] for r in wl.list_worklist(limit=100, aging=web_aging())]
+    api = [r["study_uid"] for r in wl.queries.list_worklist(limit=100, aging=web_aging())]
     assert order == api and order[0] == study(2)
     row2 = page.text.split(f'data-study="{study(2)}"')[1].split("</tr>")[0]
     assert 'class="badge critical"' in row2
@@ -210,9 +210,9 @@ def test_real_server_with_token(wl: Worklist, tmp_path: Path) -> None:
 
 def test_delivery_states_query(wl: Worklist) -> None:
     """The one delivery-state query the pages and ``triage worklist`` share."""
-    sent = wl.add_delivery(study(3), f"{ROOT}.9.3", "/outbox/sr.dcm", "PACS@h:1")
-    wl.add_delivery(study(3), f"{ROOT}.9.4", "/outbox/sc.dcm", "PACS@h:1")
-    wl.mark_delivery_sent(sent)
+    sent = wl.deliveries.add(study(3), f"{ROOT}.9.3", "/outbox/sr.dcm", "PACS@h:1")
+    wl.deliveries.add(study(3), f"{ROOT}.9.4", "/outbox/sc.dcm", "PACS@h:1")
+    wl.deliveries.mark_sent(sent)
     states = wl.queries.delivery_states([study(2), study(3), study(4)])
     assert set(states) == {study(2), study(3)}  # none for a study without deliveries
     (pending,) = states[study(3)]
@@ -232,7 +232,7 @@ def test_delivery_states_query(wl: Worklist) -> None:
 def test_cli_table_shows_delivery_state(wl: Worklist) -> None:
     from dicom_node.commands.worklist import format_table
 
-    rows = wl.list_worklist(limit=100)
+    rows = wl.queries.list_worklist(limit=100)
     table = format_table(rows, wl.queries.delivery_states([r["study_uid"] for r in rows]))
     line = next(x for x in table.splitlines() if study(2) in x)
     assert "PACS:1/2!" in line and "VIEWER:0/1~" in line
@@ -388,7 +388,7 @@ def test_operations_page_and_drift_metric(
 def test_low_confidence_flag_is_shown(wl: Worklist, tmp_path: Path) -> None:
     from dicom_node.web.pages import templates
 
-    row = wl.list_worklist(limit=1)[0]
+    row = wl.queries.list_worklist(limit=1)[0]
     assert "low_confidence" in row  # the worklist's rows carry it (revision 0003)
     row.update(low_confidence=True, waiting="1 min", waiting_class="fresh", deliveries=[])
     html = templates().get_template("worklist_rows.html").render(rows=[row])

@@ -16,32 +16,39 @@ The package, in the order data flows through it:
 - :mod:`~triage_core.worklist.deliveries`: output objects to send, with retries;
 - :mod:`~triage_core.worklist.wakeup`: waiting for work (threading events, PostgreSQL
   LISTEN/NOTIFY across processes) instead of polling;
-- :mod:`~triage_core.worklist.queries`: the read side (CLI, HTTP API, web pages) and purge;
+- :mod:`~triage_core.worklist.queries`: the read side (CLI, HTTP API, web pages);
+- :mod:`~triage_core.worklist.retention`: purge, deleting finished studies past retention;
 - :mod:`~triage_core.worklist.feedback`: readers' verdicts (append-only) and their final verdict;
 - :mod:`~triage_core.worklist.tokens`: named HTTP access tokens with a role (hashes only);
-- :mod:`~triage_core.worklist.facade`: :class:`Worklist`, which assembles them.
+- :mod:`~triage_core.worklist.root`: :class:`Worklist`, which builds them on one engine.
 
-Public API of :class:`Worklist` (stable; only additions from here on)
--------------------------------------------------------------------
-- Construction and schema: ``Worklist(url, *, max_attempts=3, max_delivery_attempts=5,
-  delivery_backoff_base=30.0, delivery_backoff_cap=3600.0, sqlite_synchronous="FULL",
-  busy_timeout_ms=30000, echo=False)``; ``Worklist.sqlite_url(storage_dir)``; ``.create_all()``
-  (creates or upgrades the schema); ``.ping()``; ``.dispose()``; ``.engine``; ``.dialect``.
-- Ingest: ``record_instance(...) -> bool``, ``record_instances(records) -> list[bool]``.
-- Study queue: ``queue_stable_studies``, ``claim_study``, ``renew_lease``, ``renew_leases``
-  (every lease of one or several worker ids, one statement), ``complete_study``, ``fail_study``,
-  ``recover_expired_leases``.
-- Deliveries: ``add_delivery``, ``due_deliveries``, ``claim_due_deliveries``,
-  ``mark_delivery_sent``, ``mark_delivery_failed``.
-- Wake-ups: ``study_waiter()``, ``delivery_waiter()``, ``instance_waiter()`` return a
-  :class:`~triage_core.worklist.wakeup.Waiter` whose ``wait(timeout) -> bool`` blocks until work
-  is announced; ``worklist.queue.next_stable_in(stable_age)`` and
-  ``worklist.deliveries.next_due_in()`` say how long a timer-driven loop may sleep.
-- Queries: ``list_worklist``, ``study_detail``, ``counts_by_status``,
-  ``delivery_counts_by_status``, ``purge``.
-- Readers' verdicts and access tokens: ``worklist.feedback`` (:class:`Feedback`: ``add``,
-  ``for_study``, ``final_verdicts``, ``labelled``, ``export_studies``) and ``worklist.tokens``
-  (:class:`Tokens`: ``add``, ``list``, ``revoke``, ``lookup``, ``role_of``, ``active_count``).
+Public API
+----------
+:class:`Worklist` holds what belongs to the whole: ``Worklist(url, *, max_attempts=3,
+max_delivery_attempts=5, delivery_backoff_base=30.0, delivery_backoff_cap=3600.0,
+sqlite_synchronous="FULL", busy_timeout_ms=30000, echo=False)``; ``Worklist.sqlite_url(
+storage_dir)``; ``.create_all()`` (creates or upgrades the schema); ``.ping()``;
+``.start_listening()``; ``.dispose()``; ``.engine``; ``.dialect``. Everything else is a method
+of one of its parts:
+
+- ``worklist.ingest`` (:class:`Ingest`): ``record_instance``, ``record_instances``,
+  ``known_instances``;
+- ``worklist.queue`` (:class:`StudyQueue`): ``queue_stable_studies``, ``next_stable_in``,
+  ``claim_study``, ``complete_study``, ``fail_study``;
+- ``worklist.leases`` (:class:`Leases`): ``renew_lease``, ``renew_leases`` (every lease of one
+  or several worker ids, one statement), ``recover_expired_leases``;
+- ``worklist.deliveries`` (:class:`Deliveries`): ``add``, ``due``, ``claim_due``,
+  ``mark_sent``, ``mark_failed``, ``next_due_in``;
+- wake-ups: ``worklist.queue.waiter()``, ``worklist.queue.instance_waiter()`` and
+  ``worklist.deliveries.waiter()`` return a :class:`~triage_core.worklist.wakeup.Waiter` whose
+  ``wait(timeout) -> bool`` blocks until work is announced; ``queue.next_stable_in(stable_age)``
+  and ``deliveries.next_due_in()`` say how long a timer-driven loop may sleep;
+- ``worklist.queries`` (:class:`WorklistQueries`): ``list_worklist``, ``study_detail``,
+  ``counts_by_status``, ``delivery_counts_by_status``, ``instance_files``;
+- ``worklist.retention`` (:class:`Retention`): ``purge``;
+- ``worklist.feedback`` (:class:`Feedback`: ``add``, ``for_study``, ``final_verdicts``,
+  ``labelled``, ``export_studies``) and ``worklist.tokens`` (:class:`Tokens`: ``add``,
+  ``list``, ``revoke``, ``lookup``, ``role_of``, ``active_count``).
 
 Time is stored as float seconds since the epoch (UTC); every method takes an optional ``now``
 so that tests and replays are deterministic.
@@ -68,10 +75,14 @@ from triage_core.worklist.wakeup import Waiter
 
 if TYPE_CHECKING:
     from triage_core.worklist.deliveries import Deliveries
-    from triage_core.worklist.facade import Worklist
+    from triage_core.worklist.feedback import Feedback
+    from triage_core.worklist.ingest import Ingest
     from triage_core.worklist.queries import WorklistQueries
     from triage_core.worklist.queue import Leases, StudyQueue
+    from triage_core.worklist.retention import Retention
+    from triage_core.worklist.root import Worklist
     from triage_core.worklist.schema import HEAD_REVISION, SCHEMA_VERSION
+    from triage_core.worklist.tokens import Tokens
 
 __all__ = [
     "DELIVERY_STATUSES",
@@ -81,11 +92,15 @@ __all__ = [
     "ClaimedStudy",
     "Deliveries",
     "DeliveryRow",
+    "Feedback",
+    "Ingest",
     "InstanceRecord",
     "Leases",
     "Recovered",
+    "Retention",
     "StudyQueue",
     "Waiter",
+    "Tokens",
     "Worklist",
     "WorklistQueries",
     "backoff_seconds",
@@ -94,11 +109,15 @@ __all__ = [
 ]
 
 _LAZY = {
-    "Worklist": "triage_core.worklist.facade",
+    "Worklist": "triage_core.worklist.root",
+    "Ingest": "triage_core.worklist.ingest",
     "StudyQueue": "triage_core.worklist.queue",
     "Leases": "triage_core.worklist.queue",
     "Deliveries": "triage_core.worklist.deliveries",
     "WorklistQueries": "triage_core.worklist.queries",
+    "Retention": "triage_core.worklist.retention",
+    "Feedback": "triage_core.worklist.feedback",
+    "Tokens": "triage_core.worklist.tokens",
     "SCHEMA_VERSION": "triage_core.worklist.schema",
     "HEAD_REVISION": "triage_core.worklist.schema",
 }

@@ -1,4 +1,4 @@
-"""The read side: JSON-ready rows for the CLI, the HTTP API and web pages, and retention.
+"""The read side: JSON-ready rows for the CLI, the HTTP API and web pages.
 
 Timestamps are ISO 8601 UTC strings; spool paths are never exposed.
 """
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, delete, func, select
+from sqlalchemy import Connection, func, select
 
 from triage_core.errors import WorklistError
 from triage_core.priority import effective_priority
@@ -20,11 +20,11 @@ from triage_core.spec import PRIORITY_LEVELS
 from triage_core.worklist.database import Database
 from triage_core.worklist.records import (
     DELIVERY_STATUSES,
-    FINISHED_STATUSES,
     STUDY_STATUSES,
     iso,
     timestamp,
 )
+from triage_core.worklist.schema import Tables
 
 logger = logging.getLogger(__name__)
 
@@ -112,8 +112,56 @@ def _image_dict(sop_uid: str, inst: Any, res: Any) -> dict[str, Any]:
     return img
 
 
+def _study_findings(conn: Connection, tables: Tables, study_uid: str) -> dict[str, Any]:
+    """The ``findings`` of :meth:`WorklistQueries.study_detail`."""
+    r = tables.results
+    return {
+        fr.finding: {
+            "probability": float(fr.probability),
+            "present": bool(fr.present),
+            "threshold": float(fr.threshold),
+            "source_uid": fr.source_uid,
+        }
+        for fr in conn.execute(select(r).where(r.c.study_uid == study_uid).order_by(r.c.id))
+    }
+
+
+def _study_images(conn: Connection, tables: Tables, study_uid: str) -> list[dict[str, Any]]:
+    """The ``images`` of :meth:`WorklistQueries.study_detail`."""
+    i, ir = tables.instances, tables.image_results
+    per_image = {x.uid: x for x in conn.execute(select(ir).where(ir.c.study_uid == study_uid))}
+    images = [
+        _image_dict(inst.sop_uid, inst, per_image.pop(inst.sop_uid, None))
+        for inst in conn.execute(
+            select(i).where(i.c.study_uid == study_uid).order_by(i.c.received_at, i.c.sop_uid)
+        )
+    ]
+    # results keyed by something other than a received SOP UID
+    images.extend(_image_dict(uid, None, res) for uid, res in per_image.items())
+    return images
+
+
+def _study_deliveries(conn: Connection, tables: Tables, study_uid: str) -> list[dict[str, Any]]:
+    """The ``deliveries`` of :meth:`WorklistQueries.study_detail`."""
+    d = tables.deliveries
+    return [
+        {
+            "id": int(x.id),
+            "sop_uid": x.sop_uid,
+            "destination": x.destination,
+            "status": x.status,
+            "attempts": int(x.attempts),
+            "next_attempt_at": iso(x.next_attempt_at),
+            "last_error": x.last_error,
+            "sent_at": iso(x.sent_at),
+        }
+        for x in conn.execute(select(d).where(d.c.study_uid == study_uid).order_by(d.c.id))
+    ]
+
+
 class WorklistQueries:
-    """Read-only queries (and :meth:`purge`, the retention sweep)."""
+    """Read-only queries (the retention sweep is
+    :class:`~triage_core.worklist.retention.Retention`)."""
 
     def __init__(self, db: Database) -> None:
         self._db = db
@@ -303,9 +351,10 @@ class WorklistQueries:
                     waited = max(0.0, timestamp(now) - float(row.received_at))
                     eff = float(age_fn(eff, waited))
             out = self._row_dicts(conn, [row], {study_uid: eff})[0]
-            out["findings"] = self._findings(conn, study_uid)
-            out["images"] = self._images(conn, study_uid)
-            out["deliveries"] = self._deliveries(conn, study_uid)
+            tables = self._db.tables
+            out["findings"] = _study_findings(conn, tables, study_uid)
+            out["images"] = _study_images(conn, tables, study_uid)
+            out["deliveries"] = _study_deliveries(conn, tables, study_uid)
         out["timings"] = json.loads(row.timings or "{}")
         out["attempts"] = int(row.attempts)
         out["lease_owner"] = row.lease_owner
@@ -313,47 +362,6 @@ class WorklistQueries:
         out["queued_at"] = iso(row.queued_at)
         out["completed_at"] = iso(row.completed_at)
         return out
-
-    def _findings(self, conn: Connection, study_uid: str) -> dict[str, Any]:
-        r = self._db.tables.results
-        return {
-            fr.finding: {
-                "probability": float(fr.probability),
-                "present": bool(fr.present),
-                "threshold": float(fr.threshold),
-                "source_uid": fr.source_uid,
-            }
-            for fr in conn.execute(select(r).where(r.c.study_uid == study_uid).order_by(r.c.id))
-        }
-
-    def _images(self, conn: Connection, study_uid: str) -> list[dict[str, Any]]:
-        i, ir = self._db.tables.instances, self._db.tables.image_results
-        per_image = {x.uid: x for x in conn.execute(select(ir).where(ir.c.study_uid == study_uid))}
-        images = [
-            _image_dict(inst.sop_uid, inst, per_image.pop(inst.sop_uid, None))
-            for inst in conn.execute(
-                select(i).where(i.c.study_uid == study_uid).order_by(i.c.received_at, i.c.sop_uid)
-            )
-        ]
-        # results keyed by something other than a received SOP UID
-        images.extend(_image_dict(uid, None, res) for uid, res in per_image.items())
-        return images
-
-    def _deliveries(self, conn: Connection, study_uid: str) -> list[dict[str, Any]]:
-        d = self._db.tables.deliveries
-        return [
-            {
-                "id": int(x.id),
-                "sop_uid": x.sop_uid,
-                "destination": x.destination,
-                "status": x.status,
-                "attempts": int(x.attempts),
-                "next_attempt_at": iso(x.next_attempt_at),
-                "last_error": x.last_error,
-                "sent_at": iso(x.sent_at),
-            }
-            for x in conn.execute(select(d).where(d.c.study_uid == study_uid).order_by(d.c.id))
-        ]
 
     def delivery_states(self, study_uids: Sequence[str]) -> dict[str, list[dict[str, Any]]]:
         """Per study, per destination (sorted): its objects by delivery status.
@@ -419,43 +427,3 @@ class WorklistQueries:
         with self._db.read() as conn:
             rows = conn.execute(query.order_by(i.c.received_at, i.c.sop_uid)).all()
         return [(r[0], r[1], r[2], r[3], Path(r[4])) for r in rows]
-
-    def purge(self, older_than_seconds: float, now: float | None = None) -> list[Path]:
-        """Delete finished studies last updated more than ``older_than_seconds`` ago.
-
-        Only ``done``, ``not_eligible`` and ``failed`` studies without a ``pending`` delivery
-        are removed (with their instances, results, deliveries and readers' verdicts).
-
-        Returns
-        -------
-        list of Path
-            Spooled instance files and output objects the caller should now delete.
-        """
-        cutoff = timestamp(now) - float(older_than_seconds)
-        t = self._db.tables
-        s, d, i = t.studies, t.deliveries, t.instances
-        with self._db.write() as conn:
-            pending = select(d.c.study_uid).where(d.c.status == "pending")
-            uids = list(
-                conn.execute(
-                    select(s.c.study_uid).where(
-                        s.c.status.in_(FINISHED_STATUSES),
-                        s.c.updated_at < cutoff,
-                        s.c.study_uid.not_in(pending),
-                    )
-                ).scalars()
-            )
-            if not uids:
-                return []
-            paths = [
-                Path(p)
-                for p in conn.execute(select(i.c.path).where(i.c.study_uid.in_(uids))).scalars()
-            ]
-            paths += [
-                Path(p)
-                for p in conn.execute(select(d.c.path).where(d.c.study_uid.in_(uids))).scalars()
-            ]
-            for table in (t.verdicts, t.results, t.image_results, t.deliveries, t.instances, s):
-                conn.execute(delete(table).where(table.c.study_uid.in_(uids)))
-        logger.info("purged %d studies (%d files to delete)", len(uids), len(paths))
-        return paths

@@ -79,7 +79,7 @@ def backoff_seconds(attempt: int, base: float = 30.0, cap: float = 3600.0) -> fl
 
 @dataclass(frozen=True)
 class InstanceRecord:
-    """One received instance, for :meth:`~triage_core.worklist.Worklist.record_instances`."""
+    """One received instance, for :meth:`~triage_core.worklist.ingest.Ingest.record_instances`."""
 
     study_uid: str
     sop_uid: str

@@ -68,8 +68,8 @@ class _Signal:
 class Waiter:
     """One consumer's wait on one channel (make one per thread that waits).
 
-    Use :meth:`triage_core.worklist.Worklist.study_waiter` (or ``delivery_waiter``,
-    ``instance_waiter``) rather than building one.
+    Use ``worklist.queue.waiter()`` (or ``worklist.deliveries.waiter()``,
+    ``worklist.queue.instance_waiter()``) rather than building one.
     """
 
     def __init__(self, channel: str, signal: _Signal, on_wait: Callable[[], None]) -> None:
