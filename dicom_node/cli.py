@@ -36,7 +36,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "predict": ("dicom_node.commands.predict", "triage DICOM or PNG files from the command line"),
     "train": ("training.cli_train", "train a model on NIH ChestX-ray14"),
     "evaluate": ("training.cli_evaluate", "evaluate a checkpoint: metrics, predictions, plots"),
-    "compare": ("training.cli_compare", "train and compare both architectures on one split"),
+    "compare": ("training.cli_compare", "compare cross-validation runs made on the same folds"),
 }
 
 

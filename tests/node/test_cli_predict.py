@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from dicom_node.commands import predict as cmd_predict
+from dicom_node.commands import predict
 from triage_core.errors import CommandError
 
 CHEST = [
@@ -26,8 +26,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 def _run(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="triage predict")
-    cmd_predict.add_arguments(parser)
-    return cmd_predict.run(parser.parse_args(argv))
+    predict.add_arguments(parser)
+    return predict.run(parser.parse_args(argv))
 
 
 @pytest.fixture

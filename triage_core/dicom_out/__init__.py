@@ -1,6 +1,7 @@
 """DICOM output builders: the findings as a Structured Report, the Grad-CAM as a Secondary Capture.
 
-Both builders only *build* datasets (DESIGN.md section 6); sending is ``dicom_node.scu``'s job.
+Both builders only *build* datasets (DESIGN.md section 6); sending is the node's job
+(``dicom_node.stages.deliver``: C-STORE or STOW-RS).
 They validate their inputs first and raise :class:`~triage_core.errors.DicomOutputError` with a
 message that names the bad value, then let highdicom assemble the objects.
 
