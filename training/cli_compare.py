@@ -18,7 +18,6 @@ from typing import Any
 
 from triage_core.errors import CommandError, TriageError
 
-ARCHS: tuple[str, ...] = ("resnet18", "efficientnet_b0", "efficientnet_lite0")
 #: The seed study's test figures (3-class multiclass subset, weighted cross-entropy, full NIH
 #: data, ImageNet initialisation): accuracy and macro-F1.
 SEED_STUDY: dict[str, tuple[float, float]] = {

