@@ -171,6 +171,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="input mean/std: the initial weights' own (default) or ImageNet's",
     )
     r.add_argument("--freeze-bn", action="store_true", help="keep the initial BatchNorm stats")
+    r.add_argument(
+        "--degrade64",
+        type=float,
+        default=0.0,
+        metavar="SHARE",
+        help="show this share of the main training images (a seeded, fixed set) reduced to "
+        "64 px and enlarged back, so that a 64 px --source (cxr14/lowres64) cannot be told "
+        "apart by sharpness; training rows only, held-out images untouched (default 0)",
+    )
 
     final = parser.add_argument_group("final model (--final-from)")
     final.add_argument(
@@ -195,7 +204,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 RECIPE_FLAGS: tuple[str, ...] = (
     "arch", "task", "epochs", "batch_size", "image_size", "seed", "lr", "weight_decay", "warmup",
     "crop", "hflip", "ema", "no_pos_weight", "pretrained", "init_from", "head_init", "probe_c",
-    "normalisation", "freeze_bn", "source", "max_images", "fold_seed", "folds",
+    "normalisation", "freeze_bn", "degrade64", "source", "max_images", "fold_seed", "folds",
 )  # fmt: skip
 
 
@@ -223,6 +232,7 @@ def recipe_from_args(args: argparse.Namespace) -> object:
         freeze_bn=args.freeze_bn,
         probe_c=args.probe_c,
         init_from=str(args.init_from) if args.init_from is not None else None,
+        degrade64=args.degrade64,
     )
 
 

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from training import distributed
-from training.data import load_tensors
+from training.data import degrade_resolution, degraded_choice, load_tensors, with_degraded
 from training.fit import fit
 from training.predict import classifier_layer, predict_logits
 from training.recipe import Recipe, TrainingError
@@ -122,14 +122,18 @@ def train_final(
     auroc = oof.patient_bootstrap(y, oof_logits, patients)
 
     spec = recipe.spec()
-    tensors = load_tensors([index[r.image_index] for r in data.records], spec, progress=progress)
+    paths = [index[r.image_index] for r in data.records]
+    tensors = load_tensors(paths, spec, progress=progress)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     extra = load_extra(sources_of(summary), set(oof_images), spec, task)
-    train_images, train_targets = tensors, data.targets
+    degraded = degraded_choice(len(data), recipe.degrade64, recipe.seed)
+    low = load_tensors([paths[i] for i in degraded], spec, transform=degrade_resolution)
+    train_images = with_degraded(tensors, np.arange(len(data)), degraded, low)
+    train_targets = data.targets
     weights = np.ones(len(data))
     if extra is not None:  # every extra image: no patient is held out any more
-        train_images = torch.cat([tensors, extra.tensors])
+        train_images = torch.cat([train_images, extra.tensors])
         train_targets = np.concatenate([train_targets, extra.targets])
         weights = np.concatenate([weights, extra.weights])
     device = distributed.resolve_device(device)
