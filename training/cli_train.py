@@ -190,6 +190,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     final.add_argument("--name", default="", help="checkpoint name (default from arch/task)")
     final.add_argument("--model-version", default="1", help="version written into the spec")
+    final.add_argument(
+        "--urgent-bound",
+        type=float,
+        metavar="FACTOR",
+        help="fit the thresholds so that the out-of-fold urgent share (any finding flagged) is "
+        "at most FACTOR x the share with any finding (default 1.3); the ratio and its "
+        "patient-bootstrap interval go into the spec and card",
+    )
 
     run_group = parser.add_argument_group("execution")
     run_group.add_argument("--device", default="cpu", help="cpu (default), auto, cuda, cuda:N")
@@ -298,11 +306,14 @@ def run(args: argparse.Namespace) -> int:
                 progress=not args.no_progress,
                 device=args.device,
                 workers=args.workers,
+                urgent_bound=args.urgent_bound,
             )
             print(f"checkpoint: {path}")
             return 0
         from training.cv import CVConfig, run_cv
 
+        if args.urgent_bound is not None:
+            raise CommandError("--urgent-bound is a --final-from option (the thresholds)", 2)
         config = cv_config_from_args(args)
         assert isinstance(config, CVConfig)
         run_cv(config)

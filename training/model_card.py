@@ -139,6 +139,17 @@ def render_operating_points(spec: ModelSpec) -> list[str]:
     return lines
 
 
+def _urgent_ratio(points: Mapping[str, Any]) -> str:
+    """The urgent share's ratio to the share with a finding and its interval (specs fitted
+    before the ratio was recorded have none: nothing is added)."""
+    if "urgent_ratio" not in points:
+        return ""
+    return (
+        f" Ratio of the two: {_ci(points['urgent_ratio'])} (patient bootstrap), fitted to stay "
+        f"<= {points['urgent_bound_factor']:g}."
+    )
+
+
 def render_model_card(
     spec: ModelSpec, *, weights_bytes: int, cv_runs: Sequence[Mapping[str, Any]] = ()
 ) -> str:
@@ -247,7 +258,7 @@ def render_model_card(
         f"{points['images']} images, against {points['any_finding_share']:.3f} that truly have at "
         f"least one of the three (bound: {points['urgent_bound']:.3f}). Of the studies with a "
         f"finding, {points['urgent_sensitivity']:.3f} are urgent; of the urgent ones, "
-        f"{points['urgent_ppv']:.3f} have a finding.",
+        f"{points['urgent_ppv']:.3f} have a finding." + _urgent_ratio(points),
         "",
         "### Drift reference",
         "",
