@@ -5,9 +5,8 @@ once by the fold model that did not see its patient):
 
 * :func:`patient_bootstrap` - AUROC per class and their mean with 95 % percentile intervals
   that resample *patients* (all of a patient's images together), not images;
-* :func:`score_variants` / :func:`ensemble` - the table of a run's variants (final weights,
-  EMA, flip TTA, per-epoch snapshots) and seed ensembles as the mean of logits of runs on the
-  same folds (read with :func:`training.runs.load_runs`);
+* :func:`score_variants` - the table of a run's variants (final weights, EMA, flip TTA,
+  per-epoch snapshots); ensembles of runs on the same folds are in :mod:`training.ensemble`;
 * :func:`operating_points` - per-class thresholds for a stated target, with sensitivity,
   specificity and PPV (patient-bootstrap intervals), the urgent share they produce, and
 * :func:`drift_reference` - the 20-bin reference histograms the node's drift panel compares
@@ -137,11 +136,6 @@ def score_variants(
             )
         out[name] = row
     return out
-
-
-def ensemble(runs: Sequence[Mapping[str, Any]], variant: str) -> np.ndarray:
-    """Mean logits of ``variant`` over the runs (a seed ensemble's OOF prediction)."""
-    return np.mean([r["logits"][variant] for r in runs], axis=0)
 
 
 # --------------------------------------------------------------------------------------------
