@@ -115,3 +115,25 @@ def test_cv_degrades_training_rows_only(
             for j, i in enumerate(held)
             if i in chosen
         )
+
+    # the shipped model's fit (--final-from) trains on the same degraded rows, all images
+    from training import final as final_module
+
+    final_fitted: list[torch.Tensor] = []
+    real_final_fit = final_module.fit
+
+    def recording_final_fit(recipe: Recipe, images: torch.Tensor, *args: Any, **kw: Any) -> Any:
+        final_fitted.append(images.clone())
+        return real_final_fit(recipe, images, *args, **kw)
+
+    monkeypatch.setattr(final_module, "fit", recording_final_fit)
+    final = [
+        "train", "--final-from", str(tmp_path / "cv"), "--images", str(cxr14_dir / "256"),
+        "--labels", str(cxr14_dir / "labels.csv"), "--variant", "final", "--threads", "1",
+        "--no-progress", "--out", str(tmp_path / "final"),
+    ]  # fmt: skip
+    assert main(final) == 0
+    (rows,) = final_fitted
+    assert len(rows) == images
+    for i, row in enumerate(rows):
+        assert torch.equal(row, low[i] if i in chosen else clean[i])
