@@ -80,6 +80,18 @@ def _cost(run_dir: Path, timing: bool) -> dict[str, Any]:
     return out
 
 
+def _extras(recipe: Mapping[str, Any], summary: Mapping[str, Any]) -> str:
+    """The run's training-only additions: extra sources and the 64 px degradation."""
+    out = "".join(
+        f", source {Path(str(src['images'])).name} ({src['n_images']} images, weight "
+        f"{src['weight']:g})"
+        for src in summary.get("sources") or []
+    )
+    if recipe.get("degrade64"):
+        out += f", {recipe['degrade64']:.0%} of the training images at 64 px and back"
+    return out
+
+
 def seed_study_section(runs: Sequence[Mapping[str, Any]]) -> str:
     """The multiclass runs' OOF accuracy and macro-F1 beside the seed study's test figures."""
     lines = [
@@ -197,7 +209,8 @@ def cv_report(dirs: Sequence[Path], timing: bool = False, ensembles: Sequence[st
             f"- {label}: {summary.get('task', 'multilabel')}, {recipe['image_size']} px, "
             f"{recipe['epochs']} epochs, lr {recipe['lr']:g}, head "
             f"{recipe.get('head_init', 'random')}, initial weights {recipe['pretrained']}"
-            f"{', init from ' + recipe['init_from'] if recipe.get('init_from') else ''}; "
+            f"{', init from ' + recipe['init_from'] if recipe.get('init_from') else ''}"
+            f"{_extras(recipe, summary)}; "
             f"{summary['data']['images']} images, {summary['folds']} folds "
             f"(seed {summary['fold_seed']}){size}"
         )

@@ -84,6 +84,11 @@ def _recipe_text(recipe: Mapping[str, Any]) -> str:
         + f", {aug}, "
         + (f"EMA of the weights (decay {recipe['ema']:g})" if recipe.get("ema") else "no EMA")
         + (", BatchNorm statistics frozen" if recipe.get("freeze_bn") else "")
+        + (
+            f", {recipe['degrade64']:.0%} of the main training images shown at 64 px and back"
+            if recipe.get("degrade64")
+            else ""
+        )
         + f", seed {recipe['seed']}"
     )
 

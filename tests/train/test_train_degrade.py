@@ -79,6 +79,11 @@ def test_cv_degrades_training_rows_only(
     assert main(argv) == 0
     summary = json.loads((tmp_path / "cv" / "cv.json").read_text())
     assert summary["recipe"]["degrade64"] == 0.5 and summary["degraded_to_64px"] == 20
+    from training.cli_compare import cv_report
+    from training.model_card import _recipe_text
+
+    assert "50% of the main training images shown at 64 px" in _recipe_text(summary["recipe"])
+    assert "50% of the training images at 64 px and back" in cv_report([tmp_path / "cv"])
 
     data, index = load_task_data(cxr14_dir / "256", cxr14_dir / "labels.csv", "multilabel", 40, 0)
     spec = Recipe(image_size=size, pretrained="none").spec()
