@@ -6,6 +6,11 @@ comparable on the same patients in the same folds), and writes ``OUT/cv_report.m
 AUROC table (patient-bootstrap intervals), each run's recipe, model size and cost, and the seed
 study's published figures beside the multiclass runs' OOF accuracy and macro-F1, with the
 differences spelled out.
+
+``--ensemble [NAME=]CVDIR[:VARIANT],CVDIR...`` (repeatable) adds the ensemble of those runs (the
+mean of their OOF probabilities, :mod:`training.ensemble`; the members join the fold check) as a
+row beside the single models, and the rule "ship only if it beats the best single model by
+>= 0.01 OOF mean AUROC", computed.
 """
 
 from __future__ import annotations
@@ -18,7 +23,6 @@ from typing import Any
 
 from triage_core.errors import CommandError, TriageError
 
-ARCHS: tuple[str, ...] = ("resnet18", "efficientnet_b0", "efficientnet_lite0")
 #: The seed study's test figures (3-class multiclass subset, weighted cross-entropy, full NIH
 #: data, ImageNet initialisation): accuracy and macro-F1.
 SEED_STUDY: dict[str, tuple[float, float]] = {
@@ -44,6 +48,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="also measure CPU ms per image (batch 1) of each run's fold-0 model",
     )
     parser.add_argument("--threads", type=int, help="torch CPU threads (with --timing)")
+    parser.add_argument(
+        "--ensemble",
+        action="append",
+        default=[],
+        metavar="[NAME=]CVDIR[:VARIANT],CVDIR[:VARIANT]...",
+        help="an ensemble of finished CV runs on the same folds (repeatable): its OOF "
+        "prediction is the mean of the members' OOF probabilities (variant ema where present, "
+        "else final); tabulated beside the single models with the ship rule (>= 0.01 mean "
+        "AUROC over the best single)",
+    )
 
 
 def _cost(run_dir: Path, timing: bool) -> dict[str, Any]:
@@ -63,6 +77,18 @@ def _cost(run_dir: Path, timing: bool) -> dict[str, Any]:
     }
     if timing:
         out["ms_b1"] = round(cpu_ms_per_image(model, spec.input_size, 1), 2)
+    return out
+
+
+def _extras(recipe: Mapping[str, Any], summary: Mapping[str, Any]) -> str:
+    """The run's training-only additions: extra sources and the 64 px degradation."""
+    out = "".join(
+        f", source {Path(str(src['images'])).name} ({src['n_images']} images, weight "
+        f"{src['weight']:g})"
+        for src in summary.get("sources") or []
+    )
+    if recipe.get("degrade64"):
+        out += f", {recipe['degrade64']:.0%} of the training images at 64 px and back"
     return out
 
 
@@ -105,20 +131,64 @@ def seed_study_section(runs: Sequence[Mapping[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def cv_report(dirs: Sequence[Path], timing: bool = False) -> str:
+def ensemble_section(
+    runs: Sequence[Mapping[str, Any]],
+    singles: Mapping[str, Mapping[str, Any]],
+    tasks: Mapping[str, str],
+    ensembles: Sequence[str],
+) -> tuple[dict[str, dict[str, Any]], list[str]]:
+    """The rows of the ``ensembles`` (``--ensemble`` texts) and the report's lines on them:
+    members, and the ship rule against the best single row of ``singles`` of the same task
+    (``tasks``: the task of each single row)."""
+    from training.ensemble import EnsembleSpec, score_ensemble, ship_decision
+
+    by_dir = {str(Path(r["dir"]).resolve()): r for r in runs}
+    rows: dict[str, dict[str, Any]] = {}
+    lines = ["## Ensembles", ""]
+    for text in ensembles:
+        spec = EnsembleSpec.parse(text)
+        members = [(by_dir[str(path.resolve())], variant) for path, variant in spec.members]
+        row = score_ensemble(members)
+        rows[f"ensemble {spec.name}"] = row
+        task = members[0][0]["summary"].get("task", "multilabel")
+        decision = ship_decision({k: v for k, v in singles.items() if tasks[k] == task}, row)
+        row["ship_decision"] = decision
+        names = ", ".join(
+            f"{m['arch']} ({Path(m['dir']).name}) {m['variant']}" for m in row["members"]
+        )
+        lines += [
+            f"- ensemble {spec.name}: mean of the OOF probabilities of {names}.",
+            f"  OOF mean AUROC {decision['ensemble_mean']:.3f} against the best single model "
+            f"({decision['best_single']}) {decision['best_single_mean']:.3f}: gain "
+            f"{decision['gain']:+.3f}; rule: ship only if the gain is >= "
+            f"{decision['margin']:.2f} -> {'SHIP' if decision['ship'] else 'do not ship'}.",
+        ]
+    return rows, [*lines, ""]
+
+
+def cv_report(dirs: Sequence[Path], timing: bool = False, ensembles: Sequence[str] = ()) -> str:
     """Out-of-fold rows of finished CV runs on the same folds (``final`` and, where present,
-    ``ema`` and ``epoch0``) with their architecture, recipe and cost, beside the seed study.
+    ``ema`` and ``epoch0``) with their architecture, recipe and cost, beside the seed study;
+    with ``ensembles`` (``--ensemble`` texts) also their rows and the ship rule.
 
     Raises
     ------
     TrainingError
-        A run that is not finished, or runs on different folds.
+        A run that is not finished, runs (ensemble members included) on different folds, or a
+        bad ensemble.
     """
+    from training.ensemble import EnsembleSpec
     from training.oof import format_table
     from training.runs import load_runs
 
-    runs = load_runs(list(dirs))
+    all_dirs = [Path(d) for d in dirs]
+    for text in ensembles:  # members that are not among the runs are loaded (and checked) too
+        for path, _ in EnsembleSpec.parse(text).members:
+            if path.resolve() not in {d.resolve() for d in all_dirs}:
+                all_dirs.append(path)
+    runs = load_runs(all_dirs)
     variants: dict[str, dict[str, Any]] = {}
+    tasks: dict[str, str] = {}
     notes = []
     class_names: Sequence[str] = runs[0]["summary"].get("class_names") or ()
     for r in runs:
@@ -127,6 +197,7 @@ def cv_report(dirs: Sequence[Path], timing: bool = False) -> str:
         for name in ("final", "ema", "epoch0"):
             if name in summary["variants"]:
                 variants[f"{label} {name}"] = summary["variants"][name]
+                tasks[f"{label} {name}"] = summary.get("task", "multilabel")
         cost = _cost(Path(r["dir"]), timing)
         size = (
             f"; {cost['params'] / 1e6:.2f} M parameters, {cost['flops'] / 1e9:.2f} GFLOPs"
@@ -138,19 +209,26 @@ def cv_report(dirs: Sequence[Path], timing: bool = False) -> str:
             f"- {label}: {summary.get('task', 'multilabel')}, {recipe['image_size']} px, "
             f"{recipe['epochs']} epochs, lr {recipe['lr']:g}, head "
             f"{recipe.get('head_init', 'random')}, initial weights {recipe['pretrained']}"
-            f"{', init from ' + recipe['init_from'] if recipe.get('init_from') else ''}; "
+            f"{', init from ' + recipe['init_from'] if recipe.get('init_from') else ''}"
+            f"{_extras(recipe, summary)}; "
             f"{summary['data']['images']} images, {summary['folds']} folds "
             f"(seed {summary['fold_seed']}){size}"
         )
     table_args: dict[str, Any] = {"class_names": class_names} if class_names else {}
+    ensemble_rows, ensemble_lines = (
+        ensemble_section(runs, variants, tasks, ensembles) if ensembles else ({}, [])
+    )
     return "\n".join(
         [
             format_table(
-                variants, title="(patient-wise CV, pooled out-of-fold predictions)", **table_args
+                {**variants, **ensemble_rows},
+                title="(patient-wise CV, pooled out-of-fold predictions)",
+                **table_args,
             ),
             "",
             *notes,
             "",
+            *ensemble_lines,
             seed_study_section(runs),
         ]
     )
@@ -162,7 +240,7 @@ def run(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(args.threads)
     try:
-        text = cv_report(args.cv_runs, timing=args.timing)
+        text = cv_report(args.cv_runs, timing=args.timing, ensembles=args.ensemble)
     except TriageError as exc:
         raise CommandError(str(exc), 2) from exc
     except (OSError, KeyError, ValueError, json.JSONDecodeError) as exc:

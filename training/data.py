@@ -24,7 +24,7 @@ import csv
 import logging
 import os
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -360,11 +360,18 @@ class Augment:
         )
 
 
-def load_tensors(paths: Sequence[Path], spec: ModelSpec, *, progress: bool = False) -> torch.Tensor:
+def load_tensors(
+    paths: Sequence[Path],
+    spec: ModelSpec,
+    *,
+    progress: bool = False,
+    transform: Callable[[np.ndarray], np.ndarray] | None = None,
+) -> torch.Tensor:
     """Decode and preprocess images once: ``(N, 3, S, S)`` float16, spec-normalised.
 
     Uses :func:`triage_core.imaging.load_image` and :func:`triage_core.imaging.to_tensor`,
-    exactly the service's preprocessing.
+    exactly the service's preprocessing; ``transform`` (e.g. :func:`degrade_resolution`) is
+    applied to the decoded [0, 1] image first.
     """
     import torch
 
@@ -378,7 +385,57 @@ def load_tensors(paths: Sequence[Path], spec: ModelSpec, *, progress: bool = Fal
 
         iterator = tqdm(iterator, total=len(paths), desc=f"decode {size}px", unit="img")
     for i, path in iterator:
-        out[i] = to_tensor(load_image(path), spec).to(torch.float16)
+        image = load_image(path)
+        if transform is not None:
+            image = transform(image)
+        out[i] = to_tensor(image, spec).to(torch.float16)
+    return out
+
+
+#: Side of the low-resolution NIH copies (``cxr14/lowres64``) that :func:`degrade_resolution`
+#: imitates.
+LOWRES_SIDE = 64
+
+
+def degrade_resolution(image: np.ndarray, side: int = LOWRES_SIDE) -> np.ndarray:
+    """``image`` ([0, 1], ``H x W``) reduced so that its long side is ``side`` px (Lanczos,
+    8-bit: how the low-resolution copies were stored) and enlarged back to ``H x W`` (bilinear),
+    so that a model cannot tell a high-resolution training image from a 64 px one by its
+    sharpness alone."""
+    from triage_core.imaging import export_resize
+    from triage_core.resample import resize_antialiased
+
+    height, width = image.shape
+    scale = side / max(height, width)
+    small = export_resize(image, max(1, round(height * scale)), max(1, round(width * scale)))
+    return np.clip(resize_antialiased(small, height, width), 0.0, 1.0)
+
+
+def degraded_choice(n: int, share: float, seed: int) -> np.ndarray:
+    """Sorted indices of ``round(share * n)`` of ``n`` images, drawn with ``seed`` (the images
+    that :func:`degrade_resolution` turns into low-resolution look-alikes for training)."""
+    if not 0.0 <= share <= 1.0:
+        raise DatasetError(f"the degraded share must be in [0, 1], got {share}")
+    count = int(round(share * n))
+    rng = np.random.default_rng([seed, 64])
+    return np.sort(rng.permutation(n)[:count]).astype(np.int64)
+
+
+def with_degraded(
+    tensors: torch.Tensor, rows: np.ndarray, degraded: np.ndarray, low: torch.Tensor | None
+) -> torch.Tensor:
+    """The training tensors of ``rows``: copies of ``tensors[rows]`` in which every row that is
+    among the sorted ``degraded`` indices is replaced by its low-resolution tensor (``low``, one
+    per degraded index, in that order)."""
+    import torch
+
+    out = tensors[torch.from_numpy(np.asarray(rows, dtype=np.int64))]
+    if low is None or len(degraded) == 0:
+        return out
+    rows = np.asarray(rows, dtype=np.int64)
+    at = np.minimum(np.searchsorted(degraded, rows), len(degraded) - 1)
+    hit = degraded[at] == rows
+    out[torch.from_numpy(np.flatnonzero(hit))] = low[torch.from_numpy(at[hit])]
     return out
 
 

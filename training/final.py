@@ -10,9 +10,10 @@ model that did not see its patient), not on a small validation split:
   (:func:`training.calibrate.fit_temperature_and_shift` on the OOF logits; the shift is added
   to the shipped classifier's bias, so serving applies only the temperature);
 * per-class operating thresholds (:func:`training.oof.choose_operating_thresholds`: Youden
-  points, raised together if the urgent share would exceed 1.5 x the share of studies that have
-  any of the findings), with sensitivity, specificity and PPV and their patient-bootstrap
-  intervals (:func:`training.oof.operating_points`);
+  points, raised together if the urgent share would exceed ``urgent_bound`` (default 1.3) x the
+  share of studies that have any of the findings), with sensitivity, specificity and PPV and
+  their patient-bootstrap intervals, and the urgent share's ratio to that share with its
+  interval (:func:`training.oof.operating_points`);
 * the drift reference histograms (:func:`training.oof.drift_reference`).
 
 The weights are stored as fp16 (``OUT/NAME.safetensors`` + ``.json``, and the ONNX serving graph
@@ -30,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from training import distributed
-from training.data import load_tensors
+from training.data import degrade_resolution, degraded_choice, load_tensors, with_degraded
 from training.fit import fit
 from training.predict import classifier_layer, predict_logits
 from training.recipe import Recipe, TrainingError
@@ -74,8 +75,12 @@ def train_final(
     progress: bool = False,
     device: str = "cpu",
     workers: int = 0,
+    urgent_bound: float | None = None,
 ) -> Path:
     """Fit the recipe of ``cv_dir`` on all its images and save a calibrated fp16 checkpoint.
+
+    ``urgent_bound`` (default :data:`training.oof.URGENT_BOUND`) bounds the OOF urgent share as
+    a multiple of the share with any finding.
 
     Returns the checkpoint name (``OUT/NAME``).
 
@@ -91,6 +96,9 @@ def train_final(
     from triage_core import __version__, ood
     from triage_core.models import pretrained_source, save_checkpoint
 
+    bound = oof.URGENT_BOUND if urgent_bound is None else urgent_bound
+    if not bound > 0:
+        raise TrainingError(f"--urgent-bound must be positive, got {bound}")
     if variant not in SERVABLE_VARIANTS:
         raise TrainingError(f"--variant must be one of {SERVABLE_VARIANTS}, got {variant!r}")
     started = time.perf_counter()
@@ -116,20 +124,24 @@ def train_final(
 
     temperature, shift = _calibration(oof_logits, y, task)
     probs = probabilities(oof_logits + shift, task, temperature)
-    thresholds, rule = oof.choose_operating_thresholds(probs, y)
-    points = oof.operating_points(probs, y, patients, names, thresholds)
+    thresholds, rule = oof.choose_operating_thresholds(probs, y, bound)
+    points = oof.operating_points(probs, y, patients, names, thresholds, bound_factor=bound)
     drift = oof.drift_reference(probs, thresholds, names)
     auroc = oof.patient_bootstrap(y, oof_logits, patients)
 
     spec = recipe.spec()
-    tensors = load_tensors([index[r.image_index] for r in data.records], spec, progress=progress)
+    paths = [index[r.image_index] for r in data.records]
+    tensors = load_tensors(paths, spec, progress=progress)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     extra = load_extra(sources_of(summary), set(oof_images), spec, task)
-    train_images, train_targets = tensors, data.targets
+    degraded = degraded_choice(len(data), recipe.degrade64, recipe.seed)
+    low = load_tensors([paths[i] for i in degraded], spec, transform=degrade_resolution)
+    train_images = with_degraded(tensors, np.arange(len(data)), degraded, low)
+    train_targets = data.targets
     weights = np.ones(len(data))
     if extra is not None:  # every extra image: no patient is held out any more
-        train_images = torch.cat([tensors, extra.tensors])
+        train_images = torch.cat([train_images, extra.tensors])
         train_targets = np.concatenate([train_targets, extra.targets])
         weights = np.concatenate([weights, extra.weights])
     device = distributed.resolve_device(device)
@@ -234,7 +246,8 @@ def train_final(
     print(
         f"saved {path}: OOF mean AUROC {auroc['mean']}, temperature {temperature:.3f}, "
         f"thresholds {[round(x, 3) for x in thresholds]}, urgent share "
-        f"{points['urgent_share']} (any finding {points['any_finding_share']})",
+        f"{points['urgent_share']} (any finding {points['any_finding_share']}; ratio "
+        f"{points['urgent_ratio']}, bound {bound:g})",
         flush=True,
     )
     return path

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from training.report import fmt
+from triage_core.models import LITE_TIMM_NAMES
 from triage_core.spec import ModelSpec
 
 NOT_FOR_CLINICAL_USE = (
@@ -83,6 +84,11 @@ def _recipe_text(recipe: Mapping[str, Any]) -> str:
         + f", {aug}, "
         + (f"EMA of the weights (decay {recipe['ema']:g})" if recipe.get("ema") else "no EMA")
         + (", BatchNorm statistics frozen" if recipe.get("freeze_bn") else "")
+        + (
+            f", {recipe['degrade64']:.0%} of the main training images shown at 64 px and back"
+            if recipe.get("degrade64")
+            else ""
+        )
         + f", seed {recipe['seed']}"
     )
 
@@ -138,6 +144,17 @@ def render_operating_points(spec: ModelSpec) -> list[str]:
     return lines
 
 
+def _urgent_ratio(points: Mapping[str, Any]) -> str:
+    """The urgent share's ratio to the share with a finding and its interval (specs fitted
+    before the ratio was recorded have none: nothing is added)."""
+    if "urgent_ratio" not in points:
+        return ""
+    return (
+        f" Ratio of the two: {_ci(points['urgent_ratio'])} (patient bootstrap), fitted to stay "
+        f"<= {points['urgent_bound_factor']:g}."
+    )
+
+
 def render_model_card(
     spec: ModelSpec, *, weights_bytes: int, cv_runs: Sequence[Mapping[str, Any]] = ()
 ) -> str:
@@ -161,7 +178,7 @@ def render_model_card(
         "## What it is",
         "",
         f"- Architecture: `{spec.arch}`"
-        + (" (timm `tf_efficientnet_lite0`)" if spec.arch == "efficientnet_lite0" else "")
+        + (f" (timm `{LITE_TIMM_NAMES[spec.arch]}`)" if spec.arch in LITE_TIMM_NAMES else "")
         + f", {spec.num_classes} sigmoid outputs ({', '.join(names)}), task `{spec.task}`.",
         f"- Initial weights: {_initialisation(spec)}.",
         f"- Input: {spec.input_size} x {spec.input_size} px, gray image letterboxed and repeated "
@@ -246,7 +263,7 @@ def render_model_card(
         f"{points['images']} images, against {points['any_finding_share']:.3f} that truly have at "
         f"least one of the three (bound: {points['urgent_bound']:.3f}). Of the studies with a "
         f"finding, {points['urgent_sensitivity']:.3f} are urgent; of the urgent ones, "
-        f"{points['urgent_ppv']:.3f} have a finding.",
+        f"{points['urgent_ppv']:.3f} have a finding." + _urgent_ratio(points),
         "",
         "### Drift reference",
         "",

@@ -5,9 +5,8 @@ once by the fold model that did not see its patient):
 
 * :func:`patient_bootstrap` - AUROC per class and their mean with 95 % percentile intervals
   that resample *patients* (all of a patient's images together), not images;
-* :func:`score_variants` / :func:`ensemble` - the table of a run's variants (final weights,
-  EMA, flip TTA, per-epoch snapshots) and seed ensembles as the mean of logits of runs on the
-  same folds (read with :func:`training.runs.load_runs`);
+* :func:`score_variants` - the table of a run's variants (final weights, EMA, flip TTA,
+  per-epoch snapshots); ensembles of runs on the same folds are in :mod:`training.ensemble`;
 * :func:`operating_points` - per-class thresholds for a stated target, with sensitivity,
   specificity and PPV (patient-bootstrap intervals), the urgent share they produce, and
 * :func:`drift_reference` - the 20-bin reference histograms the node's drift panel compares
@@ -28,6 +27,9 @@ from training.recipe import TrainingError
 DRIFT_BINS = 20
 #: Bootstrap resamples for every interval.
 N_BOOT = 1000
+#: The thresholds keep the OOF urgent share (any finding flagged) at or below this many times the
+#: share of studies that have any of the findings (``triage train --final-from --urgent-bound``).
+URGENT_BOUND = 1.3
 
 
 def _patient_index(patients: Sequence[str]) -> list[np.ndarray]:
@@ -136,11 +138,6 @@ def score_variants(
     return out
 
 
-def ensemble(runs: Sequence[Mapping[str, Any]], variant: str) -> np.ndarray:
-    """Mean logits of ``variant`` over the runs (a seed ensemble's OOF prediction)."""
-    return np.mean([r["logits"][variant] for r in runs], axis=0)
-
-
 # --------------------------------------------------------------------------------------------
 # tables
 
@@ -198,20 +195,27 @@ def operating_points(
     thresholds: Sequence[float],
     n_boot: int = N_BOOT,
     seed: int = 0,
+    bound_factor: float = URGENT_BOUND,
 ) -> dict[str, Any]:
     """Sensitivity, specificity and PPV at ``thresholds`` with patient-bootstrap intervals,
     flagged share per class, and the urgent share (any finding flagged) beside the share that
-    truly has at least one of the findings."""
+    truly has at least one of the findings: their ratio (``urgent_ratio``, with its
+    patient-bootstrap interval) and the bound ``bound_factor`` x that share."""
     y = np.asarray(y) > 0.5
     probs = np.asarray(probs, dtype=np.float64)
     t = np.asarray(thresholds, dtype=np.float64)
     called = probs >= t
+    urgent: np.ndarray = np.asarray(called.any(axis=1))
+    truly: np.ndarray = np.asarray(y.any(axis=1))
     groups = _patient_index(patients)
     rng = np.random.default_rng(seed)
     boots: list[list[tuple[float, float, float]]] = []
+    ratios: list[float] = []
     for _ in range(n_boot):
         idx = np.concatenate([groups[i] for i in rng.integers(0, len(groups), len(groups))])
         boots.append([_rates(y[idx, k], called[idx, k]) for k in range(len(class_names))])
+        if truly[idx].any():
+            ratios.append(float(urgent[idx].mean() / truly[idx].mean()))
     arr = np.asarray(boots, dtype=np.float64)  # (B, C, 3)
     out: dict[str, Any] = {}
     for k, name in enumerate(class_names):
@@ -231,11 +235,16 @@ def operating_points(
                 round(float(np.percentile(col, 97.5)), 4),
             ]
         out[name] = entry
-    urgent: np.ndarray = np.asarray(called.any(axis=1))
-    truly: np.ndarray = np.asarray(y.any(axis=1))
     out["urgent_share"] = round(float(urgent.mean()), 4)
     out["any_finding_share"] = round(float(truly.mean()), 4)
-    out["urgent_bound"] = round(1.5 * float(truly.mean()), 4)
+    out["urgent_bound"] = round(bound_factor * float(truly.mean()), 4)
+    out["urgent_bound_factor"] = bound_factor
+    ratio = float(urgent.mean() / truly.mean()) if truly.any() else math.nan
+    out["urgent_ratio"] = [
+        round(ratio, 4),
+        round(float(np.percentile(ratios, 2.5)), 4) if ratios else math.nan,
+        round(float(np.percentile(ratios, 97.5)), 4) if ratios else math.nan,
+    ]
     out["urgent_sensitivity"] = round(float(urgent[truly].mean()), 4)
     out["urgent_ppv"] = round(float(truly[urgent].mean()) if urgent.any() else math.nan, 4)
     out["images"] = len(y)
@@ -243,14 +252,21 @@ def operating_points(
 
 
 def choose_operating_thresholds(
-    probs: np.ndarray, y: np.ndarray, bound_factor: float = 1.5
+    probs: np.ndarray, y: np.ndarray, bound_factor: float = URGENT_BOUND
 ) -> tuple[list[float], str]:
     """Per-class Youden thresholds; if together they call more studies urgent than
     ``bound_factor`` times the share that has any finding, every class's threshold is raised to
     the same higher quantile of its own scores until the urgent share fits the bound.
 
     Returns the thresholds and the rule in words (for the spec and card).
+
+    Raises
+    ------
+    TrainingError
+        ``bound_factor`` not positive, or no thresholds meet the bound.
     """
+    if not bound_factor > 0:
+        raise TrainingError(f"--urgent-bound must be positive, got {bound_factor}")
     y = np.asarray(y) > 0.5
     probs = np.asarray(probs, dtype=np.float64)
     c = probs.shape[1]

@@ -29,7 +29,7 @@ class TrainingError(TriageError):
 
 def default_pretrained(arch: str) -> str:
     """The initial weights of ``arch`` when none are named: ImageNet where this machine has
-    them (EfficientNet-Lite0, and EfficientNet-B0 from the Lite0 tensors), else random."""
+    them (EfficientNet-Lite0/1/2, and EfficientNet-B0 from the Lite0 tensors), else random."""
     return "none" if arch == "resnet18" else "imagenet"
 
 
@@ -48,7 +48,10 @@ class Recipe:
     own (``pretrained`` ``"default"`` resolves to :func:`default_pretrained`); ``freeze_bn``
     keeps the BatchNorm statistics of the initial weights; ``probe_c`` is the
     probe's inverse L2 strength; ``init_from`` starts from the weights of an earlier checkpoint
-    (``NAME``, same architecture and task) instead of ``pretrained``.
+    (``NAME``, same architecture and task) instead of ``pretrained``; ``degrade64`` the share of
+    the main training images shown at 64 px and back (:func:`training.data.degrade_resolution`;
+    a seeded, fixed set, training rows only: held-out images stay as they are), so that a 64 px
+    source (``cxr14/lowres64``) cannot be told apart by its sharpness.
 
     Raises
     ------
@@ -75,6 +78,7 @@ class Recipe:
     probe_c: float = 0.1
     task: str = "multilabel"
     init_from: str | None = None
+    degrade64: float = 0.0
 
     def __post_init__(self) -> None:
         from triage_core.models import ARCHITECTURES
@@ -110,12 +114,16 @@ class Recipe:
             raise TrainingError(f"--crop must satisfy 0.3 <= low <= high <= 1, got {self.crop}")
         if not self.probe_c > 0:
             raise TrainingError(f"--probe-c must be positive, got {self.probe_c}")
+        if not 0.0 <= self.degrade64 < 1.0:
+            raise TrainingError(f"--degrade64 must be in [0, 1), got {self.degrade64}")
         if self.init_from is not None and self.head_init == "probe":
             raise TrainingError("--init-from keeps its trained head: not with --head-init probe")
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out["crop"] = list(self.crop) if self.crop else None
+        if not self.degrade64:  # absent when unused: the recipes (and states) of older runs
+            del out["degrade64"]
         return out
 
     @classmethod

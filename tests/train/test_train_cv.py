@@ -280,15 +280,41 @@ def test_final_model_is_calibrated_on_the_out_of_fold_predictions(
     assert spec.training["recipe"] == summary["recipe"]
     assert spec.training["fp16_check"]["max_abs_probability_difference"] <= 0.01
     assert [h["epoch"] for h in spec.training["history"]] == [1, 2]  # fixed epochs, no stopping
-    assert (
-        spec.metrics["operating_points"]["urgent_share"]
-        <= (spec.metrics["operating_points"]["urgent_bound"])
-    )
+    points = spec.metrics["operating_points"]
+    assert points["urgent_share"] <= points["urgent_bound"]
+    assert points["urgent_bound_factor"] == oof.URGENT_BOUND == 1.3  # the default bound
+    assert points["urgent_ratio"][0] <= 1.3 + 1e-4
     assert spec.ood and spec.input_size == 32 and spec.code_version
     assert 0 < spec.temperature and all(0.0 <= t <= 1.0 for t in spec.thresholds)
     assert not (tiny_final.parent / "state.pt").exists()
     with torch.inference_mode():
         assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 3)
+
+
+def test_final_takes_an_urgent_bound(
+    tiny_cv: Path, cxr14_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--urgent-bound 1.1`: thresholds, spec and card follow it; with --cv it is refused."""
+    from dicom_node.cli import main
+    from training.model_card import render_model_card
+    from triage_core.models import read_spec
+
+    data = ["--images", str(cxr14_dir / "256"), "--labels", str(cxr14_dir / "labels.csv")]
+    argv = ["train", "--final-from", str(tiny_cv), *data, "--threads", "1", "--no-progress"]
+    assert main([*argv, "--urgent-bound", "1.1", "--name", "b", "--out", str(tmp_path)]) == 0
+    spec = read_spec(tmp_path / "b")
+    points = spec.metrics["operating_points"]
+    assert points["urgent_bound_factor"] == 1.1
+    assert points["urgent_share"] <= 1.1 * points["any_finding_share"] + 1e-4
+    ratio, low, high = points["urgent_ratio"]
+    assert ratio <= 1.1 + 1e-4 and low <= ratio <= high
+    assert "1.1 x the share with any finding" in spec.metrics["threshold_rule"] or (
+        ratio <= 1.1 and "scaled" not in spec.metrics["threshold_rule"]
+    )
+    card = render_model_card(spec, weights_bytes=1)
+    assert "Ratio of the two:" in card and "<= 1.1" in card
+    assert main(["train", "--cv", "2", *data, "--urgent-bound", "1.2", "--out", "x"]) == 2
+    assert "--urgent-bound is a --final-from option" in capsys.readouterr().err
 
 
 def test_triage_predict_uses_the_final_checkpoint(

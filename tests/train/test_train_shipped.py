@@ -95,11 +95,16 @@ def test_model_card_numbers_equal_the_run_files() -> None:
     probs = probabilities(
         z + np.asarray(metrics["oof"]["logit_shift"]), "multilabel", spec.temperature
     )
-    thresholds, rule = oof.choose_operating_thresholds(probs, y)
+    # the bound the shipped thresholds were fitted to (specs before issue 23 record none: 1.5)
+    factor = metrics["operating_points"].get("urgent_bound_factor", 1.5)
+    thresholds, rule = oof.choose_operating_thresholds(probs, y, factor)
     assert spec.thresholds == pytest.approx(tuple(thresholds)) and metrics["threshold_rule"] == rule
-    assert metrics["operating_points"] == oof.operating_points(
-        probs, y, patients, spec.class_names, spec.thresholds
+    points = oof.operating_points(
+        probs, y, patients, spec.class_names, spec.thresholds, bound_factor=factor
     )
+    if "urgent_ratio" not in metrics["operating_points"]:  # fitted before the ratio was kept
+        del points["urgent_ratio"], points["urgent_bound_factor"]
+    assert metrics["operating_points"] == points
     assert spec.drift == oof.drift_reference(probs, spec.thresholds, spec.class_names)
     runs = json.loads((RUN_FILES / "cv_runs.json").read_text())
     shipped = [r for r in runs if r["dir"] == spec.training["cv_run"]]
