@@ -16,16 +16,17 @@ cropping form ``vw,vh,sx,sy,sw,sh`` is refused) or, without one, reduced to at m
 JPEG quality. Windows follow PS3.3 C.11.2.1.2 (``linear``, ``linear-exact``, ``sigmoid``).
 
 Only the one frame is decoded (:func:`pydicom.pixels.pixel_array` with ``index=``), and the
-encoded images are kept in a small LRU cache (files never change once written; the key holds
-the file's modification time).
+encoded images are kept in an LRU cache of at most 32 MiB (images up to 1 MiB each; files
+never change once written, and the key holds the file's modification time).
 """
 
 from __future__ import annotations
 
-import functools
 import io
 import logging
 import math
+import threading
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -207,8 +208,40 @@ def _encode(pixels: np.ndarray, request: RenderRequest, longest: int) -> bytes:
     return out.getvalue()
 
 
-@functools.lru_cache(maxsize=256)
-def _render(path: Path, mtime_ns: int, index: int, request: RenderRequest, longest: int) -> bytes:
+class _ImageCache:
+    """Encoded images by key, least recently used dropped first, bounded in bytes."""
+
+    def __init__(self, max_bytes: int, max_item: int) -> None:
+        self.max_bytes, self.max_item = max_bytes, max_item
+        self._items: OrderedDict[tuple[Any, ...], bytes] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple[Any, ...]) -> bytes | None:
+        with self._lock:
+            found = self._items.get(key)
+            if found is not None:
+                self._items.move_to_end(key)
+            return found
+
+    def put(self, key: tuple[Any, ...], data: bytes) -> None:
+        if len(data) > self.max_item:
+            return
+        with self._lock:
+            if key in self._items:
+                return
+            self._items[key] = data
+            self._bytes += len(data)
+            while self._bytes > self.max_bytes:
+                _, dropped = self._items.popitem(last=False)
+                self._bytes -= len(dropped)
+
+
+#: Rendered images and thumbnails kept (OHIF asks for the same thumbnails again and again).
+CACHE = _ImageCache(max_bytes=32 << 20, max_item=1 << 20)
+
+
+def _render(path: Path, index: int, request: RenderRequest, longest: int) -> bytes:
     from pydicom.pixels import pixel_array
 
     header = read_header(path)
@@ -230,5 +263,10 @@ def _render(path: Path, mtime_ns: int, index: int, request: RenderRequest, longe
 def render(path: Path, request: RenderRequest, index: int = 0, thumbnail: bool = False) -> bytes:
     """Frame ``index`` of the file at ``path`` drawn as ``request`` asks (see the module
     docstring). Raises :class:`RenderError` (404) for an instance without pixels."""
-    mtime = path.stat().st_mtime_ns
-    return _render(path, mtime, index, request, THUMBNAIL_SIDE if thumbnail else MAX_SIDE)
+    longest = THUMBNAIL_SIDE if thumbnail else MAX_SIDE
+    key = (path, path.stat().st_mtime_ns, index, request, longest)
+    found = CACHE.get(key)
+    if found is None:
+        found = _render(path, index, request, longest)
+        CACHE.put(key, found)
+    return found

@@ -19,7 +19,7 @@ instances``
 ``GET /studies/{study}[/series/{series}[/instances/        WADO-RS instances
 {sop}]]``
 ``GET .../metadata`` (each of those three levels)          WADO-RS metadata (dicom+json)
-``GET .../instances/{sop}/bulkdata/{tag}``                 WADO-RS bulk data (octet-stream)
+``GET .../instances/{sop}/bulkdata/{tag}[/{item}/{tag}]``  WADO-RS bulk data (octet-stream)
 ``GET .../instances/{sop}/frames/{list}``                  WADO-RS frames (:mod:`.frames`)
 ``GET .../instances/{sop}/rendered``, ``.../frames/{n}/    WADO-RS rendered (JPEG or PNG)
 rendered``
@@ -40,7 +40,14 @@ from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 from starlette.requests import ClientDisconnect
 
 from dicom_node.dicomweb import qido, wado
-from dicom_node.dicomweb.catalog import Catalog, Entry, dataset_json, read_header
+from dicom_node.dicomweb.catalog import (
+    BulkPathError,
+    Catalog,
+    Entry,
+    dataset_json,
+    parse_bulk_path,
+    read_header,
+)
 from dicom_node.dicomweb.multipart import (
     MediaTypeError,
     parse_accept,
@@ -329,18 +336,20 @@ def dicomweb_router(
         return metadata(study, series, sop, request)
 
     @router.get(
-        "/studies/{study}/series/{series}/instances/{sop}/bulkdata/{tag}",
-        summary="WADO-RS: bulk data of a top-level element",
+        "/studies/{study}/series/{series}/instances/{sop}/bulkdata/{where:path}",
+        summary="WADO-RS: bulk data of an element (TAG, or TAG/ITEM/TAG in a sequence)",
     )
-    def get_bulkdata(study: str, series: str, sop: str, tag: str) -> Response:
+    def get_bulkdata(study: str, series: str, sop: str, where: str) -> Response:
         found = entries_or_404(study, series, sop)
         if isinstance(found, Response):
             return found
-        if len(tag) != 8 or any(c not in "0123456789abcdefABCDEF" for c in tag):
-            return problem(400, "the bulk data tag is 8 hexadecimal digits")
-        data = wado.bulk_value(found[0].path, int(tag, 16))
+        try:
+            path = parse_bulk_path(where)
+        except BulkPathError as exc:
+            return problem(400, str(exc))
+        data = wado.bulk_value(found[0].path, path)
         if data is None:
-            return problem(404, f"no bulk data element {tag.upper()} in this instance")
+            return problem(404, f"no bulk data element {where[:80].upper()} in this instance")
         content_type, chunks = wado.bulk_parts(data)
         return StreamingResponse(iterate_in_threadpool(chunks), media_type=content_type)
 
