@@ -3,7 +3,8 @@
 :func:`dicomweb_router` gives the routes; the work is in :mod:`~dicom_node.dicomweb.stow`
 (store), :mod:`~dicom_node.dicomweb.qido` (search) and :mod:`~dicom_node.dicomweb.wado`
 (retrieve), over :mod:`~dicom_node.dicomweb.catalog`. Access is the HTTP server's
-(:mod:`dicom_node.web.access`: loopback only, or the token, or the authenticating proxy); the
+(:mod:`dicom_node.web.access`: loopback only, or the token, or the authenticating proxy;
+storing needs the role ``reader`` or ``admin``, which that guard checks before a route runs); the
 calling-AE allow-list has no counterpart here (HTTP carries no AE title). Every UID in a path
 is checked against the DICOM UID grammar first (400 otherwise); a resource we do not hold is
 404; a body or an ``Accept`` we cannot serve is 415 or 406, with a one-line ``detail``.

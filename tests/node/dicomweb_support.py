@@ -32,7 +32,7 @@ class RunningNode:
 
     @property
     def base(self) -> str:
-        return f"http://127.0.0.1:{self.settings.http_port}/dicomweb"
+        return f"http://{self.settings.http_host}:{self.settings.http_port}/dicomweb"
 
     @property
     def storage(self) -> Path:
@@ -66,10 +66,12 @@ def running_node(
     try:
         token = settings.http_token
         headers = {"Authorization": f"Bearer {token.get_secret_value()}"} if token else {}
+        if settings.http_proxy_header:
+            headers[settings.http_proxy_header] = "health-check"
         deadline = time.monotonic() + 30
         while True:
             try:
-                url = f"http://127.0.0.1:{settings.http_port}/healthz"
+                url = f"http://{settings.http_host}:{settings.http_port}/healthz"
                 if httpx.get(url, headers=headers, timeout=2).status_code == 200:
                     break
             except httpx.HTTPError:
