@@ -337,20 +337,20 @@ def dicomweb_router(
         return metadata(study, series, sop, request)
 
     @router.get(
-        "/studies/{study}/series/{series}/instances/{sop}/bulkdata/{where:path}",
+        "/studies/{study}/series/{series}/instances/{sop}/bulkdata/{bulk_path:path}",
         summary="WADO-RS: bulk data of an element (TAG, or TAG/ITEM/TAG in a sequence)",
     )
-    def get_bulkdata(study: str, series: str, sop: str, where: str) -> Response:
+    def get_bulkdata(study: str, series: str, sop: str, bulk_path: str) -> Response:
         found = entries_or_404(study, series, sop)
         if isinstance(found, Response):
             return found
         try:
-            path = parse_bulk_path(where)
+            path = parse_bulk_path(bulk_path)
         except BulkPathError as exc:
             return problem(400, str(exc))
         data = wado.bulk_value(found[0].path, path)
         if data is None:
-            return problem(404, f"no bulk data element {where[:80].upper()} in this instance")
+            return problem(404, f"no bulk data element {bulk_path[:80].upper()} in this instance")
         content_type, chunks = wado.bulk_parts(data)
         return StreamingResponse(iterate_in_threadpool(chunks), media_type=content_type)
 
