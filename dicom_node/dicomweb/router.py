@@ -145,6 +145,11 @@ def dicomweb_router(
     router = APIRouter(prefix=ROOT, tags=["DICOMweb"])
     catalog = Catalog(worklist, settings.storage)
 
+    def base_of(request: Request) -> str:
+        """The root our URLs start with: ``dicomweb_base_url`` (behind a reverse proxy), else
+        as the client reached us."""
+        return settings.dicomweb_base_url or _base(request)
+
     # ------------------------------------------------------------------ STOW-RS
     async def stow(request: Request, study: str | None) -> Response:
         if (bad := _check_uids(study)) is not None:
@@ -201,7 +206,7 @@ def dicomweb_router(
         except BaseException:
             await run_in_threadpool(job.abort, "server error")
             raise
-        status, body = store_response(outcomes, _base(request))
+        status, body = store_response(outcomes, base_of(request))
         logger.info(
             "STOW-RS from %s: %d stored, %d failed",
             peer,
@@ -231,7 +236,7 @@ def dicomweb_router(
         except qido.QueryError as exc:
             return problem(400, str(exc))
         entries = catalog.entries(study, series)
-        results, more = qido.search(entries, level, query, _base(request))
+        results, more = qido.search(entries, level, query, base_of(request))
         headers = {}
         if more:
             headers["Warning"] = (
@@ -290,7 +295,7 @@ def dicomweb_router(
             if data is None:
                 data = found[0].path.read_bytes()
             return Response(content=data, media_type="application/dicom")
-        content_type, chunks = wado.instance_parts(found, syntax, _base(request))
+        content_type, chunks = wado.instance_parts(found, syntax, base_of(request))
         return StreamingResponse(iterate_in_threadpool(chunks), media_type=content_type)
 
     def metadata(study: str, series: str | None, sop: str | None, request: Request) -> Response:
@@ -299,7 +304,7 @@ def dicomweb_router(
             return found
         if not _wants_json(request):
             return problem(406, f"metadata is given as {DICOM_JSON}")
-        base = _base(request)
+        base = base_of(request)
         out = []
         for entry in found:
             header = read_header(entry.path)
