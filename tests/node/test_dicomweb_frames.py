@@ -243,3 +243,26 @@ def test_a_frame_request_holds_one_frame(tmp_path: Path, decode: bool, rle: bool
         assert peak < 4 * frame_bytes, f"peak {peak} bytes for frames of {frame_bytes}"
         peaks.append(peak)
     assert peaks[1] < peaks[0] + frame_bytes // 4, peaks  # no growth with the frame count
+
+
+def test_deflated_frames_come_decoded(
+    node: RunningNode, client: DICOMwebClient, tmp_path: Path
+) -> None:
+    """A file stored Deflated (no offset to seek to): ``transfer-syntax=*`` and Explicit VR LE
+    both give the inflated native pixels, labelled Explicit VR Little Endian."""
+    ds = pydicom.dcmread(synthetic_cr(tmp_path / "d.dcm", size=64, seed=5))
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.DeflatedExplicitVRLittleEndian
+    ds.save_as(tmp_path / "deflated.dcm", enforce_file_format=True)
+    deflated = pydicom.dcmread(tmp_path / "deflated.dcm")
+    client.store_instances([deflated])
+    for syntax in ("*", EVLE):
+        (frame,) = client.retrieve_instance_frames(
+            *uids(ds), frame_numbers=[1], media_types=(("application/octet-stream", syntax),)
+        )
+        assert frame == ds.PixelData
+    study, series, sop = uids(ds)
+    rsp = get(
+        f"{node.base}/studies/{study}/series/{series}/instances/{sop}/frames/1",
+        headers={"Accept": OHIF_FRAMES},
+    )
+    assert f"transfer-syntax={EVLE}".encode() in rsp.content
