@@ -28,7 +28,13 @@ from starlette.concurrency import iterate_in_threadpool
 
 from dicom_node.dicomweb import frames, rendering
 from dicom_node.dicomweb.catalog import Entry, read_header
-from dicom_node.dicomweb.multipart import MediaTypeError, parse_accept
+from dicom_node.dicomweb.multipart import (
+    MediaTypeError,
+    multipart_chunks,
+    new_boundary,
+    parse_accept,
+    related_content_type,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +71,7 @@ def add_pixel_routes(router: APIRouter, find: Finder) -> None:
         try:
             accept = parse_accept(request.headers.get("accept"))
             wanted = rendering.parse_request(accept, request.query_params)
+            _, multipart = rendering.media_type_of(accept, request.query_params.get("accept"))
             data = rendering.render(entry.path, wanted, index, thumbnail)
         except MediaTypeError as exc:
             return _problem(406, str(exc))
@@ -75,6 +82,10 @@ def add_pixel_routes(router: APIRouter, find: Finder) -> None:
         except Exception as exc:  # noqa: BLE001 - an undecodable image is a 406, logged
             logger.warning("instance %s cannot be rendered: %s", entry.sop_uid, exc)
             return _problem(406, "this instance cannot be rendered as an image")
+        if multipart:  # one part, as the client's multipart Accept asked
+            boundary = new_boundary()
+            body = b"".join(multipart_chunks([(wanted.media_type, data, "")], boundary))
+            return Response(body, media_type=related_content_type(boundary, wanted.media_type))
         return Response(content=data, media_type=wanted.media_type)
 
     def thumbnail(request: Request, study: str, series: str | None, sop: str | None) -> Response:

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dicom_node.dicomweb.catalog import read_header
-from dicom_node.dicomweb.multipart import MediaType
+from dicom_node.dicomweb.multipart import MediaType, parse_accept
 
 if TYPE_CHECKING:
     import numpy as np
@@ -48,7 +48,7 @@ MAX_VIEWPORT = 4096
 JPEG_QUALITY = 90
 FUNCTIONS = ("linear", "linear-exact", "sigmoid")
 #: The query parameters we read; any other is ignored, as PS3.18 8.3.5.1 lets us.
-PARAMETERS = ("viewport", "window", "quality")
+PARAMETERS = ("viewport", "window", "quality", "accept")
 
 
 class RenderError(ValueError):
@@ -69,15 +69,27 @@ class RenderRequest:
     quality: int = JPEG_QUALITY
 
 
-def media_type_of(accept: Sequence[MediaType]) -> str:
-    """``image/jpeg`` (the default, PS3.18 8.3.5.1.2) or ``image/png``; else 406."""
-    if not accept:
-        return "image/jpeg"
+def media_type_of(accept: Sequence[MediaType], query_accept: str | None = None) -> tuple[str, bool]:
+    """The image type to give and whether as a one-part ``multipart/related`` body.
+
+    An ``Accept`` header asking for ``multipart/related; type="image/jpeg"`` (or PNG; what
+    dicomweb-client's bulk data retrieval sends) gets that. Otherwise the ``accept`` query
+    parameter (PS3.18 8.3.3.1, for user agents that cannot set the header: OHIF's thumbnail
+    URLs carry ``?accept=image/jpeg``) or else the header chooses a single-part answer:
+    ``image/jpeg`` (the default, PS3.18 8.3.5.1.2) or ``image/png``; anything else is 406.
+    """
     for media in accept:
+        part = media.param("type").lower()
+        if media.type == "multipart/related" and part in ("image/jpeg", "image/png"):
+            return part, True
+    entries = parse_accept(query_accept) if query_accept else list(accept)
+    if not entries:
+        return "image/jpeg", False
+    for media in entries:
         if media.type in ("image/jpeg", "image/png"):
-            return media.type
+            return media.type, False
         if media.type in ("*/*", "image/*"):
-            return "image/jpeg"
+            return "image/jpeg", False
     raise RenderError(406, "rendered images and thumbnails are given as image/jpeg or image/png")
 
 
@@ -99,7 +111,7 @@ def parse_request(accept: Sequence[MediaType], query: Mapping[str, str]) -> Rend
     RenderError
         406 for an ``Accept`` without JPEG or PNG; 400 for a malformed parameter.
     """
-    media_type = media_type_of(accept)
+    media_type, _ = media_type_of(accept, query.get("accept"))
     viewport = None
     if (text := query.get("viewport")) is not None:
         parts = text.split(",")

@@ -256,3 +256,32 @@ def test_every_bulk_data_uri_resolves(
     ):
         rsp = get(base.replace("7FE00010", where))
         assert rsp.status_code == status, where
+
+
+def test_thumbnail_accept_forms(node: RunningNode, stored: dict[str, Any]) -> None:
+    """The ``accept`` query parameter (OHIF's thumbnail URLs carry ``?accept=image/jpeg``), a
+    browser's ``Accept``, and dicomweb-client's multipart form (one image part)."""
+    study, series, sop = instance_uids(stored["RG2_JLSL.dcm"])
+    url = f"{node.base}/studies/{study}/series/{series}/instances/{sop}/thumbnail"
+    browser = "image/avif,image/webp,image/apng,image/svg+xml,image/*,*/*;q=0.8"
+    for params, accept, media_type in (
+        ({"accept": "image/jpeg"}, None, "image/jpeg"),
+        ({"accept": "image/png"}, browser, "image/png"),
+        ({}, browser, "image/jpeg"),
+        ({}, None, "image/jpeg"),
+    ):
+        headers = {"Accept": accept} if accept else {}
+        rsp = get(url, params=params, headers=headers)
+        assert rsp.status_code == 200 and rsp.headers["content-type"] == media_type
+        assert Image.open(io.BytesIO(rsp.content)).format == media_type.split("/")[1].upper()
+    assert get(url, params={"accept": "application/dicom"}).status_code == 406
+    rsp = get(
+        url,
+        params={"accept": "image/jpeg"},
+        headers={"Accept": 'multipart/related; type="image/jpeg"'},
+    )
+    assert rsp.status_code == 200
+    assert rsp.headers["content-type"].startswith('multipart/related; type="image/jpeg"; boundary=')
+    head, body = rsp.content.split(b"\r\n\r\n", 1)
+    assert b"Content-Type: image/jpeg" in head
+    assert Image.open(io.BytesIO(body)).format == "JPEG"
