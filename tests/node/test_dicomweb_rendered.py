@@ -285,3 +285,30 @@ def test_thumbnail_accept_forms(node: RunningNode, stored: dict[str, Any]) -> No
     head, body = rsp.content.split(b"\r\n\r\n", 1)
     assert b"Content-Type: image/jpeg" in head
     assert Image.open(io.BytesIO(body)).format == "JPEG"
+
+
+def test_study_and_series_rendered(node: RunningNode, stored: dict[str, Any]) -> None:
+    """A study's and a series' images, one rendered part each (the SIIM study holds the
+    MONOCHROME1 copy in a series of its own)."""
+    ds = stored[SIIM]
+    study, series, _ = instance_uids(ds)
+    in_study = [d for d in stored.values() if d.StudyInstanceUID == study]
+    in_series = [d for d in in_study if d.SeriesInstanceUID == series]
+    assert len(in_study) > len(in_series) >= 1
+    for url, count in (
+        (f"{node.base}/studies/{study}/rendered", len(in_study)),
+        (f"{node.base}/studies/{study}/series/{series}/rendered", len(in_series)),
+    ):
+        rsp = get(url, params={"viewport": "64,64"}, headers={"Accept": "image/png"})
+        assert rsp.status_code == 200
+        content_type = rsp.headers["content-type"]
+        assert content_type.startswith('multipart/related; type="image/png"; boundary=')
+        boundary = content_type.rsplit("boundary=", 1)[1].encode()
+        parts = rsp.content.split(b"--" + boundary)[1:-1]
+        assert len(parts) == count >= 1
+        for part in parts:
+            head, body = part.split(b"\r\n\r\n", 1)
+            assert b"Content-Type: image/png" in head
+            assert max(Image.open(io.BytesIO(body[:-2])).size) == 64
+    assert get(f"{node.base}/studies/1.2.3.404/rendered").status_code == 404
+    assert get(f"{node.base}/studies/{study}/rendered", params={"window": "1"}).status_code == 400
