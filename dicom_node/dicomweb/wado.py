@@ -11,9 +11,8 @@
   Data) by ``BulkDataURI``.
 - **Bulk data** of a top-level element: ``multipart/related; type="application/octet-stream"``
   (Pixel Data uncompressed, little endian).
-- **Rendered**: an instance as ``image/jpeg`` (default) or ``image/png``, at most
-  :data:`~dicom_node.dicomweb.images.MAX_SIDE` pixels: our Grad-CAM SC from its own RGB pixels, a
-  greyscale image windowed as the model's preprocessing windows it.
+- **Frames**, **rendered** images and **thumbnails**: :mod:`~dicom_node.dicomweb.frames`
+  and :mod:`~dicom_node.dicomweb.rendering` (routes in :mod:`~dicom_node.dicomweb.pixels`).
 """
 
 from __future__ import annotations
@@ -23,7 +22,7 @@ import logging
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from dicom_node.dicomweb.catalog import ENCAPSULATED_PREFIXES, Entry, read_header
+from dicom_node.dicomweb.catalog import ENCAPSULATED_PREFIXES, Entry, nested_value, read_header
 from dicom_node.dicomweb.multipart import (
     MediaType,
     multipart_chunks,
@@ -126,20 +125,22 @@ def instance_parts(
     return related_content_type(boundary, "application/dicom"), multipart_chunks(parts(), boundary)
 
 
-def bulk_value(path: Path, tag: int) -> bytes | None:
-    """The value of a top-level element (Pixel Data uncompressed), ``None`` if absent."""
+def bulk_value(path: Path, where: list[int]) -> bytes | None:
+    """The bytes of the element at ``where`` (:func:`~dicom_node.dicomweb.catalog.
+    parse_bulk_path`), ``None`` if absent. Pixel Data is given uncompressed (decoded whole:
+    viewers ask for frames instead); any other element comes from the cached header."""
     import pydicom
 
+    if where != [0x7FE00010]:
+        header = read_header(path)
+        return None if header is None else nested_value(header, where)
     ds = pydicom.dcmread(path)
-    if tag not in ds:
+    if 0x7FE00010 not in ds:
         return None
-    if tag == 0x7FE00010:
-        syntax = str(ds.file_meta.get("TransferSyntaxUID", ""))
-        if syntax.startswith(ENCAPSULATED_PREFIXES):
-            ds.decompress()
-        return bytes(ds.PixelData)
-    value = ds[tag].value
-    return value if isinstance(value, bytes) else None
+    syntax = str(ds.file_meta.get("TransferSyntaxUID", ""))
+    if syntax.startswith(ENCAPSULATED_PREFIXES):
+        ds.decompress()
+    return bytes(ds.PixelData)
 
 
 def bulk_parts(data: bytes) -> tuple[str, Iterator[bytes]]:
@@ -147,31 +148,3 @@ def bulk_parts(data: bytes) -> tuple[str, Iterator[bytes]]:
     return related_content_type(boundary, "application/octet-stream"), multipart_chunks(
         [("application/octet-stream", data, "")], boundary
     )
-
-
-def rendered_type(accept: Sequence[MediaType]) -> str:
-    """``image/jpeg`` (the default, PS3.18 8.3.5.1.2) or ``image/png``; else 406."""
-    if not accept:
-        return "image/jpeg"
-    for media in accept:
-        if media.type in ("image/jpeg", "image/png"):
-            return media.type
-        if media.type in ("*/*", "image/*"):
-            return "image/jpeg"
-    raise NotAcceptable("rendered images are given as image/jpeg or image/png")
-
-
-def render(path: Path, media_type: str) -> bytes:
-    """The instance as a displayable image (see the module docstring)."""
-    from PIL import Image
-
-    from dicom_node.dicomweb import images
-
-    header = read_header(path)
-    photometric = str(header.get("PhotometricInterpretation", "")) if header is not None else ""
-    png = images.render(path, "source" if photometric.startswith("MONOCHROME") else "sc")
-    if media_type == "image/png":
-        return png
-    out = io.BytesIO()
-    Image.open(io.BytesIO(png)).convert("RGB").save(out, format="JPEG", quality=90)
-    return out.getvalue()
