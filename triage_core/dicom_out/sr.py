@@ -35,13 +35,13 @@ from triage_core.dicom_out.common import (
     _check_finding,
     _check_number,
     _coding_schemes,
+    _device_uid,
     _is_uid,
     _model_name,
     _require_attrs,
     _sanitized_reference,
     _software_versions,
     _text,
-    default_device_uid,
     finding_code,
 )
 from triage_core.errors import DicomOutputError
@@ -180,14 +180,6 @@ def build_sr(
         len(result.findings),
     )
     return sr
-
-
-def _device_uid(spec: ModelSpec, device_uid: str | None) -> str:
-    if device_uid is None:
-        return default_device_uid(spec)
-    if not _is_uid(device_uid):
-        raise DicomOutputError(f"device_uid {device_uid!r} is not a valid UID")
-    return device_uid
 
 
 def _algorithm_id(spec: ModelSpec, parameters: list[str]) -> Any:
