@@ -31,6 +31,7 @@ from dicom_out_support import (
 from pydicom.dataset import Dataset
 
 from triage_core.dicom_out import (
+    CamRegion,
     ReportBuilder,
     build_sc,
     build_sr,
@@ -39,6 +40,7 @@ from triage_core.dicom_out import (
     findings_from_sr,
     low_confidence_from_sr,
     priority_from_sr,
+    regions_from_sr,
 )
 from triage_core.errors import DicomOutputError, TriageError
 from triage_core.spec import Finding, ModelSpec, StudyResult
@@ -236,8 +238,14 @@ def test_report_builder_gives_build_srs_content(
     for round_ in range(2):  # the second round reuses every cached layout
         for index, result in enumerate(cases):
             sources = [first, second]
-            reference = build_sr(result, sources, spec, device_uid=DEVICE_UID)
-            fast = builder.build(result, sources)
+            # a region for every present finding with a source image (built per study)
+            regions = {
+                f.name: CamRegion(f.source_uid, 10.0, 20.0, 100.5, 200.25)
+                for f in result.findings
+                if f.present and f.source_uid
+            }
+            reference = build_sr(result, sources, spec, device_uid=DEVICE_UID, regions=regions)
+            fast = builder.build(result, sources, regions=regions)
             assert _normalized(fast, keep) == _normalized(reference, keep)
             assert fast.SOPInstanceUID != reference.SOPInstanceUID
             if round_ == 0:
@@ -247,6 +255,7 @@ def test_report_builder_gives_build_srs_content(
                 expected = {f.name: (f.probability, f.present) for f in result.findings}
                 assert findings_from_sr(back) == expected
                 assert priority_from_sr(back) == (result.priority_score, result.priority_level)
+                assert regions_from_sr(back) == regions
                 import highdicom as hd
 
                 report = hd.sr.Comprehensive3DSR.from_dataset(back)

@@ -24,6 +24,11 @@ Structured Report (:func:`build_sr`)
       SCT 272519000 "Absent" (``probability >= threshold``),
     * a reference to the source image that gave the probability (when it is one of ``sources``).
 
+    For each finding judged present whose map was computed, a TID 1410 group "<name> region"
+    follows the priority group: the finding type, its "Present" evaluation and the image region
+    as a closed SCOORD POLYLINE on the source image (the rule is in :mod:`.regions`: bounding
+    box of the CAM's connected component at or above half its peak, in source pixels).
+
     One more group (tracking identifier ``Study priority``, finding type SCT 260870009
     "Priority") carries the study priority: the score in [0, 100] (private code
     ``PRIORITYSCORE``, unit UCUM ``{score}``) and the level as a qualitative evaluation whose
@@ -75,23 +80,29 @@ from triage_core.dicom_out.read import (
     findings_from_sr,
     low_confidence_from_sr,
     priority_from_sr,
+    regions_from_sr,
 )
+from triage_core.dicom_out.regions import REGION_FRACTION, CamRegion, cam_region
 from triage_core.dicom_out.report_builder import ReportBuilder
 from triage_core.dicom_out.sc import build_sc, burn_in_caption
 from triage_core.dicom_out.sr import build_sr
 
 __all__ = [
     "MANUFACTURER",
+    "REGION_FRACTION",
+    "CamRegion",
     "NOT_FOR_DIAGNOSTIC_USE",
     "ReportBuilder",
     "build_pm",
     "build_sc",
     "build_sr",
     "burn_in_caption",
+    "cam_region",
     "default_device_uid",
     "finding_code",
     "findings_from_sr",
     "heatmap_from_pm",
     "low_confidence_from_sr",
     "priority_from_sr",
+    "regions_from_sr",
 ]

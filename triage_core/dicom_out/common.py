@@ -52,6 +52,8 @@ ABSENT = Code("272519000", "SCT", "Absent")
 UNIT_ONE = Code("1", "UCUM", "no units")
 UNIT_SCORE = Code("{score}", "UCUM", "score")
 CHEST_IMAGING = Code("413815006", "SCT", "Chest imaging")
+#: Geometric purpose of a finding's region (CID 219): the box bounds the finding.
+BOUNDED_BY = Code("75958009", "SCT", "Bounded by")
 #: Out-of-distribution score of the study's least typical image (``triage_core.ood``).
 OOD_SCORE = Code("OODSCORE", PRIVATE_SCHEME, "Out-of-distribution score")
 #: Present: some image is unlike the model's training images (score above the threshold).
