@@ -25,9 +25,9 @@ carries the map itself, so that a viewer can overlay it, colour it and read its 
   two pixel grids when the map is smaller than the image. So the map lines up with the image
   pixel for pixel; the 3-D values mean nothing beyond that.
 * **Provenance**: the algorithm in Contributing Equipment (IHE AIR "Processing Algorithm", with
-  the Device UID), Content Label ``GRADCAM``, Content Description naming the finding,
-  Content Qualification ``RESEARCH``, Series Description "cxr-triage Grad-CAM map (NOT FOR
-  DIAGNOSTIC USE)", Body Part Examined copied from the source (``CHEST`` when absent).
+  the Device UID), Content Label ``GRADCAM``, Content Description naming the finding and its
+  probability, Content Qualification ``RESEARCH``, Series Description "cxr-triage Grad-CAM map
+  (NOT FOR DIAGNOSTIC USE)", Body Part Examined copied from the source (``CHEST`` when absent).
 
 highdicom 0.28.2 builds a Parametric Map of a source without Frame of Reference with a
 Dimension Index on Frame Label that no frame carries (its constructor then fails, and the IOD
@@ -47,9 +47,9 @@ from pydicom.sr.coding import Code
 from triage_core.dicom_out.common import (
     _CS_RE,
     MANUFACTURER,
+    NOT_FOR_DIAGNOSTIC_USE,
     PM_SERIES_DESCRIPTION,
     PRIVATE_SCHEME,
-    RESEARCH_STATEMENT,
     UNIT_ONE,
     _algorithm_equipment,
     _check_finding,
@@ -284,8 +284,8 @@ def build_pm(
             ],
             content_label=PM_LABEL,
             content_description=_text(
-                f"Grad-CAM heat map for {checked.name} (probability "
-                f"{checked.probability:.3f}) by {spec.display_name}; {RESEARCH_STATEMENT}",
+                f"Grad-CAM of {checked.name} (p={checked.probability:.3f}), "
+                f"{NOT_FOR_DIAGNOSTIC_USE}",
                 64,
             ),
             contributing_equipment=[_algorithm_equipment(spec, uid)],
