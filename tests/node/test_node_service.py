@@ -285,3 +285,32 @@ def test_delivery_thread_does_not_spin_when_the_database_fails(tmp_path: Path) -
         delivery.stop(time.monotonic() + 5)
     assert 1 <= len(calls) <= 3, len(calls)  # one look per ERROR_WAIT (1 s), not thousands
     worklist.dispose()
+
+
+def test_device_uid_follows_the_weights_and_the_version(
+    tmp_path: Path, tiny_checkpoint: Path
+) -> None:
+    import shutil
+
+    from dicom_node.stages.record import OutputsRecorder
+    from triage_core.dicom_out import default_device_uid
+    from triage_core.models import read_spec
+
+    settings = load_settings(None, {"storage": tmp_path / "storage", "workers": 0})
+    worklist = open_worklist(settings)
+    recorder = OutputsRecorder(settings, worklist)
+    spec = read_spec(tiny_checkpoint)
+    uid = recorder.device_uid(spec, tiny_checkpoint)
+    assert uid == recorder.device_uid(spec, tiny_checkpoint)  # stable (digest read once)
+    assert uid != default_device_uid(spec)  # the weights' digest is part of it
+    assert recorder.device_uid(spec.replace(version="1"), tiny_checkpoint) != uid  # new version
+    # the same spec with other weights: another UID
+    other = tmp_path / "other"
+    shutil.copy(tiny_checkpoint.with_suffix(".json"), other.with_suffix(".json"))
+    data = bytearray(tiny_checkpoint.with_suffix(".safetensors").read_bytes())
+    data[-1] ^= 0xFF
+    other.with_suffix(".safetensors").write_bytes(bytes(data))
+    assert recorder.device_uid(spec, other) not in (uid, default_device_uid(spec))
+    # weights that cannot be read: the spec's UID, with a warning (never a crash)
+    assert recorder.device_uid(spec, tmp_path / "missing") == default_device_uid(spec)
+    worklist.dispose()
