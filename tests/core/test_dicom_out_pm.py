@@ -36,6 +36,8 @@ pytestmark = WARNING_FILTERS
 __all__ = ["header", "spec"]  # fixtures
 
 PARAMETRIC_MAP = "1.2.840.10008.5.1.4.1.1.30"
+#: A hip (a paired body part, Laterality present but empty): Type 2C Laterality kept empty.
+HIP = "RG2_JLSL.dcm"
 
 
 def _algorithm(ds: Dataset) -> Dataset:
@@ -56,7 +58,7 @@ def _blob(rows: int, cols: int) -> np.ndarray:
     return (blob / blob.max()).astype(np.float32)
 
 
-@pytest.mark.parametrize(("name", "scale"), [(SIIM, 1), (RG1, 1), (RG1, 4)])
+@pytest.mark.parametrize(("name", "scale"), [(SIIM, 1), (RG1, 1), (RG1, 4), (HIP, 8)])
 def test_pm_round_trip_on_real_source(
     name: str, scale: int, header: Callable[[str], Dataset], spec: ModelSpec, tmp_path: Path
 ) -> None:

@@ -296,6 +296,8 @@ def build_pm(
         pm.BodyPartExamined = body_part if _CS_RE.match(body_part) else "CHEST"
         if laterality in ("R", "L"):
             pm.Laterality = laterality
+        elif "Laterality" in reference:  # Type 2C: the source says it applies, value unknown
+            pm.Laterality = ""
     except (ValueError, TypeError, KeyError, AttributeError) as exc:
         raise DicomOutputError(
             f"source {source.SOPInstanceUID}: Parametric Map could not be built: {exc}"
