@@ -231,6 +231,12 @@ class NodeSettings(BaseSettings):
     )
     batch_size: int = Field(16, ge=1, le=1024)
     with_cam: bool = Field(True, description="send the Grad-CAM Secondary Capture")
+    output_maps: Literal["both", "sc", "pm"] = Field(
+        "both",
+        description="how the Grad-CAM map is sent (with_cam): 'both' a Parametric Map (the map "
+        "as values, IHE AI Results) and a Secondary Capture (the picture, for viewers that "
+        "cannot overlay a map), 'pm' or 'sc' only one of them",
+    )
     sc_max_side: int = Field(
         512,
         ge=0,

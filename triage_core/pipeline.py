@@ -23,6 +23,8 @@ forward pass) chain the stages, each with an explicit contract:
    ``cam_max_side``). The map is computed from the target layer's activations captured in
    step 4 (:meth:`Predictor.predict_with_features`), so no second pass through the backbone is
    needed; when the model's head cannot be separated, a full Grad-CAM pass is run instead.
+   The heat map itself is kept too (the Parametric Map), and so is the map of every other
+   finding judged present, each on the image that gave it (their image regions in the SR).
 
 Per-stage wall times (seconds) are in ``StudyResult.timings`` (``read``, ``preprocess``,
 ``inference``, ``cam``, ``total``; studies triaged together report the time of the pass they
@@ -47,6 +49,7 @@ from triage_core.errors import ImageReadError, TriageError
 from triage_core.spec import Finding, ImageResult, StudyResult
 
 if TYPE_CHECKING:
+    from triage_core.cam import CamResult
     from triage_core.inference import Predictor
 
 logger = logging.getLogger(__name__)
@@ -88,6 +91,12 @@ class StudyOutput:
         SOP Instance UID of the image the overlay was made on ("" without overlay).
     cam_finding : Finding or None
         The explained finding (the study's top finding; check ``present`` before sending).
+    cam_heatmap : numpy.ndarray or None
+        float32 map (same grid as ``cam_overlay``, [0, 1]) behind the overlay.
+    finding_maps : dict of str to (str, numpy.ndarray)
+        For each finding judged present (with the overlay's finding among them when present):
+        the SOP Instance UID of the image that gave it and its map on that image, on the
+        overlay's scale (``cam_max_side``).
     cam_error : str
         Why the map failed ("" when it did not).
     datasets : dict of str to pydicom.Dataset
@@ -98,6 +107,8 @@ class StudyOutput:
     cam_overlay: np.ndarray | None = None
     cam_source_uid: str = ""
     cam_finding: Finding | None = None
+    cam_heatmap: np.ndarray | None = None
+    finding_maps: dict[str, tuple[str, np.ndarray]] = field(default_factory=dict)
     cam_error: str = ""
     datasets: dict[str, Dataset] = field(default_factory=dict)
 
@@ -348,11 +359,13 @@ def _finish(
     scoring = time.perf_counter() - mark
 
     mark = time.perf_counter()
-    explained: tuple[np.ndarray, str, Finding] | None = None
+    explained: tuple[np.ndarray, str, Finding, np.ndarray] | None = None
+    finding_maps: dict[str, tuple[str, np.ndarray]] = {}
     cam_error = ""
     if with_cam and findings:
         try:
             explained = _explain(study, findings, predictor, cam_max_side)
+            finding_maps = _present_maps(study, findings, predictor, cam_max_side, explained)
         except TriageError as exc:
             logger.error("study %s: Grad-CAM failed: %s", study.uid, exc)
             cam_error = str(exc)
@@ -385,23 +398,53 @@ def _finish(
     )
     output = StudyOutput(result=result, cam_error=cam_error, datasets=study.datasets)
     if explained is not None:
-        output.cam_overlay, output.cam_source_uid, output.cam_finding = explained
+        output.cam_overlay, output.cam_source_uid, output.cam_finding, output.cam_heatmap = (
+            explained
+        )
+        output.finding_maps = finding_maps
     return output
 
 
 def _explain(
     study: _Study, findings: Sequence[Finding], predictor: Predictor, cam_max_side: int | None
-) -> tuple[np.ndarray, str, Finding]:
+) -> tuple[np.ndarray, str, Finding, np.ndarray]:
     """Stage 6: the map of the top finding on the image that gave it: the overlay, that
-    image's UID and the finding (raises the explainer's ``TriageError``)."""
-    batch = study.batch
+    image's UID, the finding and the heat map (raises the explainer's ``TriageError``)."""
     top = max(findings, key=lambda f: f.probability)
-    index = batch.uids.index(top.source_uid)
-    cam = predictor.explainer().explain(
-        batch.images[top.source_uid],
-        predictor.spec.class_names.index(top.name),
+    cam = _cam(study, top, predictor, cam_max_side)
+    return cam.overlay, top.source_uid, top, cam.heatmap
+
+
+def _cam(
+    study: _Study, finding: Finding, predictor: Predictor, cam_max_side: int | None
+) -> CamResult:
+    batch = study.batch
+    index = batch.uids.index(finding.source_uid)
+    return predictor.explainer().explain(
+        batch.images[finding.source_uid],
+        predictor.spec.class_names.index(finding.name),
         tensor=batch.tensors[index],
         features=batch.features[index] if batch.features is not None else None,
         max_side=cam_max_side,
     )
-    return cam.overlay, top.source_uid, top
+
+
+def _present_maps(
+    study: _Study,
+    findings: Sequence[Finding],
+    predictor: Predictor,
+    cam_max_side: int | None,
+    explained: tuple[np.ndarray, str, Finding, np.ndarray],
+) -> dict[str, tuple[str, np.ndarray]]:
+    """The map of every finding judged present, on its image (the top one's is reused)."""
+    _, top_uid, top, top_map = explained
+    maps: dict[str, tuple[str, np.ndarray]] = {}
+    for finding in findings:
+        if not finding.present or finding.source_uid not in study.batch.uids:
+            continue
+        if finding.name == top.name:
+            maps[finding.name] = (top_uid, top_map)
+        else:
+            cam = _cam(study, finding, predictor, cam_max_side)
+            maps[finding.name] = (finding.source_uid, cam.heatmap)
+    return maps

@@ -1,7 +1,9 @@
-"""The outputs stage: a done study's SR and Grad-CAM SC, built and written in a child process.
+"""The outputs stage: a done study's SR, Grad-CAM SC and PM, built and written in a child process.
 
-:func:`write_study_outputs` builds the SR (:class:`triage_core.dicom_out.ReportBuilder`) and the
-SC (:func:`triage_core.dicom_out.build_sc`) and writes them durably under
+:func:`write_study_outputs` builds the SR (:class:`triage_core.dicom_out.ReportBuilder`, with
+an image region per finding judged present, :func:`triage_core.dicom_out.cam_region`), the SC
+(:func:`triage_core.dicom_out.build_sc`) and the Parametric Map
+(:func:`triage_core.dicom_out.build_pm`), as ``output_maps`` says, and writes them durably under
 ``STORAGE/outbox/<study>/``. That is pure-Python work (highdicom, pydicom encoding) that would
 hold the workers' GIL while they infer, so :class:`OutputsProcess` runs it in one spawned child
 (no torch in it), restarted if it dies.
@@ -25,9 +27,9 @@ import threading
 import time
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from dicom_node import logsafe
 from dicom_node.ingest.durable import write_durable
@@ -58,40 +60,85 @@ class OutputJob:
     spec: ModelSpec
     outbox: Path
     root: Path
+    heatmap: np.ndarray | None = None  # the overlay's map, [0, 1] (the Parametric Map)
+    finding_maps: dict[str, tuple[str, np.ndarray]] = field(default_factory=dict)
+    output_maps: str = "both"  # "both", "sc" or "pm" (NodeSettings.output_maps)
+    device_uid: str | None = None  # None: the spec's default
 
 
-#: Written objects ``[(SOP Instance UID, path)]`` and seconds spent on ``sr``, ``sc``, ``write``.
+#: Written objects ``[(SOP Instance UID, path)]`` and seconds spent on ``sr``, ``sc``, ``pm``,
+#: ``write``.
 OutputsWritten = tuple[list[tuple[str, str]], dict[str, float]]
 
-#: The outputs process's report builder (one model per service: rebuilt if the spec changes).
+#: What ``output_maps`` may say, and the maps each sends.
+OUTPUT_MAPS = {"both": ("sc", "pm"), "sc": ("sc",), "pm": ("pm",)}
+
+#: The outputs process's report builder (one model per service: rebuilt if the model changes).
 _REPORT_BUILDERS: list[ReportBuilder] = []
 
 
-def _report_builder(spec: ModelSpec) -> ReportBuilder:
+def _report_builder(spec: ModelSpec, device_uid: str | None) -> ReportBuilder:
     from triage_core.dicom_out import ReportBuilder
 
-    if not _REPORT_BUILDERS or _REPORT_BUILDERS[0].spec != spec:
-        _REPORT_BUILDERS[:] = [ReportBuilder(spec)]
+    builder = _REPORT_BUILDERS[0] if _REPORT_BUILDERS else None
+    stale = builder is None or builder.spec != spec
+    if builder is not None and device_uid is not None and device_uid != builder.device_uid:
+        stale = True
+    if stale:
+        _REPORT_BUILDERS[:] = [ReportBuilder(spec, device_uid)]
     return _REPORT_BUILDERS[0]
 
 
+def _regions(job: OutputJob) -> dict[str, Any]:
+    """The image region of each finding judged present whose map was computed."""
+    from triage_core.dicom_out import cam_region
+
+    by_uid = {str(ds.SOPInstanceUID): ds for ds in job.sources}
+    present = {f.name for f in job.result.findings if f.present}
+    regions = {}
+    for name, (source_uid, heatmap) in job.finding_maps.items():
+        source = by_uid.get(source_uid)
+        if name not in present or source is None:
+            continue
+        region = cam_region(heatmap, int(source.Rows), int(source.Columns), source_uid)
+        if region is not None:
+            regions[name] = region
+    return regions
+
+
 def write_study_outputs(job: OutputJob) -> OutputsWritten:
-    """Build the SR and the Grad-CAM SC of a done study and write them durably under
-    ``job.outbox``, SR first.
+    """Build the SR, the Grad-CAM SC and PM (``job.output_maps``) of a done study and write them
+    durably under ``job.outbox``, SR first.
 
-    Returns ``[(SOP Instance UID, path)]`` and the seconds spent on ``sr``, ``sc`` and
+    Returns ``[(SOP Instance UID, path)]`` and the seconds spent on ``sr``, ``sc``, ``pm`` and
     ``write`` (encode + write + fsync).
-    """
-    from triage_core.dicom_out import build_sc
 
+    Raises
+    ------
+    ValueError
+        ``job.output_maps`` is not one of :data:`OUTPUT_MAPS`.
+    """
+    from triage_core.dicom_out import build_pm, build_sc
+
+    if job.output_maps not in OUTPUT_MAPS:
+        raise ValueError(f"output_maps {job.output_maps!r}: expected one of {list(OUTPUT_MAPS)}")
+    maps = OUTPUT_MAPS[job.output_maps]
     t0 = time.perf_counter()
-    objects = [_report_builder(job.spec).build(job.result, list(job.sources))]
+    builder = _report_builder(job.spec, job.device_uid)
+    objects = [builder.build(job.result, list(job.sources), regions=_regions(job))]
     t_sr = time.perf_counter()
-    if job.overlay is not None and job.cam_finding is not None:
-        source = next((ds for ds in job.sources if ds.SOPInstanceUID == job.cam_source_uid), None)
-        if source is not None:
-            objects.append(build_sc(job.overlay, source, job.cam_finding, job.spec))
+    source = next((ds for ds in job.sources if ds.SOPInstanceUID == job.cam_source_uid), None)
+    finding = job.cam_finding
+    if "sc" in maps and job.overlay is not None and finding is not None and source is not None:
+        objects.append(
+            build_sc(job.overlay, source, finding, job.spec, device_uid=builder.device_uid)
+        )
     t_sc = time.perf_counter()
+    if "pm" in maps and job.heatmap is not None and finding is not None and source is not None:
+        objects.append(
+            build_pm(job.heatmap, source, finding, job.spec, device_uid=builder.device_uid)
+        )
+    t_pm = time.perf_counter()
     written = []
     for ds in objects:  # the SR first: it is delivered first too
         sop_uid = str(ds.SOPInstanceUID)
@@ -100,7 +147,12 @@ def write_study_outputs(job: OutputJob) -> OutputsWritten:
         ds.save_as(buffer, enforce_file_format=True)
         write_durable(path, [buffer.getbuffer()], job.root)
         written.append((sop_uid, str(path)))
-    timings = {"sr": t_sr - t0, "sc": t_sc - t_sr, "write": time.perf_counter() - t_sc}
+    timings = {
+        "sr": t_sr - t0,
+        "sc": t_sc - t_sr,
+        "pm": t_pm - t_sc,
+        "write": time.perf_counter() - t_pm,
+    }
     return written, timings
 
 

@@ -265,4 +265,7 @@ class Processing:
         except Exception as exc:  # noqa: BLE001 - record and retry; the worker must keep going
             logger.exception("study %s: unexpected error", study_uid)
             return self.recorder.fail(claimed, f"{exc.__class__.__name__}: {exc}", True, started)
-        return Triaged(claimed, out, self.predictor.spec, started, time.perf_counter())
+        return Triaged(
+            claimed, out, self.predictor.spec, started, time.perf_counter(),
+            checkpoint=self.predictor.checkpoint,
+        )  # fmt: skip

@@ -1,11 +1,13 @@
-"""Recording a triaged study: its SR and SC written, then its result and deliveries, at once.
+"""Recording a triaged study: its SR, SC and PM written, then its result and deliveries, at once.
 
 The :class:`OutputsRecorder` thread takes what the workers of :mod:`dicom_node.stages.process`
-triaged (a short hand-over queue, in the order they did), has the SR and SC built and written by
-the outputs process (:class:`dicom_node.stages.outputs.OutputsProcess`), and records the result
-and one delivery row per object and destination in one transaction (whose commit wakes the
-delivery thread). A study that cannot be finished is recorded as failed (retried when the error
-may pass). Each study is logged once, with its stage timings, by UID.
+triaged (a short hand-over queue, in the order they did), has the SR and the Grad-CAM's SC and
+Parametric Map (``output_maps``) built and written by the outputs process
+(:class:`dicom_node.stages.outputs.OutputsProcess`), and records the result and one delivery
+row per object and destination in one transaction (whose commit wakes the delivery thread).
+A study that cannot be finished is recorded as failed (retried when the error may pass). Each
+study is logged once, with its stage timings, by UID. The Device UID of the objects comes
+from the model's identity and its weights' digest (:meth:`OutputsRecorder.device_uid`).
 """
 
 from __future__ import annotations
@@ -51,6 +53,8 @@ class Triaged:
     spec: ModelSpec
     started: float
     triaged_at: float
+    #: the checkpoint the spec came with: its weights' digest goes into the Device UID
+    checkpoint: Path | None = None
 
 
 class OutputsRecorder:
@@ -82,6 +86,7 @@ class OutputsRecorder:
         # triaged studies waiting for their outputs (None: stop); short, for back-pressure
         self._handover: queue.Queue[Triaged | None] = queue.Queue(maxsize=2)
         self._thread: threading.Thread | None = None
+        self._digests: dict[Path, str] = {}  # weights digest by checkpoint
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="triage-outputs", daemon=True)
@@ -176,21 +181,50 @@ class OutputsRecorder:
             self.metrics.studies_processed.labels(status="failed").inc()
         return ProcessOutcome(claimed.study_uid, status, (), time.perf_counter() - started)
 
+    def device_uid(self, spec: ModelSpec, checkpoint: Path | None) -> str:
+        """The model's Device UID: its identity and its weights' digest (read once per file)."""
+        from triage_core.dicom_out import default_device_uid
+
+        digest = ""
+        if checkpoint is not None:
+            digest = self._digests.get(checkpoint, "")
+            if checkpoint not in self._digests:
+                from triage_core.models import weights_digest
+
+                try:
+                    digest = weights_digest(checkpoint)
+                except OSError as exc:
+                    logger.warning(
+                        "weights of %s unreadable (%s): the Device UID follows the spec alone",
+                        checkpoint.name,
+                        exc,
+                    )
+                self._digests[checkpoint] = digest
+                uid = default_device_uid(spec, digest)
+                logger.info("model %s: Device UID %s", spec.display_name, uid)
+                return uid
+        return default_device_uid(spec, digest)
+
     def _write_outputs(self, triaged: Triaged) -> list[tuple[str, Path]]:
-        """The SR (and the Grad-CAM SC) of a done study, written to the outbox."""
+        """The SR (and the Grad-CAM SC and PM) of a done study, written to the outbox."""
         out = triaged.out
         if out.result.status != "done":
             return []
+        explained = out.cam_finding is not None
         job = OutputJob(
             study_uid=triaged.claimed.study_uid,
             result=out.result,
             sources=tuple(header_only(ds) for ds in out.datasets.values()),
-            overlay=out.cam_overlay if out.cam_finding is not None else None,
+            overlay=out.cam_overlay if explained else None,
             cam_source_uid=out.cam_source_uid,
             cam_finding=out.cam_finding,
             spec=triaged.spec,
             outbox=self.settings.outbox_dir / triaged.claimed.study_uid,
             root=self.settings.storage.resolve(),
+            heatmap=out.cam_heatmap if explained else None,
+            finding_maps=dict(out.finding_maps),
+            output_maps=self.settings.output_maps,
+            device_uid=self.device_uid(triaged.spec, triaged.checkpoint),
         )
         started = time.perf_counter()
         if self.outputs is None:
@@ -200,12 +234,13 @@ class OutputsRecorder:
         outputs = [(sop_uid, Path(path)) for sop_uid, path in written]
         logger.info(
             "study %s stage=outputs %d object(s) in %.0f ms (SR %.0f ms, SC %.0f ms, "
-            "encode+write %.0f ms)",
+            "PM %.0f ms, encode+write %.0f ms)",
             job.study_uid,
             len(outputs),
             (time.perf_counter() - started) * 1e3,
             timings["sr"] * 1e3,
             timings["sc"] * 1e3,
+            timings["pm"] * 1e3,
             timings["write"] * 1e3,
         )
         return outputs

@@ -301,8 +301,8 @@ def test_our_results_are_found_beside_the_received_series(
     tmp_path: Path, tiny_checkpoint: Path
 ) -> None:
     """A study stored by STOW-RS and processed by the node's worker (random-weight model:
-    plumbing only) lists its SR series and its Grad-CAM SC series; both are retrieved and the
-    SC renders in colour."""
+    plumbing only) lists its SR series and its Grad-CAM SC and Parametric Map series; all are
+    retrieved and the SC renders in colour."""
     from PIL import Image
 
     study = pydicom.uid.generate_uid()
@@ -312,20 +312,24 @@ def test_our_results_are_found_beside_the_received_series(
         client.store_instances([pydicom.dcmread(source)])
         wait_for(lambda: (node.worklist.queries.study_detail(study) or {}).get("status") == "done")
         outputs = sorted((node.storage / "outbox" / study).glob("*.dcm"))
-        assert len(outputs) == 2
+        assert len(outputs) == 3  # SR, SC, PM
         series = [pydicom.Dataset.from_json(s) for s in client.search_for_series(study)]
-        assert sorted(s.Modality for s in series) == ["CR", "OT", "SR"]
+        assert sorted(s.Modality for s in series) == ["CR", "OT", "OT", "SR"]  # SC and PM: OT
         found = pydicom.Dataset.from_json(
             client.search_for_studies(search_filters={"StudyInstanceUID": study})[0]
         )
-        assert found.NumberOfStudyRelatedSeries == 3
-        assert found.NumberOfStudyRelatedInstances == 3
+        assert found.NumberOfStudyRelatedSeries == 4
+        assert found.NumberOfStudyRelatedInstances == 4
         assert set(found.ModalitiesInStudy) == {"CR", "SR", "OT"}
         for path in outputs:
             ours = pydicom.dcmread(path)
             got = client.retrieve_instance(study, ours.SeriesInstanceUID, ours.SOPInstanceUID)
             assert got == ours
-        sc = next(pydicom.dcmread(p) for p in outputs if pydicom.dcmread(p).Modality == "OT")
+        sc = next(
+            pydicom.dcmread(p)
+            for p in outputs
+            if pydicom.dcmread(p).SOPClassUID == pydicom.uid.SecondaryCaptureImageStorage
+        )
         png = client.retrieve_instance_rendered(
             study, sc.SeriesInstanceUID, sc.SOPInstanceUID, media_types=("image/png",)
         )

@@ -100,8 +100,8 @@ def test_node_to_node_by_stow_rs_with_token_and_retries(
         def deliveries() -> list[dict]:
             return list((sender.worklist.queries.study_detail(study) or {}).get("deliveries", []))
 
-        # nobody listens yet: both objects pending, retried, the error recorded
-        wait_for(lambda: len(deliveries()) == 2 and all(d["attempts"] >= 1 for d in deliveries()))
+        # nobody listens yet: the three objects (SR, SC, PM) pending, retried, the error recorded
+        wait_for(lambda: len(deliveries()) == 3 and all(d["attempts"] >= 1 for d in deliveries()))
         assert all(d["status"] == "pending" for d in deliveries())
         assert all("no STOW-RS answer" in d["last_error"] for d in deliveries())
         # a receiver with another token: refused (401), still pending
@@ -112,7 +112,7 @@ def test_node_to_node_by_stow_rs_with_token_and_retries(
             wait_for(lambda: min(d["attempts"] for d in deliveries()) > before, what="a retry")
             assert all(d["status"] == "pending" for d in deliveries())
             assert any("HTTP 401" in d["last_error"] for d in deliveries())
-        # the real receiver comes up: both delivered, found there by QIDO-RS
+        # the real receiver comes up: all delivered, found there by QIDO-RS
         with running_node(
             tmp_path / "receiver", http_port=receiver_port, http_token=TOKEN
         ) as receiver:

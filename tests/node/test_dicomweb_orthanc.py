@@ -139,20 +139,20 @@ def test_orthanc_pushes_we_deliver_orthanc_finds(
     assert spooled.stem == original.SOPInstanceUID
     assert pydicom.dcmread(spooled) == original  # every attribute as Orthanc had it
 
-    # triaged, then the SR and SC delivered into Orthanc by STOW-RS
+    # triaged, then the SR, SC and PM delivered into Orthanc by STOW-RS
     def delivered() -> bool:
         detail = node.worklist.queries.study_detail(study) or {}
         rows = detail.get("deliveries", [])
-        return len(rows) == 2 and all(r["status"] == "sent" for r in rows)
+        return len(rows) == 3 and all(r["status"] == "sent" for r in rows)
 
-    wait_for(delivered, 180, "the SR and SC to be delivered")
+    wait_for(delivered, 180, "the SR, SC and PM to be delivered")
     detail = node.worklist.queries.study_detail(study)
     assert detail is not None and detail["status"] == "done"
     assert {d["destination"] for d in detail["deliveries"]} == {pacs.dicomweb}
     # Orthanc's own QIDO-RS finds them as new series of the study
     series = get(f"{pacs.dicomweb}/studies/{study}/series", timeout=30).json()
     modalities = sorted(pydicom.Dataset.from_json(s).Modality for s in series)
-    assert modalities == ["CR", "OT", "SR"]
+    assert modalities == ["CR", "OT", "OT", "SR"]  # the SC and the PM are both OT
     for path in sorted((node.storage / "outbox" / study).glob("*.dcm")):
         ours = pydicom.dcmread(path)
         url = (

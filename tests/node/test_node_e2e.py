@@ -126,7 +126,7 @@ def _dciodvfy_errors(path: Path) -> str:
     return "" if proc.returncode == 0 and not errors else "\n".join(errors) or proc.stderr
 
 
-def test_chest_studies_in_every_syntax_get_sr_and_sc(
+def test_chest_studies_in_every_syntax_get_sr_sc_and_pm(
     node: Node, dicom_dir: Path, dest_port: int, tmp_path: Path
 ) -> None:
     import highdicom
@@ -145,30 +145,36 @@ def test_chest_studies_in_every_syntax_get_sr_and_sc(
         for uid in studies:
             row = wait_for(partial(node.finished, uid), 120, f"study {uid}", node.proc.log)
             assert row["status"] == "done", row
-        # 2 objects (SR + SC) per study
-        wait_for(lambda: len(list(out.glob("*"))) >= 4, 60, "4 objects at storescp", node.proc.log)
+        # 3 objects (SR + SC + PM) per study
+        wait_for(lambda: len(list(out.glob("*"))) >= 6, 60, "6 objects at storescp", node.proc.log)
+        time.sleep(0.5)  # storescp renames a file once it is complete
         received = _received(out)
-    assert len(received) == 4
+    assert len(received) == 6
     by_study: dict[str, list[pydicom.Dataset]] = {}
     for ds in received:
         by_study.setdefault(str(ds.StudyInstanceUID), []).append(ds)
     assert set(by_study) == studies
     for study_uid, objects in by_study.items():
         srs = [ds for ds in objects if ds.Modality == "SR"]
-        scs = [ds for ds in objects if ds.Modality != "SR"]
-        assert len(srs) == 1 and len(scs) == 1
-        sr, sc = srs[0], scs[0]
+        scs = [ds for ds in objects if ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.7"]
+        pms = [ds for ds in objects if ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.30"]
+        assert len(srs) == 1 and len(scs) == 1 and len(pms) == 1
+        sr, sc, pm = srs[0], scs[0], pms[0]
         source_series = {
             str(pydicom.dcmread(p, stop_before_pixels=True).SeriesInstanceUID) for p in files
         }
         assert str(sc.SeriesInstanceUID) not in source_series
         assert sc.SeriesInstanceUID != sr.SeriesInstanceUID
+        assert str(pm.SeriesInstanceUID) not in source_series | {sc.SeriesInstanceUID}
+        assert (pm.Rows, pm.Columns) == (sc.Rows, sc.Columns)  # the map behind the overlay
         assert sc.SOPClassUID == "1.2.840.10008.5.1.4.1.1.7"
         assert sc.PhotometricInterpretation == "RGB"
         # highdicom reads both back
         highdicom.sr.Comprehensive3DSR.from_dataset(sr)
         image = highdicom.Image.from_dataset(sc)
         assert image.get_frame(1).shape == (int(sc.Rows), int(sc.Columns), 3)
+        parametric = highdicom.pm.ParametricMap.from_dataset(pm)
+        assert parametric.get_frame(1).shape == (int(pm.Rows), int(pm.Columns))
         # the SR's findings and priority equal the worklist's
         detail = node.study(study_uid)
         sr_findings = findings_from_sr(sr)
@@ -223,7 +229,7 @@ def test_destination_down_then_up_receives_everything(
     out = tmp_path / "pacs"
     with storescp_destination(out, dest_port):
         received = wait_for(
-            lambda: len(list(out.glob("*"))) >= 2 and list(out.glob("*")),
+            lambda: len(list(out.glob("*"))) >= 3 and list(out.glob("*")),
             60,
             "retried deliveries",
             node.proc.log,
@@ -238,8 +244,8 @@ def test_destination_down_then_up_receives_everything(
             "deliveries recorded as sent",
             node.proc.log,
         )
-    assert len(received) == 2
-    assert len(deliveries) == 2 and all(d["status"] == "sent" for d in deliveries), deliveries
+    assert len(received) == 3  # SR, SC, PM
+    assert len(deliveries) == 3 and all(d["status"] == "sent" for d in deliveries), deliveries
 
 
 def test_kill9_during_processing_then_restart_completes(
@@ -343,7 +349,7 @@ def test_kill9_leaves_no_child_process_running(
             assert storescu(node.port, [path]).returncode == 0
             row = wait_for(lambda: node.finished(study_uid), 60, "study", node.proc.log)
             assert row["status"] == "done", row
-            assert "stage=outputs 2 object(s)" in node.proc.log()  # the child did work
+            assert "stage=outputs 3 object(s)" in node.proc.log()  # the child did work
         else:
             node.proc = ServeProcess(
                 ["worker", "--storage", str(node.storage), "--model", str(tiny_checkpoint),

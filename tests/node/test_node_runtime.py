@@ -107,7 +107,7 @@ def test_triage_predict_runs_without_torch(
 
 def _process_with(runtime: str, checkpoint: Path, study: list[Path], storage: Path) -> dict:  # type: ignore[type-arg]
     """One study through a worker pass with ``runtime``: the worklist row, the API's JSON, the
-    SR's findings and the SC's pixels."""
+    SR's findings, the SC's pixels and the PM's map."""
     from fastapi.testclient import TestClient
 
     from dicom_node.node import open_worklist
@@ -115,7 +115,7 @@ def _process_with(runtime: str, checkpoint: Path, study: list[Path], storage: Pa
     from dicom_node.stages.process import Processing
     from dicom_node.stages.wakeup import Wakeups
     from dicom_node.web.api import create_app
-    from triage_core.dicom_out import findings_from_sr
+    from triage_core.dicom_out import findings_from_sr, heatmap_from_pm
     from triage_core.inference import Predictor
 
     settings = load_settings(None, {"storage": storage, "workers": 0, "sc_max_side": 0})
@@ -135,8 +135,8 @@ def _process_with(runtime: str, checkpoint: Path, study: list[Path], storage: Pa
     )
     outcome = processing.process_claimed(claimed)
     assert outcome.status == "done"
-    sr_path, sc_path = outcome.outputs
-    for path in (sr_path, sc_path):
+    sr_path, sc_path, pm_path = outcome.outputs
+    for path in (sr_path, sc_path, pm_path):
         check = subprocess.run([DCIODVFY, str(path)], capture_output=True, text=True, timeout=60)
         assert check.returncode == 0, check.stderr
     detail = worklist.queries.study_detail(claimed.study_uid)
@@ -147,6 +147,7 @@ def _process_with(runtime: str, checkpoint: Path, study: list[Path], storage: Pa
         "api": api,
         "sr": findings_from_sr(pydicom.dcmread(sr_path)),
         "sc": pydicom.dcmread(sc_path).pixel_array,
+        "pm": heatmap_from_pm(pydicom.dcmread(pm_path)),
     }
 
 
@@ -175,6 +176,9 @@ def test_both_runtimes_give_the_same_results(
     # CAM maps within 1e-3: the overlay's 8-bit colours may differ by a step or two
     diff = np.abs(ort["sc"].astype(int) - ref["sc"].astype(int))
     assert diff.max() <= 3 and diff.mean() < 0.05
+    # the Parametric Map holds the map itself: the two runtimes' maps within 1e-3
+    assert ort["pm"].shape == ref["pm"].shape
+    assert np.abs(ort["pm"] - ref["pm"]).max() <= 1e-3
 
 
 def _tls_echo(port: int, pki: Pki) -> bool:  # noqa: F811 - the Pki class, not the fixture
@@ -188,7 +192,7 @@ def _tls_echo(port: int, pki: Pki) -> bool:  # noqa: F811 - the Pki class, not t
 
 
 @needs_dcmtk
-def test_serve_over_tls_without_torch_delivers_sr_and_sc(
+def test_serve_over_tls_without_torch_delivers_sr_sc_and_pm(
     pki: Pki,  # noqa: F811
     torchless_env: dict[str, str],
     dicom_dir: Path,
@@ -227,7 +231,7 @@ def test_serve_over_tls_without_torch_delivers_sr_and_sc(
                 capture_output=True, text=True, timeout=60, env=dcmtk_env(),
             )  # fmt: skip
             assert proc.returncode == 0, proc.stderr
-            while len(list(out.iterdir())) < 2:
+            while len(list(out.iterdir())) < 3:  # SR, SC, PM
                 assert time.monotonic() < deadline + 300, node.log()
                 time.sleep(0.2)
             ready = urllib.request.urlopen(
@@ -238,8 +242,9 @@ def test_serve_over_tls_without_torch_delivers_sr_and_sc(
             returncode = node.stop()
     assert returncode == 0, node.log()
     received = [pydicom.dcmread(p) for p in sorted(out.iterdir())]
-    assert sorted(ds.Modality == "SR" for ds in received) == [False, True]
-    assert pydicom.uid.SecondaryCaptureImageStorage in {ds.SOPClassUID for ds in received}
+    assert sorted(ds.Modality == "SR" for ds in received) == [False, False, True]
+    classes = {ds.SOPClassUID for ds in received}
+    assert {pydicom.uid.SecondaryCaptureImageStorage, pydicom.uid.ParametricMapStorage} <= classes
     for path in out.iterdir():
         check = subprocess.run([DCIODVFY, str(path)], capture_output=True, text=True, timeout=60)
         assert check.returncode == 0, check.stderr

@@ -52,9 +52,14 @@ def test_retention_purge_deletes_finished_studies_inside_storage(tmp_path: Path)
     worklist.dispose()
 
 
-def test_worker_pass_writes_sr_and_a_scaled_down_sc(tmp_path: Path, tiny_checkpoint: Path) -> None:
-    from triage_core.dicom_out import findings_from_sr
+def test_worker_pass_writes_sr_and_a_scaled_down_sc_and_pm(
+    tmp_path: Path, tiny_checkpoint: Path
+) -> None:
+    import numpy as np
+
+    from triage_core.dicom_out import default_device_uid, findings_from_sr, heatmap_from_pm
     from triage_core.inference import Predictor
+    from triage_core.models import weights_digest
 
     storage = tmp_path / "storage"
     settings = load_settings(
@@ -77,12 +82,13 @@ def test_worker_pass_writes_sr_and_a_scaled_down_sc(tmp_path: Path, tiny_checkpo
     assert claimed is not None
     outputs = OutputsProcess()
     outputs.start()
+    predictor = Predictor(tiny_checkpoint, mode="eager")
     processing = Processing(
         settings,
         worklist,
         Wakeups(worklist, shared=False, poll=0.2),
         "test-node",
-        predictor=Predictor(tiny_checkpoint, mode="eager"),
+        predictor=predictor,
         outputs=outputs,
     )
     try:
@@ -90,17 +96,80 @@ def test_worker_pass_writes_sr_and_a_scaled_down_sc(tmp_path: Path, tiny_checkpo
     finally:
         outputs.stop()
     assert outcome.status == "done"
-    sr_path, sc_path = outcome.outputs
+    sr_path, sc_path, pm_path = outcome.outputs
     assert sr_path.parent == storage / "outbox" / study_uid
-    sr, sc = pydicom.dcmread(sr_path), pydicom.dcmread(sc_path)
+    sr, sc, pm = (pydicom.dcmread(p) for p in (sr_path, sc_path, pm_path))
     assert sr.Modality == "SR" and sc.SOPClassUID == pydicom.uid.SecondaryCaptureImageStorage
     assert max(sc.Rows, sc.Columns) == 96  # sc_max_side, from a 256 px source
+    # the Parametric Map: the same map on the same grid as the SC, the same source image
+    assert pm.SOPClassUID == pydicom.uid.ParametricMapStorage
+    assert (pm.Rows, pm.Columns) == (sc.Rows, sc.Columns)
+    assert (
+        pm.PerFrameFunctionalGroupsSequence[0].DerivationImageSequence[0].SourceImageSequence[0]
+        .ReferencedSOPInstanceUID == sc.SourceImageSequence[0].ReferencedSOPInstanceUID
+    )  # fmt: skip
+    heatmap = heatmap_from_pm(pm)
+    assert 0.0 <= heatmap.min() and heatmap.max() == pytest.approx(1.0)  # scaled to its peak
+    assert np.isfinite(heatmap).all()
+    # every object names the model with a Device UID from its identity and weights
+    device_uid = default_device_uid(predictor.spec, weights_digest(tiny_checkpoint))
+    for ds in (sr, sc, pm):
+        uids = {str(e.get("DeviceUID", "")) for e in ds.ContributingEquipmentSequence}
+        assert device_uid in uids, ds.Modality
     detail = worklist.queries.study_detail(study_uid)
     assert detail is not None
     stored = {name: f["probability"] for name, f in detail["findings"].items()}
     assert {k: v[0] for k, v in findings_from_sr(sr).items()} == pytest.approx(stored)
-    assert len(worklist.deliveries.claim_due(lease_seconds=60)) == 2  # SR and SC, one PACS
+    assert len(worklist.deliveries.claim_due(lease_seconds=60)) == 3  # SR, SC, PM; one PACS
     worklist.dispose()
+
+
+@pytest.mark.parametrize(("output_maps", "expected"), [("sc", ["SR", "SC"]), ("pm", ["SR", "PM"])])
+def test_output_maps_chooses_sc_or_pm(
+    output_maps: str, expected: list[str], tmp_path: Path, tiny_checkpoint: Path
+) -> None:
+    from triage_core.inference import Predictor
+
+    settings = load_settings(
+        None,
+        {
+            "storage": tmp_path / "storage",
+            "workers": 0,
+            "output_maps": output_maps,
+            "destinations": ["PACS@127.0.0.1:11112", "VIEWER@127.0.0.1:11113"],
+        },
+    )
+    worklist = open_worklist(settings)
+    study_uid = _record_study(worklist, tmp_path, seed=3, size=128)
+    worklist.queue.queue_stable_studies(0.0)
+    claimed = worklist.queue.claim_study("w", 60)
+    assert claimed is not None
+    processing = Processing(
+        settings,
+        worklist,
+        Wakeups(worklist, shared=False, poll=0.2),
+        "test-node",
+        predictor=Predictor(tiny_checkpoint, mode="eager"),
+    )  # outputs built in this process
+    outcome = processing.process_claimed(claimed)
+    assert outcome.status == "done"
+    kinds = {
+        pydicom.uid.ParametricMapStorage: "PM",
+        pydicom.uid.SecondaryCaptureImageStorage: "SC",
+    }
+    found = [kinds.get(pydicom.dcmread(p).SOPClassUID, "SR") for p in outcome.outputs]
+    assert found == expected
+    rows = worklist.deliveries.claim_due(lease_seconds=60)
+    assert len(rows) == 2 * len(expected)  # one row per object and destination
+    assert {r.study_uid for r in rows} == {study_uid}
+    worklist.dispose()
+
+
+def test_output_maps_setting_is_validated(tmp_path: Path) -> None:
+    from triage_core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="output_maps"):
+        load_settings(None, {"storage": tmp_path, "output_maps": "png"})
 
 
 def _record_study(worklist: Any, folder: Path, seed: int, size: int = 32) -> str:
@@ -215,4 +284,33 @@ def test_delivery_thread_does_not_spin_when_the_database_fails(tmp_path: Path) -
     finally:
         delivery.stop(time.monotonic() + 5)
     assert 1 <= len(calls) <= 3, len(calls)  # one look per ERROR_WAIT (1 s), not thousands
+    worklist.dispose()
+
+
+def test_device_uid_follows_the_weights_and_the_version(
+    tmp_path: Path, tiny_checkpoint: Path
+) -> None:
+    import shutil
+
+    from dicom_node.stages.record import OutputsRecorder
+    from triage_core.dicom_out import default_device_uid
+    from triage_core.models import read_spec
+
+    settings = load_settings(None, {"storage": tmp_path / "storage", "workers": 0})
+    worklist = open_worklist(settings)
+    recorder = OutputsRecorder(settings, worklist)
+    spec = read_spec(tiny_checkpoint)
+    uid = recorder.device_uid(spec, tiny_checkpoint)
+    assert uid == recorder.device_uid(spec, tiny_checkpoint)  # stable (digest read once)
+    assert uid != default_device_uid(spec)  # the weights' digest is part of it
+    assert recorder.device_uid(spec.replace(version="1"), tiny_checkpoint) != uid  # new version
+    # the same spec with other weights: another UID
+    other = tmp_path / "other"
+    shutil.copy(tiny_checkpoint.with_suffix(".json"), other.with_suffix(".json"))
+    data = bytearray(tiny_checkpoint.with_suffix(".safetensors").read_bytes())
+    data[-1] ^= 0xFF
+    other.with_suffix(".safetensors").write_bytes(bytes(data))
+    assert recorder.device_uid(spec, other) not in (uid, default_device_uid(spec))
+    # weights that cannot be read: the spec's UID, with a warning (never a crash)
+    assert recorder.device_uid(spec, tmp_path / "missing") == default_device_uid(spec)
     worklist.dispose()

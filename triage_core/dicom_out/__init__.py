@@ -1,6 +1,7 @@
-"""DICOM output builders: the findings as a Structured Report, the Grad-CAM as a Secondary Capture.
+"""DICOM output builders: the findings as a Structured Report, the Grad-CAM as a Secondary Capture
+and as a Parametric Map.
 
-Both builders only *build* datasets (DESIGN.md section 6); sending is the node's job
+The builders only *build* datasets (DESIGN.md section 6); sending is the node's job
 (``dicom_node.stages.deliver``: C-STORE or STOW-RS).
 They validate their inputs first and raise :class:`~triage_core.errors.DicomOutputError` with a
 message that names the bad value, then let highdicom assemble the objects.
@@ -22,6 +23,11 @@ Structured Report (:func:`build_sr`)
     * a qualitative evaluation: concept = the finding type, value SCT 52101004 "Present" or
       SCT 272519000 "Absent" (``probability >= threshold``),
     * a reference to the source image that gave the probability (when it is one of ``sources``).
+
+    For each finding judged present whose map was computed, a TID 1410 group "<name> region"
+    follows the priority group: the finding type, its "Present" evaluation and the image region
+    as a closed SCOORD POLYLINE on the source image (the rule is in :mod:`.regions`: bounding
+    box of the CAM's connected component at or above half its peak, in source pixels).
 
     One more group (tracking identifier ``Study priority``, finding type SCT 260870009
     "Priority") carries the study priority: the score in [0, 100] (private code
@@ -45,12 +51,20 @@ Secondary Capture (:func:`build_sc`)
     ``YES``), and is always written into Image Comments. Body Part Examined is copied from the
     source (``CHEST`` when absent).
 
+Parametric Map (:func:`build_pm`)
+    The Grad-CAM heat map itself (16-bit values with a Real World Value Mapping onto the map's
+    0..1 scale) referencing the source image, same study, new series, as IHE AI Results asks for
+    maps; the SC stays for viewers that cannot overlay a map. The module docstring of
+    :mod:`.pm` says how a projection radiograph without Frame of Reference gets its geometry.
+    :func:`heatmap_from_pm` reads the map back.
+
 :func:`findings_from_sr` and :func:`priority_from_sr` read our SR back (tests and the DICOM
 node's end-to-end checks compare it with the worklist).
 
 The package's modules, by what they build: :mod:`.common` (codes, UIDs, equipment and
 provenance, input checks), :mod:`.sr` (:func:`build_sr`), :mod:`.report_builder`
-(:class:`ReportBuilder`), :mod:`.sc` (:func:`build_sc`) and :mod:`.read` (the readers).
+(:class:`ReportBuilder`), :mod:`.sc` (:func:`build_sc`), :mod:`.pm` (:func:`build_pm`) and
+:mod:`.read` (the readers).
 
 highdicom and Pillow are imported inside the functions: nothing here slows down the C-STORE path.
 """
@@ -61,25 +75,34 @@ from triage_core.dicom_out.common import (
     default_device_uid,
     finding_code,
 )
+from triage_core.dicom_out.pm import build_pm, heatmap_from_pm
 from triage_core.dicom_out.read import (
     findings_from_sr,
     low_confidence_from_sr,
     priority_from_sr,
+    regions_from_sr,
 )
+from triage_core.dicom_out.regions import REGION_FRACTION, CamRegion, cam_region
 from triage_core.dicom_out.report_builder import ReportBuilder
 from triage_core.dicom_out.sc import build_sc, burn_in_caption
 from triage_core.dicom_out.sr import build_sr
 
 __all__ = [
     "MANUFACTURER",
+    "REGION_FRACTION",
+    "CamRegion",
     "NOT_FOR_DIAGNOSTIC_USE",
     "ReportBuilder",
+    "build_pm",
     "build_sc",
     "build_sr",
     "burn_in_caption",
+    "cam_region",
     "default_device_uid",
     "finding_code",
     "findings_from_sr",
+    "heatmap_from_pm",
     "low_confidence_from_sr",
     "priority_from_sr",
+    "regions_from_sr",
 ]

@@ -33,6 +33,7 @@ MANUFACTURER = "cxr-triage"
 NOT_FOR_DIAGNOSTIC_USE = "NOT FOR DIAGNOSTIC USE"
 SR_SERIES_DESCRIPTION = "cxr-triage AI (NOT FOR DIAGNOSTIC USE)"
 SC_SERIES_DESCRIPTION = "cxr-triage Grad-CAM (NOT FOR DIAGNOSTIC USE)"
+PM_SERIES_DESCRIPTION = "cxr-triage Grad-CAM map (NOT FOR DIAGNOSTIC USE)"
 RESEARCH_STATEMENT = "Research tool output, NOT FOR DIAGNOSTIC USE; not reviewed by a physician"
 #: Tracking identifier of the measurement group that carries the study priority.
 PRIORITY_TRACKING_ID = "Study priority"
@@ -51,6 +52,8 @@ ABSENT = Code("272519000", "SCT", "Absent")
 UNIT_ONE = Code("1", "UCUM", "no units")
 UNIT_SCORE = Code("{score}", "UCUM", "score")
 CHEST_IMAGING = Code("413815006", "SCT", "Chest imaging")
+#: Geometric purpose of a finding's region (CID 219): the box bounds the finding.
+BOUNDED_BY = Code("75958009", "SCT", "Bounded by")
 #: Out-of-distribution score of the study's least typical image (``triage_core.ood``).
 OOD_SCORE = Code("OODSCORE", PRIVATE_SCHEME, "Out-of-distribution score")
 #: Present: some image is unlike the model's training images (score above the threshold).
@@ -121,21 +124,37 @@ def _model_name(spec: ModelSpec) -> str:
     return _text(spec.name or spec.arch, 64) or spec.arch[:64]
 
 
-def default_device_uid(spec: ModelSpec) -> str:
-    """A stable Device UID for a model: the same name, architecture and version give the same UID.
+def default_device_uid(spec: ModelSpec, weights_digest: str = "") -> str:
+    """The Device UID of a model: a new model version (or new weights) gives a new UID.
+
+    The UID is ``2.25.`` followed by the integer of a name-based (version 5) UUID (PS3.5 B.2) of
+    the model's identity: manufacturer, architecture, name, version and, when given, the
+    digest of its weights (``triage_core.models.weights_digest``). The same identity always
+    gives the same UID, on every node; changing any part of it gives another.
 
     Parameters
     ----------
     spec : ModelSpec
+    weights_digest : str, optional
+        Hex digest of the weights file ("" when unknown: the UID then follows the spec alone).
 
     Returns
     -------
     str
-        A ``2.25.`` UID derived from the model identity.
     """
-    # A name-based (version 5) UUID in the 2.25 UID root (PS3.5 B.2): reproducible, unique.
-    key = "\x1f".join((MANUFACTURER, spec.arch, spec.name, spec.version))
-    return f"2.25.{uuid.uuid5(uuid.NAMESPACE_URL, key).int}"
+    parts = [MANUFACTURER, spec.arch, spec.name, spec.version]
+    if weights_digest:
+        parts.append(weights_digest.lower())
+    return f"2.25.{uuid.uuid5(uuid.NAMESPACE_URL, chr(0x1F).join(parts)).int}"
+
+
+def _device_uid(spec: ModelSpec, device_uid: str | None) -> str:
+    """``device_uid`` checked, or the model's default Device UID when it is ``None``."""
+    if device_uid is None:
+        return default_device_uid(spec)
+    if not _is_uid(device_uid):
+        raise DicomOutputError(f"device_uid {device_uid!r} is not a valid UID")
+    return device_uid
 
 
 def _software_versions(spec: ModelSpec) -> list[str]:

@@ -18,10 +18,18 @@ from triage_core.dicom_out.common import (
     PRIORITY_TRACKING_ID,
     PROBABILITY,
 )
+from triage_core.dicom_out.regions import CamRegion
 from triage_core.errors import DicomOutputError
+
+#: Suffix of a region group's tracking identifier (as :mod:`.sr` writes it).
+_REGION_SUFFIX = " region"
 
 
 def _measurement_groups(ds: Dataset | str | Path) -> list[Any]:
+    return list(_report(ds).get_image_measurement_groups())
+
+
+def _report(ds: Dataset | str | Path) -> Any:
     import highdicom as hd
     import pydicom
 
@@ -47,8 +55,7 @@ def _measurement_groups(ds: Dataset | str | Path) -> list[Any]:
         ):
             if keyword in ds:
                 root[keyword] = ds[keyword]
-        report = hd.sr.MeasurementReport.from_sequence([root], is_root=True, copy=True)
-        return list(report.get_image_measurement_groups())
+        return hd.sr.MeasurementReport.from_sequence([root], is_root=True, copy=True)
     except (ValueError, TypeError, KeyError, AttributeError, IndexError) as exc:
         raise DicomOutputError(
             f"SR {ds.get('SOPInstanceUID', '?')} is not a TID 1500 report we can read: {exc}"
@@ -157,3 +164,45 @@ def low_confidence_from_sr(ds: Dataset | str | Path) -> tuple[float, bool] | Non
             PRESENT.scheme_designator,
         )
     raise DicomOutputError("SR holds no study priority group")
+
+
+def regions_from_sr(ds: Dataset | str | Path) -> dict[str, CamRegion]:
+    """The image regions of the findings judged present, from an SR made by :func:`build_sr`.
+
+    Returns
+    -------
+    dict
+        ``{class name: CamRegion}`` (box from the closed POLYLINE, source from its image
+        reference); empty when the SR has no region.
+
+    Raises
+    ------
+    DicomOutputError
+        When the dataset is not such an SR, or a region is not a closed four-corner box.
+    """
+    import numpy as np
+
+    regions: dict[str, CamRegion] = {}
+    try:
+        groups = _report(ds).get_planar_roi_measurement_groups()
+    except (ValueError, TypeError, KeyError, AttributeError, IndexError) as exc:
+        raise DicomOutputError(f"SR regions cannot be read: {exc}") from exc
+    for group in groups:
+        name = str(group.tracking_identifier or "")
+        if not name.endswith(_REGION_SUFFIX):
+            continue
+        roi = group.roi
+        if roi is None or roi.GraphicType != "POLYLINE":
+            raise DicomOutputError(f"SR group {name!r}: expected a POLYLINE region")
+        points = np.asarray(roi.value, dtype=np.float64).reshape(-1, 2)
+        if len(points) != 5 or not np.array_equal(points[0], points[-1]):
+            raise DicomOutputError(f"SR group {name!r}: expected a closed box of 5 points")
+        source_uid = str(roi.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
+        regions[name[: -len(_REGION_SUFFIX)]] = CamRegion(
+            source_uid=source_uid,
+            left=float(points[:, 0].min()),
+            top=float(points[:, 1].min()),
+            right=float(points[:, 0].max()),
+            bottom=float(points[:, 1].max()),
+        )
+    return regions

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +20,9 @@ from triage_core.dicom_out.common import (
     _check_number,
     finding_code,
 )
+from triage_core.dicom_out.regions import CamRegion
 from triage_core.dicom_out.sr import (
+    _check_regions,
     _check_result,
     _check_sources,
     _comprehensive_sr,
@@ -34,6 +36,7 @@ from triage_core.dicom_out.sr import (
     _priority_level,
     _priority_score,
     _probability,
+    _region_group,
     _source_image,
     _tracking,
 )
@@ -89,8 +92,10 @@ class ReportBuilder:
         *,
         series_number: int = 9901,
         instance_number: int = 1,
+        regions: Mapping[str, CamRegion] | None = None,
     ) -> Dataset:
-        """The SR of ``result`` (same arguments, checks and errors as :func:`build_sr`)."""
+        """The SR of ``result`` (same arguments, checks and errors as :func:`build_sr`); the
+        region groups are built for each study and appended after the priority group."""
         import pickle
 
         spec = self.spec
@@ -99,6 +104,7 @@ class ReportBuilder:
         _check_number("series_number", series_number)
         _check_number("instance_number", instance_number)
         by_uid = {str(ds.SOPInstanceUID): ds for ds in source_list}
+        located = _check_regions(regions, result, by_uid)
         layout = self._layout(result.findings)
         try:
             root_items = pickle.loads(layout.content)  # a fresh copy for this study
@@ -122,6 +128,8 @@ class ReportBuilder:
             if spec.ood:
                 _put(groups[slots.group], slots.ood_value, _ood_score(result)[0])
                 _put(groups[slots.group], slots.ood_evaluation, _low_confidence(result)[0])
+            for finding, region in located:
+                groups.append(_region_group(finding, region, spec, by_uid)[0])
             # the document around the layout's root; its root items are replaced below
             sr = _comprehensive_sr(
                 result, source_list, spec, self.device_uid, layout.root, series_number,

@@ -26,13 +26,13 @@ from triage_core.dicom_out.common import (
     _check_finding,
     _check_number,
     _coding_schemes,
+    _device_uid,
     _is_uid,
     _model_name,
     _require_attrs,
     _sanitized_reference,
     _software_versions,
     _text,
-    default_device_uid,
 )
 from triage_core.errors import DicomOutputError
 from triage_core.spec import Finding, ModelSpec
@@ -135,6 +135,7 @@ def build_sc(
     *,
     series_number: int = 9902,
     instance_number: int = 1,
+    device_uid: str | None = None,
 ) -> Dataset:
     """Build the RGB Secondary Capture that shows a Grad-CAM overlay for one finding.
 
@@ -152,6 +153,9 @@ def build_sc(
         The model (name and version go into Derivation Description and Contributing Equipment).
     series_number, instance_number : int
         Series Number and Instance Number of the new image.
+    device_uid : str, optional
+        Device UID of the algorithm in Contributing Equipment; default
+        :func:`~.common.default_device_uid`.
 
     Returns
     -------
@@ -164,10 +168,11 @@ def build_sc(
         When an input is invalid; the message names the value.
     """
     pixels = _check_sc_inputs(overlay, source, finding, spec, series_number, instance_number)
+    uid = _device_uid(spec, device_uid)
     captions = _caption(finding)
     captioned, burned = burn_in_caption(pixels, captions)
     reference = _sanitized_reference(source, "source")
-    sc = _sc_image(source, reference, captioned, spec, series_number, instance_number)
+    sc = _sc_image(source, reference, captioned, spec, uid, series_number, instance_number)
     _describe_sc(sc, reference, finding, spec, captions, burned)
     _reference_source(sc, reference, source)
     logger.debug(
@@ -211,6 +216,7 @@ def _sc_image(
     reference: Dataset,
     pixels: np.ndarray,
     spec: ModelSpec,
+    device_uid: str,
     series_number: int,
     instance_number: int,
 ) -> Dataset:
@@ -235,7 +241,7 @@ def _sc_image(
             patient_orientation=("L", "F"),
             laterality=laterality if laterality in ("R", "L") else None,
             transfer_syntax_uid=ExplicitVRLittleEndian,
-            contributing_equipment=[_algorithm_equipment(spec, default_device_uid(spec))],
+            contributing_equipment=[_algorithm_equipment(spec, device_uid)],
             series_description=SC_SERIES_DESCRIPTION,
             manufacturer_model_name=_model_name(spec),
             software_versions=_software_versions(spec),

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -16,6 +16,7 @@ from pydicom.dataset import Dataset
 
 from triage_core.dicom_out.common import (
     ABSENT,
+    BOUNDED_BY,
     CHEST_IMAGING,
     LOW_CONFIDENCE,
     MANUFACTURER,
@@ -35,17 +36,25 @@ from triage_core.dicom_out.common import (
     _check_finding,
     _check_number,
     _coding_schemes,
+    _device_uid,
     _is_uid,
     _model_name,
     _require_attrs,
     _sanitized_reference,
     _software_versions,
     _text,
-    default_device_uid,
     finding_code,
 )
+from triage_core.dicom_out.regions import REGION_FRACTION, CamRegion
 from triage_core.errors import DicomOutputError
 from triage_core.spec import PRIORITY_LEVELS, Finding, ModelSpec, StudyResult
+
+#: Suffix of the tracking identifier of a finding's region group (``Atelectasis region``).
+REGION_SUFFIX = " region"
+REGION_RULE = (
+    f"region=bounding box of the 8-connected Grad-CAM component at or above "
+    f"{REGION_FRACTION:g} of its peak that holds the peak"
+)
 
 logger = logging.getLogger(__name__)
 
@@ -129,6 +138,7 @@ def build_sr(
     series_number: int = 9901,
     instance_number: int = 1,
     device_uid: str | None = None,
+    regions: Mapping[str, CamRegion] | None = None,
 ) -> Dataset:
     """Build the Comprehensive 3D SR (TID 1500) that reports a study's findings and priority.
 
@@ -148,6 +158,12 @@ def build_sr(
     device_uid : str, optional
         Device UID of the algorithm (observer and Contributing Equipment). Default: a UID derived
         from the model's name, architecture and version (:func:`default_device_uid`).
+    regions : mapping of str to CamRegion, optional
+        Image regions of findings judged present, by finding name
+        (:func:`~.regions.cam_region`); each becomes a TID 1410 group after the priority group:
+        tracking identifier ``<name> region``, the finding type, a closed SCOORD POLYLINE on
+        the region's source image (Geometric Purpose "Bounded by"), the finding's "Present"
+        evaluation and the region rule among the algorithm parameters.
 
     Returns
     -------
@@ -165,9 +181,11 @@ def build_sr(
     _check_number("instance_number", instance_number)
     device_uid = _device_uid(spec, device_uid)
     by_uid = {str(ds.SOPInstanceUID): ds for ds in source_list}
+    located = _check_regions(regions, result, by_uid)
     try:
         groups = [_finding_group(finding, spec, by_uid) for finding in result.findings]
         groups.append(_priority_group(result, spec))
+        groups.extend(_region_group(f, r, spec, by_uid) for f, r in located)
         report = _measurement_report(spec, device_uid, groups)
         sr = _comprehensive_sr(result, source_list, spec, device_uid, report, series_number,
                                instance_number)  # fmt: skip
@@ -182,12 +200,67 @@ def build_sr(
     return sr
 
 
-def _device_uid(spec: ModelSpec, device_uid: str | None) -> str:
-    if device_uid is None:
-        return default_device_uid(spec)
-    if not _is_uid(device_uid):
-        raise DicomOutputError(f"device_uid {device_uid!r} is not a valid UID")
-    return device_uid
+def _check_regions(
+    regions: Mapping[str, CamRegion] | None, result: StudyResult, by_uid: dict[str, Dataset]
+) -> list[tuple[Finding, CamRegion]]:
+    """The regions as ``(finding, region)`` in the findings' order, each checked."""
+    if regions is None:
+        return []
+    if not isinstance(regions, Mapping):
+        raise DicomOutputError(f"regions: expected a mapping, got {type(regions).__name__}")
+    findings = {f.name: f for f in result.findings}
+    unknown = sorted(set(regions) - set(findings))
+    if unknown:
+        raise DicomOutputError(f"regions: {unknown} are not findings of the result")
+    located = []
+    for name, finding in findings.items():
+        region = regions.get(name)
+        if region is None:
+            continue
+        if not isinstance(region, CamRegion):
+            raise DicomOutputError(
+                f"regions[{name!r}]: expected a CamRegion, got {type(region).__name__}"
+            )
+        if not finding.present:
+            raise DicomOutputError(
+                f"regions[{name!r}]: the finding is judged absent; regions are for present ones"
+            )
+        source = by_uid.get(region.source_uid)
+        if source is None:
+            raise DicomOutputError(
+                f"regions[{name!r}]: image {region.source_uid!r} is not among the sources"
+            )
+        _require_attrs(source, f"source image of the {name} region", ("Rows", "Columns"))
+        if region.right > int(source.Columns) + 1e-6 or region.bottom > int(source.Rows) + 1e-6:
+            raise DicomOutputError(
+                f"regions[{name!r}]: box ({region.left}, {region.top}, {region.right}, "
+                f"{region.bottom}) exceeds the {source.Columns}x{source.Rows} image"
+            )
+        located.append((finding, region))
+    return located
+
+
+def _region_group(
+    finding: Finding, region: CamRegion, spec: ModelSpec, by_uid: dict[str, Dataset]
+) -> Any:
+    """The TID 1410 group of a finding's image region."""
+    import highdicom as hd
+
+    source = by_uid[region.source_uid]
+    return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=_tracking(finding.name + REGION_SUFFIX),
+        referenced_region=hd.sr.ImageRegion(
+            graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+            graphic_data=region.polyline(),
+            source_image=hd.sr.SourceImageForRegion.from_source_image(source),
+        ),
+        finding_type=finding_code(finding.name),
+        algorithm_id=_algorithm_id(
+            spec, [*_finding_parameters(spec, float(finding.threshold)), REGION_RULE]
+        ),
+        qualitative_evaluations=[_evaluation(finding)],
+        geometric_purpose=BOUNDED_BY,
+    )
 
 
 def _algorithm_id(spec: ModelSpec, parameters: list[str]) -> Any:
