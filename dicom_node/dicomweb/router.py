@@ -20,7 +20,10 @@ instances``
 {sop}]]``
 ``GET .../metadata`` (each of those three levels)          WADO-RS metadata (dicom+json)
 ``GET .../instances/{sop}/bulkdata/{tag}``                 WADO-RS bulk data (octet-stream)
-``GET .../instances/{sop}/rendered``                       WADO-RS rendered (JPEG or PNG)
+``GET .../instances/{sop}/frames/{list}``                  WADO-RS frames (:mod:`.frames`)
+``GET .../instances/{sop}/rendered``, ``.../frames/{n}/    WADO-RS rendered (JPEG or PNG)
+rendered``
+``GET .../thumbnail`` (study, series, instance)            WADO-RS thumbnail (JPEG or PNG)
 =========================================================  ======================================
 """
 
@@ -44,6 +47,7 @@ from dicom_node.dicomweb.multipart import (
     parse_media_type,
     related_boundary,
 )
+from dicom_node.dicomweb.pixels import add_pixel_routes
 from dicom_node.dicomweb.stow import StowBodyError, StowRequest, store_response
 from triage_core.uids import is_valid_uid
 
@@ -340,23 +344,5 @@ def dicomweb_router(
         content_type, chunks = wado.bulk_parts(data)
         return StreamingResponse(iterate_in_threadpool(chunks), media_type=content_type)
 
-    @router.get(
-        "/studies/{study}/series/{series}/instances/{sop}/rendered",
-        summary="WADO-RS: the instance rendered as JPEG or PNG",
-    )
-    def get_rendered(request: Request, study: str, series: str, sop: str) -> Response:
-        found = entries_or_404(study, series, sop)
-        if isinstance(found, Response):
-            return found
-        try:
-            media_type = wado.rendered_type(parse_accept(request.headers.get("accept")))
-        except (MediaTypeError, wado.NotAcceptable) as exc:
-            return problem(406, str(exc))
-        try:
-            data = wado.render(found[0].path, media_type)
-        except Exception as exc:  # noqa: BLE001 - an image we cannot render is a 406, logged
-            logger.warning("instance %s cannot be rendered: %s", sop, exc)
-            return problem(406, "this instance cannot be rendered as an image")
-        return Response(content=data, media_type=media_type)
-
+    add_pixel_routes(router, entries_or_404)
     return router

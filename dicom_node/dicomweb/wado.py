@@ -11,9 +11,8 @@
   Data) by ``BulkDataURI``.
 - **Bulk data** of a top-level element: ``multipart/related; type="application/octet-stream"``
   (Pixel Data uncompressed, little endian).
-- **Rendered**: an instance as ``image/jpeg`` (default) or ``image/png``, at most
-  :data:`~dicom_node.dicomweb.images.MAX_SIDE` pixels: our Grad-CAM SC from its own RGB pixels, a
-  greyscale image windowed as the model's preprocessing windows it.
+- **Frames**, **rendered** images and **thumbnails**: :mod:`~dicom_node.dicomweb.frames`
+  and :mod:`~dicom_node.dicomweb.rendering` (routes in :mod:`~dicom_node.dicomweb.pixels`).
 """
 
 from __future__ import annotations
@@ -147,31 +146,3 @@ def bulk_parts(data: bytes) -> tuple[str, Iterator[bytes]]:
     return related_content_type(boundary, "application/octet-stream"), multipart_chunks(
         [("application/octet-stream", data, "")], boundary
     )
-
-
-def rendered_type(accept: Sequence[MediaType]) -> str:
-    """``image/jpeg`` (the default, PS3.18 8.3.5.1.2) or ``image/png``; else 406."""
-    if not accept:
-        return "image/jpeg"
-    for media in accept:
-        if media.type in ("image/jpeg", "image/png"):
-            return media.type
-        if media.type in ("*/*", "image/*"):
-            return "image/jpeg"
-    raise NotAcceptable("rendered images are given as image/jpeg or image/png")
-
-
-def render(path: Path, media_type: str) -> bytes:
-    """The instance as a displayable image (see the module docstring)."""
-    from PIL import Image
-
-    from dicom_node.dicomweb import images
-
-    header = read_header(path)
-    photometric = str(header.get("PhotometricInterpretation", "")) if header is not None else ""
-    png = images.render(path, "source" if photometric.startswith("MONOCHROME") else "sc")
-    if media_type == "image/png":
-        return png
-    out = io.BytesIO()
-    Image.open(io.BytesIO(png)).convert("RGB").save(out, format="JPEG", quality=90)
-    return out.getvalue()
