@@ -12,9 +12,9 @@ built single-page application, no build step. :func:`install_viewer`
    folders only, bounded in count and size;
 3. rebases the build under :data:`VIEWER_BASE`: the build loads its bundles from ``/``
    (``window.PUBLIC_URL="/"`` and ``__webpack_require__.p = "/"`` are compiled in), so
-   ``index.html``, ``manifest.json`` and the webpack runtimes that name the root are rewritten
-   to ``/viewer/``; each rewrite must find what it replaces, so another build fails loudly
-   instead of half-working;
+   ``index.html``, ``manifest.json``, the webpack runtimes and the style sheets (``url(/``)
+   that name the root are rewritten to ``/viewer/``; each rewrite must find what it replaces,
+   so another build fails loudly instead of half-working;
 4. drops the service-worker loader from ``index.html`` (it would fetch Workbox from Google's
    CDN) and writes our ``app-config.js`` (:func:`app_config`);
 5. swaps the new folder in whole (rename), with ``installed.json`` saying what is there.
@@ -245,6 +245,13 @@ def rebase(dist: Path, base: str = VIEWER_BASE) -> int:
             bundles += 1
     if bundles == 0:
         raise ViewerInstallError("no webpack runtime names the root: not the build we know")
+    styles = [s for s in sorted(dist.glob("*.css")) if "url(/" in s.read_text(encoding="utf-8")]
+    if not styles:
+        raise ViewerInstallError(
+            "no style sheet loads its font from the root: not the build we know"
+        )
+    for style in styles:  # the icon font: url(/HASH.woff2)
+        _replace(style, "url(/", f"url({prefix}")
     return bundles
 
 
@@ -288,7 +295,8 @@ def app_config(base: str = VIEWER_BASE, dicomweb: str = DICOMWEB_ROOT) -> str:
                 "name": "cxr-triage",
                 "qidoSupportsIncludeField": False,
                 "imageRendering": "wadors",
-                "thumbnailRendering": "wadors",
+                "thumbnailRendering": "thumbnail",
+                "thumbnailRequestStrategy": "fetch",
                 "enableStudyLazyLoad": True,
                 "supportsFuzzyMatching": False,
                 "supportsWildcard": False,
