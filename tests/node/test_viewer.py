@@ -71,6 +71,8 @@ def test_install_from_npm_checks_rebases_and_configures(
     assert "init-service-worker" not in index  # it would fetch Workbox from Google's CDN
     for script in dist.glob("*.js"):
         assert '__webpack_require__.p = "/";' not in script.read_text(errors="replace"), script
+    for style in dist.glob("*.css"):
+        assert "url(/" not in style.read_text().replace("url(/viewer/", ""), style
     assert list(dist.glob("*.wasm"))
     assert '"/assets/' not in (dist / "manifest.json").read_text(encoding="utf-8")
     assert not (dist.parent / "dist" / "installed.json").exists()  # the record is not served
