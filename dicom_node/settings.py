@@ -28,6 +28,7 @@ import os
 import re
 import socket
 import tomllib
+import urllib.parse
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -232,6 +233,12 @@ class NodeSettings(BaseSettings):
     dicomweb_max_body: int = Field(4 << 30, ge=1 << 16, description="largest STOW-RS body")
     dicomweb_max_part: int = Field(1 << 30, ge=1 << 12, description="largest STOW-RS part (bytes)")
     dicomweb_max_parts: int = Field(10000, ge=1, le=1_000_000, description="parts per STOW-RS")
+    dicomweb_base_url: str = Field(
+        "",
+        description="the DICOMweb root as clients reach it through a reverse proxy (e.g. "
+        "https://proxy.example.org/cxr/dicomweb): the base of the Retrieve URLs, BulkDataURIs "
+        "and Content-Locations the node answers; empty: taken from each request's Host",
+    )
     log_phi: bool = Field(False, description="log patient identifiers (default: UIDs only)")
     lease_seconds: float = Field(300.0, gt=0.0, description="processing lease of a worker")
     max_attempts: int = Field(3, ge=1, le=100, description="processing attempts before failed")
@@ -317,6 +324,26 @@ class NodeSettings(BaseSettings):
     @classmethod
     def _ae(cls, value: str) -> str:
         return check_ae_title(value, "ae_title")
+
+    @field_validator("dicomweb_base_url")
+    @classmethod
+    def _dicomweb_base(cls, value: str) -> str:
+        value = value.strip()
+        if not value:
+            return ""
+        bad = f"{value[:100]!r} is not an http(s) URL without query or user (or empty)"
+        if len(value) > 2048 or any(ord(c) <= 0x20 or ord(c) >= 0x7F for c in value):
+            raise ValueError(bad)
+        url = urllib.parse.urlsplit(value)
+        try:
+            url.port  # noqa: B018 - raises ValueError on a port that is not a number in range
+        except ValueError:
+            raise ValueError(bad) from None
+        if url.scheme not in ("http", "https") or not url.hostname or url.username is not None:
+            raise ValueError(bad)
+        if url.query or url.fragment or value.endswith(("?", "#")):
+            raise ValueError(bad)
+        return value.rstrip("/")
 
     @field_validator("destinations", mode="before")
     @classmethod

@@ -1,8 +1,10 @@
 """DICOMweb (PS3.18) in one package: the node's STOW-RS, QIDO-RS and WADO-RS, and its client.
 
 Served under ``/dicomweb`` by :func:`dicomweb_router` (:mod:`router`), over :mod:`stow` (store),
-:mod:`qido` (search), :mod:`wado` (retrieve; rendered images from :mod:`images`), the index of
-stored instances (:mod:`catalog`) and ``multipart/related`` (:mod:`multipart`). The STOW-RS
+:mod:`qido` (search), :mod:`wado` (retrieve instances, metadata, bulk data), the routes viewers
+draw from (:mod:`pixels`: frames from :mod:`frames`, rendered images and thumbnails from
+:mod:`rendering`), the index of stored instances (:mod:`catalog`) and ``multipart/related``
+(:mod:`multipart`). :mod:`images` gives the worklist pages their PNG views. The STOW-RS
 client that delivers results to a DICOMweb destination is :func:`send_files` (:mod:`stowrs`).
 
 The names are imported on first use: a ``triage worker`` delivers by STOW-RS without loading

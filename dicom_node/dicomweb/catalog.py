@@ -59,7 +59,10 @@ class Entry:
 def _header(path: Path, size: int, mtime_ns: int) -> pydicom.Dataset:
     import pydicom
 
-    return pydicom.dcmread(path, stop_before_pixels=True)
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    for _ in ds.iterall():  # every raw element converted now, before threads share it, so
+        pass  # an element is one object for good (the BulkDataURI paths are keyed by it)
+    return ds
 
 
 def read_header(path: Path) -> pydicom.Dataset | None:
@@ -138,14 +141,69 @@ def transfer_syntax(header: pydicom.Dataset) -> str:
     return str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
 
 
-def bulk_uri_handler(instance_url: str) -> Callable[[Any], str]:
-    """``to_json_dict``'s bulk data handler: ``{instance}/bulkdata/{tag}`` (top-level elements;
-    the bulkdata route finds only those)."""
+#: Deepest sequence nesting of a bulk data path, and most items counted in one sequence.
+MAX_BULK_DEPTH = 8
+MAX_ITEM = 1_000_000
+
+
+class BulkPathError(ValueError):
+    """A bulk data path that is not ``TAG[/ITEM/TAG]...`` (400)."""
+
+
+def element_paths(ds: pydicom.Dataset, prefix: str = "", depth: int = 0) -> dict[int, str]:
+    """``id(element) -> path`` for every element of ``ds``: ``TAG`` at the top level and
+    ``TAG/ITEM/TAG`` inside a sequence (tags in 8 hex digits, items counted from 0)."""
+    out: dict[int, str] = {}
+    for element in ds:
+        path = f"{prefix}{int(element.tag):08X}"
+        out[id(element)] = path
+        if element.VR == "SQ" and depth < MAX_BULK_DEPTH:
+            for index, item in enumerate(element.value):
+                out.update(element_paths(item, f"{path}/{index}/", depth + 1))
+    return out
+
+
+def bulk_uri_handler(instance_url: str, paths: dict[int, str]) -> Callable[[Any], str]:
+    """``to_json_dict``'s bulk data handler: ``{instance}/bulkdata/{path}`` (the element's
+    place in the header, :func:`element_paths`), which the bulkdata route resolves."""
 
     def handler(element: Any) -> str:
-        return f"{instance_url}/bulkdata/{int(element.tag):08X}"
+        path = paths.get(id(element), f"{int(element.tag):08X}")
+        return f"{instance_url}/bulkdata/{path}"
 
     return handler
+
+
+def parse_bulk_path(text: str) -> list[int]:
+    """``"00283000/0/00283006"`` -> ``[0x00283000, 0, 0x00283006]`` (checked, bounded)."""
+    parts = text.strip("/").split("/")
+    if len(parts) % 2 == 0 or len(parts) > 2 * MAX_BULK_DEPTH + 1:
+        raise BulkPathError(f"a bulk data path is TAG[/ITEM/TAG]..., at most {MAX_BULK_DEPTH} deep")
+    out = []
+    for position, part in enumerate(parts):
+        if position % 2 == 0:
+            if len(part) != 8 or any(c not in "0123456789abcdefABCDEF" for c in part):
+                raise BulkPathError(f"{part[:20]!r} is not a tag of 8 hexadecimal digits")
+            out.append(int(part, 16))
+        else:
+            if not part.isdecimal() or not part.isascii() or int(part) >= MAX_ITEM:
+                raise BulkPathError(f"{part[:20]!r} is not a sequence item number")
+            out.append(int(part))
+    return out
+
+
+def nested_value(header: pydicom.Dataset, path: list[int]) -> bytes | None:
+    """The bytes of the element at ``path`` in ``header``, ``None`` if absent or not binary."""
+    ds = header
+    for position in range(0, len(path) - 1, 2):
+        tag, index = path[position], path[position + 1]
+        if tag not in ds or ds[tag].VR != "SQ" or index >= len(ds[tag].value):
+            return None
+        ds = ds[tag].value[index]
+    if path[-1] not in ds:
+        return None
+    value = ds[path[-1]].value
+    return bytes(value) if isinstance(value, bytes | bytearray) else None
 
 
 def dataset_json(header: pydicom.Dataset, instance_url: str, with_pixels: bool) -> dict[str, Any]:
@@ -153,7 +211,7 @@ def dataset_json(header: pydicom.Dataset, instance_url: str, with_pixels: bool) 
     BulkDataURI (the header was read without it)."""
     body: dict[str, Any] = header.to_json_dict(
         bulk_data_threshold=BULK_THRESHOLD,
-        bulk_data_element_handler=bulk_uri_handler(instance_url),
+        bulk_data_element_handler=bulk_uri_handler(instance_url, element_paths(header)),
     )
     if with_pixels and "Rows" in header:
         encapsulated = transfer_syntax(header).startswith(ENCAPSULATED_PREFIXES)

@@ -31,7 +31,9 @@ the file positioned at the Pixel Data value (the Basic or Extended Offset Table 
 that frame's fragments are read); a native frame is one ``seek`` and one ``read``; a frame to
 decode is decoded alone by :func:`pydicom.pixels.pixel_array` (``index=``), which reads only
 that frame's data. So a request holds at most one frame (and its decoded array) beside the
-bytes being written, whatever the number of frames asked for or stored.
+bytes being written, whatever the number of frames asked for or stored. (The one exception: a
+file stored in Deflated Explicit VR Little Endian has no offsets to seek to; it is inflated
+whole and its frames given decoded.)
 """
 
 from __future__ import annotations
@@ -248,7 +250,12 @@ def decoded_frame(source: PixelSource, index: int) -> bytes:
     import numpy as np
     from pydicom.pixels import pack_bits, pixel_array
 
-    array = pixel_array(str(source.path), index=index)
+    if source.value_offset < 0:  # deflated: no offset into the file, so inflated whole
+        import pydicom
+
+        array = pixel_array(pydicom.dcmread(source.path), index=index)
+    else:
+        array = pixel_array(str(source.path), index=index)
     header = read_header(source.path)
     if header is not None and int(header.get("BitsAllocated", 8) or 8) == 1:
         return pack_bits(array)

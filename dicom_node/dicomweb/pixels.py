@@ -6,6 +6,8 @@ route (under ``/dicomweb/studies/{study}/series/{series}``)    answer
 ``.../instances/{sop}/frames/{list}``                          frames (:mod:`.frames`)
 ``.../instances/{sop}/frames/{n}/rendered``                    one frame rendered
 ``.../instances/{sop}/rendered``                               the first frame rendered
+``/rendered`` (series),                                        each instance's first frame
+``/dicomweb/studies/{study}/rendered``                         rendered, one part each
 ``.../instances/{sop}/thumbnail``, ``/thumbnail`` (series),    a thumbnail (:mod:`.rendering`)
 ``/dicomweb/studies/{study}/thumbnail``
 =============================================================  ================================
@@ -20,7 +22,7 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -28,7 +30,13 @@ from starlette.concurrency import iterate_in_threadpool
 
 from dicom_node.dicomweb import frames, rendering
 from dicom_node.dicomweb.catalog import Entry, read_header
-from dicom_node.dicomweb.multipart import MediaTypeError, parse_accept
+from dicom_node.dicomweb.multipart import (
+    MediaTypeError,
+    multipart_chunks,
+    new_boundary,
+    parse_accept,
+    related_content_type,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +73,7 @@ def add_pixel_routes(router: APIRouter, find: Finder) -> None:
         try:
             accept = parse_accept(request.headers.get("accept"))
             wanted = rendering.parse_request(accept, request.query_params)
+            _, multipart = rendering.media_type_of(accept, request.query_params.get("accept"))
             data = rendering.render(entry.path, wanted, index, thumbnail)
         except MediaTypeError as exc:
             return _problem(406, str(exc))
@@ -75,6 +84,10 @@ def add_pixel_routes(router: APIRouter, find: Finder) -> None:
         except Exception as exc:  # noqa: BLE001 - an undecodable image is a 406, logged
             logger.warning("instance %s cannot be rendered: %s", entry.sop_uid, exc)
             return _problem(406, "this instance cannot be rendered as an image")
+        if multipart:  # one part, as the client's multipart Accept asked
+            boundary = new_boundary()
+            body = b"".join(multipart_chunks([(wanted.media_type, data, "")], boundary))
+            return Response(body, media_type=related_content_type(boundary, wanted.media_type))
         return Response(content=data, media_type=wanted.media_type)
 
     def thumbnail(request: Request, study: str, series: str | None, sop: str | None) -> Response:
@@ -85,6 +98,48 @@ def add_pixel_routes(router: APIRouter, find: Finder) -> None:
         if entry is None:
             return _problem(404, "no instance here has an image to make a thumbnail of")
         return draw(request, entry, 0, thumbnail=True)
+
+    def rendered_all(request: Request, study: str, series: str | None) -> Response:
+        """Every instance with pixels of a study or series, its first frame rendered, one part
+        each (streamed: one image at a time)."""
+        found = find(study, series, None)
+        if isinstance(found, Response):
+            return found
+        try:
+            accept = parse_accept(request.headers.get("accept"))
+            wanted = rendering.parse_request(accept, request.query_params)
+        except MediaTypeError as exc:
+            return _problem(406, str(exc))
+        except rendering.RenderError as exc:
+            return _problem(exc.status, str(exc))
+        images = [e for e in found if (h := read_header(e.path)) is not None and "Rows" in h]
+        if not images:
+            return _problem(404, "no instance here has an image to render")
+
+        def parts() -> Iterator[tuple[str, bytes, str]]:
+            for entry in images:
+                try:
+                    data = rendering.render(entry.path, wanted)
+                except Exception as exc:  # noqa: BLE001 - one bad image leaves its part out
+                    logger.warning("instance %s cannot be rendered: %s", entry.sop_uid, exc)
+                    continue
+                yield wanted.media_type, data, ""
+
+        boundary = new_boundary()
+        return StreamingResponse(
+            iterate_in_threadpool(multipart_chunks(parts(), boundary)),
+            media_type=related_content_type(boundary, wanted.media_type),
+        )
+
+    @router.get("/studies/{study}/rendered", summary="WADO-RS: a study's images rendered")
+    def study_rendered(request: Request, study: str) -> Response:
+        return rendered_all(request, study, None)
+
+    @router.get(
+        "/studies/{study}/series/{series}/rendered", summary="WADO-RS: a series' images rendered"
+    )
+    def series_rendered(request: Request, study: str, series: str) -> Response:
+        return rendered_all(request, study, series)
 
     @router.get("/studies/{study}/thumbnail", summary="WADO-RS: a study's thumbnail")
     def study_thumbnail(request: Request, study: str) -> Response:

@@ -16,23 +16,24 @@ cropping form ``vw,vh,sx,sy,sw,sh`` is refused) or, without one, reduced to at m
 JPEG quality. Windows follow PS3.3 C.11.2.1.2 (``linear``, ``linear-exact``, ``sigmoid``).
 
 Only the one frame is decoded (:func:`pydicom.pixels.pixel_array` with ``index=``), and the
-encoded images are kept in a small LRU cache (files never change once written; the key holds
-the file's modification time).
+encoded images are kept in an LRU cache of at most 32 MiB (images up to 1 MiB each; files
+never change once written, and the key holds the file's modification time).
 """
 
 from __future__ import annotations
 
-import functools
 import io
 import logging
 import math
+import threading
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dicom_node.dicomweb.catalog import read_header
-from dicom_node.dicomweb.multipart import MediaType
+from dicom_node.dicomweb.multipart import MediaType, parse_accept
 
 if TYPE_CHECKING:
     import numpy as np
@@ -47,7 +48,7 @@ MAX_VIEWPORT = 4096
 JPEG_QUALITY = 90
 FUNCTIONS = ("linear", "linear-exact", "sigmoid")
 #: The query parameters we read; any other is ignored, as PS3.18 8.3.5.1 lets us.
-PARAMETERS = ("viewport", "window", "quality")
+PARAMETERS = ("viewport", "window", "quality", "accept")
 
 
 class RenderError(ValueError):
@@ -68,15 +69,27 @@ class RenderRequest:
     quality: int = JPEG_QUALITY
 
 
-def media_type_of(accept: Sequence[MediaType]) -> str:
-    """``image/jpeg`` (the default, PS3.18 8.3.5.1.2) or ``image/png``; else 406."""
-    if not accept:
-        return "image/jpeg"
+def media_type_of(accept: Sequence[MediaType], query_accept: str | None = None) -> tuple[str, bool]:
+    """The image type to give and whether as a one-part ``multipart/related`` body.
+
+    An ``Accept`` header asking for ``multipart/related; type="image/jpeg"`` (or PNG; what
+    dicomweb-client's bulk data retrieval sends) gets that. Otherwise the ``accept`` query
+    parameter (PS3.18 8.3.3.1, for user agents that cannot set the header: OHIF's thumbnail
+    URLs carry ``?accept=image/jpeg``) or else the header chooses a single-part answer:
+    ``image/jpeg`` (the default, PS3.18 8.3.5.1.2) or ``image/png``; anything else is 406.
+    """
     for media in accept:
+        part = media.param("type").lower()
+        if media.type == "multipart/related" and part in ("image/jpeg", "image/png"):
+            return part, True
+    entries = parse_accept(query_accept) if query_accept else list(accept)
+    if not entries:
+        return "image/jpeg", False
+    for media in entries:
         if media.type in ("image/jpeg", "image/png"):
-            return media.type
+            return media.type, False
         if media.type in ("*/*", "image/*"):
-            return "image/jpeg"
+            return "image/jpeg", False
     raise RenderError(406, "rendered images and thumbnails are given as image/jpeg or image/png")
 
 
@@ -98,7 +111,7 @@ def parse_request(accept: Sequence[MediaType], query: Mapping[str, str]) -> Rend
     RenderError
         406 for an ``Accept`` without JPEG or PNG; 400 for a malformed parameter.
     """
-    media_type = media_type_of(accept)
+    media_type, _ = media_type_of(accept, query.get("accept"))
     viewport = None
     if (text := query.get("viewport")) is not None:
         parts = text.split(",")
@@ -207,8 +220,40 @@ def _encode(pixels: np.ndarray, request: RenderRequest, longest: int) -> bytes:
     return out.getvalue()
 
 
-@functools.lru_cache(maxsize=256)
-def _render(path: Path, mtime_ns: int, index: int, request: RenderRequest, longest: int) -> bytes:
+class _ImageCache:
+    """Encoded images by key, least recently used dropped first, bounded in bytes."""
+
+    def __init__(self, max_bytes: int, max_item: int) -> None:
+        self.max_bytes, self.max_item = max_bytes, max_item
+        self._items: OrderedDict[tuple[Any, ...], bytes] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple[Any, ...]) -> bytes | None:
+        with self._lock:
+            found = self._items.get(key)
+            if found is not None:
+                self._items.move_to_end(key)
+            return found
+
+    def put(self, key: tuple[Any, ...], data: bytes) -> None:
+        if len(data) > self.max_item:
+            return
+        with self._lock:
+            if key in self._items:
+                return
+            self._items[key] = data
+            self._bytes += len(data)
+            while self._bytes > self.max_bytes:
+                _, dropped = self._items.popitem(last=False)
+                self._bytes -= len(dropped)
+
+
+#: Rendered images and thumbnails kept (OHIF asks for the same thumbnails again and again).
+CACHE = _ImageCache(max_bytes=32 << 20, max_item=1 << 20)
+
+
+def _render(path: Path, index: int, request: RenderRequest, longest: int) -> bytes:
     from pydicom.pixels import pixel_array
 
     header = read_header(path)
@@ -230,5 +275,10 @@ def _render(path: Path, mtime_ns: int, index: int, request: RenderRequest, longe
 def render(path: Path, request: RenderRequest, index: int = 0, thumbnail: bool = False) -> bytes:
     """Frame ``index`` of the file at ``path`` drawn as ``request`` asks (see the module
     docstring). Raises :class:`RenderError` (404) for an instance without pixels."""
-    mtime = path.stat().st_mtime_ns
-    return _render(path, mtime, index, request, THUMBNAIL_SIDE if thumbnail else MAX_SIDE)
+    longest = THUMBNAIL_SIDE if thumbnail else MAX_SIDE
+    key = (path, path.stat().st_mtime_ns, index, request, longest)
+    found = CACHE.get(key)
+    if found is None:
+        found = _render(path, index, request, longest)
+        CACHE.put(key, found)
+    return found

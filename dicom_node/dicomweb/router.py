@@ -3,7 +3,8 @@
 :func:`dicomweb_router` gives the routes; the work is in :mod:`~dicom_node.dicomweb.stow`
 (store), :mod:`~dicom_node.dicomweb.qido` (search) and :mod:`~dicom_node.dicomweb.wado`
 (retrieve), over :mod:`~dicom_node.dicomweb.catalog`. Access is the HTTP server's
-(:mod:`dicom_node.web.access`: loopback only, or the token, or the authenticating proxy); the
+(:mod:`dicom_node.web.access`: loopback only, or the token, or the authenticating proxy;
+storing needs the role ``reader`` or ``admin``, which that guard checks before a route runs); the
 calling-AE allow-list has no counterpart here (HTTP carries no AE title). Every UID in a path
 is checked against the DICOM UID grammar first (400 otherwise); a resource we do not hold is
 404; a body or an ``Accept`` we cannot serve is 415 or 406, with a one-line ``detail``.
@@ -19,7 +20,7 @@ instances``
 ``GET /studies/{study}[/series/{series}[/instances/        WADO-RS instances
 {sop}]]``
 ``GET .../metadata`` (each of those three levels)          WADO-RS metadata (dicom+json)
-``GET .../instances/{sop}/bulkdata/{tag}``                 WADO-RS bulk data (octet-stream)
+``GET .../instances/{sop}/bulkdata/{tag}[/{item}/{tag}]``  WADO-RS bulk data (octet-stream)
 ``GET .../instances/{sop}/frames/{list}``                  WADO-RS frames (:mod:`.frames`)
 ``GET .../instances/{sop}/rendered``, ``.../frames/{n}/    WADO-RS rendered (JPEG or PNG)
 rendered``
@@ -40,7 +41,14 @@ from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 from starlette.requests import ClientDisconnect
 
 from dicom_node.dicomweb import qido, wado
-from dicom_node.dicomweb.catalog import Catalog, Entry, dataset_json, read_header
+from dicom_node.dicomweb.catalog import (
+    BulkPathError,
+    Catalog,
+    Entry,
+    dataset_json,
+    parse_bulk_path,
+    read_header,
+)
 from dicom_node.dicomweb.multipart import (
     MediaTypeError,
     parse_accept,
@@ -137,6 +145,11 @@ def dicomweb_router(
     router = APIRouter(prefix=ROOT, tags=["DICOMweb"])
     catalog = Catalog(worklist, settings.storage)
 
+    def base_of(request: Request) -> str:
+        """The root our URLs start with: ``dicomweb_base_url`` (behind a reverse proxy), else
+        as the client reached us."""
+        return settings.dicomweb_base_url or _base(request)
+
     # ------------------------------------------------------------------ STOW-RS
     async def stow(request: Request, study: str | None) -> Response:
         if (bad := _check_uids(study)) is not None:
@@ -193,7 +206,7 @@ def dicomweb_router(
         except BaseException:
             await run_in_threadpool(job.abort, "server error")
             raise
-        status, body = store_response(outcomes, _base(request))
+        status, body = store_response(outcomes, base_of(request))
         logger.info(
             "STOW-RS from %s: %d stored, %d failed",
             peer,
@@ -223,7 +236,7 @@ def dicomweb_router(
         except qido.QueryError as exc:
             return problem(400, str(exc))
         entries = catalog.entries(study, series)
-        results, more = qido.search(entries, level, query, _base(request))
+        results, more = qido.search(entries, level, query, base_of(request))
         headers = {}
         if more:
             headers["Warning"] = (
@@ -282,7 +295,7 @@ def dicomweb_router(
             if data is None:
                 data = found[0].path.read_bytes()
             return Response(content=data, media_type="application/dicom")
-        content_type, chunks = wado.instance_parts(found, syntax, _base(request))
+        content_type, chunks = wado.instance_parts(found, syntax, base_of(request))
         return StreamingResponse(iterate_in_threadpool(chunks), media_type=content_type)
 
     def metadata(study: str, series: str | None, sop: str | None, request: Request) -> Response:
@@ -291,7 +304,7 @@ def dicomweb_router(
             return found
         if not _wants_json(request):
             return problem(406, f"metadata is given as {DICOM_JSON}")
-        base = _base(request)
+        base = base_of(request)
         out = []
         for entry in found:
             header = read_header(entry.path)
@@ -329,18 +342,20 @@ def dicomweb_router(
         return metadata(study, series, sop, request)
 
     @router.get(
-        "/studies/{study}/series/{series}/instances/{sop}/bulkdata/{tag}",
-        summary="WADO-RS: bulk data of a top-level element",
+        "/studies/{study}/series/{series}/instances/{sop}/bulkdata/{bulk_path:path}",
+        summary="WADO-RS: bulk data of an element (TAG, or TAG/ITEM/TAG in a sequence)",
     )
-    def get_bulkdata(study: str, series: str, sop: str, tag: str) -> Response:
+    def get_bulkdata(study: str, series: str, sop: str, bulk_path: str) -> Response:
         found = entries_or_404(study, series, sop)
         if isinstance(found, Response):
             return found
-        if len(tag) != 8 or any(c not in "0123456789abcdefABCDEF" for c in tag):
-            return problem(400, "the bulk data tag is 8 hexadecimal digits")
-        data = wado.bulk_value(found[0].path, int(tag, 16))
+        try:
+            path = parse_bulk_path(bulk_path)
+        except BulkPathError as exc:
+            return problem(400, str(exc))
+        data = wado.bulk_value(found[0].path, path)
         if data is None:
-            return problem(404, f"no bulk data element {tag.upper()} in this instance")
+            return problem(404, f"no bulk data element {bulk_path[:80].upper()} in this instance")
         content_type, chunks = wado.bulk_parts(data)
         return StreamingResponse(iterate_in_threadpool(chunks), media_type=content_type)
 

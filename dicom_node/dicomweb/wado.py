@@ -22,7 +22,7 @@ import logging
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from dicom_node.dicomweb.catalog import ENCAPSULATED_PREFIXES, Entry, read_header
+from dicom_node.dicomweb.catalog import ENCAPSULATED_PREFIXES, Entry, nested_value, read_header
 from dicom_node.dicomweb.multipart import (
     MediaType,
     multipart_chunks,
@@ -125,20 +125,22 @@ def instance_parts(
     return related_content_type(boundary, "application/dicom"), multipart_chunks(parts(), boundary)
 
 
-def bulk_value(path: Path, tag: int) -> bytes | None:
-    """The value of a top-level element (Pixel Data uncompressed), ``None`` if absent."""
+def bulk_value(path: Path, where: list[int]) -> bytes | None:
+    """The bytes of the element at ``where`` (:func:`~dicom_node.dicomweb.catalog.
+    parse_bulk_path`), ``None`` if absent. Pixel Data is given uncompressed (decoded whole:
+    viewers ask for frames instead); any other element comes from the cached header."""
     import pydicom
 
+    if where != [0x7FE00010]:
+        header = read_header(path)
+        return None if header is None else nested_value(header, where)
     ds = pydicom.dcmread(path)
-    if tag not in ds:
+    if 0x7FE00010 not in ds:
         return None
-    if tag == 0x7FE00010:
-        syntax = str(ds.file_meta.get("TransferSyntaxUID", ""))
-        if syntax.startswith(ENCAPSULATED_PREFIXES):
-            ds.decompress()
-        return bytes(ds.PixelData)
-    value = ds[tag].value
-    return value if isinstance(value, bytes) else None
+    syntax = str(ds.file_meta.get("TransferSyntaxUID", ""))
+    if syntax.startswith(ENCAPSULATED_PREFIXES):
+        ds.decompress()
+    return bytes(ds.PixelData)
 
 
 def bulk_parts(data: bytes) -> tuple[str, Iterator[bytes]]:

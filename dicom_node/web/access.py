@@ -22,6 +22,19 @@ check the role (``POST /api/studies/{uid}/feedback`` needs ``reader``). The rule
 - Once ``http_token``, ``http_proxy_header`` or any named token exists, every request needs one
   of them. Before that (a server the settings keep on a loopback address) requests are let in as
   an anonymous ``viewer``: they can read, not give feedback.
+- Storing (STOW-RS, any ``POST`` under ``/dicomweb``) needs the role ``reader`` or ``admin``
+  (:func:`may_store`); a ``viewer`` token, or a proxy user without one of those roles, gets 403
+  before a byte of the body is read. This guard checks it, by method and path, because the
+  DICOMweb package sits below the web layer and never sees a principal. Why no dedicated role:
+  the roles are one ladder (viewer < reader < admin) that ``triage token add --role`` and the
+  tokens table know; a ``sender`` rung between viewer and reader would let a sending system
+  store without judging, but is a change to both. Storing adds studies to the worklist and
+  starts inference on them, a change to the node as a reader's verdict is, so it takes the same
+  rung; a PACS or modality that stores by STOW-RS gets a ``reader`` token (it could then also
+  post verdicts under its own name, which the feedback page shows as such). The anonymous
+  loopback viewer (no token of any kind exists, the server is on a loopback address) may store:
+  anyone on that host can C-STORE to the DICOM port just as well, so refusing STOW-RS would
+  protect nothing and would break local tools.
 
 Starlette has no token middleware of this shape (its ``AuthenticationMiddleware`` needs a
 backend class and still leaves the 401 to every route), hence these lines.
@@ -40,7 +53,7 @@ from urllib.parse import parse_qsl, urlencode
 
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
-from starlette.responses import PlainTextResponse, RedirectResponse, Response
+from starlette.responses import JSONResponse, PlainTextResponse, RedirectResponse, Response
 
 if TYPE_CHECKING:
     from triage_core.worklist.tokens import Tokens
@@ -70,6 +83,24 @@ class Principal:
 
 
 ANONYMOUS = Principal("", "viewer")
+#: The least role that may store (STOW-RS); see the module docstring.
+STORE_ROLE = "reader"
+#: Requests that store: a POST (or PUT) under the DICOMweb root.
+_STORE_METHODS = frozenset({"POST", "PUT"})
+
+
+def may_store(principal: Principal) -> bool:
+    """Whether ``principal`` may store by STOW-RS: ``reader`` or ``admin``, or the anonymous
+    loopback viewer (see the module docstring)."""
+    return principal is ANONYMOUS or principal.may(STORE_ROLE)
+
+
+def stores(request: Request) -> bool:
+    """Whether ``request`` is a store (STOW-RS) request."""
+    from dicom_node.dicomweb.router import ROOT as root
+
+    path = request.url.path
+    return request.method in _STORE_METHODS and (path == root or path.startswith(root + "/"))
 
 
 def principal_of(request: Request) -> Principal:
@@ -199,6 +230,14 @@ class AccessGuard:
             if login is not None:
                 return login
         principal = await run_in_threadpool(self.identify, request)
+        if principal is not None and stores(request) and not may_store(principal):
+            return JSONResponse(
+                status_code=403,
+                content={
+                    "detail": f"storing (STOW-RS) needs the role {STORE_ROLE} or admin; "
+                    f"{principal.name or 'this request'} has the role {principal.role}"
+                },
+            )
         if principal is not None:
             request.state.principal = principal
             return await call_next(request)

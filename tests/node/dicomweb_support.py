@@ -32,7 +32,7 @@ class RunningNode:
 
     @property
     def base(self) -> str:
-        return f"http://127.0.0.1:{self.settings.http_port}/dicomweb"
+        return f"http://{self.settings.http_host}:{self.settings.http_port}/dicomweb"
 
     @property
     def storage(self) -> Path:
@@ -66,10 +66,12 @@ def running_node(
     try:
         token = settings.http_token
         headers = {"Authorization": f"Bearer {token.get_secret_value()}"} if token else {}
+        if settings.http_proxy_header:
+            headers[settings.http_proxy_header] = "health-check"
         deadline = time.monotonic() + 30
         while True:
             try:
-                url = f"http://127.0.0.1:{settings.http_port}/healthz"
+                url = f"http://{settings.http_host}:{settings.http_port}/healthz"
                 if httpx.get(url, headers=headers, timeout=2).status_code == 200:
                     break
             except httpx.HTTPError:
@@ -90,3 +92,32 @@ def multipart_body(parts: list[tuple[str, bytes]], boundary: str = "b0undary") -
 
 
 STOW_TYPE = 'multipart/related; type="application/dicom"; boundary=b0undary'
+
+
+#: Shared files a node refuses as they are: an invalid SOP Instance UID, a repeated one.
+RENAMED = ("CR-ModalitySequenceLUT.dcm", "Fake_MONOHR1.dcm")
+
+
+def store_shared(client: Any, dicom_dir: Path) -> dict[str, Any]:
+    """Every shared DICOM file stored by STOW-RS through ``client`` (a ``DICOMwebClient``); the
+    files of :data:`RENAMED` get fresh SOP Instance and Series UIDs (pixel data unchanged).
+    Returns file name -> the data set stored."""
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    out = {}
+    for path in sorted(dicom_dir.glob("*.dcm")):
+        ds = pydicom.dcmread(path)
+        if path.name in RENAMED:
+            ds.SOPInstanceUID = generate_uid()
+            ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+            ds.SeriesInstanceUID = generate_uid()
+        out[path.name] = ds
+    answer = client.store_instances(list(out.values()))
+    assert len(answer.ReferencedSOPSequence) == len(out)
+    assert "FailedSOPSequence" not in answer
+    return out
+
+
+def instance_uids(ds: Any) -> tuple[str, str, str]:
+    return str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID)

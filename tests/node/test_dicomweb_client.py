@@ -330,6 +330,19 @@ def test_our_results_are_found_beside_the_received_series(
             study, sc.SeriesInstanceUID, sc.SOPInstanceUID, media_types=("image/png",)
         )
         assert Image.open(io.BytesIO(png)).mode == "RGB"
+        (frame,) = client.retrieve_instance_frames(
+            study,
+            sc.SeriesInstanceUID,
+            sc.SOPInstanceUID,
+            frame_numbers=[1],
+            media_types=(("application/octet-stream", "*"),),
+        )
+        assert frame == sc.PixelData  # our SC is native RGB: its frame is its pixel data
+        # the study's thumbnail is the received radiograph (grey), not our heatmap (colour)
+        thumb = get(f"{node.base}/studies/{study}/thumbnail", headers={"Accept": "image/png"})
+        assert Image.open(io.BytesIO(thumb.content)).mode == "L"
+        sc_series = f"{node.base}/studies/{study}/series/{sc.SeriesInstanceUID}/thumbnail"
+        assert Image.open(io.BytesIO(get(sc_series).content)).mode == "RGB"
         hits = client.search_for_instances(
             study, search_filters={"SOPClassUID": "1.2.840.10008.5.1.4.1.1.88.34"}
         )

@@ -23,9 +23,10 @@ import numpy as np
 import pydicom
 import pytest
 from dicomweb_client.api import DICOMwebClient
-from dicomweb_support import RunningNode, running_node
+from dicomweb_support import RunningNode, running_node, store_shared
+from dicomweb_support import instance_uids as uids
 from pydicom.encaps import encapsulate, generate_frames
-from pydicom.uid import RLELossless, generate_uid
+from pydicom.uid import RLELossless
 from test_node_support import synthetic_cr
 
 from dicom_node.dicomweb import frames
@@ -33,7 +34,6 @@ from dicom_node.dicomweb import frames
 get = functools.partial(httpx.get, timeout=120)
 EVLE = "1.2.840.10008.1.2.1"
 OHIF_FRAMES = 'multipart/related; type="application/octet-stream"; transfer-syntax=*'
-RENAMED = ("CR-ModalitySequenceLUT.dcm", "Fake_MONOHR1.dcm")  # invalid / repeated SOP UID
 _DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 SHARED = sorted(
     p.name for p in (Path(os.environ.get("CXR_TRIAGE_SHARED_DATA", _DATA)) / "dicom").glob("*.dcm")
@@ -54,22 +54,7 @@ def client(node: RunningNode) -> DICOMwebClient:
 @pytest.fixture(scope="module")
 def stored(client: DICOMwebClient, dicom_dir: Path) -> dict[str, pydicom.Dataset]:
     """File name -> the data set stored (every shared file, by STOW-RS)."""
-    out = {}
-    for path in sorted(dicom_dir.glob("*.dcm")):
-        ds = pydicom.dcmread(path)
-        if path.name in RENAMED:
-            ds.SOPInstanceUID = generate_uid()
-            ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-            ds.SeriesInstanceUID = generate_uid()
-        out[path.name] = ds
-    answer = client.store_instances(list(out.values()))
-    assert len(answer.ReferencedSOPSequence) == len(out)
-    assert "FailedSOPSequence" not in answer
-    return out
-
-
-def uids(ds: pydicom.Dataset) -> tuple[str, str, str]:
-    return str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID)
+    return store_shared(client, dicom_dir)
 
 
 def decode_stored_frame(ds: pydicom.Dataset, frame: bytes) -> np.ndarray:
@@ -258,3 +243,26 @@ def test_a_frame_request_holds_one_frame(tmp_path: Path, decode: bool, rle: bool
         assert peak < 4 * frame_bytes, f"peak {peak} bytes for frames of {frame_bytes}"
         peaks.append(peak)
     assert peaks[1] < peaks[0] + frame_bytes // 4, peaks  # no growth with the frame count
+
+
+def test_deflated_frames_come_decoded(
+    node: RunningNode, client: DICOMwebClient, tmp_path: Path
+) -> None:
+    """A file stored Deflated (no offset to seek to): ``transfer-syntax=*`` and Explicit VR LE
+    both give the inflated native pixels, labelled Explicit VR Little Endian."""
+    ds = pydicom.dcmread(synthetic_cr(tmp_path / "d.dcm", size=64, seed=5))
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.DeflatedExplicitVRLittleEndian
+    ds.save_as(tmp_path / "deflated.dcm", enforce_file_format=True)
+    deflated = pydicom.dcmread(tmp_path / "deflated.dcm")
+    client.store_instances([deflated])
+    for syntax in ("*", EVLE):
+        (frame,) = client.retrieve_instance_frames(
+            *uids(ds), frame_numbers=[1], media_types=(("application/octet-stream", syntax),)
+        )
+        assert frame == ds.PixelData
+    study, series, sop = uids(ds)
+    rsp = get(
+        f"{node.base}/studies/{study}/series/{series}/instances/{sop}/frames/1",
+        headers={"Accept": OHIF_FRAMES},
+    )
+    assert f"transfer-syntax={EVLE}".encode() in rsp.content

@@ -106,7 +106,7 @@ def test_implementation_class_uid() -> None:
 
 
 def test_dicomweb_tables_hold_the_code() -> None:
-    from dicom_node.dicomweb import catalog, multipart, qido, router, stow
+    from dicom_node.dicomweb import catalog, frames, multipart, qido, rendering, router, stow
 
     routes = router.dicomweb_router(NodeSettings(), None, lambda: None)  # type: ignore[arg-type]
     served = {
@@ -119,6 +119,7 @@ def test_dicomweb_tables_hold_the_code() -> None:
     reasons = {int(code, 16) for code, _m, _w in table("Failure Reason", "Meaning", "When")}
     assert reasons == {v for k, v in vars(stow).items() if k.startswith("FAILURE_")}
     modules = {"multipart": multipart, "stow": stow, "qido": qido, "catalog": catalog}
+    modules |= {"frames": frames, "rendering": rendering}
     for _what, value, where in table("DICOMweb limit", "Value", "In the code"):
         module, name = where.strip("`").split(".")
         if module == "settings":
