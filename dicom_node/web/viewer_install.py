@@ -135,8 +135,20 @@ def check_tarball(path: Path, expected: str = OHIF_INTEGRITY) -> None:
         )
 
 
-def npm_pack(folder: Path, npm: str = "npm") -> Path:
-    """``npm pack @ohif/app@VERSION`` into ``folder``; the tarball's path.
+_NPM_NOISE = ("code ", "syscall ", "errno ", "at ", "A complete log", "{", "}", "code:", "errno:")
+
+
+def _npm_error(stderr: str) -> str:
+    """``, CODE): the first line of npm's error that says what went wrong``."""
+    lines = [x.removeprefix("npm error").strip() for x in stderr.splitlines()]
+    lines = [x for x in lines if x]
+    code = next((x.split()[1] for x in lines if x.startswith("code ") and len(x.split()) > 1), "")
+    detail = next((x for x in lines if not x.startswith(_NPM_NOISE)), "no message")
+    return (f", {code}" if code else "") + f"): {detail[:300]}"
+
+
+def npm_pack(folder: Path, npm: str = "npm", timeout: float = NPM_TIMEOUT) -> Path:
+    """``npm pack @ohif/app@VERSION`` into ``folder`` within ``timeout`` s; the tarball's path.
 
     Raises
     ------
@@ -153,7 +165,7 @@ def npm_pack(folder: Path, npm: str = "npm") -> Path:
             cwd=folder,
             capture_output=True,
             text=True,
-            timeout=NPM_TIMEOUT,
+            timeout=timeout,
             check=False,
         )
     except FileNotFoundError as exc:
@@ -162,10 +174,9 @@ def npm_pack(folder: Path, npm: str = "npm") -> Path:
             "--tarball FILE (the output of npm pack on a machine with the registry)"
         ) from exc
     except subprocess.TimeoutExpired as exc:
-        raise NpmUnavailable(f"npm pack took longer than {NPM_TIMEOUT:.0f} s") from exc
+        raise NpmUnavailable(f"npm pack took longer than {timeout:.0f} s") from exc
     if proc.returncode != 0:
-        last = (proc.stderr.strip().splitlines() or ["no message"])[-1]
-        raise NpmUnavailable(f"npm pack failed (exit {proc.returncode}): {last}")
+        raise NpmUnavailable(f"npm pack failed (exit {proc.returncode}{_npm_error(proc.stderr)}")
     try:
         report = json.loads(proc.stdout)[0]
         name, reported = str(report["filename"]), str(report["integrity"])

@@ -34,7 +34,7 @@ def ohif_tarball(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if shutil.which("npm") is None:
         pytest.skip("npm is not installed: the viewer cannot be fetched")
     try:
-        return npm_pack(folder)
+        return npm_pack(folder, timeout=90)  # an unreachable registry is a skip, not a wait
     except NpmUnavailable as exc:
         pytest.skip(f"npm cannot fetch @ohif/app: {exc}")
 
