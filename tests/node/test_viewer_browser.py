@@ -415,7 +415,12 @@ def test_ohif_shows_the_findings_of_our_sr(
                 "return Array.from(document.querySelectorAll('svg text, [data-cy] , td, span'))"
                 ".map(e => e.textContent)"
             )
-            text = " ".join(texts) + d.find_element(By.TAG_NAME, "body").text
+            body = d.find_element(By.TAG_NAME, "body").text
+            if "Something went wrong" in body:  # OHIF's error boundary: no need to wait on
+                screenshot(d, tmp_path, "debug-sr.png")
+                console = [e["message"][:300] for e in d.get_log("browser")][-6:]
+                raise AssertionError(f"OHIF failed on our SR; browser console: {console}")
+            text = " ".join(texts) + body
             found = [name for name in present if name in text]
             return found if found and max(variances(d) or [0]) > MIN_VARIANCE else None
 
