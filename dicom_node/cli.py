@@ -33,6 +33,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "dicom_node.commands.feedback",
         "readers' verdicts: list, export as a training set",
     ),
+    "viewer": (
+        "dicom_node.commands.viewer",
+        "the OHIF web viewer: install the pinned build, served at /viewer/",
+    ),
     "predict": ("dicom_node.commands.predict", "triage DICOM or PNG files from the command line"),
     "train": ("training.cli_train", "train a model on NIH ChestX-ray14"),
     "evaluate": ("training.cli_evaluate", "evaluate a checkpoint: metrics, predictions, plots"),

@@ -112,6 +112,34 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+_ORIGIN = re.compile(
+    r"(https?)://([a-z0-9](?:[a-z0-9.-]*[a-z0-9])?|\[[0-9a-f:.]+\])(?::(\d{1,5}))?"
+)
+
+
+def check_origin(text: str) -> str:
+    """A CORS origin as browsers send it (``scheme://host[:port]``, lower case, no default
+    port); ``*``, ``null``, paths and other schemes are refused."""
+    origin = text.strip().lower()
+    if origin in ("*", "null"):
+        raise ValueError(
+            f"cors_allow_origins: {text!r} is not allowed: requests carry credentials, so each "
+            "origin must be named (https://viewer.example.org)"
+        )
+    match = _ORIGIN.fullmatch(origin)
+    if match is None:
+        raise ValueError(
+            f"cors_allow_origins: {text!r} is not an origin (http[s]://host[:port], no path, "
+            "no trailing slash)"
+        )
+    scheme, host, port = match.groups()
+    if port is not None and not 1 <= int(port) <= 65535:
+        raise ValueError(f"cors_allow_origins: {text!r} has port {port}, not 1-65535")
+    if port is None or int(port) == {"http": 80, "https": 443}[scheme]:
+        return f"{scheme}://{host}"
+    return f"{scheme}://{host}:{int(port)}"
+
+
 def _split_list(value: Any) -> Any:
     """Accept a list, a JSON list or a comma-separated string (environment variables)."""
     if isinstance(value, str):
@@ -191,6 +219,11 @@ class NodeSettings(BaseSettings):
         None,
         description="name of the header an authenticating reverse proxy sets (e.g. "
         "X-Forwarded-User): requests without it are refused; only the proxy may reach the port",
+    )
+    cors_allow_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="exact origins (scheme://host[:port]) of a viewer served elsewhere that may "
+        "call /dicomweb with credentials (CORS); never '*'",
     )
     http_tls_cert: Path | None = Field(None, description="HTTP over TLS: our certificate (PEM)")
     http_tls_key: Path | None = Field(None, description="private key of http_tls_cert (PEM)")
@@ -332,6 +365,14 @@ class NodeSettings(BaseSettings):
         value = _split_list(value)
         if isinstance(value, list):
             return [AllowedPeer.parse(v) if isinstance(v, str) else v for v in value]
+        return value
+
+    @field_validator("cors_allow_origins", mode="before")
+    @classmethod
+    def _cors(cls, value: Any) -> Any:
+        value = _split_list(value)
+        if isinstance(value, list):
+            return [check_origin(v) if isinstance(v, str) else v for v in value]
         return value
 
     @field_validator("db")

@@ -19,6 +19,7 @@ from starlette.templating import Jinja2Templates
 
 from dicom_node.dicomweb import images
 from dicom_node.web import feedback, views
+from dicom_node.web.viewer_install import is_installed
 from triage_core.spec import PRIORITY_LEVELS
 from triage_core.uids import is_valid_uid
 from triage_core.worklist import STUDY_STATUSES
@@ -126,6 +127,7 @@ def pages_router(
             "since_choices": list(views.SINCE_CHOICES),
             "refresh": REFRESH_SECONDS,
             "destinations": [str(d) for d in settings.destinations],
+            "viewer": is_installed(settings.storage),
         }
 
     @router.get("/", response_class=HTMLResponse)
@@ -170,6 +172,7 @@ def pages_router(
                 ),
                 "timings": sorted(detail["timings"].items()),
                 "delivery_states": worklist.queries.delivery_states([study_uid]).get(study_uid, []),
+                "viewer": is_installed(settings.storage),
                 **feedback.page_context(worklist, study_uid, request),
             },
         )

@@ -13,7 +13,10 @@ DICOMweb routes of :mod:`dicom_node.dicomweb`, under one uvicorn server.
   ``/static/swagger/`` (FastAPI's own ``/docs`` and ``/redoc`` load them from a CDN, which a
   hospital network or an offline machine cannot reach; ``swagger-ui-bundle`` ships Swagger UI
   4, which cannot read the OpenAPI 3.1 document FastAPI writes);
-- the access check of :mod:`dicom_node.web.access` on every route.
+- the OHIF viewer at ``/viewer/`` (:mod:`dicom_node.web.viewer`: the installed build, or a page
+  saying how to install it);
+- the access check of :mod:`dicom_node.web.access` on every route, and outside it CORS for
+  ``/dicomweb`` when ``cors_allow_origins`` names origins.
 
 :func:`uvicorn_options` gives the TLS options of the server from the ``http_tls_*`` settings.
 Nothing is imported at module import beyond the standard library.
@@ -99,6 +102,7 @@ def install(
     from dicom_node.web.access import AccessGuard
     from dicom_node.web.operations import DriftCollector, drift_reference
     from dicom_node.web.pages import HERE, pages_router
+    from dicom_node.web.viewer import ViewerMount
 
     if aging is None:
         from triage_core.priority import AgingRule
@@ -106,6 +110,7 @@ def install(
         aging = AgingRule()
     _add_docs(app)
     app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
+    app.mount("/viewer", ViewerMount(settings.storage), name="viewer")
     reference = drift_reference(settings.model)
     app.include_router(pages_router(settings, worklist, aging, reference))
     if metrics is not None:
@@ -118,6 +123,10 @@ def install(
         token, settings.http_proxy_header, settings.http_tls_cert is not None, worklist.tokens
     )
     app.add_middleware(BaseHTTPMiddleware, dispatch=guard)
+    if settings.cors_allow_origins:  # outside the guard: a preflight carries no credentials
+        from dicom_node.web.viewer import DicomwebCors
+
+        app.add_middleware(DicomwebCors, origins=list(settings.cors_allow_origins))
 
 
 def uvicorn_options(settings: NodeSettings) -> dict[str, Any]:
