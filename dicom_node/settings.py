@@ -29,7 +29,7 @@ import re
 import socket
 import tomllib
 import urllib.parse
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -152,6 +152,14 @@ def _split_list(value: Any) -> Any:
             except json.JSONDecodeError as exc:
                 raise ValueError(f"not a JSON list: {exc}") from exc
         return [part for part in (p.strip() for p in text.split(",")) if part]
+    return value
+
+
+def _parse_list(value: Any, parse: Callable[[str], Any]) -> Any:
+    """:func:`_split_list`, then ``parse`` on each string item (typed items pass through)."""
+    value = _split_list(value)
+    if isinstance(value, list):
+        return [parse(v) if isinstance(v, str) else v for v in value]
     return value
 
 
@@ -354,26 +362,17 @@ class NodeSettings(BaseSettings):
     @field_validator("destinations", mode="before")
     @classmethod
     def _destinations(cls, value: Any) -> Any:
-        value = _split_list(value)
-        if isinstance(value, list):
-            return [parse_destination(v) if isinstance(v, str) else v for v in value]
-        return value
+        return _parse_list(value, parse_destination)
 
     @field_validator("allow_ae", mode="before")
     @classmethod
     def _allow(cls, value: Any) -> Any:
-        value = _split_list(value)
-        if isinstance(value, list):
-            return [AllowedPeer.parse(v) if isinstance(v, str) else v for v in value]
-        return value
+        return _parse_list(value, AllowedPeer.parse)
 
     @field_validator("cors_allow_origins", mode="before")
     @classmethod
     def _cors(cls, value: Any) -> Any:
-        value = _split_list(value)
-        if isinstance(value, list):
-            return [check_origin(v) if isinstance(v, str) else v for v in value]
-        return value
+        return _parse_list(value, check_origin)
 
     @field_validator("db")
     @classmethod

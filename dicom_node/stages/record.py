@@ -185,24 +185,14 @@ class OutputsRecorder:
         """The model's Device UID: its identity and its weights' digest (read once per file)."""
         from triage_core.dicom_out import default_device_uid
 
-        digest = ""
-        if checkpoint is not None:
-            digest = self._digests.get(checkpoint, "")
-            if checkpoint not in self._digests:
-                from triage_core.models import weights_digest
-
-                try:
-                    digest = weights_digest(checkpoint)
-                except OSError as exc:
-                    logger.warning(
-                        "weights of %s unreadable (%s): the Device UID follows the spec alone",
-                        checkpoint.name,
-                        exc,
-                    )
-                self._digests[checkpoint] = digest
-                uid = default_device_uid(spec, digest)
-                logger.info("model %s: Device UID %s", spec.display_name, uid)
-                return uid
+        if checkpoint is None:
+            return default_device_uid(spec, "")
+        digest = self._digests.get(checkpoint)
+        if digest is None:
+            digest = self._digests[checkpoint] = _weights_digest(checkpoint)
+            logger.info(
+                "model %s: Device UID %s", spec.display_name, default_device_uid(spec, digest)
+            )
         return default_device_uid(spec, digest)
 
     def _write_outputs(self, triaged: Triaged) -> list[tuple[str, Path]]:
@@ -244,3 +234,18 @@ class OutputsRecorder:
             timings["write"] * 1e3,
         )
         return outputs
+
+
+def _weights_digest(checkpoint: Path) -> str:
+    """Digest of the checkpoint's weights file; empty (the spec alone) when it cannot be read."""
+    from triage_core.models import weights_digest
+
+    try:
+        return weights_digest(checkpoint)
+    except OSError as exc:
+        logger.warning(
+            "weights of %s unreadable (%s): the Device UID follows the spec alone",
+            checkpoint.name,
+            exc,
+        )
+        return ""
