@@ -121,6 +121,19 @@ def test_sr_carries_a_region_per_present_finding(
         assert group.roi.graphic_type == hd.sr.GraphicTypeValues.POLYLINE
         evaluation = group.get_qualitative_evaluations()[0]
         assert evaluation.value.value == "52101004"  # Present
+        # the probability, named after the finding: what OHIF labels the region with
+        name = str(group.tracking_identifier).removesuffix(" region")
+        finding = next(f for f in findings if f.name == name)
+        (probability,) = group.get_measurements()
+        assert probability.name.meaning == f"{name} probability"
+        assert float(probability.value) == pytest.approx(finding.probability)
+    # OHIF 3.13 fails on a report with a measurement group without a region of its own:
+    # every group under Imaging Measurements has one
+    (container,) = [i for i in back.ContentSequence if i.ValueType == "CONTAINER"][:1]
+    assert container.ConceptNameCodeSequence[0].CodeMeaning == "Imaging Measurements"
+    assert len(container.ContentSequence) == 2
+    for group in container.ContentSequence:
+        assert any(item.ValueType == "SCOORD" for item in group.ContentSequence)
     # DCMTK parses it; the region is an SCOORD on the image
     dsrdump = shutil.which("dsrdump")
     if dsrdump is not None:

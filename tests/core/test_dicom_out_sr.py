@@ -107,20 +107,30 @@ def test_sr_round_trip_on_real_source(
     }
     assert priority_from_sr(back) == (pytest.approx(72.5), "urgent")
 
-    # highdicom reads it as a TID 1500 report with one group per finding plus the priority.
+    # highdicom reads it as a TID 1500 report; without regions it has no measurement group
+    # (a group without an image region breaks OHIF), the judgements are in the Qualitative
+    # Evaluations container: one CODE item per finding, then the priority.
     parsed = hd.sr.srread(path)
     assert isinstance(parsed, hd.sr.Comprehensive3DSR)
     report = hd.sr.MeasurementReport.from_sequence(parsed.content)
-    groups = report.get_image_measurement_groups()
-    assert [g.tracking_identifier for g in groups] == [*spec.class_names, "Study priority"]
-    tracking_uids = {str(g.tracking_uid) for g in groups}
-    assert len(tracking_uids) == len(groups)
-    atelectasis = groups[0]
-    finding_type = atelectasis.finding_type
-    assert finding_type is not None and finding_type.value == "46621007"
-    assert [img.referenced_sop_instance_uid for img in atelectasis.source_images] == [
-        source.SOPInstanceUID
-    ]
+    assert report.get_image_measurement_groups() == []
+    containers = {
+        item.ConceptNameCodeSequence[0].CodeMeaning: item
+        for item in back.ContentSequence
+        if item.ValueType == "CONTAINER"
+    }
+    assert list(containers) == ["Qualitative Evaluations"]
+    judged = [item for item in containers["Qualitative Evaluations"].ContentSequence]
+    assert [item.ValueType for item in judged] == ["CODE"] * 4 + ["TEXT"]
+    assert [item.ConceptNameCodeSequence[0].CodeValue for item in judged[:4]] == [
+        "46621007", "60046008", "112121", "260870009"
+    ]  # fmt: skip
+    atelectasis = {child.ValueType: child for child in judged[0].ContentSequence}
+    assert atelectasis["IMAGE"].RelationshipType == "INFERRED FROM"
+    image = atelectasis["IMAGE"].ReferencedSOPSequence[0]
+    assert image.ReferencedSOPInstanceUID == source.SOPInstanceUID
+    assert atelectasis["NUM"].RelationshipType == "HAS PROPERTIES"
+    assert "NOT FOR DIAGNOSTIC USE" in judged[-1].TextValue
     assert any(uid == source.SOPInstanceUID for (_, _, uid, _) in parsed.get_evidence()), (
         parsed.get_evidence()
     )
@@ -142,9 +152,11 @@ def test_sr_parses_with_dsrdump(
     text = proc.stdout
     assert "Imaging Measurement Report" in text
     assert "Verification Flag   : UNVERIFIED" in text
-    assert '(46621007,SCT,"Atelectasis")' in text
-    assert '(52101004,SCT,"Present")' in text and '(272519000,SCT,"Absent")' in text
-    assert '(URGENT,99CXRTRIAGE,"urgent")' in text
+    assert '<contains CONTAINER:(,,"Qualitative Evaluations")' in text
+    assert '<contains CODE:(,,"Atelectasis")=(52101004,SCT,"Present")>' in text
+    assert '<contains CODE:(,,"Pleural effusion")=(272519000,SCT,"Absent")>' in text
+    assert '<has properties NUM:(,,"Probability")="0.2" (1,UCUM,"no units")>' in text
+    assert '<contains CODE:(,,"Priority")=(URGENT,99CXRTRIAGE,"urgent")>' in text
 
 
 def test_sr_for_two_image_study_references_both(
@@ -235,7 +247,8 @@ def test_report_builder_gives_build_srs_content(
             priority_level="routine",
         ),
     ]
-    for round_ in range(2):  # the second round reuses every cached layout
+    root = None
+    for round_ in range(2):  # the second round reuses the cached root
         for index, result in enumerate(cases):
             sources = [first, second]
             # a region for every present finding with a source image (built per study)
@@ -246,6 +259,7 @@ def test_report_builder_gives_build_srs_content(
             }
             reference = build_sr(result, sources, spec, device_uid=DEVICE_UID, regions=regions)
             fast = builder.build(result, sources, regions=regions)
+            root = root or builder._root
             assert _normalized(fast, keep) == _normalized(reference, keep)
             assert fast.SOPInstanceUID != reference.SOPInstanceUID
             if round_ == 0:
@@ -260,7 +274,7 @@ def test_report_builder_gives_build_srs_content(
 
                 report = hd.sr.Comprehensive3DSR.from_dataset(back)
                 assert report.SOPClassUID == COMPREHENSIVE_3D_SR
-    assert len(builder._layouts) == 2  # two layouts among the three results
+    assert builder._root is root  # one root for the model, built once
 
 
 def _with_ood_reference(spec: ModelSpec, threshold: float) -> ModelSpec:
@@ -324,24 +338,26 @@ def test_report_builder_shares_nothing_between_reports(
     result = _result(source.StudyInstanceUID, _findings(spec, source.SOPInstanceUID))
     one, two = builder.build(result, [source]), builder.build(result, [source])
 
-    # tracking UIDs and document UIDs are new for every report
-    def tracking_uids(ds: Dataset) -> list[str]:
-        groups = ds.ContentSequence[-1].ContentSequence
-        return [i.UID for g in groups for i in g.ContentSequence if i.ValueType == "UIDREF"]
-
-    assert set(tracking_uids(one)).isdisjoint(tracking_uids(two))
     assert one.SOPInstanceUID != two.SOPInstanceUID
-    # editing one report, deep inside and at its root, reaches neither the other nor later ones
-    one.ContentSequence[-1].ContentSequence[0].ContentSequence[0].TextValue = "edited"
+    # editing one report, in its cached context, in its judgements and at its root, reaches
+    # neither the other nor later ones
+    (observer_name,) = [
+        i for i in one.ContentSequence if i.get("TextValue") == "cxr-triage plumbing-test"
+    ]
+    observer_name.TextValue = "edited"
+    one.ContentSequence[-1].ContentSequence[0].ContentSequence[0].MeasuredValueSequence[
+        0
+    ].FloatingPointValue = 0.999
+    assert findings_from_sr(one)["Atelectasis"][0] == 0.999  # the edit took
     one.ConceptNameCodeSequence[0].CodeMeaning = "edited"
     one.ContentSequence.append(Dataset())
     three = builder.build(result, [source])
     for other in (two, three):
         assert findings_from_sr(other) == findings_from_sr(build_sr(result, [source], spec))
+        texts = [str(i.get("TextValue", "")) for i in other.ContentSequence]
+        assert "edited" not in texts and "cxr-triage plumbing-test" in texts
         assert other.ConceptNameCodeSequence[0].CodeMeaning != "edited"
         assert len(other.ContentSequence) == len(one.ContentSequence) - 1
-        first_text = other.ContentSequence[-1].ContentSequence[0].ContentSequence[0].TextValue
-        assert first_text != "edited"
 
 
 def test_report_builder_checks_inputs_like_build_sr(
@@ -434,17 +450,16 @@ def test_sr_and_sc_from_sparse_legacy_header(
     assert sc.BodyPartExamined == "CHEST" and sc.PatientOrientation == ""
 
 
-def test_modality_is_needed_only_for_images_behind_a_finding(
+def test_the_sr_needs_no_modality_of_its_sources(
     header: Callable[[str], Dataset], spec: ModelSpec, tmp_path: Path
 ) -> None:
     image, odd = header(RG1), header(RG1_J2KR)
-    del odd.Modality  # a malformed instance of the study that no finding comes from
-    findings = (Finding("Effusion", 0.7, 0.4, True, image.SOPInstanceUID),)
-    sr = build_sr(_result(image.StudyInstanceUID, findings), [image, odd], spec)
-    _dciodvfy(_save(sr, tmp_path / "sr.dcm"))
-    findings = (Finding("Effusion", 0.7, 0.4, True, odd.SOPInstanceUID),)
-    with pytest.raises(DicomOutputError, match="source image of Effusion: required attribute Mod"):
-        build_sr(_result(image.StudyInstanceUID, findings), [image, odd], spec)
+    del odd.Modality  # a malformed instance of the study: the SR only references it by UID
+    for source in (image, odd):
+        findings = (Finding("Effusion", 0.7, 0.4, True, source.SOPInstanceUID),)
+        sr = build_sr(_result(image.StudyInstanceUID, findings), [image, odd], spec)
+        _dciodvfy(_save(sr, tmp_path / "sr.dcm"))
+        assert findings_from_sr(sr) == {"Effusion": (0.7, True)}
 
 
 def test_real_file_with_invalid_uid_is_refused(

@@ -9,30 +9,39 @@ message that names the bad value, then let highdicom assemble the objects.
 Structured Report (:func:`build_sr`)
     A Comprehensive 3D SR whose root is TID 1500 "Imaging Measurement Report" (what OHIF and
     most SR-aware viewers render). The observer is the algorithm (a *device* observer whose UID
-    is the device UID). Under "Imaging Measurements" there is one TID 1501 measurement group per
-    finding, each with
+    is the device UID). Under the root, after language, observer and procedure reported:
 
-    * a tracking identifier (the class name, e.g. ``Atelectasis``) and a new tracking UID,
-    * the finding type (SNOMED CT / DICOM code where one exists, a private ``99CXRTRIAGE`` code
-      otherwise),
-    * TID 4019 Algorithm Identification (model name, version, manufacturer ``cxr-triage``,
-      the operating threshold and the research-use statement as parameters),
-    * the calibrated probability as a numeric measurement, concept (DCM 122157 "Probability"),
-      **unit UCUM ``1`` ("no units"): a number in [0, 1], not a percentage**,
-    * the operating threshold as a numeric measurement (private code ``THRESHOLD``, unit ``1``),
-    * a qualitative evaluation: concept = the finding type, value SCT 52101004 "Present" or
-      SCT 272519000 "Absent" (``probability >= threshold``),
-    * a reference to the source image that gave the probability (when it is one of ``sources``).
+    "Imaging Measurements" (DCM 126010), only when some finding judged present has a region:
+    one TID 1410 group per such finding, tracking identifier ``<name> region`` and a new
+    tracking UID, the finding type (SNOMED CT / DICOM code where one exists, a private
+    ``99CXRTRIAGE`` code otherwise), TID 4019 Algorithm Identification (model name, version,
+    manufacturer ``cxr-triage``; threshold, region rule and research-use statement as
+    parameters), the image region as a closed SCOORD POLYLINE on the source image (Geometric
+    Purpose "Bounded by"; the rule is in :mod:`.regions`: bounding box of the CAM's connected
+    component at or above half its peak, in source pixels), the probability under a private
+    concept ``<name> probability`` (OHIF labels a region with its measurements' concept names
+    and nothing else) and the "Present" evaluation.
 
-    For each finding judged present whose map was computed, a TID 1410 group "<name> region"
-    follows the priority group: the finding type, its "Present" evaluation and the image region
-    as a closed SCOORD POLYLINE on the source image (the rule is in :mod:`.regions`: bounding
-    box of the CAM's connected component at or above half its peak, in source pixels).
+    "Qualitative Evaluations" (UMLS C0034375), always: the study's judgements, one CODE item
+    each, with their numbers as HAS PROPERTIES children:
 
-    One more group (tracking identifier ``Study priority``, finding type SCT 260870009
-    "Priority") carries the study priority: the score in [0, 100] (private code
-    ``PRIORITYSCORE``, unit UCUM ``{score}``) and the level as a qualitative evaluation whose
-    value is a private code ``ROUTINE`` / ``URGENT`` / ``CRITICAL``.
+    * per finding: concept = the finding type, value SCT 52101004 "Present" or SCT 272519000
+      "Absent" (``probability >= threshold``); the calibrated probability (DCM 122157
+      "Probability", **unit UCUM ``1``: a number in [0, 1], not a percentage**), the operating
+      threshold (private ``THRESHOLD``, unit ``1``) and, INFERRED FROM, the source image that
+      gave the probability (when it is one of ``sources``);
+    * the study priority: concept SCT 260870009 "Priority", value a private code ``ROUTINE`` /
+      ``URGENT`` / ``CRITICAL``, with the score in [0, 100] (private ``PRIORITYSCORE``, unit
+      UCUM ``{score}``);
+    * when the model has an out-of-distribution reference: private ``LOWCONFIDENCE`` = Present
+      or Absent, with the OOD score and its threshold;
+    * a TEXT "Comment" with the research-use statement.
+
+    Why not one TID 1501 measurement group per finding and one for the priority under "Imaging
+    Measurements" (the earlier layout): OHIF 3.13 reads the first image coordinate
+    of every measurement group there and fails on the whole report (error boundary) when a
+    group has none; absent findings and the priority have no region. Numbers are exact: each
+    NUM carries the FD Floating Point Value next to the 16-character DS.
 
     Header: patient and study attributes copied from the sources (same Study Instance UID, new
     Series Instance UID), VerificationFlag ``UNVERIFIED``, CompletionFlag ``COMPLETE``,

@@ -58,6 +58,12 @@ BOUNDED_BY = Code("75958009", "SCT", "Bounded by")
 OOD_SCORE = Code("OODSCORE", PRIVATE_SCHEME, "Out-of-distribution score")
 #: Present: some image is unlike the model's training images (score above the threshold).
 LOW_CONFIDENCE = Code("LOWCONFIDENCE", PRIVATE_SCHEME, "Low confidence (atypical input)")
+#: TID 1500's container of the study-level judgements (findings, priority, low confidence).
+QUALITATIVE_EVALUATIONS = Code("C0034375", "UMLS", "Qualitative Evaluations")
+#: Concept of the image a finding's judgement was inferred from.
+SOURCE_OF_MEASUREMENT = Code("121112", "DCM", "Source of Measurement")
+COMMENT = Code("121106", "DCM", "Comment")
+ENGLISH = Code("en-US", "RFC5646", "English (United States)")  # the report's language
 SOURCE_IMAGE_PURPOSE = Code("121322", "DCM", "Source image for image processing operation")
 PRIORITY_LEVEL_CODES: dict[str, Code] = {
     level: Code(level.upper(), PRIVATE_SCHEME, level) for level in PRIORITY_LEVELS
@@ -108,6 +114,25 @@ def finding_code(name: str) -> Code:
         return FINDING_CODES[name]
     value = re.sub(r"[^A-Za-z0-9]", "", name).upper()[:16] or "FINDING"
     return Code(value, PRIVATE_SCHEME, _text(name, 64))
+
+
+def labelled_probability(name: str) -> Code:
+    """The concept of a region's probability: ``<name> probability`` (private code).
+
+    Why not DCM 122157 "Probability" as in the Qualitative Evaluations: OHIF labels a region
+    with its measurements' concept names only (not its finding type), so there the concept
+    itself names the finding.
+    """
+    value = re.sub(r"[^A-Za-z0-9]", "", name).upper()[:12] or "FINDING"
+    return Code(f"{value}PROB", PRIVATE_SCHEME, _text(f"{name} probability", 64))
+
+
+def finding_name(code: Any) -> str:
+    """The class name that :func:`finding_code` coded as ``code`` (its inverse)."""
+    for name, known in FINDING_CODES.items():
+        if (known.value, known.scheme_designator) == (code.value, code.scheme_designator):
+            return name
+    return str(code.meaning)
 
 
 def _is_uid(value: object) -> bool:

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from pydicom.dataset import Dataset
+from pydicom.sr.coding import Code
 
 from triage_core.dicom_out.common import (
     ABSENT,
@@ -15,8 +16,9 @@ from triage_core.dicom_out.common import (
     PRIORITY,
     PRIORITY_LEVEL_CODES,
     PRIORITY_SCORE,
-    PRIORITY_TRACKING_ID,
     PROBABILITY,
+    QUALITATIVE_EVALUATIONS,
+    finding_name,
 )
 from triage_core.dicom_out.regions import CamRegion
 from triage_core.errors import DicomOutputError
@@ -25,8 +27,63 @@ from triage_core.errors import DicomOutputError
 _REGION_SUFFIX = " region"
 
 
-def _measurement_groups(ds: Dataset | str | Path) -> list[Any]:
-    return list(_report(ds).get_image_measurement_groups())
+def _evaluations(ds: Dataset | str | Path) -> list[Dataset]:
+    """The CODE items of the report's "Qualitative Evaluations" container (TID 1500)."""
+    report = _report(ds)
+    for item in report[0].ContentSequence:
+        concept = item.ConceptNameCodeSequence[0]
+        if item.ValueType == "CONTAINER" and (
+            concept.CodeValue,
+            concept.CodingSchemeDesignator,
+        ) == (QUALITATIVE_EVALUATIONS.value, QUALITATIVE_EVALUATIONS.scheme_designator):
+            return [c for c in item.get("ContentSequence", []) if c.ValueType == "CODE"]
+    raise DicomOutputError("SR holds no Qualitative Evaluations container")
+
+
+def _code(sequence: Any) -> Code:
+    item = sequence[0]
+    return Code(str(item.CodeValue), str(item.CodingSchemeDesignator), str(item.CodeMeaning))
+
+
+def _same(a: Code, b: Code) -> bool:
+    return (a.value, a.scheme_designator) == (b.value, b.scheme_designator)
+
+
+def _numbers(item: Dataset) -> dict[tuple[str, str], float]:
+    """A judgement's NUM children by concept; the FD Floating Point Value where present
+    (exact), else the DS Numeric Value."""
+    numbers = {}
+    for child in item.get("ContentSequence", []):
+        if child.ValueType != "NUM" or not child.get("MeasuredValueSequence"):
+            continue
+        measured = child.MeasuredValueSequence[0]
+        concept = _code(child.ConceptNameCodeSequence)
+        value = measured.get("FloatingPointValue", measured.NumericValue)
+        numbers[(concept.value, concept.scheme_designator)] = float(value)
+    return numbers
+
+
+def _judgement(ds: Dataset | str | Path, name: Code) -> Dataset | None:
+    found = [item for item in _evaluations(ds) if _same(_code(item.ConceptNameCodeSequence), name)]
+    if len(found) > 1:
+        raise DicomOutputError(f"SR holds {len(found)} {name.meaning!r} evaluations")
+    return found[0] if found else None
+
+
+def _number(item: Dataset, concept: Code, what: str) -> float:
+    value = _numbers(item).get((concept.value, concept.scheme_designator))
+    if value is None:
+        raise DicomOutputError(f"SR {what}: no {concept.meaning!r} value")
+    return value
+
+
+def _is_present(item: Dataset, what: str) -> bool:
+    value = _code(item.ConceptCodeSequence)
+    if _same(value, PRESENT):
+        return True
+    if _same(value, ABSENT):
+        return False
+    raise DicomOutputError(f"SR {what}: unexpected evaluation {value!r}")
 
 
 def _report(ds: Dataset | str | Path) -> Any:
@@ -82,25 +139,12 @@ def findings_from_sr(ds: Dataset | str | Path) -> dict[str, tuple[float, bool]]:
         When the dataset is not such an SR.
     """
     findings: dict[str, tuple[float, bool]] = {}
-    for group in _measurement_groups(ds):
-        name = group.tracking_identifier
-        if name is None or name == PRIORITY_TRACKING_ID:
+    for item in _evaluations(ds):
+        concept = _code(item.ConceptNameCodeSequence)
+        if _same(concept, PRIORITY) or _same(concept, LOW_CONFIDENCE):
             continue
-        probabilities = group.get_measurements(name=PROBABILITY)
-        evaluations = group.get_qualitative_evaluations()
-        if len(probabilities) != 1 or len(evaluations) != 1:
-            raise DicomOutputError(
-                f"SR group {name!r}: expected one probability and one evaluation, found "
-                f"{len(probabilities)} and {len(evaluations)}"
-            )
-        value = evaluations[0].value
-        if value == PRESENT:
-            present = True
-        elif value == ABSENT:
-            present = False
-        else:
-            raise DicomOutputError(f"SR group {name!r}: unexpected evaluation {value!r}")
-        findings[str(name)] = (float(probabilities[0].value), present)
+        name = finding_name(concept)
+        findings[name] = (_number(item, PROBABILITY, name), _is_present(item, name))
     if not findings:
         raise DicomOutputError("SR holds no findings")
     return findings
@@ -122,22 +166,17 @@ def priority_from_sr(ds: Dataset | str | Path) -> tuple[float, str]:
     Raises
     ------
     DicomOutputError
-        When the dataset is not such an SR or has no priority group.
+        When the dataset is not such an SR or has no study priority.
     """
     levels = {(c.value, c.scheme_designator): level for level, c in PRIORITY_LEVEL_CODES.items()}
-    for group in _measurement_groups(ds):
-        if group.tracking_identifier != PRIORITY_TRACKING_ID:
-            continue
-        scores = group.get_measurements(name=PRIORITY_SCORE)
-        evaluations = group.get_qualitative_evaluations(name=PRIORITY)
-        if len(scores) != 1 or len(evaluations) != 1:
-            raise DicomOutputError("SR priority group: expected one score and one level")
-        value = evaluations[0].value
-        level = levels.get((value.value, value.scheme_designator))
-        if level is None:
-            raise DicomOutputError(f"SR priority group: unknown level {value!r}")
-        return float(scores[0].value), level
-    raise DicomOutputError("SR holds no study priority group")
+    item = _judgement(ds, PRIORITY)
+    if item is None:
+        raise DicomOutputError("SR holds no study priority")
+    value = _code(item.ConceptCodeSequence)
+    level = levels.get((value.value, value.scheme_designator))
+    if level is None:
+        raise DicomOutputError(f"SR priority: unknown level {value!r}")
+    return _number(item, PRIORITY_SCORE, "priority"), level
 
 
 def low_confidence_from_sr(ds: Dataset | str | Path) -> tuple[float, bool] | None:
@@ -147,23 +186,14 @@ def low_confidence_from_sr(ds: Dataset | str | Path) -> tuple[float, bool] | Non
     Raises
     ------
     DicomOutputError
-        When the dataset is not such an SR or has no priority group.
+        When the dataset is not such an SR or has no study priority.
     """
-    for group in _measurement_groups(ds):
-        if group.tracking_identifier != PRIORITY_TRACKING_ID:
-            continue
-        scores = group.get_measurements(name=OOD_SCORE)
-        flags = group.get_qualitative_evaluations(name=LOW_CONFIDENCE)
-        if not scores and not flags:
-            return None
-        if len(scores) != 1 or len(flags) != 1:
-            raise DicomOutputError("SR priority group: expected one OOD score and one flag")
-        value = flags[0].value
-        return float(scores[0].value), (value.value, value.scheme_designator) == (
-            PRESENT.value,
-            PRESENT.scheme_designator,
-        )
-    raise DicomOutputError("SR holds no study priority group")
+    if _judgement(ds, PRIORITY) is None:
+        raise DicomOutputError("SR holds no study priority")
+    item = _judgement(ds, LOW_CONFIDENCE)
+    if item is None:
+        return None
+    return _number(item, OOD_SCORE, "low confidence"), _is_present(item, "low confidence")
 
 
 def regions_from_sr(ds: Dataset | str | Path) -> dict[str, CamRegion]:

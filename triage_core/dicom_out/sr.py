@@ -18,6 +18,8 @@ from triage_core.dicom_out.common import (
     ABSENT,
     BOUNDED_BY,
     CHEST_IMAGING,
+    COMMENT,
+    ENGLISH,
     LOW_CONFIDENCE,
     MANUFACTURER,
     OOD_SCORE,
@@ -25,9 +27,10 @@ from triage_core.dicom_out.common import (
     PRIORITY,
     PRIORITY_LEVEL_CODES,
     PRIORITY_SCORE,
-    PRIORITY_TRACKING_ID,
     PROBABILITY,
+    QUALITATIVE_EVALUATIONS,
     RESEARCH_STATEMENT,
+    SOURCE_OF_MEASUREMENT,
     SR_SERIES_DESCRIPTION,
     THRESHOLD,
     UNIT_ONE,
@@ -44,6 +47,7 @@ from triage_core.dicom_out.common import (
     _software_versions,
     _text,
     finding_code,
+    labelled_probability,
 )
 from triage_core.dicom_out.regions import REGION_FRACTION, CamRegion
 from triage_core.errors import DicomOutputError
@@ -160,10 +164,11 @@ def build_sr(
         from the model's name, architecture and version (:func:`default_device_uid`).
     regions : mapping of str to CamRegion, optional
         Image regions of findings judged present, by finding name
-        (:func:`~.regions.cam_region`); each becomes a TID 1410 group after the priority group:
-        tracking identifier ``<name> region``, the finding type, a closed SCOORD POLYLINE on
-        the region's source image (Geometric Purpose "Bounded by"), the finding's "Present"
-        evaluation and the region rule among the algorithm parameters.
+        (:func:`~.regions.cam_region`); each becomes a TID 1410 group under "Imaging
+        Measurements": tracking identifier ``<name> region``, the finding type, a closed SCOORD
+        POLYLINE on the region's source image (Geometric Purpose "Bounded by"), the finding's
+        probability and threshold, its "Present" evaluation and the region rule among the
+        algorithm parameters. Without regions the report has no "Imaging Measurements".
 
     Returns
     -------
@@ -183,11 +188,9 @@ def build_sr(
     by_uid = {str(ds.SOPInstanceUID): ds for ds in source_list}
     located = _check_regions(regions, result, by_uid)
     try:
-        groups = [_finding_group(finding, spec, by_uid) for finding in result.findings]
-        groups.append(_priority_group(result, spec))
-        groups.extend(_region_group(f, r, spec, by_uid) for f, r in located)
-        report = _measurement_report(spec, device_uid, groups)
-        sr = _comprehensive_sr(result, source_list, spec, device_uid, report, series_number,
+        root = _report_root(spec, device_uid)
+        root.ContentSequence.extend(_report_containers(result, spec, by_uid, located))
+        sr = _comprehensive_sr(result, source_list, spec, device_uid, root, series_number,
                                instance_number)  # fmt: skip
     except (ValueError, TypeError, KeyError) as exc:
         raise DicomOutputError(f"study {result.study_uid}: SR could not be built: {exc}") from exc
@@ -258,6 +261,13 @@ def _region_group(
         algorithm_id=_algorithm_id(
             spec, [*_finding_parameters(spec, float(finding.threshold)), REGION_RULE]
         ),
+        measurements=[
+            hd.sr.Measurement(
+                name=labelled_probability(finding.name),
+                value=float(finding.probability),
+                unit=UNIT_ONE,
+            )
+        ],
         qualitative_evaluations=[_evaluation(finding)],
         geometric_purpose=BOUNDED_BY,
     )
@@ -289,12 +299,6 @@ def _tracking(identifier: str) -> Any:
     return hd.sr.TrackingIdentifier(uid=hd.UID(), identifier=identifier)
 
 
-def _probability(finding: Finding) -> Any:
-    import highdicom as hd
-
-    return hd.sr.Measurement(name=PROBABILITY, value=float(finding.probability), unit=UNIT_ONE)
-
-
 def _evaluation(finding: Finding) -> Any:
     import highdicom as hd
 
@@ -303,105 +307,116 @@ def _evaluation(finding: Finding) -> Any:
     )
 
 
-def _source_image(finding: Finding, by_uid: dict[str, Dataset]) -> Any:
-    """TID 1501 source image item of a finding (``None`` without a source UID)."""
+def _judgement(name: Any, value: Any, numbers: list[tuple[Any, float, Any]]) -> Any:
+    """A CODE item of the Qualitative Evaluations container (``name`` = ``value``) with its
+    numbers as HAS PROPERTIES children: ``(concept, value, unit)`` each."""
     import highdicom as hd
 
-    if not finding.source_uid:
-        return None
-    if finding.source_uid not in by_uid:
-        raise DicomOutputError(
-            f"finding {finding.name} comes from image {finding.source_uid!r}, "
-            "which is not among the sources"
-        )
-    source = by_uid[finding.source_uid]
-    _require_attrs(source, f"source image of {finding.name}", ("Modality", "Rows", "Columns"))
-    return hd.sr.SourceImageForMeasurementGroup.from_source_image(source)
-
-
-def _priority_score(result: StudyResult) -> Any:
-    import highdicom as hd
-
-    return hd.sr.Measurement(
-        name=PRIORITY_SCORE, value=float(result.priority_score), unit=UNIT_SCORE
+    item = hd.sr.CodeContentItem(
+        name=name, value=value, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
     )
-
-
-def _priority_level(result: StudyResult) -> Any:
-    import highdicom as hd
-
-    return hd.sr.QualitativeEvaluation(
-        name=PRIORITY, value=PRIORITY_LEVEL_CODES[result.priority_level]
+    item.ContentSequence = hd.sr.ContentSequence(
+        [
+            hd.sr.NumContentItem(
+                name=concept,
+                value=number,
+                unit=unit,
+                relationship_type=hd.sr.RelationshipTypeValues.HAS_PROPERTIES,
+            )
+            for concept, number, unit in numbers
+        ]
     )
+    return item
 
 
-def _finding_group(finding: Finding, spec: ModelSpec, by_uid: dict[str, Dataset]) -> Any:
-    """The TID 1501 measurement group of one finding."""
+def _finding_judgement(finding: Finding, by_uid: dict[str, Dataset]) -> Any:
+    """A finding's CODE item: present or absent, its probability and threshold, and the image
+    it was inferred from (when that is one of the sources)."""
     import highdicom as hd
 
-    threshold = float(finding.threshold)
-    index = spec.class_names.index(finding.name)
-    if threshold != spec.thresholds[index]:
-        logger.debug(
-            "finding %s uses threshold %s, the spec says %s",
-            finding.name,
-            threshold,
-            spec.thresholds[index],
-        )
-    source = _source_image(finding, by_uid)
-    return hd.sr.MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=_tracking(finding.name),
-        finding_type=finding_code(finding.name),
-        algorithm_id=_algorithm_id(spec, _finding_parameters(spec, threshold)),
-        measurements=[
-            _probability(finding),
-            hd.sr.Measurement(name=THRESHOLD, value=threshold, unit=UNIT_ONE),
+    item = _judgement(
+        finding_code(finding.name),
+        PRESENT if finding.present else ABSENT,
+        [
+            (PROBABILITY, float(finding.probability), UNIT_ONE),
+            (THRESHOLD, float(finding.threshold), UNIT_ONE),
         ],
-        qualitative_evaluations=[_evaluation(finding)],
-        source_images=[source] if source is not None else None,
     )
+    if finding.source_uid:
+        source = by_uid.get(finding.source_uid)
+        if source is None:
+            raise DicomOutputError(
+                f"finding {finding.name} comes from image {finding.source_uid!r}, "
+                "which is not among the sources"
+            )
+        _require_attrs(source, f"source image of {finding.name}", ("SOPClassUID",))
+        item.ContentSequence.append(
+            hd.sr.ImageContentItem(
+                name=SOURCE_OF_MEASUREMENT,
+                referenced_sop_class_uid=source.SOPClassUID,
+                referenced_sop_instance_uid=source.SOPInstanceUID,
+                relationship_type=hd.sr.RelationshipTypeValues.INFERRED_FROM,
+            )
+        )
+    return item
 
 
-def _ood_score(result: StudyResult) -> Any:
+def _qualitative_evaluations(
+    result: StudyResult, spec: ModelSpec, by_uid: dict[str, Dataset]
+) -> Any:
+    """TID 1500's "Qualitative Evaluations" container: every finding's judgement, the study
+    priority and, when the model has an out-of-distribution reference, the low-confidence flag,
+    each a CODE item with its numbers, then the research-use statement.
+
+    Why here and not as TID 1501 groups under "Imaging Measurements": a group there without an
+    image region of its own makes OHIF 3.13 fail on the whole report (it reads the first
+    coordinate of every measurement group); the regions of present findings are TID 1410
+    groups there (:func:`_region_group`).
+    """
     import highdicom as hd
 
-    score = result.ood_score
-    return hd.sr.Measurement(
-        name=OOD_SCORE, value=float(score if score is not None else 0.0), unit=UNIT_SCORE
+    container = hd.sr.ContainerContentItem(
+        name=QUALITATIVE_EVALUATIONS, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
     )
-
-
-def _low_confidence(result: StudyResult) -> Any:
-    import highdicom as hd
-
-    return hd.sr.QualitativeEvaluation(
-        name=LOW_CONFIDENCE, value=PRESENT if result.low_confidence else ABSENT
+    items = [_finding_judgement(finding, by_uid) for finding in result.findings]
+    items.append(
+        _judgement(
+            PRIORITY,
+            PRIORITY_LEVEL_CODES[result.priority_level],
+            [(PRIORITY_SCORE, float(result.priority_score), UNIT_SCORE)],
+        )
     )
-
-
-def _priority_group(result: StudyResult, spec: ModelSpec) -> Any:
-    """The measurement group that carries the study priority (score and level) and, when the
-    model has an out-of-distribution reference, the OOD score and the low-confidence flag."""
-    import highdicom as hd
-
-    measurements = [_priority_score(result)]
-    evaluations = [_priority_level(result)]
-    parameters = [RESEARCH_STATEMENT]
     if spec.ood:
-        measurements.append(_ood_score(result))
-        evaluations.append(_low_confidence(result))
-        parameters.insert(0, f"ood_threshold={float(spec.ood['threshold']):.6g}")
-    return hd.sr.MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=_tracking(PRIORITY_TRACKING_ID),
-        finding_type=PRIORITY,
-        algorithm_id=_algorithm_id(spec, parameters),
-        measurements=measurements,
-        qualitative_evaluations=evaluations,
+        score = result.ood_score
+        items.append(
+            _judgement(
+                LOW_CONFIDENCE,
+                PRESENT if result.low_confidence else ABSENT,
+                [
+                    (OOD_SCORE, float(score if score is not None else 0.0), UNIT_SCORE),
+                    (THRESHOLD, float(spec.ood["threshold"]), UNIT_SCORE),
+                ],
+            )
+        )
+    items.append(
+        hd.sr.TextContentItem(
+            name=COMMENT,
+            value=RESEARCH_STATEMENT,
+            relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+        )
     )
+    container.ContentSequence = hd.sr.ContentSequence(items)
+    return container
 
 
-def _measurement_report(spec: ModelSpec, device_uid: str, groups: list[Any]) -> Any:
-    """The TID 1500 root (observer = the algorithm as a device) over ``groups``."""
+def _report_root(spec: ModelSpec, device_uid: str) -> Any:
+    """TID 1500's root container with its context: language, observer (the algorithm as a
+    device), procedure reported. :func:`_report_containers` gives what follows.
+
+    Built here from highdicom's content items rather than by ``highdicom.sr.MeasurementReport``,
+    which (0.28) requires at least one measurement group and has no "Qualitative Evaluations"
+    container, the two things this report needs; the items are the ones it would write.
+    """
     import highdicom as hd
     from pydicom.sr.codedict import codes
 
@@ -417,11 +432,48 @@ def _measurement_report(spec: ModelSpec, device_uid: str, groups: list[Any]) -> 
             ),
         )
     )
-    return hd.sr.MeasurementReport(
-        observation_context=observation_context,
-        procedure_reported=CHEST_IMAGING,
-        imaging_measurements=groups,
+    root = hd.sr.ContainerContentItem(name=codes.cid7021.ImagingMeasurementReport,
+                                      template_id="1500")  # fmt: skip
+    root.ContentSequence = hd.sr.ContentSequence()
+    root.ContentSequence.extend(
+        hd.sr.LanguageOfContentItemAndDescendants(
+            hd.sr.CodedConcept(ENGLISH.value, ENGLISH.scheme_designator, ENGLISH.meaning)
+        )
     )
+    root.ContentSequence.extend(observation_context)
+    root.ContentSequence.append(
+        hd.sr.CodeContentItem(
+            name=codes.DCM.ProcedureReported,
+            value=CHEST_IMAGING,
+            relationship_type=hd.sr.RelationshipTypeValues.HAS_CONCEPT_MOD,
+        )
+    )
+    return root
+
+
+def _report_containers(
+    result: StudyResult,
+    spec: ModelSpec,
+    by_uid: dict[str, Dataset],
+    located: list[tuple[Finding, CamRegion]],
+) -> list[Any]:
+    """The containers under the root: "Imaging Measurements" with one TID 1410 group per
+    located finding (none without regions), then "Qualitative Evaluations"."""
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+
+    containers = []
+    if located:
+        measurements = hd.sr.ContainerContentItem(
+            name=codes.DCM.ImagingMeasurements,
+            relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+        )
+        measurements.ContentSequence = hd.sr.ContentSequence()
+        for finding, region in located:
+            measurements.ContentSequence.extend(_region_group(finding, region, spec, by_uid))
+        containers.append(measurements)
+    containers.append(_qualitative_evaluations(result, spec, by_uid))
+    return containers
 
 
 def _comprehensive_sr(
@@ -429,11 +481,12 @@ def _comprehensive_sr(
     source_list: list[Dataset],
     spec: ModelSpec,
     device_uid: str,
-    report: Any,
+    root: Any,
     series_number: int,
     instance_number: int,
 ) -> Any:
-    """The Comprehensive 3D SR document around ``report`` (header, evidence, equipment)."""
+    """The Comprehensive 3D SR document around the content tree ``root`` (header, evidence,
+    equipment)."""
     import highdicom as hd
 
     # highdicom copies patient/study data from the first evidence item: make that the image
@@ -445,7 +498,7 @@ def _comprehensive_sr(
     evidence = [_sanitized_reference(ds, f"source {ds.SOPInstanceUID}") for ds in ordered]
     return hd.sr.Comprehensive3DSR(
         evidence=evidence,
-        content=report[0],
+        content=root,
         series_instance_uid=hd.UID(),
         series_number=series_number,
         sop_instance_uid=hd.UID(),
