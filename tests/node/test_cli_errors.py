@@ -129,3 +129,32 @@ def test_argument_types_accept_good_values() -> None:
     worklist.add_arguments(parser)
     args = parser.parse_args(["--limit", "5", "--min-priority", "critical", "--study", "1.2.3"])
     assert (args.limit, args.min_priority, args.study) == (5, "critical", "1.2.3")
+
+
+def test_only_the_chosen_subcommand_is_imported() -> None:
+    """``triage serve`` (a fresh interpreter) imports none of the training stack, and every
+    subcommand still parses its own arguments and is listed by ``triage --help``."""
+    import json
+    import subprocess
+    import sys
+
+    code = (
+        "import json, sys\n"
+        "from dicom_node import cli\n"
+        "args = cli.build_parser(['serve', '--port', '11112']).parse_args(['serve', '--port', "
+        "'11112'])\n"
+        "heavy = ('training', 'cv2', 'numpy', 'torch', 'sklearn', 'sqlalchemy', 'pynetdicom')\n"
+        "print(json.dumps([args.port, sorted(m for m in heavy if m in sys.modules)]))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == [11112, []]
+    words = ["train", "--cv", "5", "--epochs", "2", "--out", "runs/x"]
+    train = cli.build_parser(words).parse_args(words)
+    assert (train._module, train.cv, train.epochs) == ("training.cli_train", 5, 2)
+    listing = cli.build_parser([]).format_help()
+    assert all(name in listing for name in cli.SUBCOMMANDS)
+    with pytest.raises(SystemExit):  # an unchosen subcommand has no arguments of its own
+        cli.build_parser(["serve"]).parse_args(["train", "--cv", "5"])

@@ -165,7 +165,7 @@ def test_through_the_triage_command(
     from dicom_node import cli
 
     try:
-        parser = cli.build_parser()
+        parser = cli.build_parser(["predict"])
     except ImportError as exc:
         pytest.skip(f"another subcommand is not importable yet: {exc}")
     args = parser.parse_args(["predict", "--model", str(tiny_checkpoint), str(dicom_dir / HIP[0])])
