@@ -115,13 +115,14 @@ def processing_components(
 ) -> list[Component]:
     """Wake-ups, delivery thread, outputs process and workers (none when ``workers = 0``).
 
-    ``background``: the outputs process and the model start in the background (``serve``)."""
+    ``background`` (``serve``): the model loads in the background and the outputs process is
+    spawned by the first study that needs it."""
     components: list[Component] = [
         parts.wakeups,
         Delivery(parts.settings, parts.worklist, parts.wakeups, parts.metrics),
     ]
     if parts.settings.workers > 0:
-        outputs = OutputsProcess(background=background)
+        outputs = OutputsProcess(on_demand=background)
         components += [
             outputs,
             Processing(
@@ -207,8 +208,8 @@ class Node:
 
 def build_serve_node(settings: NodeSettings, model_path: Path | None) -> Node:
     """``triage serve``: jobs, the HTTP API, delivery, recovery and the DICOM port, then the
-    outputs process and the model, which load in the background (``/healthz/ready`` tells when
-    they are: not the C-ECHO answer)."""
+    model, which loads in the background (``/healthz/ready`` tells when it has: not the C-ECHO
+    answer); the outputs process starts with the first study's outputs."""
     from dicom_node.stages.jobs import Jobs, StableStudies, lease_job, purge_job
     from dicom_node.stages.receive import Receiver
     from dicom_node.web.server import HttpApi
@@ -231,7 +232,7 @@ def build_serve_node(settings: NodeSettings, model_path: Path | None) -> Node:
         ),
         delivery,
         receiver,  # recovery, then the DICOM port: a C-ECHO answer means listening, not ready
-        *processing,  # then the outputs process and the model load in the background
+        *processing,  # then the model loads in the background
     ]
     return Node("serve", parts, components, stop_first=[receiver])
 

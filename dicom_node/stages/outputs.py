@@ -218,18 +218,29 @@ class OutputsProcess:
     """One spawned child that runs :func:`write_study_outputs` (no torch, no GIL of ours).
 
     :meth:`start` spawns it and waits until its imports are done; with ``background`` it
-    returns at once (``triage serve``: the port does not wait; the first job queues behind the
-    imports). :meth:`write` runs one job there and respawns the child if it died; :meth:`stop`
-    ends it. ``pid`` is the child's process id once it is ready (for tests).
+    returns at once (the first job queues behind the imports). With ``on_demand`` (``triage
+    serve``) it spawns nothing: the first :meth:`write` does, so an idle node holds no child
+    (about 80 MB with multiprocessing's resource tracker) and the first study's outputs wait
+    for the child's imports (a few seconds). :meth:`write` runs one job there and respawns the
+    child if it died; :meth:`stop` ends it. ``pid`` is the child's process id once it is ready
+    (for tests).
     """
 
-    def __init__(self, background: bool = False) -> None:
+    def __init__(self, background: bool = False, on_demand: bool = False) -> None:
         self._pool: ProcessPoolExecutor | None = None
         self._lock = threading.Lock()
-        self.background = background
+        self._spawn_lock = threading.Lock()  # one first write spawns, the others wait for it
+        self._started = False
+        self.background = background or on_demand
+        self.on_demand = on_demand
         self.pid: int | None = None
 
     def start(self) -> None:
+        self._started = True
+        if not self.on_demand:
+            self._spawn()
+
+    def _spawn(self) -> None:
         with self._lock:
             old, self._pool = self._pool, None
             if old is not None:
@@ -261,17 +272,23 @@ class OutputsProcess:
     def write(self, job: OutputJob) -> OutputsWritten:
         """Run ``job`` in the child; a dead child is replaced (and this job's error raised)."""
         pool = self._pool
+        if pool is None and self._started:
+            with self._spawn_lock:
+                if self._pool is None:
+                    self._spawn()  # on demand: the first write
+                pool = self._pool
         if pool is None:
             raise RuntimeError("the outputs process is not started")
         try:
             return pool.submit(write_study_outputs, job).result()
         except BrokenProcessPool:
             logger.error("the outputs process died; starting a new one")
-            self.start()
+            self._spawn()
             raise
 
     def stop(self, deadline: float | None = None) -> None:
         """Let the child finish its job and exit (``deadline`` unused: jobs are short)."""
+        self._started = False
         with self._lock:
             pool, self._pool = self._pool, None
         if pool is not None:

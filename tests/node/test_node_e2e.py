@@ -338,12 +338,15 @@ def test_kill9_leaves_no_child_process_running(
 ) -> None:
     """SIGKILL of ``triage serve`` / ``triage worker`` takes its children with it: the spawned
     outputs process (after it built a study's SR and SC) and multiprocessing's resource
-    tracker."""
+    tracker. An idle ``serve`` has no child: the first study spawns the outputs process."""
     node = Node(tmp_path, tiny_checkpoint, dest_port)
     children: dict[int, int] = {}
     try:
         if command == "serve":
             node.start()
+            assert node.proc.proc is not None
+            idle = [_cmdline(pid) for pid in _descendants(node.proc.proc.pid)]
+            assert idle == [], idle  # the outputs process starts with the first study
             path = synthetic_cr(tmp_path / "chest.dcm", size=96, seed=7)
             study_uid = str(pydicom.dcmread(path).StudyInstanceUID)
             assert storescu(node.port, [path]).returncode == 0
