@@ -17,9 +17,9 @@ model that did not see its patient), not on a small validation split:
 * the drift reference histograms (:func:`training.oof.drift_reference`).
 
 The weights are stored as fp16 (``OUT/NAME.safetensors`` + ``.json``, and the ONNX serving graph
-``NAME.onnx`` checked against torch) after a check that fp16 changes no decision on the training
-images and no probability by more than 0.01; the OOD reference is fitted on the training
-images (optimistic: there is no held-out image left).
+``NAME.onnx`` checked against torch) where that changes no probability on the training images
+by more than 0.01, as fp32 otherwise (the check's figures go into the spec either way); the OOD
+reference is fitted on the training images (optimistic: there is no held-out image left).
 """
 
 from __future__ import annotations
@@ -87,14 +87,14 @@ def train_final(
     Raises
     ------
     TrainingError
-        Unfinished CV run, a variant that one model cannot serve, or an fp16 check failure.
+        Unfinished CV run, or a variant that one model cannot serve.
     """
     import torch
 
     from training import oof
     from training.calibrate import expected_calibration_error, probabilities
     from triage_core import __version__, ood
-    from triage_core.models import save_checkpoint
+    from triage_core.models import save_checkpoint, storage_round_trip
     from triage_core.pretrained import pretrained_source
 
     bound = oof.URGENT_BOUND if urgent_bound is None else urgent_bound
@@ -171,7 +171,7 @@ def train_final(
         assert head.bias is not None
         head.bias.add_(torch.as_tensor(shift, dtype=head.bias.dtype))
     l32 = predict_logits(chosen, tensors, channels_last=True)
-    half = chosen.to(torch.float16).to(torch.float32)  # the round trip fp16 storage makes
+    half = storage_round_trip(chosen, torch.float16)  # what the stored file gives back
     l16 = predict_logits(half, tensors, channels_last=True)
     p32, p16 = (probabilities(v, task, temperature) for v in (l32, l16))
     t = np.asarray(thresholds)
@@ -182,8 +182,10 @@ def train_final(
         "decision_flips": flips,
         "tolerance": FP16_TOLERANCE,
     }
-    if fp16_check["max_abs_probability_difference"] > FP16_TOLERANCE:
-        raise TrainingError(f"fp16 weights change the outputs too much: {fp16_check}")
+    store_fp16 = fp16_check["max_abs_probability_difference"] <= FP16_TOLERANCE
+    if not store_fp16:  # the served probabilities must be the ones the figures are about
+        logger.warning("fp16 weights change the outputs too much (%s): storing fp32", fp16_check)
+    stored = half if store_fp16 else chosen
 
     runs_table = {f"{Path(cv_dir).name}:{k}": v for k, v in summary["variants"].items()}
     training = {
@@ -204,7 +206,7 @@ def train_final(
         "init_from": recipe.init_from,
         "world_size": dist.world,
         "history": history,
-        "weights_dtype": "float16",
+        "weights_dtype": "float16" if store_fp16 else "float32",
         "fp16_check": fp16_check,
         "torch": torch.__version__,
         "command": command,
@@ -237,8 +239,10 @@ def train_final(
         drift=drift,
         code_version=__version__,
     )
-    final = final.replace(ood=ood.fit_reference(half, final, tensors))
-    path = save_checkpoint(half, final, out / final.name, dtype=torch.float16)
+    final = final.replace(ood=ood.fit_reference(stored, final, tensors))
+    path = save_checkpoint(
+        stored, final, out / final.name, dtype=torch.float16 if store_fp16 else None
+    )
     (out / "state.pt").unlink(missing_ok=True)
     from training.onnx_export import export_after_training
 

@@ -23,8 +23,8 @@ from triage_core.spec import ModelSpec
 
 NOT_FOR_CLINICAL_USE = (
     "**Not for clinical use.** A demonstration model of the cxr-triage pipeline, trained on a "
-    "few hundred public images; it has not been validated clinically and must not influence "
-    "any reading order or diagnosis."
+    "few thousand public images at most; it has not been validated clinically and must not "
+    "influence any reading order or diagnosis."
 )
 
 
@@ -193,7 +193,12 @@ def render_model_card(
         f"{weights_bytes / 2**20:.1f} MB, loaded as fp32. fp16 against fp32 on the "
         f"{fp16.get('images')} training images: largest probability change "
         f"{fp16.get('max_abs_probability_difference', float('nan')):.2g}, "
-        f"{fp16.get('decision_flips')} decision flips.",
+        f"{fp16.get('decision_flips')} decision flips"
+        + (
+            f" (over the {fp16.get('tolerance')} tolerance: stored as fp32)."
+            if training.get("weights_dtype") == "float32"
+            else "."
+        ),
         f"- Code: cxr-triage {spec.code_version}, torch {training.get('torch')}.",
         "",
         "## Data",
@@ -300,7 +305,8 @@ def render_model_card(
         "Other scanners, lateral views, children, non-chest images or photographs give "
         "confident but meaningless scores unless rejected upstream (the OOD score flags some).",
         "- **Calibration is local to this data:** the temperature and the per-class shifts "
-        "encode the shared data's prevalence (13-18 % per finding); a site with another "
+        f"encode the shared data's prevalence ({_prevalence(positives, data['n_images'])} per "
+        "finding); a site with another "
         "prevalence gets miscalibrated probabilities and another urgent share until they are "
         "refitted on its own confirmed reads.",
         "",
@@ -313,6 +319,12 @@ def render_model_card(
         "",
     ]
     return "\n".join(lines)
+
+
+def _prevalence(positives: Mapping[str, int], images: int) -> str:
+    """``"27-30 %"``: the lowest and highest share of images positive for a finding."""
+    shares = [100 * n / images for n in positives.values()]
+    return f"{min(shares):.0f}-{max(shares):.0f} %"
 
 
 def _reproduce_commands(spec: ModelSpec, cv_runs: Sequence[Mapping[str, Any]]) -> list[str]:

@@ -249,8 +249,12 @@ def save_checkpoint(
 ) -> Path:
     """Write ``NAME.safetensors`` + ``NAME.json``; returns the checkpoint name.
 
-    ``dtype`` (e.g. ``torch.float16``) casts floating-point tensors for a smaller file; loading
-    always returns an fp32 model.
+    ``dtype`` (e.g. ``torch.float16``) casts the floating-point tensors of two or more
+    dimensions (convolution and linear weights: nearly all the bytes) for a smaller file; the
+    one-dimensional ones (biases, normalisation scales, shifts and running statistics, under
+    1 % of the bytes) stay as they are, since fp16's three significant digits there moved
+    probabilities by up to 0.019 (:func:`storage_round_trip` is what loading gives back).
+    Loading always returns an fp32 model.
     """
     from safetensors.torch import save_file
 
@@ -261,7 +265,7 @@ def save_checkpoint(
     tensors: dict[str, torch.Tensor] = {}
     for key, value in core.state_dict().items():
         tensor = value.detach().to("cpu").contiguous().clone()
-        if dtype is not None and tensor.is_floating_point():
+        if dtype is not None and _stored_reduced(tensor):
             tensor = tensor.to(dtype)
         tensors[key] = tensor
     header = {
@@ -279,6 +283,25 @@ def save_checkpoint(
     tmp_json.replace(spec_path)
     logger.info("saved checkpoint %s (%s)", weights_path.with_suffix(""), spec.display_name)
     return weights_path.with_suffix("")
+
+
+def _stored_reduced(tensor: torch.Tensor) -> bool:
+    return tensor.is_floating_point() and tensor.dim() >= 2
+
+
+def storage_round_trip(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """A copy of ``model`` as :func:`save_checkpoint` with ``dtype`` stores it and loading gives
+    it back (fp32 tensors, the reduced ones rounded through ``dtype``)."""
+    import copy
+
+    import torch
+
+    rounded = copy.deepcopy(model)
+    with torch.no_grad():
+        for tensor in [*rounded.parameters(), *rounded.buffers()]:
+            if _stored_reduced(tensor):
+                tensor.copy_(tensor.to(dtype).to(tensor.dtype))
+    return rounded
 
 
 def read_spec(path: str | Path) -> ModelSpec:

@@ -17,6 +17,7 @@ from triage_core.models import (
     default_spec,
     load_checkpoint,
     save_checkpoint,
+    storage_round_trip,
 )
 from triage_core.spec import CLASS_NAMES, ModelSpec
 
@@ -50,6 +51,10 @@ def test_fp16_checkpoint_is_smaller_and_close(tmp_path: Path) -> None:
     assert size16 < 0.6 * size32
     loaded, _ = load_checkpoint(tmp_path / "fp16")
     assert next(loaded.parameters()).dtype == torch.float32
+    # what loading gives back is exactly storage_round_trip's model
+    rounded = storage_round_trip(model, torch.float16)
+    for (key, a), b in zip(rounded.state_dict().items(), loaded.state_dict().values(), strict=True):
+        assert torch.equal(a, b), key
     x = torch.randn(1, 3, 64, 64)
     with torch.inference_mode():
         assert torch.allclose(model(x).sigmoid(), loaded(x).sigmoid(), atol=1e-2)

@@ -21,24 +21,33 @@ REPO = Path(__file__).resolve().parents[2]
 RUN_FILES = REPO / "docs" / "model"
 
 
-def test_shipped_checkpoint_is_small_fp16_lite0_from_imagenet() -> None:
+def test_shipped_checkpoint_is_small_lite0_from_imagenet() -> None:
     from safetensors import safe_open
 
     path = default_checkpoint_path()
     assert path.name == DEFAULT_CHECKPOINT_NAME == "cxr-triage-lite0-multilabel"
     weights, spec_file = checkpoint_paths(path)
-    assert weights.stat().st_size <= 10 * 2**20
-    with safe_open(str(weights), framework="pt") as handle:
-        dtypes = {str(handle.get_tensor(k).dtype) for k in handle.keys()}  # noqa: SIM118
-    assert "torch.float16" in dtypes and "torch.float32" not in dtypes
+    assert weights.stat().st_size <= 16 * 2**20
     model, spec = load_checkpoint(path)
+    with safe_open(str(weights), framework="pt") as handle:
+        tensors = {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118
+    floating = [t for t in tensors.values() if t.is_floating_point()]
+    check = spec.training["fp16_check"]
+    assert check["images"] == spec.training["data"]["n_images"] >= 643
+    if spec.training["weights_dtype"] == "float16":
+        # weights of two or more dimensions fp16 (the 1-D tensors too in checkpoints written
+        # before they were kept fp32), only where that moves no probability by more than the
+        # tolerance (v2 was checked before the tolerance was recorded: 0.01)
+        assert check["max_abs_probability_difference"] <= check.get("tolerance", 0.01) == 0.01
+        assert all(str(t.dtype) == "torch.float16" for t in floating if t.dim() >= 2)
+    else:  # fp32 because fp16 would have changed the served probabilities
+        assert spec.training["weights_dtype"] == "float32"
+        assert check["max_abs_probability_difference"] > check["tolerance"] == 0.01
+        assert all(str(t.dtype) == "torch.float32" for t in floating)
     assert spec.arch == "efficientnet_lite0" and spec.task == "multilabel"
     assert spec.input_size == spec.training["recipe"]["image_size"]
     assert spec.training["pretrained"]["kind"] == "imagenet"
     assert spec.training["pretrained"]["sha256"].startswith("57934424")
-    assert spec.training["weights_dtype"] == "float16"
-    assert spec.training["fp16_check"]["max_abs_probability_difference"] <= 0.01
-    assert spec.training["fp16_check"]["images"] == spec.training["data"]["n_images"] >= 643
     # fixed epoch count, no early stopping: every epoch of the recipe was run
     assert len(spec.training["history"]) == spec.training["recipe"]["epochs"]
     assert json.loads(spec_file.read_text())["name"] == DEFAULT_CHECKPOINT_NAME
@@ -69,6 +78,19 @@ def test_shipped_recipe_reaches_the_issue_14_target() -> None:
     oof = read_spec(default_checkpoint_path()).metrics["oof"]
     assert oof["mean_auroc"][0] >= 0.75
     assert min(v[0] for v in oof["auroc"].values()) >= 0.68
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue 23's done-when target (OOF mean AUROC >= 0.72 on the enlarged shared set, no "
+    "class below 0.65) is not reached: see MODEL_CARD.md (run E, not shipped)",
+)
+def test_shipped_model_reaches_the_issue_23_target() -> None:
+    spec = read_spec(default_checkpoint_path())
+    assert spec.training["data"]["n_images"] >= 2134  # the enlarged set
+    oof = spec.metrics["oof"]
+    assert oof["mean_auroc"][0] >= 0.72
+    assert min(v[0] for v in oof["auroc"].values()) >= 0.65
 
 
 def test_model_card_numbers_equal_the_run_files() -> None:
