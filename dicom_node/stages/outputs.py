@@ -217,21 +217,19 @@ def _ready() -> int:
 class OutputsProcess:
     """One spawned child that runs :func:`write_study_outputs` (no torch, no GIL of ours).
 
-    :meth:`start` spawns it and waits until its imports are done; with ``background`` it
-    returns at once (the first job queues behind the imports). With ``on_demand`` (``triage
-    serve``) it spawns nothing: the first :meth:`write` does, so an idle node holds no child
-    (about 80 MB with multiprocessing's resource tracker) and the first study's outputs wait
-    for the child's imports (a few seconds). :meth:`write` runs one job there and respawns the
-    child if it died; :meth:`stop` ends it. ``pid`` is the child's process id once it is ready
-    (for tests).
+    :meth:`start` spawns it and waits until its imports are done. With ``on_demand`` (``triage
+    serve``) it spawns nothing: the first :meth:`write` does (and its job queues behind the
+    child's imports), so an idle node holds no child (about 80 MB with multiprocessing's
+    resource tracker) and the first study's outputs wait a few seconds longer. :meth:`write`
+    runs one job there and respawns the child if it died; :meth:`stop` ends it. ``pid`` is the
+    child's process id once it is ready (for tests).
     """
 
-    def __init__(self, background: bool = False, on_demand: bool = False) -> None:
+    def __init__(self, on_demand: bool = False) -> None:
         self._pool: ProcessPoolExecutor | None = None
         self._lock = threading.Lock()
         self._spawn_lock = threading.Lock()  # one first write spawns, the others wait for it
         self._started = False
-        self.background = background or on_demand
         self.on_demand = on_demand
         self.pid: int | None = None
 
@@ -263,7 +261,7 @@ class OutputsProcess:
                 "outputs process %d ready in %.1f s", self.pid, time.perf_counter() - started
             )
 
-        if self.background:
+        if self.on_demand:  # the write that spawned it waits on its job, not here
             ready.add_done_callback(report)
         else:
             ready.result(timeout=START_TIMEOUT)

@@ -112,8 +112,12 @@ def finding_code(name: str) -> Code:
     """
     if name in FINDING_CODES:
         return FINDING_CODES[name]
-    value = re.sub(r"[^A-Za-z0-9]", "", name).upper()[:16] or "FINDING"
-    return Code(value, PRIVATE_SCHEME, _text(name, 64))
+    return Code(_private_value(name, 16), PRIVATE_SCHEME, _text(name, 64))
+
+
+def _private_value(name: str, limit: int) -> str:
+    """A private code value from a class name: its letters and digits, upper case."""
+    return re.sub(r"[^A-Za-z0-9]", "", name).upper()[:limit] or "FINDING"
 
 
 def labelled_probability(name: str) -> Code:
@@ -123,8 +127,7 @@ def labelled_probability(name: str) -> Code:
     with its measurements' concept names only (not its finding type), so there the concept
     itself names the finding.
     """
-    value = re.sub(r"[^A-Za-z0-9]", "", name).upper()[:12] or "FINDING"
-    return Code(f"{value}PROB", PRIVATE_SCHEME, _text(f"{name} probability", 64))
+    return Code(f"{_private_value(name, 12)}PROB", PRIVATE_SCHEME, _text(f"{name} probability", 64))
 
 
 def finding_name(code: Any) -> str:

@@ -63,8 +63,8 @@ def _numbers(item: Dataset) -> dict[tuple[str, str], float]:
     return numbers
 
 
-def _judgement(ds: Dataset | str | Path, name: Code) -> Dataset | None:
-    found = [item for item in _evaluations(ds) if _same(_code(item.ConceptNameCodeSequence), name)]
+def _judgement(evaluations: list[Dataset], name: Code) -> Dataset | None:
+    found = [item for item in evaluations if _same(_code(item.ConceptNameCodeSequence), name)]
     if len(found) > 1:
         raise DicomOutputError(f"SR holds {len(found)} {name.meaning!r} evaluations")
     return found[0] if found else None
@@ -169,7 +169,7 @@ def priority_from_sr(ds: Dataset | str | Path) -> tuple[float, str]:
         When the dataset is not such an SR or has no study priority.
     """
     levels = {(c.value, c.scheme_designator): level for level, c in PRIORITY_LEVEL_CODES.items()}
-    item = _judgement(ds, PRIORITY)
+    item = _judgement(_evaluations(ds), PRIORITY)
     if item is None:
         raise DicomOutputError("SR holds no study priority")
     value = _code(item.ConceptCodeSequence)
@@ -188,9 +188,10 @@ def low_confidence_from_sr(ds: Dataset | str | Path) -> tuple[float, bool] | Non
     DicomOutputError
         When the dataset is not such an SR or has no study priority.
     """
-    if _judgement(ds, PRIORITY) is None:
+    evaluations = _evaluations(ds)
+    if _judgement(evaluations, PRIORITY) is None:
         raise DicomOutputError("SR holds no study priority")
-    item = _judgement(ds, LOW_CONFIDENCE)
+    item = _judgement(evaluations, LOW_CONFIDENCE)
     if item is None:
         return None
     return _number(item, OOD_SCORE, "low confidence"), _is_present(item, "low confidence")

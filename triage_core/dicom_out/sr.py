@@ -167,8 +167,9 @@ def build_sr(
         (:func:`~.regions.cam_region`); each becomes a TID 1410 group under "Imaging
         Measurements": tracking identifier ``<name> region``, the finding type, a closed SCOORD
         POLYLINE on the region's source image (Geometric Purpose "Bounded by"), the finding's
-        probability and threshold, its "Present" evaluation and the region rule among the
-        algorithm parameters. Without regions the report has no "Imaging Measurements".
+        probability (concept ``<name> probability``), its "Present" evaluation, and the
+        threshold and region rule among the algorithm parameters. Without regions the report
+        has no "Imaging Measurements".
 
     Returns
     -------
