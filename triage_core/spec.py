@@ -64,7 +64,7 @@ def _check_ood(ood: Mapping[str, Any]) -> None:
     missing = [k for k in OOD_KEYS if k not in ood]
     if missing:
         raise SpecMismatchError(f"ood.{missing[0]}", "missing")
-    unknown = sorted(set(ood) - set(OOD_KEYS) - {"reference"})
+    unknown = sorted(set(ood) - set(OOD_KEYS) - {"reference", "scale"})
     if unknown:
         raise SpecMismatchError(f"ood.{unknown[0]}", "unknown field")
     if ood["method"] != "pca_mahalanobis":
@@ -76,6 +76,8 @@ def _check_ood(ood: Mapping[str, Any]) -> None:
     if ood["components"] > ood["features"]:
         raise SpecMismatchError("ood.components", "more components than features")
     sizes = {"mean": ood["features"], "basis": ood["features"] * ood["components"]}
+    if "scale" in ood:  # optional: references before it are unstandardised
+        sizes["scale"] = ood["features"]
     for name, count in sizes.items():
         try:
             raw = base64.b64decode(str(ood[name]), validate=True)
