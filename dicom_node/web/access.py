@@ -1,10 +1,11 @@
 """Who may read the HTTP server, and who is asking: loopback, access tokens, or a proxy.
 
-:class:`AccessGuard` is an ASGI middleware installed on the whole application, pages and JSON
-API alike (``/healthz`` included: a liveness probe on a non-loopback address carries a token
-too). Every request it lets through carries a :class:`Principal` in ``request.state.principal``
-(user name and role, ``viewer`` < ``reader`` < ``admin``); the routes that change something
-check the role (``POST /api/studies/{uid}/feedback`` needs ``reader``). The rules:
+:class:`AccessGuard` decides and :class:`AccessMiddleware` (plain ASGI) applies it to the whole
+application: pages, JSON API, DICOMweb and WebSocket connections alike (``/healthz`` included: a
+liveness probe on a non-loopback address carries a token too). Every request it lets through
+carries a :class:`Principal` in ``request.state.principal`` (user name and role, ``viewer`` <
+``reader`` < ``admin``); the routes that change something check the role (``POST
+/api/studies/{uid}/feedback`` needs ``reader``). The rules:
 
 - Tokens: the ``http_token`` setting (one shared token, the user ``admin`` with the role
   ``admin``, as before named tokens existed) and the named tokens of ``triage token add NAME
@@ -46,7 +47,7 @@ import hmac
 import re
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 from urllib.parse import parse_qsl, urlencode
@@ -54,6 +55,7 @@ from urllib.parse import parse_qsl, urlencode
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, RedirectResponse, Response
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 if TYPE_CHECKING:
     from triage_core.worklist.tokens import Tokens
@@ -222,28 +224,63 @@ class AccessGuard:
         )
         return response
 
-    async def __call__(
-        self, request: Request, call_next: Callable[[Request], Awaitable[Response]]
-    ) -> Response:
+    def refusal(self, request: Request) -> tuple[Response | None, Principal | None]:
+        """``(answer, principal)`` of a request (blocking: token lookups): an answer that ends
+        it here (the ``?token=`` login redirect, 401, 403), or ``None`` and who it is."""
         if "token" in request.query_params:
-            login = await run_in_threadpool(self.token_login, request)
+            login = self.token_login(request)
             if login is not None:
-                return login
-        principal = await run_in_threadpool(self.identify, request)
-        if principal is not None and stores(request) and not may_store(principal):
-            return JSONResponse(
-                status_code=403,
-                content={
-                    "detail": f"storing (STOW-RS) needs the role {STORE_ROLE} or admin; "
-                    f"{principal.name or 'this request'} has the role {principal.role}"
-                },
+                return login, None
+        principal = self.identify(request)
+        if principal is None:
+            return (
+                PlainTextResponse(
+                    "401 Unauthorized: this cxr-triage server needs an access token "
+                    "(Authorization: Bearer TOKEN, or open a page once with ?token=TOKEN)",
+                    status_code=401,
+                    headers={"WWW-Authenticate": 'Bearer realm="cxr-triage"'},
+                ),
+                None,
             )
-        if principal is not None:
-            request.state.principal = principal
-            return await call_next(request)
-        return PlainTextResponse(
-            "401 Unauthorized: this cxr-triage server needs an access token "
-            "(Authorization: Bearer TOKEN, or open a page once with ?token=TOKEN)",
-            status_code=401,
-            headers={"WWW-Authenticate": 'Bearer realm="cxr-triage"'},
-        )
+        if stores(request) and not may_store(principal):
+            return (
+                JSONResponse(
+                    status_code=403,
+                    content={
+                        "detail": f"storing (STOW-RS) needs the role {STORE_ROLE} or admin; "
+                        f"{principal.name or 'this request'} has the role {principal.role}"
+                    },
+                ),
+                None,
+            )
+        return None, principal
+
+
+class AccessMiddleware:
+    """:class:`AccessGuard` as a plain ASGI middleware on every HTTP and WebSocket request.
+
+    Plain ASGI rather than Starlette's ``BaseHTTPMiddleware``: that one wraps every
+    ``receive()`` of the body in a task group (a STOW-RS body of 200 MB is read in thousands
+    of pieces) and does not see WebSocket connections at all. Here the guard runs once per
+    request, before the application, and the body streams to the route untouched. A refused
+    WebSocket is closed with code 1008 (policy violation) before it is accepted.
+    """
+
+    def __init__(self, app: ASGIApp, guard: AccessGuard) -> None:
+        self.app = app
+        self.guard = guard
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        request = Request(scope)
+        answer, principal = await run_in_threadpool(self.guard.refusal, request)
+        if principal is None:
+            if scope["type"] == "websocket":
+                await send({"type": "websocket.close", "code": 1008})
+            elif answer is not None:
+                await answer(scope, receive, send)
+            return
+        scope.setdefault("state", {})["principal"] = principal
+        await self.app(scope, receive, send)

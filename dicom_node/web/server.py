@@ -97,9 +97,8 @@ def install(
     :mod:`dicom_node.web.operations` join its registry.
     """
     from fastapi.staticfiles import StaticFiles
-    from starlette.middleware.base import BaseHTTPMiddleware
 
-    from dicom_node.web.access import AccessGuard
+    from dicom_node.web.access import AccessGuard, AccessMiddleware
     from dicom_node.web.operations import DriftCollector, drift_reference
     from dicom_node.web.pages import HERE, pages_router
     from dicom_node.web.viewer import ViewerMount
@@ -122,7 +121,7 @@ def install(
     guard = AccessGuard(
         token, settings.http_proxy_header, settings.http_tls_cert is not None, worklist.tokens
     )
-    app.add_middleware(BaseHTTPMiddleware, dispatch=guard)
+    app.add_middleware(AccessMiddleware, guard=guard)
     if settings.cors_allow_origins:  # outside the guard: a preflight carries no credentials
         from dicom_node.web.viewer import DicomwebCors
 
