@@ -53,7 +53,7 @@ from typing import TYPE_CHECKING
 from urllib.parse import parse_qsl, urlencode
 
 from starlette.concurrency import run_in_threadpool
-from starlette.requests import Request
+from starlette.requests import HTTPConnection, Request
 from starlette.responses import JSONResponse, PlainTextResponse, RedirectResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -97,15 +97,16 @@ def may_store(principal: Principal) -> bool:
     return principal is ANONYMOUS or principal.may(STORE_ROLE)
 
 
-def stores(request: Request) -> bool:
+def stores(request: HTTPConnection) -> bool:
     """Whether ``request`` is a store (STOW-RS) request."""
     from dicom_node.dicomweb.router import ROOT as root
 
     path = request.url.path
-    return request.method in _STORE_METHODS and (path == root or path.startswith(root + "/"))
+    method = request.scope.get("method", "")  # a WebSocket has none
+    return method in _STORE_METHODS and (path == root or path.startswith(root + "/"))
 
 
-def principal_of(request: Request) -> Principal:
+def principal_of(request: HTTPConnection) -> Principal:
     """The request's principal (the anonymous viewer when no guard ran)."""
     found = getattr(request.state, "principal", None)
     return found if isinstance(found, Principal) else ANONYMOUS
@@ -184,7 +185,7 @@ class AccessGuard:
             self._named = (now, named)
         return named
 
-    def identify(self, request: Request) -> Principal | None:
+    def identify(self, request: HTTPConnection) -> Principal | None:
         """The request's principal, ``None`` when it must be refused (blocking: DB lookups)."""
         if self.proxy_header is not None:
             user = request.headers.get(self.proxy_header)
@@ -205,14 +206,14 @@ class AccessGuard:
             return ANONYMOUS
         return None
 
-    def allowed(self, request: Request) -> bool:
+    def allowed(self, request: HTTPConnection) -> bool:
         """Whether ``request`` may pass (blocking; see :meth:`identify`)."""
         return self.identify(request) is not None
 
-    def token_login(self, request: Request) -> Response | None:
+    def token_login(self, request: HTTPConnection) -> Response | None:
         """``?token=`` with a valid token: set the cookie, redirect without the token."""
         given = request.query_params.get("token")
-        if given is None or request.method != "GET":
+        if given is None or request.scope.get("method") != "GET":
             return None
         if self._token_principal(given) is None:
             return None
@@ -224,7 +225,7 @@ class AccessGuard:
         )
         return response
 
-    def refusal(self, request: Request) -> tuple[Response | None, Principal | None]:
+    def refusal(self, request: HTTPConnection) -> tuple[Response | None, Principal | None]:
         """``(answer, principal)`` of a request (blocking: token lookups): an answer that ends
         it here (the ``?token=`` login redirect, 401, 403), or ``None`` and who it is."""
         if "token" in request.query_params:
@@ -274,7 +275,7 @@ class AccessMiddleware:
         if scope["type"] not in ("http", "websocket"):
             await self.app(scope, receive, send)
             return
-        request = Request(scope)
+        request = Request(scope) if scope["type"] == "http" else HTTPConnection(scope)
         answer, principal = await run_in_threadpool(self.guard.refusal, request)
         if principal is None:
             if scope["type"] == "websocket":

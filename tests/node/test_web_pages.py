@@ -14,6 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 from fastapi.testclient import TestClient
+from starlette.websockets import WebSocket, WebSocketDisconnect
 from test_api_http import NOW, ROOT, finish, sop, study
 
 from dicom_node import web
@@ -138,6 +139,28 @@ def test_proxy_header_mode(wl: Worklist, tmp_path: Path) -> None:
     c = client(wl, tmp_path, http_proxy_header="X-Forwarded-User")
     assert c.get("/").status_code == 401
     assert c.get("/", headers={"X-Forwarded-User": "dr.who"}).status_code == 200
+
+
+def test_websocket_connections_pass_the_same_access_check(wl: Worklist, tmp_path: Path) -> None:
+    """The guard is plain ASGI: a WebSocket without a token is closed with 1008 (policy
+    violation) before the route accepts it; with one, the route sees its principal."""
+    s = NodeSettings(storage=tmp_path, http_token=TOKEN)  # type: ignore[arg-type]
+    app = create_app(wl)
+
+    @app.websocket("/ws-probe")
+    async def probe(socket: WebSocket) -> None:
+        await socket.accept()
+        await socket.send_text(access.principal_of(socket).role)
+        await socket.close()
+
+    web.install(app, s, wl)
+    c = TestClient(app)
+    with pytest.raises(WebSocketDisconnect) as refused, c.websocket_connect("/ws-probe"):
+        pass
+    assert refused.value.code == 1008
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    with c.websocket_connect("/ws-probe", headers=headers) as socket:
+        assert socket.receive_text() == "admin"
 
 
 def test_compare_is_constant_time() -> None:
