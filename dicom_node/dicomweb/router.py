@@ -56,7 +56,7 @@ from dicom_node.dicomweb.multipart import (
     related_boundary,
 )
 from dicom_node.dicomweb.pixels import add_pixel_routes
-from dicom_node.dicomweb.stow import StowBodyError, StowRequest, store_response
+from dicom_node.dicomweb.stow import PartOutcome, StowBodyError, StowRequest, store_response
 from triage_core.uids import is_valid_uid
 
 if TYPE_CHECKING:
@@ -117,22 +117,37 @@ def _peer(request: Request) -> str:
     return request.client.host if request.client is not None else "?"
 
 
-async def _chunks(request: Request, timeout: float) -> AsyncIterator[bytes]:
-    """The body in pieces of about :data:`FEED_CHUNK`; a silence over ``timeout`` ends it."""
+async def _chunks(request: Request, timeout: float) -> AsyncIterator[list[bytes]]:
+    """The body as lists of the server's chunks, about :data:`FEED_CHUNK` bytes a list (kept
+    as received: never joined, so never copied); a silence over ``timeout`` ends it."""
     stream = request.stream().__aiter__()
-    pending = bytearray()
+    pending: list[bytes] = []
+    size = 0
     while True:
         with anyio.fail_after(timeout):
             try:
                 chunk = await stream.__anext__()
             except StopAsyncIteration:
                 break
-        pending += chunk
-        if len(pending) >= FEED_CHUNK:
-            yield bytes(pending)
-            pending.clear()
+        pending.append(chunk)
+        size += len(chunk)
+        if size >= FEED_CHUNK:
+            yield pending
+            pending, size = [], 0
     if pending:
-        yield bytes(pending)
+        yield pending
+
+
+def _feed(job: StowRequest, pieces: list[bytes]) -> None:
+    for piece in pieces:
+        job.feed(piece)
+
+
+def _feed_and_close(job: StowRequest, pieces: list[bytes]) -> list[PartOutcome]:
+    """The last pieces and the end of the body in one thread hop (a one-instance request makes
+    a single hop)."""
+    _feed(job, pieces)
+    return job.close()
 
 
 def dicomweb_router(
@@ -192,9 +207,12 @@ def dicomweb_router(
         except StowBodyError as exc:
             return problem(exc.status, str(exc))
         try:
-            async for chunk in _chunks(request, settings.network_timeout):
-                await run_in_threadpool(job.feed, chunk)
-            outcomes = await run_in_threadpool(job.close)
+            held: list[bytes] = []  # fed with the end of the body, in the same hop
+            async for pieces in _chunks(request, settings.network_timeout):
+                if held:
+                    await run_in_threadpool(_feed, job, held)
+                held = pieces
+            outcomes = await run_in_threadpool(_feed_and_close, job, held)
         except StowBodyError as exc:
             logger.warning("STOW-RS from %s refused (%d): %s", peer, exc.status, exc)
             stored = sum(1 for o in job.outcomes if not o.failure)

@@ -573,6 +573,64 @@ def test_serve_killed_right_after_its_answers_keeps_every_instance(tmp_path: Pat
     assert not list((storage / "spool" / ".incoming").iterdir())
 
 
+@needs_dcmtk
+def test_serve_killed_right_after_its_stow_rs_answers_keeps_every_instance(
+    tmp_path: Path,
+) -> None:
+    """Issue 25's promise for STOW-RS: SIGKILL right after the Store Instances Responses (one
+    request per instance, then one request for several) loses none of the acknowledged
+    instances: after a restart each is in the spool byte for byte and in the worklist."""
+    import httpx
+    from test_node_support import ServeProcess
+
+    storage = tmp_path / "storage"
+    port, http_port = free_port(), free_port()
+    args = [
+        "serve", "--port", str(port), "--bind-address", "127.0.0.1", "--storage", str(storage),
+        "--workers", "0", "--http-port", str(http_port), "--stable-age", "3600",
+    ]  # fmt: skip
+    files = [synthetic_cr(tmp_path / f"{i}.dcm", size=64, seed=40 + i) for i in range(9)]
+    boundary = "kill-test"
+
+    def body(paths: list[Path]) -> bytes:
+        head = f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode()
+        parts = b"".join(head + p.read_bytes() + b"\r\n" for p in paths)
+        return parts + f"--{boundary}--\r\n".encode()
+
+    headers = {
+        "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
+        "Accept": "application/dicom+json",
+    }
+    serve = ServeProcess(args, tmp_path / "serve.log").start()
+    try:
+        serve.wait_ready(port)
+        url = f"http://127.0.0.1:{http_port}/dicomweb/studies"
+        with httpx.Client(timeout=60) as client:
+            answers = [client.post(url, content=body([f]), headers=headers) for f in files[:3]]
+            answers.append(client.post(url, content=body(files[3:]), headers=headers))
+        serve.kill9()  # at once: nothing after the answers may be needed to keep them
+        assert [a.status_code for a in answers] == [200] * 4, answers[-1].text
+        stored = [
+            item["00081155"]["Value"][0] for a in answers for item in a.json()["00081199"]["Value"]
+        ]
+        assert len(stored) == len(files)
+        serve = ServeProcess(args, tmp_path / "serve2.log").start()
+        serve.wait_ready(port)
+    finally:
+        serve.stop()
+    worklist = open_worklist(load_settings(None, {"storage": storage}))
+    try:
+        rows = worklist.queries.list_worklist(limit=100)
+        assert sum(r["num_instances"] for r in rows) == len(files)
+    finally:
+        worklist.dispose()
+    spooled = _spooled(storage)
+    for path in files:
+        ds = pydicom.dcmread(path)
+        assert str(ds.SOPInstanceUID) in stored
+        assert dataset_bytes(spooled[str(ds.SOPInstanceUID)]) == dataset_bytes(path)
+
+
 def test_tcp_nodelay_on_accepted_and_requested_sockets(node: Node) -> None:
     import socket
 
