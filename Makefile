@@ -11,7 +11,7 @@ STORAGE ?= ./triage-storage
 help:
 	@echo "make serve   install the serving stack (no torch) and start the DICOM node on embedded defaults"
 	@echo "make test    install (Debian packages too) and run lint, types, import contracts, tests"
-	@echo "make bench   run every benchmark in benchmarks/"
+	@echo "make bench   run every benchmark (--quick) and print their ratios"
 
 # Debian packages the tests use: DCMTK (independent DICOM peer), dicom3tools (dciodvfy),
 # the PostgreSQL server binaries (throwaway test clusters), Chromium and its driver (the
@@ -65,7 +65,7 @@ test-all: system-deps install lint typecheck imports
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
 
 bench: install
-	@for b in benchmarks/bench_*.py; do echo "== $$b"; $(BIN)/python $$b --quick || exit 1; done
+	@benchmarks/run_all.sh $(BIN)/python
 
 serve: $(SERVE_STAMP)
 	$(BIN)/triage -v serve --storage $(STORAGE)

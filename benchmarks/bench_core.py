@@ -3,7 +3,7 @@
 Run from the repository root::
 
     .venv/bin/python benchmarks/bench_core.py            # full run (~5-10 min on 2 cores)
-    .venv/bin/python benchmarks/bench_core.py --quick    # fewer repetitions
+    .venv/bin/python benchmarks/bench_core.py --quick    # fewer repetitions, no torch.compile
     .venv/bin/python benchmarks/bench_core.py --no-compile   # skip torch.compile (~20 s/shape)
     .venv/bin/python benchmarks/bench_core.py --arch efficientnet_lite0 --int8   # one arch, + int8
 
@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from ratios import print_ratio
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -360,7 +361,9 @@ def bench_cam(context: dict[str, Any], reps: int, data: Path | None) -> dict[str
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer repetitions")
+    parser.add_argument(
+        "--quick", action="store_true", help="fewer repetitions, no torch.compile paths"
+    )
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile paths")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     parser.add_argument("--size", type=int, default=224, help="model input size")
@@ -385,6 +388,8 @@ def main(argv: list[str] | None = None) -> int:
         help="trained checkpoint NAME to use for its architecture (repeatable)",
     )
     args = parser.parse_args(argv)
+    if args.quick:  # compiling takes ~20 s per shape: the full run measures those paths
+        args.no_compile = True
     logging.basicConfig(level=logging.WARNING)
 
     import torch
@@ -503,6 +508,13 @@ def main(argv: list[str] | None = None) -> int:
                 f"| {arch} | {path} | {row['mode']} | {row['bare_img_s']:.1f} | "
                 f"{row['predictor_img_s']:.1f} | {row['ratio']:.2f} |"
             )
+    for row in results["predictor"]:
+        print_ratio(
+            f"core {row['arch']} Predictor ({row['mode']}) / bare path, img/s at batch 16",
+            row["predictor_img_s"],
+            row["bare_img_s"],
+            target=0.95,
+        )
 
     # 4. Grad-CAM
     print("\n## Grad-CAM, one class, one image (target <= 3x one eager fp32 forward)\n")
@@ -520,6 +532,14 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"| {row['arch']} | {row['forward_ms']:.1f} | {row['cam_ms']:.1f} | "
             f"{row['ratio']:.2f} | {full} |"
+        )
+    for row in results["cam"]:
+        print_ratio(
+            f"core {row['arch']} Grad-CAM / one eager forward, ms",
+            row["cam_ms"],
+            row["forward_ms"],
+            target=3.0,
+            lower=True,
         )
     if args.json:
         args.json.write_text(json.dumps(results, indent=2, default=str) + "\n")

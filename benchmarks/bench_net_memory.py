@@ -7,13 +7,16 @@ peak is what that connection cost. The attacks aim at every bound of
 ``dicom_node.net.limits``: the largest A-ASSOCIATE-RQ of the worst shapes, the largest command
 set, P-DATA at our maximum PDU length streaming a large data set, and the length fields that
 used to allocate (an A-RELEASE-RQ announcing 4 GB). It prints one line per attack and the
-largest growth.
+largest growth, against the baseline measured first in the same run: the growth that one
+ordinary association storing one 7.2 MB instance causes (DCMTK ``storescu``).
 
     .venv/bin/python benchmarks/bench_net_memory.py
+    .venv/bin/python benchmarks/bench_net_memory.py --quick   # one attack per kind of bound
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import socket
@@ -26,9 +29,13 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from bench_ingest import make_instances
+from ratios import print_ratio
+
 from dicom_node.net import limits
 
 ECHOSCU = "/usr/bin/echoscu"
+STORESCU = "/usr/bin/storescu"
 CR = "1.2.840.10008.5.1.4.1.1.1"
 EXPLICIT = "1.2.840.10008.1.2.1"
 VERIFICATION = "1.2.840.10008.1.1"
@@ -268,20 +275,57 @@ def measure(name: str, attack: Callable[[int], None]) -> tuple[int, int]:
         return status(pid, "VmHWM") - peak_before, highest[0] - rss_before
 
 
-def main() -> int:
+#: The attacks of ``--quick``: one per kind of bound (a length field, the association request,
+#: the command set, the data set stream).
+QUICK = (
+    "A-ASSOCIATE-RQ announcing 2^32-1 bytes",
+    "largest A-ASSOCIATE-RQ, 128 contexts of 64-char transfer syntaxes",
+    "largest command set (8,192 distinct elements)",
+    "64 MB data set in 1 MiB P-DATA-TF PDUs, then gone",
+)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help=f"{len(QUICK)} attacks, not all")
+    args = parser.parse_args(argv)
     cpu = next(
         (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
          if line.startswith("model name")), "?",
     )  # fmt: skip
     print(f"peak RSS growth of triage serve caused by one hostile connection ({cpu})")
+    with tempfile.TemporaryDirectory() as tmp:
+        (large,) = make_instances(Path(tmp), 1, 1900, 1900)
+        size = large.stat().st_size / 1e6
+        base_peak, base_during = measure("baseline", lambda port: store(port, large))
+    baseline = max(base_peak, base_during)
+    print(f"baseline: one ordinary association storing one {size:.1f} MB instance: "
+          f"{baseline / 2**20:.2f} MiB")  # fmt: skip
     print("  peak growth | RSS during - before | attack")
     worst = 0
-    for name, attack in ATTACKS.items():
+    attacks = {k: v for k, v in ATTACKS.items() if not args.quick or k in QUICK}
+    for name, attack in attacks.items():
         peak, during = measure(name, attack)
         worst = max(worst, peak, during)
         print(f"  {peak / 2**20:8.2f} MiB | {during / 2**20:8.2f} MiB | {name}", flush=True)
     print(f"largest: {worst / 2**20:.2f} MiB")
+    print_ratio(
+        f"net memory, worst hostile connection / ordinary {size:.1f} MB C-STORE association, "
+        "RSS growth (lower is better)",
+        float(worst),
+        float(baseline),
+        target=2.0,
+        lower=True,
+    )
     return 0
+
+
+def store(port: int, path: Path) -> None:
+    """One ordinary association: DCMTK ``storescu`` stores ``path``."""
+    subprocess.run(
+        [STORESCU, "-aec", "CXR_TRIAGE", "127.0.0.1", str(port), str(path)],
+        check=True, capture_output=True, timeout=120,
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from ratios import print_ratio
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -271,6 +272,24 @@ def main() -> None:
     for label, value in rows:
         print(f"{label:<{width}}  {value}")
     print("per-round images/s:", {k: [round(x, 1) for x in v] for k, v in results.items()})
+    print_ratio(
+        "training CV step / minimal hand-written loop, images/s",
+        med["CV step"],
+        med["minimal loop"],
+        target=0.9,
+    )
+    print_ratio(
+        "training train_epoch (no augmentation) / minimal loop, images/s",
+        med["train_epoch (no augmentation)"],
+        med["minimal loop"],
+        target=0.95,
+    )
+    print_ratio(
+        "training loader (augmentation) / training step (augmentation), images/s",
+        load_aug,
+        med["train_epoch (augmentation)"],
+        target=2.0,
+    )
 
 
 if __name__ == "__main__":
