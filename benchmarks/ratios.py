@@ -14,6 +14,7 @@ multiple of the baseline). A baseline that could not be measured (Orthanc not in
 from __future__ import annotations
 
 import math
+from typing import Any
 
 PREFIX = "RATIO"
 
@@ -39,15 +40,7 @@ def ratio_line(
     return text
 
 
-def print_ratio(
-    name: str,
-    ours: float | None,
-    baseline: float | None,
-    *,
-    target: float | None = None,
-    lower: bool = False,
-    why_missing: str = "baseline not measured",
-) -> None:
-    """Print :func:`ratio_line` (flushed: `make bench` shows the lines as they come)."""
-    line = ratio_line(name, ours, baseline, target=target, lower=lower, why_missing=why_missing)
-    print(line, flush=True)
+def print_ratio(name: str, ours: float | None, baseline: float | None, **options: Any) -> None:
+    """Print :func:`ratio_line` (same arguments; flushed: `make bench` shows lines as they
+    come)."""
+    print(ratio_line(name, ours, baseline, **options), flush=True)
