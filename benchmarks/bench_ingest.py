@@ -513,7 +513,6 @@ def run_case(
         f"{'met' if peak - idle <= PEAK_BUDGET_MB else 'missed'})",
         flush=True,
     )
-    best["peak_growth_mb"] = peak - idle
     return best
 
 

@@ -206,10 +206,6 @@ class AccessGuard:
             return ANONYMOUS
         return None
 
-    def allowed(self, request: HTTPConnection) -> bool:
-        """Whether ``request`` may pass (blocking; see :meth:`identify`)."""
-        return self.identify(request) is not None
-
     def token_login(self, request: HTTPConnection) -> Response | None:
         """``?token=`` with a valid token: set the cookie, redirect without the token."""
         given = request.query_params.get("token")
